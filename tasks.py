@@ -1,0 +1,98 @@
+"""The worker side: the ModelQ instance, the generation task, and the model set-up.
+
+`serve()` is one worker process's main: load the model once, register the
+`generate_completion` task on a ModelQ instance with a unique server id, start
+`concurrency` ModelQ threads, heartbeat, and on SIGTERM/SIGINT drain and leave.
+`runner.py` starts one `serve()` per worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from textstream.config import get_settings
+from textstream.engine import ModelLoadError, load_engine
+from textstream.logs import configure_logging
+from textstream.queue import create_worker_modelq, new_server_id, redis_client
+from textstream.registry import WorkerHeartbeat, WorkerInfo
+from textstream.supervisor import EXIT_MODEL_LOAD_FAILED
+from textstream.worker import CompletionRunner
+
+log = logging.getLogger("textstream.tasks")
+
+
+def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
+    """Run one worker process until SIGTERM/SIGINT; returns its exit code."""
+    settings = get_settings()
+    configure_logging(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    if cpu_threads > 0:
+        import torch  # only to size the CPU thread pool when several processes share a host
+
+        torch.set_num_threads(cpu_threads)
+    try:
+        engine = load_engine(settings)
+    except ModelLoadError as exc:
+        log.error("worker cannot start: %s", exc)
+        return EXIT_MODEL_LOAD_FAILED
+
+    server_id = new_server_id()
+    client = redis_client(settings)
+    heartbeat = WorkerHeartbeat(
+        client,
+        WorkerInfo(
+            worker_id=server_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            model=engine.name,
+            device=str(engine.device),
+            slots=concurrency,
+        ),
+        settings.worker_heartbeat_seconds,
+    )
+    runner = CompletionRunner(engine, client, settings, heartbeat)
+    mq = create_worker_modelq(settings, server_id, runner.run)
+    mq.start_workers(concurrency)
+    heartbeat.start()
+    log.info(
+        "worker %s serving model=%s device=%s slots=%d",
+        server_id,
+        engine.name,
+        engine.device,
+        concurrency,
+    )
+    while not stop.is_set():
+        try:
+            heartbeat.beat()  # first beat now, so /health sees the worker at once
+            break
+        except Exception as exc:  # Redis not up yet: keep trying until told to stop
+            log.warning("cannot reach Redis yet: %s", exc)
+            stop.wait(1.0)
+    stop.wait()
+    return drain(mq, heartbeat, settings.worker_shutdown_grace)
+
+
+def drain(mq: object, heartbeat: WorkerHeartbeat, grace: float) -> int:
+    """Stop claiming jobs, let running ones finish within `grace` seconds, deregister."""
+    log.info("worker %s stopping: draining in-flight jobs", heartbeat.info.worker_id)
+    mq.worker_healthy = False  # type: ignore[attr-defined]  # ModelQ threads stop claiming
+    deadline = time.monotonic() + grace
+    while heartbeat.info.busy > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if heartbeat.info.busy:
+        log.warning("worker stopping with %d job(s) unfinished", heartbeat.info.busy)
+    heartbeat.stop()
+    try:
+        # Leaving ModelQ's server registry lets other workers reclaim anything we held.
+        mq.redis_client.hdel("servers", heartbeat.info.worker_id)  # type: ignore[attr-defined]
+    except Exception as exc:
+        log.warning("could not deregister from ModelQ: %s", exc)
+    return 0

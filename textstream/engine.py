@@ -1,0 +1,293 @@
+"""The model engine: load a Hugging Face causal LM and generate token ids one by one.
+
+The only module that imports torch and transformers. The decode loop is written
+out (nanoGPT style) rather than calling `model.generate` in a thread: one step per
+iteration gives the caller a place to stop (cancellation, deadlines) between any
+two tokens, and no thread hand-off sits between a token and its publication.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from textstream.config import Settings
+from textstream.schemas import PromptFormat, SamplingParams
+
+log = logging.getLogger(__name__)
+
+#: `MODEL_ID=package:<module>/<file>` names a file shipped inside an installed
+#: Python package (how the bundled SmolLM2 is found without knowing the venv path).
+PACKAGE_SCHEME = "package:"
+
+#: Plain prompt layout for chat requests to models without a chat template (GPT-2).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """Neither MODEL_ID nor MODEL_FALLBACK could be loaded."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the model's context window."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where to load from: a hub id or directory, plus a GGUF file name inside it."""
+
+    spec: str
+    path: str
+    gguf_file: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSource:
+        path = spec
+        if spec.startswith(PACKAGE_SCHEME):
+            module, _, relative = spec[len(PACKAGE_SCHEME) :].partition("/")
+            found = find_spec(module)  # locates the package without importing it
+            if found is None or not found.submodule_search_locations:
+                raise ModelLoadError(f"package {module!r} is not installed (model {spec!r})")
+            path = str(Path(list(found.submodule_search_locations)[0]) / relative)
+        if path.endswith(".gguf"):
+            file = Path(path)
+            return cls(spec=spec, path=str(file.parent), gguf_file=file.name)
+        return cls(spec=spec, path=path, gguf_file=None)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).exists()
+
+    @property
+    def name(self) -> str:
+        """The name reported to clients: the hub id, or the file/directory name."""
+        if self.gguf_file:
+            return self.gguf_file.removesuffix(".gguf")
+        return self.spec if not self.is_local else Path(self.path).name
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect. Offline, the hub client
+    retries each file for ~25 s; probing first turns that into an instant fallback."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return getattr(torch, setting)  # type: ignore[no-any-return]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass
+class Step:
+    """One generated token; `finish_reason` is set on the last one."""
+
+    token_id: int
+    finish_reason: str | None = None
+
+
+class Engine:
+    """A loaded model and tokenizer, generating for one request at a time."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str,
+        device: torch.device,
+        prompt_format: PromptFormat = "auto",
+        load_seconds: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.prompt_format = prompt_format
+        self.load_seconds = load_seconds
+        config = model.config
+        self.context_length = int(
+            getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 2048)
+        )
+        self.stop_ids = self._stop_ids(model, tokenizer)
+
+    @staticmethod
+    def _stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+        ids: set[int] = set()
+        for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+        return frozenset(ids)
+
+    # -- prompts ------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]:
+        """Token ids for a prompt. `chat` wraps it as one user message in the model's
+        chat template; `auto` does so only when the tokenizer ships a template (an
+        instruct model such as SmolLM2), and GPT-2 gets the raw text."""
+        fmt = self.prompt_format if prompt_format == "auto" else prompt_format
+        use_chat = fmt == "chat" or (fmt == "auto" and bool(self.tokenizer.chat_template))
+        if not use_chat:
+            return list(self.tokenizer.encode(prompt))
+        return self.encode_chat([{"role": "user", "content": prompt}])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        template = None if self.tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
+        encoded = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(encoded, dict) or hasattr(encoded, "keys"):
+            encoded = encoded["input_ids"]
+        return [int(i) for i in encoded]
+
+    def decode(self, ids: list[int]) -> str:
+        return str(
+            self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
+
+    # -- generation ---------------------------------------------------------------
+
+    def _next_token(
+        self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    ) -> int:
+        """logits: (vocab,) float. Greedy argmax, or temperature/top-k/top-p sampling."""
+        if params.greedy:
+            return int(torch.argmax(logits).item())
+        logits = logits.float() / params.temperature
+        if params.top_k > 0:
+            kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[Step]:
+        """Yield generated token ids one at a time (KV-cached decode loop).
+
+        Stops on an end-of-sequence id (finish_reason "stop"), after
+        `params.max_new_tokens` or at the context window ("length"), or as soon as
+        `should_stop()` is true between two steps (the caller then knows why).
+        """
+        if not prompt_ids:
+            prompt_ids = [self.tokenizer.eos_token_id or 0]
+        room = self.context_length - len(prompt_ids)
+        if room <= 0:
+            raise PromptTooLongError(
+                f"prompt is {len(prompt_ids)} tokens; the model's context window is "
+                f"{self.context_length}"
+            )
+        budget = min(params.max_new_tokens, room)
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+
+        input_ids = torch.tensor([prompt_ids], device=self.device)  # (1, T)
+        past = None
+        for produced in range(1, budget + 1):
+            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = self._next_token(out.logits[0, -1, :], params, generator)  # logits (1, T, V)
+            if token in self.stop_ids and not params.ignore_eos:
+                yield Step(token, "stop")
+                return
+            yield Step(token, "length" if produced == budget else None)
+            if should_stop():
+                return
+            input_ids = torch.tensor([[token]], device=self.device)  # (1, 1)
+
+
+def _load_from(source: ModelSource, settings: Settings, online: bool) -> Engine:
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    kwargs: dict[str, Any] = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if not source.is_local and not online:
+        kwargs["local_files_only"] = True  # use the local cache only; fail fast
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    model.to(device)
+    model.eval()
+    return Engine(
+        model,
+        tokenizer,
+        name=source.name,
+        device=device,
+        prompt_format=settings.prompt_format,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load MODEL_ID; if that fails and MODEL_FALLBACK is set, load it with a loud warning.
+
+    Raises ModelLoadError (with both reasons) when nothing could be loaded.
+    """
+    specs = [settings.model_id] + ([settings.model_fallback] if settings.model_fallback else [])
+    online: bool | None = None
+    failures: list[str] = []
+    for index, spec in enumerate(specs):
+        try:
+            source = ModelSource.parse(spec)
+            if not source.is_local and online is None:
+                online = hub_reachable()
+            engine = _load_from(source, settings, bool(online))
+        except Exception as exc:  # any loader failure: report it, try the fallback
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            failures.append(f"{spec!r} ({reason})")
+            log.error("could not load model %r: %s", spec, reason)
+            continue
+        if index > 0:
+            log.warning(
+                "!!! MODEL_ID %r could not be loaded; serving the FALLBACK model %r instead !!!",
+                settings.model_id,
+                spec,
+            )
+        log.info(
+            "model %s loaded on %s in %.1fs", engine.name, engine.device, engine.load_seconds
+        )
+        return engine
+    raise ModelLoadError("no model could be loaded: " + "; ".join(failures))

@@ -1,0 +1,115 @@
+"""ModelQ, the queue our users chose: the only module that imports it.
+
+ModelQ holds custody of a job from enqueue until a worker has finished it. We do
+NOT read results through it (`get_stream`/`get_result` poll with 1 s sleeps, are
+synchronous and truncate streams for late readers); tokens travel on our own
+Redis Streams (events.py).
+
+Three ModelQ behaviours are deliberately worked around here:
+- `import modelq` calls `logging.basicConfig(level=INFO)` and logs every task's
+  arguments (the prompt) at INFO; `quiet_modelq_logging` caps it at WARNING.
+- ModelQ wraps its Redis client in a proxy that retries forever (15 s sleeps).
+  That is right for a worker waiting out an outage, wrong for the API, where a
+  dead Redis must become a 503 within seconds: the producer gets a plain client.
+- `@mq.task` registers the calling process as a worker *server* in Redis. The API
+  is not one, so it enqueues with `ModelQ.enqueue_task` instead of the decorator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from modelq import ModelQ
+from modelq.app.tasks import Task
+
+from textstream import keys
+from textstream.config import Settings
+from textstream.schemas import CompletionJob
+
+__all__ = ["ModelQ", "JobQueue", "create_worker_modelq", "new_server_id", "quiet_modelq_logging"]
+
+
+def quiet_modelq_logging() -> None:
+    """ModelQ logs task arguments (prompts) at INFO; keep only its warnings."""
+    logging.getLogger("modelq").setLevel(logging.WARNING)
+
+
+def new_server_id() -> str:
+    """A unique ModelQ server id per worker process.
+
+    ModelQ defaults to the hostname, so two processes on one host would share one
+    identity (and one set of in-flight lists) and could run a task twice. No ':'
+    inside: ModelQ splits `inflight:<server>:<n>` on it.
+    """
+    host = socket.gethostname().replace(":", "-")
+    return f"{host}-{uuid.uuid4().hex[:8]}"
+
+
+def redis_client(settings: Settings, *, blocking_reads: bool = False) -> redis.Redis:
+    """A synchronous client with bounded connect and read times.
+
+    `blocking_reads` leaves room for ModelQ's 15 s BLMOVE inside the read timeout.
+    """
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout,
+        socket_timeout=60.0 if blocking_reads else settings.redis_timeout,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
+
+
+def create_worker_modelq(
+    settings: Settings, server_id: str, run_job: Callable[[CompletionJob], dict[str, Any]]
+) -> ModelQ:
+    """The worker's ModelQ instance with the completion task registered on it."""
+    quiet_modelq_logging()
+    mq = ModelQ(redis_client=redis_client(settings, blocking_reads=True), server_id=server_id)
+
+    def generate_completion(job: CompletionJob) -> dict[str, Any]:
+        return run_job(job)
+
+    assert generate_completion.__name__ == keys.TASK_NAME
+    mq.task(schema=CompletionJob)(generate_completion)
+    return mq
+
+
+class JobQueue:
+    """The API's side of ModelQ: puts jobs on the queue, never runs them."""
+
+    def __init__(self, settings: Settings) -> None:
+        quiet_modelq_logging()
+        self._settings = settings
+        self._client = redis_client(settings)
+        # ModelQ's constructor only builds a pool; no connection is made here.
+        self._mq = ModelQ(redis_client=self._client, server_id=f"api-{new_server_id()}")
+        # Swap ModelQ's retry-forever proxy for the plain client (see module docstring).
+        self._mq.redis_client = self._client
+
+    def enqueue(self, job: CompletionJob) -> None:
+        """Blocking: run it in a thread. Mirrors what ModelQ's task wrapper does."""
+        payload = {
+            "data": job.model_dump(mode="json"),
+            "timeout": None,
+            "stream": False,
+            "retries": 0,
+        }
+        task = Task(task_name=keys.TASK_NAME, payload=payload, task_id=job.job_id)
+        task_dict = task.to_dict()
+        now = time.time()
+        task_dict["created_at"] = task_dict["queued_at"] = now
+        self._mq.enqueue_task(task_dict, payload=payload)
+        self._client.set(f"task:{job.job_id}", json.dumps(task_dict), ex=self._settings.job_ttl)
+
+    def queue_length(self) -> int:
+        return int(self._client.llen("ml_tasks"))
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,101 @@
+"""Live workers, as the API sees them: each worker process heartbeats its identity
+(model, device, host, slots) into Redis; entries older than a few heartbeats are
+dead and ignored. ModelQ keeps its own `servers` hash, but it knows nothing of the
+model, and its staleness window (minutes) is too slow for `/health`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import redis
+import redis.asyncio as aioredis
+
+from textstream import keys
+
+log = logging.getLogger(__name__)
+
+#: A worker is considered gone after this many missed heartbeats.
+MISSED_HEARTBEATS = 3
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    host: str
+    pid: int
+    model: str
+    device: str
+    slots: int
+    busy: int = 0
+    started_at: float = field(default_factory=time.time)
+    heartbeat_at: float = field(default_factory=time.time)
+
+
+class WorkerHeartbeat:
+    """Publishes a worker's `WorkerInfo` every `interval` seconds from a daemon thread.
+
+    Redis errors are logged and retried on the next beat: a worker outlives outages.
+    """
+
+    def __init__(self, client: redis.Redis, info: WorkerInfo, interval: float) -> None:
+        self._client = client
+        self.info = info
+        self._interval = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def job_started(self) -> None:
+        with self._lock:
+            self.info.busy += 1
+
+    def job_finished(self) -> None:
+        with self._lock:
+            self.info.busy -= 1
+
+    def beat(self) -> None:
+        with self._lock:
+            self.info.heartbeat_at = time.time()
+            body = json.dumps(asdict(self.info))
+        ttl = max(1, int(self._interval * MISSED_HEARTBEATS) + 1)
+        pipe = self._client.pipeline(transaction=True)
+        pipe.set(keys.worker_info(self.info.worker_id), body, ex=ttl)
+        pipe.zadd(keys.WORKERS, {self.info.worker_id: self.info.heartbeat_at})
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("worker heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        """Stop beating and remove this worker from the registry."""
+        self._stop.set()
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(keys.worker_info(self.info.worker_id))
+            pipe.zrem(keys.WORKERS, self.info.worker_id)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not deregister worker: %s", exc)
+
+
+async def live_workers(client: aioredis.Redis, interval: float) -> list[WorkerInfo]:
+    """Workers whose last heartbeat is recent. Stale index entries are pruned."""
+    cutoff = time.time() - interval * MISSED_HEARTBEATS
+    await client.zremrangebyscore(keys.WORKERS, "-inf", cutoff)
+    ids = [i.decode() for i in await client.zrange(keys.WORKERS, 0, -1)]
+    if not ids:
+        return []
+    bodies = await client.mget([keys.worker_info(i) for i in ids])
+    return [WorkerInfo(**json.loads(body)) for body in bodies if body]
