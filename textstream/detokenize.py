@@ -12,6 +12,10 @@ If it ends in U+FFFD the character is incomplete: emit nothing and wait for the
 next token. Decoding a small window (not the whole sequence) keeps each step
 O(window), and the context keeps tokenizers that strip a leading space from the
 first token (SentencePiece-style) consistent.
+
+A genuine U+FFFD produced by the model is emitted with the next piece; only at the
+very end of a completion is it indistinguishable from an incomplete character,
+and then it is held back like one.
 """
 
 from __future__ import annotations

@@ -1,0 +1,40 @@
+"""Several worker processes on one host share the queue: each job runs exactly once."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import Service
+from helpers import service_env, stream
+
+
+@pytest.fixture(scope="module")
+def two_workers(redis_url, tiny_model_dir, tmp_path_factory):
+    svc = Service(tmp_path_factory.mktemp("two"), service_env(redis_url, str(tiny_model_dir)), 2)
+    yield svc
+    svc.stop()
+
+
+def test_two_worker_processes_each_run_every_job_exactly_once(two_workers, redis_client):
+    requests = 10
+
+    def one(i: int):
+        return stream(
+            two_workers.base, f"/completion/request {i}", max_new_tokens=80, ignore_eos=True
+        )
+
+    with ThreadPoolExecutor(requests) as pool:
+        responses = list(pool.map(one, range(requests)))
+
+    servers = set()
+    for response in responses:
+        assert response.status == 200 and response.last.event == "done"
+        assert response.last.data["usage"]["completion_tokens"] == 80
+        # Read the job's whole stream back from Redis: one start, one end, no repeats.
+        entries = redis_client.xrange(f"textstream:job:{response.headers['x-job-id']}:events")
+        names = [fields[b"event"].decode() for _, fields in entries]
+        assert names.count("started") == 1 and names.count("done") == 1
+        assert names.count("token") == len(response.of("token"))
+        servers.add(response.of("started")[0].data["worker"])
+    assert len(servers) == 2, servers
