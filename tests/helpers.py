@@ -93,8 +93,18 @@ def start_workers(env: dict[str, str], cwd: Path, workers: int = 1, name: str = 
 def start_api(env: dict[str, str], cwd: Path, name: str = "api") -> tuple[Proc, str]:
     port = free_port()
     args = [
-        sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(REPO),
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app:app",
+        "--app-dir",
+        str(REPO),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
     ]
     proc = Proc(args, env, cwd, name).start()
     base = f"http://127.0.0.1:{port}"

@@ -100,7 +100,9 @@ def test_seeded_sampling_is_reproducible(service):
 
 
 def test_question_may_contain_slashes_and_unicode(service):
-    response = stream(service.base, "/completion/a%2Fb/c%20caf%C3%A9%20%F0%9F%91%8B", max_new_tokens=3)
+    response = stream(
+        service.base, "/completion/a%2Fb/c%20caf%C3%A9%20%F0%9F%91%8B", max_new_tokens=3
+    )
     assert response.status == 200 and response.last.event == "done"
 
 

@@ -21,7 +21,8 @@ def pieces_for(text: str) -> tuple[list[int], list[str]]:
 
 
 @pytest.mark.parametrize(
-    "text", ["👋🌍 café 日本語", "emoji at the end 🎉", "Привет, 世界! ✓ naïve", "🇫🇷🏳️‍🌈 family 👨‍👩‍👧"]
+    "text",
+    ["👋🌍 café 日本語", "emoji at the end 🎉", "Привет, 世界! ✓ naïve", "🇫🇷🏳️‍🌈 family 👨‍👩‍👧"],
 )
 def test_split_characters_are_held_back_until_complete(text):
     ids, pieces = pieces_for(text)
@@ -36,7 +37,9 @@ def test_a_character_cut_off_at_the_end_is_never_emitted():
     detokenizer = IncrementalDetokenizer(TOKENIZER)
     pieces = [detokenizer.add(i) for i in ids[:-1]]  # drop the emoji's last byte token
     assert "".join(pieces) == "ok"
-    assert TOKENIZER.decode(ids[:-1]).startswith("ok") and REPLACEMENT_CHAR in TOKENIZER.decode(ids[:-1])
+    assert TOKENIZER.decode(ids[:-1]).startswith("ok") and REPLACEMENT_CHAR in TOKENIZER.decode(
+        ids[:-1]
+    )
 
 
 # A genuine U+FFFD at the very end is indistinguishable from an incomplete

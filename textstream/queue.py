@@ -11,8 +11,10 @@ Three ModelQ behaviours are deliberately worked around here:
 - ModelQ wraps its Redis client in a proxy that retries forever (15 s sleeps).
   That is right for a worker waiting out an outage, wrong for the API, where a
   dead Redis must become a 503 within seconds: the producer gets a plain client.
-- `@mq.task` registers the calling process as a worker *server* in Redis. The API
-  is not one, so it enqueues with `ModelQ.enqueue_task` instead of the decorator.
+- `ModelQ()` and `@mq.task` register the calling process as a worker *server* in
+  Redis (through that retry-forever proxy, so an API started while Redis is down
+  would hang in start-up). The API is not a server: it uses `ProducerModelQ`,
+  which skips registration, and enqueues with `ModelQ.enqueue_task`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from textstream import keys
 from textstream.config import Settings
 from textstream.schemas import CompletionJob
 
-__all__ = ["ModelQ", "JobQueue", "create_worker_modelq", "new_server_id", "quiet_modelq_logging"]
+__all__ = [
+    "JobQueue",
+    "ModelQ",
+    "ProducerModelQ",
+    "create_worker_modelq",
+    "new_server_id",
+    "quiet_modelq_logging",
+]
 
 
 def quiet_modelq_logging() -> None:
@@ -81,6 +90,13 @@ def create_worker_modelq(
     return mq
 
 
+class ProducerModelQ(ModelQ):  # type: ignore[misc]
+    """A ModelQ that only enqueues: it never registers itself as a worker server."""
+
+    def register_server(self) -> None:
+        return None
+
+
 class JobQueue:
     """The API's side of ModelQ: puts jobs on the queue, never runs them."""
 
@@ -88,8 +104,8 @@ class JobQueue:
         quiet_modelq_logging()
         self._settings = settings
         self._client = redis_client(settings)
-        # ModelQ's constructor only builds a pool; no connection is made here.
-        self._mq = ModelQ(redis_client=self._client, server_id=f"api-{new_server_id()}")
+        # With registration skipped, the constructor makes no Redis call.
+        self._mq = ProducerModelQ(redis_client=self._client, server_id=f"api-{new_server_id()}")
         # Swap ModelQ's retry-forever proxy for the plain client (see module docstring).
         self._mq.redis_client = self._client
 

