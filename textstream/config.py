@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     prompt_format: Literal["auto", "raw", "chat"] = "auto"
+    torch_threads: int = Field(0, ge=0, description="CPU threads per worker; 0 = torch default")
 
     # --- request limits ----------------------------------------------------------
     default_max_new_tokens: int = Field(20, ge=1)

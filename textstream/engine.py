@@ -247,6 +247,8 @@ class Engine:
 def _load_from(source: ModelSource, settings: Settings, online: bool) -> Engine:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    if settings.torch_threads and device.type == "cpu":
+        torch.set_num_threads(settings.torch_threads)
     kwargs: dict[str, Any] = {}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
