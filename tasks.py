@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 
+from textstream import keys
 from textstream.config import get_settings
 from textstream.engine import ModelLoadError, load_engine
 from textstream.logs import configure_logging
@@ -76,12 +77,17 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
             log.warning("cannot reach Redis yet: %s", exc)
             stop.wait(1.0)
     stop.wait()
-    return drain(mq, heartbeat, settings.worker_shutdown_grace)
+    return drain(mq, runner, heartbeat, settings.worker_shutdown_grace)
 
 
-def drain(mq: object, heartbeat: WorkerHeartbeat, grace: float) -> int:
-    """Stop claiming jobs, let running ones finish within `grace` seconds, deregister."""
+def drain(mq: object, runner: CompletionRunner, heartbeat: WorkerHeartbeat, grace: float) -> int:
+    """Stop claiming jobs, let running ones finish within `grace` seconds, deregister.
+
+    Jobs still running at the deadline are not lost: they stay in ModelQ's custody
+    list, their heartbeats stop with this process, and another worker takes them
+    over from the tokens already published."""
     log.info("worker %s stopping: draining in-flight jobs", heartbeat.info.worker_id)
+    runner.draining.set()  # a job claimed from now on is left for another worker
     mq.worker_healthy = False  # type: ignore[attr-defined]  # ModelQ threads stop claiming
     deadline = time.monotonic() + grace
     while heartbeat.info.busy > 0 and time.monotonic() < deadline:
@@ -91,7 +97,7 @@ def drain(mq: object, heartbeat: WorkerHeartbeat, grace: float) -> int:
     heartbeat.stop()
     try:
         # Leaving ModelQ's server registry lets other workers reclaim anything we held.
-        mq.redis_client.hdel("servers", heartbeat.info.worker_id)  # type: ignore[attr-defined]
+        mq.redis_client.hdel(keys.MODELQ_SERVERS, heartbeat.info.worker_id)  # type: ignore[attr-defined]
     except Exception as exc:
         log.warning("could not deregister from ModelQ: %s", exc)
     return 0

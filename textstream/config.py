@@ -37,6 +37,10 @@ class Settings(BaseSettings):
 
     # --- streams and jobs --------------------------------------------------------
     job_ttl: int = Field(3600, ge=1, description="seconds a job's events are kept")
+    job_timeout: float = Field(300.0, gt=0, description="seconds from enqueue to the end")
+    max_queued_jobs: int = Field(1000, ge=1, description="queue length past which 429")
+    queue_status_seconds: float = Field(2.0, gt=0, description="queued-position event period")
+    redis_grace_seconds: float = Field(5.0, ge=0, description="an open stream waits this long")
     enqueue_timeout: float = Field(2.0, gt=0)
     sse_ping_seconds: int = Field(15, ge=1)
     read_block_ms: int = Field(5000, ge=10, description="XREAD BLOCK per call")
@@ -44,6 +48,7 @@ class Settings(BaseSettings):
     # --- workers -----------------------------------------------------------------
     worker_heartbeat_seconds: float = Field(2.0, gt=0)
     worker_shutdown_grace: float = Field(30.0, ge=0)
+    takeover_after_seconds: float = Field(5.0, gt=0, description="silent worker's jobs requeued")
 
     # --- logging -----------------------------------------------------------------
     log_level: str = "INFO"

@@ -1,19 +1,28 @@
-"""The token stream: one Redis Stream per job, written by a worker, read by the API.
+"""The token stream: one Redis Stream per job, written by workers, read by the API.
 
 Why Streams and not pub/sub: a reader that connects late, or reconnects, reads from
 the id it last saw and misses nothing; the entry id doubles as the SSE `id:`.
 
-Each entry has two fields: `event` (the SSE event name) and `data` (JSON text).
-The writer is synchronous (it runs in the worker's ModelQ thread); the reader is
-asynchronous (it runs on the API's event loop). Every write refreshes the key's
-TTL, so a job's events disappear `JOB_TTL` seconds after its last event, on every
-path, success or failure.
+Each entry has the fields `event` (the SSE event name), `data` (JSON text) and, on
+token events, `ids`: the token ids whose text the event completes. A worker that
+takes over a job rebuilds the exact token prefix from them.
+
+Every write goes through one Lua script (APPEND_SCRIPT) that also keeps the job's
+state hash (keys.job_state), so the rules hold atomically, whoever writes:
+
+- a terminal event (`done`/`error`) is the last: later writes are refused;
+- a worker writes only while it owns the job: taking a job over changes the owner,
+  and a worker presumed dead that is in fact alive is refused ("stolen") instead of
+  doubling tokens;
+- each write returns the job's cancel flag, so checking it costs no round trip;
+- each write refreshes both keys' TTL, so a job disappears `JOB_TTL` after its last
+  event on every path.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -29,12 +38,63 @@ START_ID = "0-0"
 class EventType(StrEnum):
     QUEUED = "queued"
     STARTED = "started"
+    RESUMED = "resumed"
     TOKEN = "token"
     DONE = "done"
     ERROR = "error"
 
 
 TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR})
+
+
+class WriteOutcome(StrEnum):
+    OK = "ok"
+    CANCEL = "cancel"  # written; a stop was requested
+    CLOSED = "closed"  # refused: the job already ended
+    STOLEN = "stolen"  # refused: another worker owns the job now
+
+
+class CancelOutcome(StrEnum):
+    CANCELLED = "cancelled"  # it had not started: ended now
+    CANCELLING = "cancelling"  # running: its worker stops within one step
+    FINISHED = "finished"  # it had already ended
+    UNKNOWN = "unknown"
+
+
+# KEYS: stream, state. ARGV: event, data, ids, maxlen, ttl, terminal, owner, claim.
+APPEND_SCRIPT = """
+if redis.call('HGET', KEYS[2], 'terminal') then return {'', 'closed'} end
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[2], 'owner', ARGV[7])
+elseif ARGV[7] ~= '' and redis.call('HGET', KEYS[2], 'owner') ~= ARGV[7] then
+  return {'', 'stolen'}
+end
+local id
+if ARGV[3] ~= '' then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*',
+                  'event', ARGV[1], 'data', ARGV[2], 'ids', ARGV[3])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[1], 'data', ARGV[2])
+end
+if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'terminal', ARGV[1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if redis.call('HGET', KEYS[2], 'cancel') then return {id, 'cancel'} end
+return {id, 'ok'}
+"""
+
+# KEYS: stream, state. ARGV: data of the `cancelled` error event, maxlen, ttl.
+CANCEL_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'unknown' end
+if redis.call('HGET', KEYS[2], 'terminal') then return 'finished' end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[2], 'cancel', now[1] * 1000 + math.floor(now[2] / 1000))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if redis.call('HGET', KEYS[2], 'owner') then return 'cancelling' end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', 'error', 'data', ARGV[1])
+redis.call('HSET', KEYS[2], 'terminal', 'error')
+return 'cancelled'
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,82 +104,163 @@ class JobEvent:
     id: str
     event: str
     data: dict[str, Any]
+    token_ids: tuple[int, ...] = ()
 
     @property
     def terminal(self) -> bool:
         return self.event in TERMINAL_EVENTS
 
 
-def encode_event(event: EventType, data: dict[str, Any]) -> dict[str, str]:
-    return {"event": event.value, "data": json.dumps(data, ensure_ascii=False)}
-
-
 def error_data(error_type: str, message: str) -> dict[str, Any]:
     return {"error": {"type": error_type, "message": message}}
 
 
-class EventWriter:
-    """Appends one job's events. One pipeline round trip per event: XADD, EXPIRE and a
-    read of the job's cancel flag, so checking for cancellation costs nothing extra."""
-
-    def __init__(self, client: redis.Redis, job_id: str, *, ttl: int, maxlen: int) -> None:
-        self._client = client
-        self._stream = keys.job_events(job_id)
-        self._cancel = keys.job_cancel(job_id)
-        self._ttl = ttl
-        # Approximate trimming never drops below maxlen; maxlen exceeds the most
-        # events one job can produce, so nothing a reader might resume from is lost.
-        self._maxlen = maxlen
-        self.cancel_requested = False
-
-    def write(self, event: EventType, data: dict[str, Any]) -> str:
-        pipe = self._client.pipeline(transaction=False)
-        pipe.xadd(self._stream, encode_event(event, data), maxlen=self._maxlen, approximate=True)
-        pipe.expire(self._stream, self._ttl)
-        pipe.exists(self._cancel)
-        entry_id, _, cancelled = pipe.execute()
-        self.cancel_requested = bool(cancelled)
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+CANCELLED = error_data("cancelled", "the job was cancelled")
 
 
-async def append_event(
-    client: aioredis.Redis, job_id: str, event: EventType, data: dict[str, Any], *, ttl: int
-) -> str:
-    """Async single append, used by the API (the `queued` event)."""
-    stream = keys.job_events(job_id)
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.xadd(stream, encode_event(event, data))
-        pipe.expire(stream, ttl)
-        entry_id, _ = await pipe.execute()
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-
-
-async def request_cancel(client: aioredis.Redis, job_id: str, *, ttl: int) -> None:
-    await client.set(keys.job_cancel(job_id), b"1", ex=ttl)
-
-
-def _decode(value: bytes | str) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def read_events(
-    client: aioredis.Redis, job_id: str, *, after: str = START_ID, block_ms: int = 5000
-) -> AsyncIterator[JobEvent]:
-    """Yield a job's events after id `after`, blocking on XREAD until the terminal one.
+def _append_args(
+    event: EventType,
+    data: dict[str, Any],
+    *,
+    token_ids: Sequence[int] = (),
+    maxlen: int,
+    ttl: int,
+    owner: str = "",
+    claim: bool = False,
+) -> list[str | int]:
+    return [
+        event.value,
+        json.dumps(data, ensure_ascii=False),
+        ",".join(map(str, token_ids)),
+        maxlen,
+        ttl,
+        "1" if event in TERMINAL_EVENTS else "0",
+        owner,
+        "1" if claim else "0",
+    ]
 
-    Ends after yielding `done` or `error`. Never polls: each XREAD blocks until an
-    entry arrives or `block_ms` passes, then reads again from the last id seen.
-    """
-    stream = keys.job_events(job_id)
-    last_id = after
-    while True:
-        response = await client.xread({stream: last_id}, count=512, block=block_ms)
-        for _stream, entries in response or ():
-            for raw_id, fields in entries:
-                last_id = _decode(raw_id)
-                event = JobEvent(
-                    id=last_id, event=_decode(fields[b"event"]), data=json.loads(fields[b"data"])
-                )
-                yield event
-                if event.terminal:
-                    return
+
+def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes]) -> JobEvent:
+    ids = fields.get(b"ids")
+    return JobEvent(
+        id=_text(raw_id),
+        event=_text(fields[b"event"]),
+        data=json.loads(fields[b"data"]),
+        token_ids=tuple(int(i) for i in ids.split(b",")) if ids else (),
+    )
+
+
+class EventWriter:
+    """Appends one job's events for one worker attempt (`owner`): synchronous, one
+    round trip per event, used from ModelQ's worker threads."""
+
+    def __init__(
+        self, client: redis.Redis, job_id: str, *, owner: str, ttl: int, maxlen: int
+    ) -> None:
+        self._client = client
+        self._keys = [keys.job_events(job_id), keys.job_state(job_id)]
+        self._script = client.register_script(APPEND_SCRIPT)
+        self.owner = owner
+        self._ttl = ttl
+        self._maxlen = maxlen
+        self.outcome = WriteOutcome.OK
+
+    def history(self) -> list[JobEvent]:
+        """Every event the job has so far (a takeover resumes from these)."""
+        return [parse_entry(i, f) for i, f in self._client.xrange(self._keys[0])]
+
+    def write(
+        self,
+        event: EventType,
+        data: dict[str, Any],
+        token_ids: Sequence[int] = (),
+        *,
+        claim: bool = False,
+    ) -> WriteOutcome:
+        args = _append_args(
+            event,
+            data,
+            token_ids=token_ids,
+            maxlen=self._maxlen,
+            ttl=self._ttl,
+            owner=self.owner,
+            claim=claim,
+        )
+        _entry_id, outcome = self._script(keys=self._keys, args=args)
+        self.outcome = WriteOutcome(_text(outcome))
+        return self.outcome
+
+    @property
+    def should_stop(self) -> bool:
+        return self.outcome is not WriteOutcome.OK
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.outcome is WriteOutcome.CANCEL
+
+    @property
+    def lost_job(self) -> bool:
+        """The job ended elsewhere (closed) or another worker owns it (stolen)."""
+        return self.outcome in (WriteOutcome.CLOSED, WriteOutcome.STOLEN)
+
+
+class JobEvents:
+    """The API's side of job streams (asyncio): append, cancel, read, look up."""
+
+    def __init__(self, client: aioredis.Redis, *, ttl: int, maxlen: int) -> None:
+        self.client = client
+        self._ttl = ttl
+        self._maxlen = maxlen
+        self._append = client.register_script(APPEND_SCRIPT)
+        self._cancel = client.register_script(CANCEL_SCRIPT)
+
+    async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
+        """Write as no worker (the `queued` event, a timeout): refused once ended."""
+        args = _append_args(event, data, maxlen=self._maxlen, ttl=self._ttl)
+        _entry_id, outcome = await self._append(
+            keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args
+        )
+        return WriteOutcome(_text(outcome))
+
+    async def cancel(self, job_id: str) -> CancelOutcome:
+        outcome = await self._cancel(
+            keys=[keys.job_events(job_id), keys.job_state(job_id)],
+            args=[json.dumps(CANCELLED), self._maxlen, self._ttl],
+        )
+        return CancelOutcome(_text(outcome))
+
+    async def exists(self, job_id: str) -> bool:
+        return bool(await self.client.exists(keys.job_events(job_id)))
+
+    async def history(self, job_id: str) -> list[JobEvent]:
+        return [parse_entry(i, f) for i, f in await self.client.xrange(keys.job_events(job_id))]
+
+    async def read(
+        self, job_id: str, *, after: str = START_ID, block_ms: int = 5000
+    ) -> AsyncIterator[JobEvent | None]:
+        """Yield a job's events after id `after`, blocking on XREAD, until the terminal
+        one. Yields None when `block_ms` passes with nothing new, so the caller can
+        check deadlines and report queue position between events. Never polls."""
+        stream, state = keys.job_events(job_id), keys.job_state(job_id)
+        last_id, block = after, None  # the first read does not block
+        while True:
+            response = await self.client.xread({stream: last_id}, count=512, block=block)
+            if not response:
+                if await self.client.hexists(state, "terminal"):
+                    return  # ended, and nothing after `after`: resuming after the end
+                if block is not None:
+                    yield None
+                block = block_ms
+                continue
+            block = block_ms
+            for _stream, entries in response:
+                for raw_id, fields in entries:
+                    event = parse_entry(raw_id, fields)
+                    last_id = event.id
+                    yield event
+                    if event.terminal:
+                        return

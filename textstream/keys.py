@@ -11,6 +11,12 @@ PREFIX = "textstream"
 #: Name of the ModelQ task; the worker registers a function with exactly this name.
 TASK_NAME = "generate_completion"
 
+#: ModelQ's queue (a list of task blobs) and its index of queued task ids by time.
+MODELQ_QUEUE = "ml_tasks"
+MODELQ_QUEUED_INDEX = "queued_requests"
+#: ModelQ's registry of worker servers (hash server_id -> JSON).
+MODELQ_SERVERS = "servers"
+
 #: Sorted set of worker ids scored by their last heartbeat (unix seconds).
 WORKERS = f"{PREFIX}:workers"
 
@@ -20,9 +26,11 @@ def job_events(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
-def job_cancel(job_id: str) -> str:
-    """Flag a reader sets to ask the worker to stop generating the job."""
-    return f"{PREFIX}:job:{job_id}:cancel"
+def job_state(job_id: str) -> str:
+    """Hash of a job's control state: `owner` (the worker attempt allowed to write),
+    `terminal` (set once by the event that ended it), `cancel` (a stop request,
+    holding Redis's clock in ms when it was made: comparable with entry ids)."""
+    return f"{PREFIX}:job:{job_id}:state"
 
 
 def worker_info(worker_id: str) -> str:

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from modelq import ModelQ
+from modelq.app.redis_retry import _RedisWithRetry
 from modelq.app.tasks import Task
 
 from textstream import keys
@@ -75,12 +77,31 @@ def redis_client(settings: Settings, *, blocking_reads: bool = False) -> redis.R
     )
 
 
+def tune_for_takeover(mq: ModelQ, settings: Settings) -> None:
+    """ModelQ's liveness windows default to 30-300 s; a stream cannot wait that long.
+
+    A running task's in-flight heartbeat is refreshed every second; any worker's
+    sweep (every second) gives a task back to the queue once its heartbeat is
+    TAKEOVER_AFTER_SECONDS old (`requeue_stuck_processing_tasks`), moving it out of
+    the dead worker's custody list atomically. The claim blocks 2 s at a time so a
+    draining worker stops claiming promptly.
+    """
+    mq.HEARTBEAT_INTERVAL = 1
+    mq.PRUNE_CHECK_INTERVAL = 1
+    mq.INFLIGHT_STALE_AFTER = settings.takeover_after_seconds
+    mq.PRUNE_TIMEOUT = max(10.0, 2 * settings.takeover_after_seconds)
+    mq.BLPOP_TIMEOUT = 2
+    # After a Redis outage ModelQ's threads retry every 15 s (+-50 %); come back sooner.
+    _RedisWithRetry.RETRY_DELAY = 1
+
+
 def create_worker_modelq(
     settings: Settings, server_id: str, run_job: Callable[[CompletionJob], dict[str, Any]]
 ) -> ModelQ:
     """The worker's ModelQ instance with the completion task registered on it."""
     quiet_modelq_logging()
     mq = ModelQ(redis_client=redis_client(settings, blocking_reads=True), server_id=server_id)
+    tune_for_takeover(mq, settings)
 
     def generate_completion(job: CompletionJob) -> dict[str, Any]:
         return run_job(job)
@@ -124,8 +145,18 @@ class JobQueue:
         self._mq.enqueue_task(task_dict, payload=payload)
         self._client.set(f"task:{job.job_id}", json.dumps(task_dict), ex=self._settings.job_ttl)
 
+
+async def queue_length(client: aioredis.Redis) -> int:
+    return int(await client.llen(keys.MODELQ_QUEUE))
+
+
+async def queue_position(client: aioredis.Redis, job_id: str) -> int | None:
+    """1-based place of a job in ModelQ's queue; None once a worker has claimed it."""
+    rank = await client.zrank(keys.MODELQ_QUEUED_INDEX, job_id)
+    return None if rank is None else int(rank) + 1
+
     def queue_length(self) -> int:
-        return int(self._client.llen("ml_tasks"))
+        return int(self._client.llen(keys.MODELQ_QUEUE))
 
     def close(self) -> None:
         self._client.close()

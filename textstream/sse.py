@@ -2,27 +2,43 @@
 
 One async generator per request owns its cleanup (as vLLM's `AsyncLLM.generate`):
 when the client goes away, sse-starlette cancels the task reading the stream, and
-the generator, if told to, asks the worker to stop generating, then re-raises.
-The cancel request runs shielded, or the same cancellation would abort it too.
+the generator, if told to (`/completion`, not `/jobs/{id}/events`), asks the
+worker to stop generating, then re-raises. The cancel request runs shielded, or
+the same cancellation would abort it too.
 
 After the headers are sent, a failure is an `error` event that ends the stream,
-never a half-closed socket.
+never a half-closed socket. Redis may vanish for up to REDIS_GRACE_SECONDS: the
+reader retries from the last id it relayed, so nothing is lost or repeated.
+
+While a job waits in the queue, the reader sends a `queued` event every
+QUEUE_STATUS_SECONDS with its position and the number of live workers (0 says
+"waiting for a worker"). These status events are not stored and carry no id.
+If the job's deadline passes before it ends, the reader ends it with `timeout`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
-from textstream.events import START_ID, EventType, JobEvent, error_data, read_events, request_cancel
+from textstream.config import Settings
+from textstream.events import START_ID, EventType, JobEvent, JobEvents, error_data
+from textstream.queue import queue_position
+from textstream.registry import live_workers
 
 log = logging.getLogger(__name__)
+
+TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
+REDIS_LOST = error_data("redis_unavailable", "the event store is unreachable; reconnect later")
 
 
 def to_sse(event: JobEvent) -> ServerSentEvent:
@@ -31,34 +47,71 @@ def to_sse(event: JobEvent) -> ServerSentEvent:
     )
 
 
-async def stream_job_events(
-    client: aioredis.Redis,
-    job_id: str,
-    *,
-    after: str = START_ID,
-    block_ms: int = 5000,
-    cancel_on_disconnect: bool = True,
-    job_ttl: int = 3600,
-) -> AsyncIterator[ServerSentEvent]:
-    """SSE events for one job, from the entry after `after` to the terminal one."""
+def status_event(name: EventType, data: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(data), event=name.value)
+
+
+@dataclass
+class Relay:
+    """What one stream needs: where to read, and its limits."""
+
+    jobs: JobEvents
+    settings: Settings
+    job_id: str
+    deadline: float | None = None
+    cancel_on_disconnect: bool = False
+
+    async def idle_status(self, started: bool) -> ServerSentEvent | None:
+        """Called when nothing arrived for a while: enforce the deadline, or report
+        the queue position of a job that has not started."""
+        if self.deadline is not None and time.time() > self.deadline:
+            await self.jobs.append(self.job_id, EventType.ERROR, TIMEOUT)
+            return None  # the timeout event itself arrives through the stream
+        if started:
+            return None
+        position = await queue_position(self.jobs.client, self.job_id)
+        workers = await live_workers(self.jobs.client, self.settings.worker_heartbeat_seconds)
+        data = {"job_id": self.job_id, "position": position, "workers": len(workers)}
+        return status_event(EventType.QUEUED, data)
+
+    async def events(self, after: str = START_ID) -> AsyncIterator[ServerSentEvent]:
+        last_id, started, failing_since = after, after != START_ID, 0.0
+        block = int(min(self.settings.read_block_ms, self.settings.queue_status_seconds * 1000))
+        while True:
+            try:
+                async for event in self.jobs.read(self.job_id, after=last_id, block_ms=block):
+                    failing_since = 0.0
+                    if event is None:
+                        status = await self.idle_status(started)
+                        if status is not None:
+                            yield status
+                        continue
+                    last_id = event.id
+                    started = started or event.event != EventType.QUEUED
+                    yield to_sse(event)
+                return
+            except RedisError as exc:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.settings.redis_grace_seconds:
+                    log.warning("job=%s stream gave up on Redis: %s", self.job_id, exc)
+                    yield status_event(EventType.ERROR, REDIS_LOST)
+                    return
+                await asyncio.sleep(0.25)
+
+
+async def stream_job_events(relay: Relay, after: str = START_ID) -> AsyncIterator[ServerSentEvent]:
+    """SSE events for one job after id `after`, to the terminal one; owns the cleanup."""
     finished = False
     try:
-        async for event in read_events(client, job_id, after=after, block_ms=block_ms):
-            finished = event.terminal
-            yield to_sse(event)
-    except RedisError as exc:
-        log.warning("job=%s stream lost Redis: %s", job_id, exc)
-        finished = True
-        yield ServerSentEvent(
-            data=json.dumps(error_data("redis_unavailable", "the event store is unreachable")),
-            event=EventType.ERROR.value,
-        )
+        async for sse in relay.events(after):
+            finished = sse.event in (EventType.DONE.value, EventType.ERROR.value)
+            yield sse
     except BaseException:  # CancelledError / GeneratorExit: the client went away
-        if cancel_on_disconnect and not finished:
+        if relay.cancel_on_disconnect and not finished:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 try:
-                    await request_cancel(client, job_id, ttl=job_ttl)
-                    log.info("job=%s client disconnected; cancel requested", job_id)
+                    outcome = await relay.jobs.cancel(relay.job_id)
+                    log.info("job=%s client disconnected; %s", relay.job_id, outcome.value)
                 except RedisError as exc:
-                    log.warning("job=%s could not request cancel: %s", job_id, exc)
+                    log.warning("job=%s could not request cancel: %s", relay.job_id, exc)
         raise

@@ -3,12 +3,21 @@
 Runs in a ModelQ worker thread. It never raises: a failure becomes an `error`
 event for the client and a log line for the operator. (A task that raised would
 make ModelQ write the job's payload, prompt included, to `modelq_errors.log`.)
+
+A job may reach this code more than once. ModelQ gives a job back to the queue
+when its worker stops heartbeating (killed, or drained past its grace period).
+The next worker reads the job's stream, finds the tokens already published (each
+token event carries its ids), and continues from prompt + those ids. It marks the
+seam with a `resumed` event. Greedy output is then identical to an uninterrupted
+run; seeded sampling restarts its random stream at the seam.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -16,15 +25,22 @@ import redis
 from textstream.config import Settings
 from textstream.detokenize import IncrementalDetokenizer
 from textstream.engine import Engine, PromptTooLongError
-from textstream.events import EventType, EventWriter, error_data
+from textstream.events import (
+    CANCELLED,
+    EventType,
+    EventWriter,
+    JobEvent,
+    error_data,
+)
 from textstream.logs import redact
 from textstream.registry import WorkerHeartbeat
 from textstream.schemas import CompletionJob
 
 log = logging.getLogger(__name__)
 
-#: Events a job may produce besides its tokens (status, terminal); sizes MAXLEN.
+#: Events a job may produce besides its tokens (status, seams, terminal); sizes MAXLEN.
 EXTRA_EVENTS = 64
+TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
 
 
 class CompletionRunner:
@@ -37,11 +53,19 @@ class CompletionRunner:
         self._client = client
         self._settings = settings
         self._heartbeat = heartbeat
+        #: Set when the process is stopping: a job claimed after this is left in
+        #: ModelQ's custody (never started), so another worker takes it over.
+        self.draining = threading.Event()
+        self._never = threading.Event()
 
     def run(self, job: CompletionJob) -> dict[str, Any]:
+        if self.draining.is_set():
+            log.info("job=%s claimed while draining; leaving it for another worker", job.job_id)
+            self._never.wait()  # the process exits around us; ModelQ requeues the job
         writer = EventWriter(
             self._client,
             job.job_id,
+            owner=f"{self._heartbeat.info.worker_id}/{uuid.uuid4().hex[:8]}",
             ttl=self._settings.job_ttl,
             maxlen=self._settings.max_new_tokens_limit + EXTRA_EVENTS,
         )
@@ -49,68 +73,105 @@ class CompletionRunner:
         try:
             return self._generate(job, writer)
         except PromptTooLongError as exc:
-            return self._fail(job, writer, "prompt_too_long", str(exc))
+            return self._fail(job, writer, error_data("prompt_too_long", str(exc)))
         except redis.RedisError as exc:
             # The stream itself is unreachable: nothing can be told to the client.
             log.error("job=%s lost Redis while generating: %s", job.job_id, exc)
             return {"status": "error", "error": "redis_unavailable"}
         except Exception as exc:  # e.g. out of memory: end this job, keep serving
             log.exception("job=%s generation failed", job.job_id)
-            return self._fail(job, writer, "generation_failed", f"{type(exc).__name__}: {exc}")
+            message = f"{type(exc).__name__}: {exc}"
+            return self._fail(job, writer, error_data("generation_failed", message))
         finally:
             self._heartbeat.job_finished()
 
     def _fail(
-        self, job: CompletionJob, writer: EventWriter, error_type: str, message: str
+        self, job: CompletionJob, writer: EventWriter, data: dict[str, Any]
     ) -> dict[str, Any]:
         try:
-            writer.write(EventType.ERROR, error_data(error_type, message))
+            writer.write(EventType.ERROR, data)
         except redis.RedisError as exc:
             log.error("job=%s could not publish its error: %s", job.job_id, exc)
-        return {"status": "error", "error": error_type}
+        return {"status": "error", "error": data["error"]["type"]}
+
+    def _start(self, job: CompletionJob, writer: EventWriter, history: list[JobEvent]) -> list[int]:
+        """Claim the job (`started`, or `resumed` after a takeover); return the ids
+        already published by earlier attempts."""
+        published = [
+            i for event in history if event.event == EventType.TOKEN for i in event.token_ids
+        ]
+        resumed = any(e.event in (EventType.STARTED, EventType.RESUMED) for e in history)
+        data: dict[str, Any] = {"worker": self._heartbeat.info.worker_id}
+        if resumed:
+            data["completion_tokens"] = len(published)
+            log.warning("job=%s taken over after %d tokens", job.job_id, len(published))
+        else:
+            data["queue_seconds"] = (
+                round(time.time() - job.enqueued_at, 4) if job.enqueued_at else None
+            )
+        writer.write(EventType.RESUMED if resumed else EventType.STARTED, data, claim=True)
+        return published
 
     def _generate(self, job: CompletionJob, writer: EventWriter) -> dict[str, Any]:
-        engine = self._engine
-        started = time.perf_counter()
+        engine, started = self._engine, time.perf_counter()
+        history = writer.history()
+        if any(event.terminal for event in history):
+            return {"status": "skipped"}  # cancelled or timed out before it ran
+        if job.expired(time.time()):
+            return self._fail(job, writer, TIMEOUT)
         prompt_ids = engine.encode_prompt(job.prompt, job.prompt_format)
-        writer.write(
-            EventType.STARTED,
-            {"worker": self._heartbeat.info.worker_id, "queue_seconds": _since(job.enqueued_at)},
-        )
+        published = self._start(job, writer, history)
         if writer.cancel_requested:
-            return self._fail(job, writer, "cancelled", "the job was cancelled")
+            return self._fail(job, writer, CANCELLED)
+        if writer.lost_job:
+            return {"status": writer.outcome.value}
 
-        detokenizer = IncrementalDetokenizer(engine.tokenizer)
-        finish_reason: str | None = None
-        for step in engine.generate(prompt_ids, job.params, lambda: writer.cancel_requested):
+        detokenizer = IncrementalDetokenizer(engine.tokenizer, initial_ids=published)
+        remaining = job.params.max_new_tokens - len(published)
+        params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
+        finish_reason: str | None = "length" if remaining <= 0 else None
+        pending: list[int] = []  # ids generated but not yet published (held back)
+        steps = engine.generate(
+            prompt_ids + published,
+            params,
+            lambda: writer.should_stop or job.expired(time.time()),
+        )
+        for step in steps if remaining > 0 else ():
+            pending.append(step.token_id)
             piece = detokenizer.add(step.token_id)
             if piece:
-                writer.write(EventType.TOKEN, {"text": piece})
+                writer.write(EventType.TOKEN, {"text": piece}, pending)
+                pending = []
             finish_reason = step.finish_reason
-        completion_tokens = len(detokenizer.ids)
-        if finish_reason is None:  # generation stopped because a reader asked
-            log.info("job=%s cancelled after %d tokens", job.job_id, completion_tokens)
-            return self._fail(job, writer, "cancelled", "the job was cancelled")
 
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens}
+        if writer.lost_job:
+            log.warning("job=%s stopped: %s", job.job_id, writer.outcome.value)
+            return {"status": writer.outcome.value}
+        if writer.cancel_requested:
+            log.info("job=%s cancelled after %d tokens", job.job_id, len(detokenizer.ids))
+            return self._fail(job, writer, CANCELLED)
+        if finish_reason is None:  # stopped between steps: the deadline passed
+            return self._fail(job, writer, TIMEOUT)
+
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(detokenizer.ids)}
         writer.write(
             EventType.DONE, {"finish_reason": finish_reason, "model": engine.name, "usage": usage}
         )
-        seconds = time.perf_counter() - started
+        self._log_done(job, finish_reason, usage, time.perf_counter() - started, detokenizer.ids)
+        return {"status": "done", "finish_reason": finish_reason, "usage": usage}
+
+    def _log_done(
+        self, job: CompletionJob, finish: str, usage: dict[str, int], seconds: float, ids: list[int]
+    ) -> None:
         log.info(
             "job=%s done finish=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f "
             "tokens_per_s=%.1f prompt=%s completion=%s",
             job.job_id,
-            finish_reason,
-            len(prompt_ids),
-            completion_tokens,
+            finish,
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
             seconds,
-            completion_tokens / seconds if seconds else 0.0,
+            usage["completion_tokens"] / seconds if seconds else 0.0,
             redact(job.prompt, self._settings),
-            redact(engine.decode(detokenizer.ids), self._settings),
+            redact(self._engine.decode(ids), self._settings),
         )
-        return {"status": "done", "finish_reason": finish_reason, "usage": usage}
-
-
-def _since(timestamp: float) -> float | None:
-    return round(time.time() - timestamp, 4) if timestamp else None

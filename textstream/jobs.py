@@ -1,0 +1,52 @@
+"""A job's status, folded from its event history (the stream is the only record).
+
+queued -> running -> done | error | cancelled
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from textstream.events import EventType, JobEvent
+
+JobStatusName = Literal["queued", "running", "done", "error", "cancelled"]
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: JobStatusName
+    text: str
+    created_at: float
+    finish_reason: str | None = None
+    model: str | None = None
+    usage: dict[str, int] | None = None
+    error: dict[str, Any] | None = None
+    #: How many times a worker took the job over after another one stopped.
+    takeovers: int = 0
+    last_event_id: str
+
+
+def summarize(job_id: str, history: list[JobEvent]) -> JobStatus:
+    status: JobStatusName = "queued"
+    summary: dict[str, Any] = {}
+    for event in history:
+        if event.event in (EventType.STARTED, EventType.RESUMED, EventType.TOKEN):
+            status = "running"
+        elif event.event == EventType.DONE:
+            status = "done"
+            summary.update(event.data)
+        elif event.event == EventType.ERROR:
+            summary["error"] = event.data.get("error")
+            cancelled = (summary["error"] or {}).get("type") == "cancelled"
+            status = "cancelled" if cancelled else "error"
+    return JobStatus(
+        id=job_id,
+        status=status,
+        text="".join(e.data["text"] for e in history if e.event == EventType.TOKEN),
+        created_at=int(history[0].id.split("-")[0]) / 1000,
+        takeovers=sum(e.event == EventType.RESUMED for e in history),
+        last_event_id=history[-1].id,
+        **summary,
+    )

@@ -1,0 +1,156 @@
+"""HTTP routes: `/completion/{question}`, the `/jobs` API and `/health`.
+
+No `from __future__ import annotations`: FastAPI reads these signatures at run time.
+"""
+
+import asyncio
+import re
+from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
+
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse
+
+from textstream.events import START_ID, CancelOutcome
+from textstream.jobs import JobStatus, summarize
+from textstream.registry import live_workers
+from textstream.schemas import GenerationRequest, JobRequest
+from textstream.service import (
+    InvalidInputError,
+    JobNotFoundError,
+    Services,
+    check_prompt,
+    check_request,
+    job_deadline,
+    submit_job,
+)
+from textstream.sse import Relay, stream_job_events
+
+router = APIRouter()
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+JobId = Annotated[str, Path(description="a job id, as returned by POST /jobs or X-Job-Id")]
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def sse_response(services: Services, relay: Relay, after: str, job_id: str) -> EventSourceResponse:
+    return EventSourceResponse(
+        stream_job_events(relay, after),
+        ping=services.settings.sse_ping_seconds,
+        headers={"X-Job-Id": job_id, "Cache-Control": "no-cache"},
+    )
+
+
+def path_text(request: Request) -> str:
+    """The raw path must be UTF-8 once percent-decoded (Starlette would replace bad bytes)."""
+    try:
+        return unquote_to_bytes(request.scope.get("raw_path", b"")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError("question", "the path is not valid UTF-8") from None
+
+
+@router.get("/completion/{question:path}", response_class=EventSourceResponse)
+async def completion(
+    request: Request,
+    question: Annotated[str, Path(description="the prompt, URL-encoded")],
+    params: Annotated[GenerationRequest, Query()],
+) -> EventSourceResponse:
+    """Stream a completion of `question` as SSE: `token` events, then `done` or `error`.
+    Disconnecting cancels the job."""
+    services = services_of(request)
+    path_text(request)
+    check_prompt(question, services.settings, "question")
+    check_request(params, services.settings)
+    job = await submit_job(services, question, params)
+    relay = Relay(services.jobs, services.settings, job.job_id, job.deadline, True)
+    return sse_response(services, relay, START_ID, job.job_id)
+
+
+@router.post("/jobs", status_code=202)
+async def create_job(request: Request, body: JobRequest) -> dict[str, str]:
+    """Queue a completion; follow it at `events_url` (resumable), poll `status_url`."""
+    services = services_of(request)
+    check_prompt(body.prompt, services.settings, "prompt")
+    check_request(body, services.settings)
+    job = await submit_job(services, body.prompt, body)
+    return {
+        "id": job.job_id,
+        "events_url": f"/jobs/{job.job_id}/events",
+        "status_url": f"/jobs/{job.job_id}",
+    }
+
+
+def checked_job_id(job_id: str) -> str:
+    if not JOB_ID.match(job_id):
+        raise JobNotFoundError(job_id)
+    return job_id
+
+
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
+async def job_events(
+    request: Request,
+    job_id: JobId,
+    last_event_id: Annotated[str | None, Query(description="resume after this event")] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    """The job's events as SSE, from the start or after `Last-Event-ID` (header, as a
+    browser EventSource sends on reconnect, or query). Leaving does not cancel."""
+    services = services_of(request)
+    after = last_event_id_header or last_event_id or START_ID
+    if not EVENT_ID.match(after):
+        raise InvalidInputError("last_event_id", "expected an event id such as 1700000000000-0")
+    deadline = await job_deadline(services, checked_job_id(job_id))
+    relay = Relay(services.jobs, services.settings, job_id, deadline, cancel_on_disconnect=False)
+    return sse_response(services, relay, after, job_id)
+
+
+@router.get("/jobs/{job_id}")
+async def job_status(request: Request, job_id: JobId) -> JobStatus:
+    """Status, text so far, usage."""
+    history = await services_of(request).jobs.history(checked_job_id(job_id))
+    if not history:
+        raise JobNotFoundError(job_id)
+    return summarize(job_id, history)
+
+
+@router.delete("/jobs/{job_id}", status_code=202)
+async def cancel_job(request: Request, job_id: JobId) -> dict[str, str]:
+    """Cancel a queued or running job. A queued job ends at once and is never
+    generated; a running one stops within one decode step."""
+    outcome = await services_of(request).jobs.cancel(checked_job_id(job_id))
+    if outcome is CancelOutcome.UNKNOWN:
+        raise JobNotFoundError(job_id)
+    if outcome is CancelOutcome.FINISHED:
+        raise HTTPException(
+            409, detail={"error": {"type": "job_finished", "message": "the job already ended"}}
+        )
+    return {"id": job_id, "status": outcome.value}
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Liveness plus what is known: Redis reachability and live workers' models."""
+    services = services_of(request)
+    redis_ok, workers = True, []
+    try:
+        async with asyncio.timeout(services.settings.redis_timeout):
+            await services.redis.ping()
+            workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
+    except (RedisError, TimeoutError, OSError):
+        redis_ok = False
+    models = sorted({w.model for w in workers})
+    body: dict[str, Any] = {
+        "status": "ok",
+        "redis": redis_ok,
+        "workers": len(workers),
+        "model": models[0] if len(models) == 1 else (models or None),
+        "models": models,
+    }
+    return JSONResponse(body)

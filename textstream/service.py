@@ -1,0 +1,118 @@
+"""What the routes do, without HTTP: checking input, submitting jobs, looking them up.
+
+Errors here are domain exceptions; `api.py` maps each to a status code once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import unicodedata
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from textstream import keys
+from textstream.config import Settings
+from textstream.events import EventType, JobEvents
+from textstream.queue import JobQueue, queue_length
+from textstream.schemas import CompletionJob, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+#: Characters allowed in a prompt although Unicode calls them control characters.
+ALLOWED_CONTROLS = frozenset("\n\r\t")
+
+
+class InvalidInputError(ValueError):
+    """Input the API refuses; `field` names it in the 422 body."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class QueueUnavailableError(RuntimeError):
+    """Redis (and so the queue) could not take the job in time."""
+
+
+class QueueFullError(RuntimeError):
+    """MAX_QUEUED_JOBS jobs are already waiting."""
+
+
+class JobNotFoundError(LookupError):
+    """No such job: never created, or expired after JOB_TTL."""
+
+
+@dataclass
+class Services:
+    """Long-lived clients, made in the app's lifespan and kept on `app.state`."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    jobs: JobEvents
+    queue: JobQueue
+
+
+def check_prompt(prompt: str, settings: Settings, field: str) -> None:
+    if not prompt.strip():
+        raise InvalidInputError(field, "the prompt is empty")
+    if len(prompt) > settings.max_prompt_chars:
+        raise InvalidInputError(
+            field,
+            f"the prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}",
+        )
+    if "\ufffd" in prompt and field == "question":
+        raise InvalidInputError(field, "the path is not valid UTF-8")
+    for ch in prompt:
+        if ch not in ALLOWED_CONTROLS and unicodedata.category(ch) in ("Cc", "Cs"):
+            raise InvalidInputError(field, f"the prompt contains control character U+{ord(ch):04X}")
+
+
+def check_request(request: GenerationRequest, settings: Settings) -> None:
+    limit = settings.max_new_tokens_limit
+    if request.max_new_tokens is not None and request.max_new_tokens > limit:
+        raise InvalidInputError("max_new_tokens", f"max_new_tokens must be at most {limit}")
+
+
+async def submit_job(services: Services, prompt: str, request: GenerationRequest) -> CompletionJob:
+    """Check the queue's room, write the job's `queued` event, hand the job to ModelQ.
+
+    The event goes first so the stream exists before any worker can write to it,
+    and so a dead Redis fails here, fast, before anything is queued.
+    """
+    settings = services.settings
+    now = time.time()
+    job = CompletionJob(
+        job_id=uuid.uuid4().hex,
+        prompt=prompt,
+        prompt_format=request.prompt_format,
+        params=request.sampling(settings.default_max_new_tokens),
+        enqueued_at=now,
+        deadline=now + settings.job_timeout,
+    )
+    try:
+        async with asyncio.timeout(settings.enqueue_timeout):
+            waiting = await queue_length(services.redis)
+            if waiting >= settings.max_queued_jobs:
+                raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
+            data = {"job_id": job.job_id, "position": waiting + 1}
+            await services.jobs.append(job.job_id, EventType.QUEUED, data)
+            await asyncio.to_thread(services.queue.enqueue, job)
+    except (RedisError, TimeoutError, OSError) as exc:
+        log.warning("job=%s could not be queued: %s", job.job_id, type(exc).__name__)
+        raise QueueUnavailableError("the job queue (Redis) is unreachable; retry shortly") from exc
+    log.info("job=%s queued max_new_tokens=%d", job.job_id, job.params.max_new_tokens)
+    return job
+
+
+async def job_deadline(services: Services, job_id: str) -> float | None:
+    """The job's deadline, from its first (`queued`) event. Raises if there is no job."""
+    first = await services.redis.xrange(keys.job_events(job_id), count=1)
+    if not first:
+        raise JobNotFoundError(job_id)
+    enqueued_ms = int(first[0][0].decode().split("-")[0])
+    return enqueued_ms / 1000 + services.settings.job_timeout
