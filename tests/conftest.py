@@ -3,13 +3,14 @@ real worker and API processes talking to both."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from helpers import Proc, service_env, start_api, start_workers, wait_for_workers
-from tiny_models import build_tiny_gpt2
+from tiny_models import build_slow_gpt2, build_tiny_gpt2
 
 from bench.cluster import start_redis
 
@@ -29,6 +30,26 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+_databases = itertools.cycle(range(1, 16))
+
+
+@pytest.fixture
+def isolated_redis_url(redis_url: str) -> Iterator[str]:
+    """A Redis database of its own (emptied afterwards): for tests that leave jobs
+    queued, or need an empty queue, without disturbing other services."""
+    url = f"{redis_url.rsplit('/', 1)[0]}/{next(_databases)}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_slow_gpt2(tmp_path_factory.mktemp("models") / "slow-gpt2")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
@@ -38,6 +59,7 @@ class Service:
     """One API process and a runner with N worker processes, sharing the test Redis."""
 
     def __init__(self, workdir: Path, env: dict[str, str], workers: int) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.env = env
         self.workers: Proc | None = start_workers(env, workdir, workers) if workers else None
@@ -49,6 +71,26 @@ class Service:
         if self.workers:
             self.workers.stop()
         self.api.stop()
+
+
+@pytest.fixture
+def make_service(
+    isolated_redis_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> Iterator[Callable[..., Service]]:
+    """Build services with their own settings on an isolated Redis database."""
+    made: list[Service] = []
+
+    def make(workers: int = 1, model: Path | str | None = None, **env: str) -> Service:
+        model_id = str(model or tiny_model_dir)
+        svc = Service(
+            tmp_path / f"svc{len(made)}", service_env(isolated_redis_url, model_id, **env), workers
+        )
+        made.append(svc)
+        return svc
+
+    yield make
+    for svc in made:
+        svc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,27 @@ def build_tiny_gpt2(path: Path, steps: int = 150) -> Path:
     return path
 
 
+def build_slow_gpt2(path: Path) -> Path:
+    """A wider random-weight GPT-2: a few ms per token on CPU, slow enough for a test
+    to act mid-stream (kill a worker, cancel) while it generates."""
+    from bench.gpt2_offline import save_gpt2
+
+    save_gpt2(path, GPT2Config(n_layer=4, n_embd=256, n_head=4), seed=1)
+    return path
+
+
+def build_nan_gpt2(path: Path) -> Path:
+    """A GPT-2 whose weights are NaN (as after an fp16 overflow): greedy decoding
+    still picks a token, sampling raises. Used to make a generation fail for real."""
+    from bench.gpt2_offline import save_gpt2
+
+    model = save_gpt2(path, GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(float("nan"))
+    model.save_pretrained(path)
+    return path
+
+
 def reference_completion(
     model_dir: Path, prompt: str, max_new_tokens: int
 ) -> tuple[list[int], str]:

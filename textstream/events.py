@@ -22,6 +22,7 @@ state hash (keys.job_state), so the rules hold atomically, whoever writes:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -156,10 +157,22 @@ def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes]) -> JobEvent:
 
 class EventWriter:
     """Appends one job's events for one worker attempt (`owner`): synchronous, one
-    round trip per event, used from ModelQ's worker threads."""
+    round trip per event, used from ModelQ's worker threads.
+
+    Each write reports the job's state. When tokens produce no text for a while
+    (held-back bytes, special tokens), `should_stop` reads the state itself at most
+    every `poll_seconds`, so a cancel is never missed for long.
+    """
 
     def __init__(
-        self, client: redis.Redis, job_id: str, *, owner: str, ttl: int, maxlen: int
+        self,
+        client: redis.Redis,
+        job_id: str,
+        *,
+        owner: str,
+        ttl: int,
+        maxlen: int,
+        poll_seconds: float = 0.05,
     ) -> None:
         self._client = client
         self._keys = [keys.job_events(job_id), keys.job_state(job_id)]
@@ -167,7 +180,21 @@ class EventWriter:
         self.owner = owner
         self._ttl = ttl
         self._maxlen = maxlen
+        self._poll_seconds = poll_seconds
+        self._checked_at = time.monotonic()
         self.outcome = WriteOutcome.OK
+
+    def refresh(self) -> WriteOutcome:
+        """Read the job's state without writing (what a write would have reported)."""
+        terminal, owner, cancel = self._client.hmget(self._keys[1], "terminal", "owner", "cancel")
+        if terminal:
+            self.outcome = WriteOutcome.CLOSED
+        elif owner is not None and _text(owner) != self.owner:
+            self.outcome = WriteOutcome.STOLEN
+        elif cancel:
+            self.outcome = WriteOutcome.CANCEL
+        self._checked_at = time.monotonic()
+        return self.outcome
 
     def history(self) -> list[JobEvent]:
         """Every event the job has so far (a takeover resumes from these)."""
@@ -192,10 +219,16 @@ class EventWriter:
         )
         _entry_id, outcome = self._script(keys=self._keys, args=args)
         self.outcome = WriteOutcome(_text(outcome))
+        self._checked_at = time.monotonic()
         return self.outcome
 
     @property
     def should_stop(self) -> bool:
+        if (
+            self.outcome is WriteOutcome.OK
+            and time.monotonic() - self._checked_at > self._poll_seconds
+        ):
+            self.refresh()
         return self.outcome is not WriteOutcome.OK
 
     @property

@@ -1,0 +1,131 @@
+"""The two-step jobs API: create, follow (resumably), inspect, cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+from helpers import parse_sse_lines, stream, wait_for
+
+
+def create(base: str, **body) -> str:
+    response = httpx.post(base + "/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    created = response.json()
+    assert created["events_url"] == f"/jobs/{created['id']}/events"
+    assert created["status_url"] == f"/jobs/{created['id']}"
+    return str(created["id"])
+
+
+def read_some(base: str, job_id: str, tokens: int, **headers: str) -> list:
+    """Read events until `tokens` token events have arrived, then hang up."""
+    events, seen = [], 0
+    with httpx.stream("GET", f"{base}/jobs/{job_id}/events", headers=headers, timeout=30) as r:
+        lines = []
+        for line in r.iter_lines():
+            lines.append(line)
+            if line == "":
+                events += parse_sse_lines(lines)
+                lines = []
+                seen = sum(e.event == "token" for e in events)
+                if seen >= tokens or (events and events[-1].event in ("done", "error")):
+                    break
+    return events
+
+
+def test_job_runs_and_its_status_reports_the_text(service):
+    job_id = create(service.base, prompt="The capital of France is", max_new_tokens=30)
+    response = stream(service.base, f"/jobs/{job_id}/events")
+    assert response.status == 200 and response.last.event == "done"
+    status = httpx.get(f"{service.base}/jobs/{job_id}", timeout=5).json()
+    assert status["status"] == "done" and status["text"] == response.text
+    assert status["usage"] == response.last.data["usage"]
+    assert status["finish_reason"] == "stop" and status["last_event_id"] == response.last.id
+
+
+def test_stream_resumes_from_last_event_id_mid_stream(service):
+    job_id = create(service.base, prompt="Hello", max_new_tokens=400, ignore_eos=True)
+    first = read_some(service.base, job_id, tokens=5)
+    assert first[-1].event == "token"
+    rest = stream(service.base, f"/jobs/{job_id}/events", last_event_id=first[-1].id).events
+    whole = stream(service.base, f"/jobs/{job_id}/events").events
+    assert [e.id for e in first + rest] == [e.id for e in whole]  # none repeated, none missed
+    assert rest[-1].event == "done"
+    # The header a browser EventSource sends on reconnect works the same way.
+    again = read_some(service.base, job_id, tokens=10**6, **{"Last-Event-ID": first[-1].id})
+    assert [e.id for e in again] == [e.id for e in rest]
+
+
+def test_resuming_after_done_returns_nothing_more(service):
+    job_id = create(service.base, prompt="Hello", max_new_tokens=3)
+    done = stream(service.base, f"/jobs/{job_id}/events").last
+    started = time.monotonic()
+    after = stream(service.base, f"/jobs/{job_id}/events", last_event_id=done.id)
+    assert after.status == 200 and after.events == []
+    assert time.monotonic() - started < 2
+
+
+def test_two_readers_follow_one_job(service):
+    job_id = create(service.base, prompt="Hello", max_new_tokens=200, ignore_eos=True)
+    results: list = [None, None]
+
+    def follow(i: int) -> None:
+        results[i] = stream(service.base, f"/jobs/{job_id}/events")
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results[0].last.event == "done"
+    assert [(e.id, e.data) for e in results[0].events] == [
+        (e.id, e.data) for e in results[1].events
+    ]
+
+
+def test_leaving_a_job_stream_does_not_cancel_it(service):
+    job_id = create(service.base, prompt="Hello", max_new_tokens=300, ignore_eos=True)
+    read_some(service.base, job_id, tokens=2)
+
+    def status() -> str:
+        return httpx.get(f"{service.base}/jobs/{job_id}", timeout=5).json()["status"]
+
+    wait_for(lambda: status() in ("done", "error", "cancelled"), 30, "the job to end")
+    assert status() == "done"
+
+
+def test_delete_cancels_a_running_job(service, redis_client):
+    # Regression: with ignore_eos the tiny model emits mostly end-of-text tokens,
+    # which decode to no text, so no event is written that could carry the cancel
+    # flag back; the worker must poll for it.
+    job_id = create(service.base, prompt="Hello", max_new_tokens=1000, ignore_eos=True)
+    read_some(service.base, job_id, tokens=3)
+    response = httpx.delete(f"{service.base}/jobs/{job_id}", timeout=5)
+    assert response.status_code == 202 and response.json()["status"] == "cancelling"
+    events = stream(service.base, f"/jobs/{job_id}/events").events
+    assert events[-1].event == "error" and events[-1].data["error"]["type"] == "cancelled"
+    cancel_ms = int(redis_client.hget(f"textstream:job:{job_id}:state", "cancel"))
+    late = [e for e in events if e.event == "token" and int(e.id.split("-")[0]) > cancel_ms]
+    assert len(late) <= 2
+    assert httpx.get(f"{service.base}/jobs/{job_id}", timeout=5).json()["status"] == "cancelled"
+    assert httpx.delete(f"{service.base}/jobs/{job_id}", timeout=5).status_code == 409
+
+
+def test_unknown_and_malformed_job_ids_are_404(service):
+    for path in ["/jobs/0123456789abcdef0123456789abcdef", "/jobs/nope", "/jobs/nope/events"]:
+        response = httpx.get(service.base + path, timeout=5)
+        assert response.status_code == 404
+        assert "expired" in response.json()["error"]["message"]
+    assert httpx.delete(service.base + "/jobs/" + "a" * 32, timeout=5).status_code == 404
+
+
+def test_expired_job_is_404_with_a_clear_message(make_service):
+    svc = make_service(JOB_TTL="1")
+    job_id = create(svc.base, prompt="Hi", max_new_tokens=2)
+    assert stream(svc.base, f"/jobs/{job_id}/events").last.event == "done"
+    wait_for(
+        lambda: httpx.get(f"{svc.base}/jobs/{job_id}", timeout=5).status_code == 404, 5, "expiry"
+    )
+    body = httpx.get(f"{svc.base}/jobs/{job_id}/events", timeout=5).json()
+    assert body["error"]["type"] == "not_found" and "JOB_TTL" in body["error"]["message"]
