@@ -173,15 +173,15 @@ def parse_sse_lines(lines: Any) -> list[SSEEvent]:
     return events
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A throwaway redis-server on a free port (no persistence)."""
+def start_redis(
+    workdir: Path, port: int | None = None, *extra: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A throwaway redis-server on a free port (no persistence unless `extra` asks)."""
     from textstream.devredis import find_redis_server, server_command, wait_until_up
 
-    port = free_port()
-    proc = subprocess.Popen(
-        server_command(find_redis_server(), port, "--bind", "127.0.0.1", "--dir", str(workdir)),
-        stdout=subprocess.DEVNULL,
-    )
+    port = port or free_port()
+    args = server_command(find_redis_server(), port, "--bind", "127.0.0.1", "--dir", str(workdir))
+    proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     if not wait_until_up(url):
         proc.kill()

@@ -62,8 +62,15 @@ class CancelOutcome(StrEnum):
     UNKNOWN = "unknown"
 
 
-# KEYS: stream, state. ARGV: event, data, ids, maxlen, ttl, terminal, owner, claim.
+# KEYS: stream, state. ARGV: event, data, ids, maxlen, ttl, terminal, owner, claim, seq.
+# `seq` makes a worker's retried write idempotent: a write whose reply was lost is
+# recognised by its owner:seq and not appended twice.
 APPEND_SCRIPT = """
+local seq = ''
+if ARGV[9] ~= '' then
+  seq = ARGV[7] .. ':' .. ARGV[9]
+  if redis.call('HGET', KEYS[2], 'seq') == seq then return {'', 'ok'} end
+end
 if redis.call('HGET', KEYS[2], 'terminal') then return {'', 'closed'} end
 if ARGV[8] == '1' then
   redis.call('HSET', KEYS[2], 'owner', ARGV[7])
@@ -78,6 +85,7 @@ else
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[1], 'data', ARGV[2])
 end
 if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'terminal', ARGV[1]) end
+if seq ~= '' then redis.call('HSET', KEYS[2], 'seq', seq) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 if redis.call('HGET', KEYS[2], 'cancel') then return {id, 'cancel'} end
@@ -132,6 +140,7 @@ def _append_args(
     ttl: int,
     owner: str = "",
     claim: bool = False,
+    seq: int | None = None,
 ) -> list[str | int]:
     return [
         event.value,
@@ -142,6 +151,7 @@ def _append_args(
         "1" if event in TERMINAL_EVENTS else "0",
         owner,
         "1" if claim else "0",
+        "" if seq is None else str(seq),
     ]
 
 
@@ -162,6 +172,10 @@ class EventWriter:
     Each write reports the job's state. When tokens produce no text for a while
     (held-back bytes, special tokens), `should_stop` reads the state itself at most
     every `poll_seconds`, so a cancel is never missed for long.
+
+    A write that fails on the connection is retried for up to `grace` seconds
+    (Redis restarting, a failover); its sequence number keeps the retry from
+    appending the same event twice.
     """
 
     def __init__(
@@ -173,6 +187,7 @@ class EventWriter:
         ttl: int,
         maxlen: int,
         poll_seconds: float = 0.05,
+        grace: float = 0.0,
     ) -> None:
         self._client = client
         self._keys = [keys.job_events(job_id), keys.job_state(job_id)]
@@ -182,6 +197,8 @@ class EventWriter:
         self._maxlen = maxlen
         self._poll_seconds = poll_seconds
         self._checked_at = time.monotonic()
+        self._grace = grace
+        self._seq = 0
         self.outcome = WriteOutcome.OK
 
     def refresh(self) -> WriteOutcome:
@@ -208,6 +225,7 @@ class EventWriter:
         *,
         claim: bool = False,
     ) -> WriteOutcome:
+        self._seq += 1
         args = _append_args(
             event,
             data,
@@ -216,8 +234,17 @@ class EventWriter:
             ttl=self._ttl,
             owner=self.owner,
             claim=claim,
+            seq=self._seq,
         )
-        _entry_id, outcome = self._script(keys=self._keys, args=args)
+        give_up = time.monotonic() + self._grace
+        while True:
+            try:
+                _entry_id, outcome = self._script(keys=self._keys, args=args)
+                break
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() >= give_up:
+                    raise
+                time.sleep(0.25)
         self.outcome = WriteOutcome(_text(outcome))
         self._checked_at = time.monotonic()
         return self.outcome

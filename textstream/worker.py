@@ -68,6 +68,7 @@ class CompletionRunner:
             owner=f"{self._heartbeat.info.worker_id}/{uuid.uuid4().hex[:8]}",
             ttl=self._settings.job_ttl,
             maxlen=self._settings.max_new_tokens_limit + EXTRA_EVENTS,
+            grace=self._settings.redis_grace_seconds,
         )
         self._heartbeat.job_started()
         try:

@@ -1,0 +1,108 @@
+"""Redis going away under a running API and workers, and coming back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from conftest import Service
+from helpers import free_port, service_env, stream, wait_for
+
+from bench.cluster import start_redis
+
+PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+def tokens_so_far(url: str) -> int:
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    keys = client.keys("textstream:job:*:events")
+    return sum(f[b"event"] == b"token" for k in keys for _, f in client.xrange(k))
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    """A redis-server this test may stop and restart on the same port."""
+    port = free_port()
+    state = {"proc": start_redis(tmp_path, port, *PERSISTENT)[0]}
+
+    def restart(persistent: bool = True) -> None:
+        state["proc"] = start_redis(tmp_path, port, *(PERSISTENT if persistent else ()))[0]
+
+    yield f"redis://127.0.0.1:{port}/0", state, restart
+    state["proc"].terminate()
+    state["proc"].wait(10)
+
+
+def test_open_stream_rides_out_a_short_redis_restart(own_redis, slow_model_dir, tmp_path):
+    url, state, restart = own_redis
+    env = service_env(url, str(slow_model_dir), REDIS_GRACE_SECONDS="15")
+    svc = Service(tmp_path / "svc", env, workers=1)
+    try:
+        params = {"max_new_tokens": 300, "ignore_eos": True}
+        reference = stream(svc.base, "/completion/Once upon a time", **params)
+        result = {}
+        reader = threading.Thread(
+            target=lambda: result.update(
+                r=stream(svc.base, "/completion/Once upon a time", **params)
+            )
+        )
+        reader.start()
+        wait_for(lambda: tokens_so_far(url) > len(reference.of("token")) + 20, 30, "tokens")
+        state["proc"].terminate()
+        state["proc"].wait(10)
+        time.sleep(1.0)
+        restart()
+        reader.join(90)
+        response = result["r"]
+        assert response.last.event == "done", response.events[-2:]
+        assert response.text == reference.text  # nothing lost, nothing doubled
+        ids = [e.id for e in response.events if e.id]
+        assert len(ids) == len(set(ids))
+    finally:
+        svc.stop()
+
+
+def test_redis_down_ends_streams_and_everything_recovers_without_restarts(
+    own_redis, slow_model_dir, tmp_path
+):
+    url, state, restart = own_redis
+    env = service_env(url, str(slow_model_dir), REDIS_GRACE_SECONDS="1")
+    svc = Service(tmp_path / "svc", env, workers=1)
+    try:
+        result = {}
+        reader = threading.Thread(
+            target=lambda: result.update(
+                r=stream(svc.base, "/completion/Hello", max_new_tokens=1000, ignore_eos=True)
+            )
+        )
+        reader.start()
+        wait_for(lambda: tokens_so_far(url) > 10, 30, "tokens")
+        state["proc"].kill()
+        state["proc"].wait(10)
+
+        reader.join(30)
+        open_stream = result["r"]
+        assert open_stream.last.event == "error"
+        assert open_stream.last.data["error"]["type"] == "redis_unavailable"
+
+        started = time.monotonic()
+        refused = httpx.get(svc.base + "/completion/Hi", timeout=10)
+        assert refused.status_code == 503 and time.monotonic() - started < 2.5
+        assert httpx.get(svc.base + "/health", timeout=10).json()["redis"] is False
+
+        restart(persistent=False)  # an empty Redis: everything must re-register
+
+        def healthy() -> bool:
+            body = httpx.get(svc.base + "/health", timeout=5).json()
+            return bool(body["redis"]) and body["workers"] == 1
+
+        wait_for(healthy, 30, "API and worker to reconnect")
+        response = stream(svc.base, "/completion/Hi", max_new_tokens=3, ignore_eos=True, timeout=60)
+        assert response.last.event == "done"
+        assert svc.workers is not None and svc.workers.alive() and svc.api.alive()
+    finally:
+        svc.stop()
