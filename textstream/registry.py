@@ -32,6 +32,11 @@ class WorkerInfo:
     device: str
     slots: int
     busy: int = 0
+    #: How the model was named when loaded (MODEL_ID or the fallback), its context
+    #: window and prompt format: the API uses them to count prompt tokens.
+    model_source: str = ""
+    context_length: int = 0
+    prompt_format: str = "auto"
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = field(default_factory=time.time)
 

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from textstream.events import START_ID, CancelOutcome
 from textstream.jobs import JobStatus, summarize
@@ -21,6 +22,7 @@ from textstream.service import (
     InvalidInputError,
     JobNotFoundError,
     Services,
+    check_context_window,
     check_prompt,
     check_request,
     job_deadline,
@@ -28,6 +30,21 @@ from textstream.service import (
 )
 from textstream.sse import Relay, stream_job_events
 
+
+class AnyTextConvertor(Convertor[str]):
+    """Like Starlette's `path` convertor, but also matching newlines (`.` does not),
+    so `/completion/line%0Abreak` reaches the route and gets a clear 422."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("text", AnyTextConvertor())
 router = APIRouter()
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -56,7 +73,7 @@ def path_text(request: Request) -> str:
         raise InvalidInputError("question", "the path is not valid UTF-8") from None
 
 
-@router.get("/completion/{question:path}", response_class=EventSourceResponse)
+@router.get("/completion/{question:text}", response_class=EventSourceResponse)
 async def completion(
     request: Request,
     question: Annotated[str, Path(description="the prompt, URL-encoded")],
@@ -68,6 +85,7 @@ async def completion(
     path_text(request)
     check_prompt(question, services.settings, "question")
     check_request(params, services.settings)
+    await check_context_window(services, question, params, "question")
     job = await submit_job(services, question, params)
     relay = Relay(services.jobs, services.settings, job.job_id, job.deadline, True)
     return sse_response(services, relay, START_ID, job.job_id)
@@ -79,6 +97,7 @@ async def create_job(request: Request, body: JobRequest) -> dict[str, str]:
     services = services_of(request)
     check_prompt(body.prompt, services.settings, "prompt")
     check_request(body, services.settings)
+    await check_context_window(services, body.prompt, body, "prompt")
     job = await submit_job(services, body.prompt, body)
     return {
         "id": job.job_id,

@@ -20,6 +20,7 @@ from textstream.config import Settings
 from textstream.events import EventType, JobEvents
 from textstream.queue import JobQueue, queue_length
 from textstream.schemas import CompletionJob, GenerationRequest
+from textstream.tokenizer import PromptTokens
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Services:
     redis: aioredis.Redis
     jobs: JobEvents
     queue: JobQueue
+    prompt_tokens: PromptTokens
 
 
 def check_prompt(prompt: str, settings: Settings, field: str) -> None:
@@ -70,6 +72,16 @@ def check_prompt(prompt: str, settings: Settings, field: str) -> None:
     for ch in prompt:
         if ch not in ALLOWED_CONTROLS and unicodedata.category(ch) in ("Cc", "Cs"):
             raise InvalidInputError(field, f"the prompt contains control character U+{ord(ch):04X}")
+
+
+async def check_context_window(
+    services: Services, prompt: str, request: GenerationRequest, field: str
+) -> None:
+    counted = await services.prompt_tokens.count(prompt, request.prompt_format)
+    if counted is not None and counted[0] >= counted[1]:
+        raise InvalidInputError(
+            field, f"the prompt is {counted[0]} tokens; the model's context window is {counted[1]}"
+        )
 
 
 def check_request(request: GenerationRequest, settings: Settings) -> None:

@@ -24,7 +24,7 @@ import redis
 
 from textstream.config import Settings
 from textstream.detokenize import IncrementalDetokenizer
-from textstream.engine import Engine, PromptTooLongError
+from textstream.engine import Engine
 from textstream.events import (
     CANCELLED,
     EventType,
@@ -33,6 +33,7 @@ from textstream.events import (
     error_data,
 )
 from textstream.logs import redact
+from textstream.models import PromptTooLongError
 from textstream.registry import WorkerHeartbeat
 from textstream.schemas import CompletionJob
 

@@ -1,0 +1,183 @@
+"""Bad input gets a clear 4xx naming the field, changes nothing, and never a 5xx."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import httpx
+import pytest
+from helpers import stream, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+MAX_PROMPT_CHARS = 8000  # the default, which the test service runs with
+
+BAD_JOBS = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   \n\t "}, "prompt"),
+    ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+    ({"prompt": "bell \x07 inside"}, "prompt"),
+    ({"prompt": "nul \x00 inside"}, "prompt"),
+    ({"prompt": 42}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "hi", "max_new_tokens": -5}, "max_new_tokens"),
+    ({"prompt": "hi", "max_new_tokens": 10**6}, "max_new_tokens"),
+    ({"prompt": "hi", "max_new_tokens": 2.5}, "max_new_tokens"),
+    ({"prompt": "hi", "temperature": -0.1}, "temperature"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "hi", "top_k": -1}, "top_k"),
+    ({"prompt": "hi", "seed": -1}, "seed"),
+    ({"prompt": "hi", "prompt_format": "yaml"}, "prompt_format"),
+    ({"prompt": "hi", "max_token": 5}, "max_token"),  # a typo is refused, not ignored
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_JOBS, ids=[f for _, f in BAD_JOBS])
+def test_bad_job_bodies_get_422_naming_the_field(service, redis_client, body, field):
+    before = redis_client.llen("ml_tasks")
+    response = httpx.post(service.base + "/jobs", json=body, timeout=10)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request" and error["field"] == field and error["message"]
+    assert redis_client.llen("ml_tasks") == before
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"", b"[1, 2]", b'"just a string"', b'{"prompt": "hi",}']
+)
+def test_malformed_json_gets_422(service, content):
+    response = httpx.post(
+        service.base + "/jobs", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "invalid_request"
+
+
+def test_nan_and_infinity_are_refused(service):
+    for value in ("NaN", "Infinity"):
+        content = f'{{"prompt": "hi", "temperature": {value}}}'.encode()
+        response = httpx.post(
+            service.base + "/jobs", content=content, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422
+    response = httpx.get(service.base + "/completion/hi", params={"temperature": "nan"})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "temperature"
+
+
+@pytest.mark.parametrize(
+    "path,field",
+    [
+        ("/completion/%FF%FE", "question"),  # not UTF-8
+        ("/completion/caf%C3", "question"),  # truncated UTF-8
+        ("/completion/a%00b", "question"),  # control characters
+        ("/completion/line%0Abreak%1B", "question"),
+        ("/completion/%20", "question"),
+    ],
+)
+def test_bad_paths_get_422(service, path, field):
+    response = httpx.get(service.base + path, timeout=10)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == field
+
+
+def test_malformed_last_event_id_gets_422(service):
+    job = httpx.post(service.base + "/jobs", json={"prompt": "hi", "max_new_tokens": 2}).json()
+    for bad in ("yesterday", "1-2-3", "-1"):
+        response = httpx.get(
+            f"{service.base}/jobs/{job['id']}/events", headers={"Last-Event-ID": bad}, timeout=5
+        )
+        assert response.status_code == 422 and response.json()["error"]["field"] == "last_event_id"
+
+
+def test_prompt_longer_than_the_context_window_gets_422(service, tiny_model_dir):
+    prompt = "word " * 1100  # ~1100 GPT-2 tokens; the tiny model's window is 1024
+    assert len(prompt) < MAX_PROMPT_CHARS
+
+    def refused() -> bool:
+        response = httpx.post(service.base + "/jobs", json={"prompt": prompt}, timeout=10)
+        return response.status_code == 422
+
+    # The API loads the served model's tokenizer in the background once it sees a worker.
+    wait_for(refused, 30, "the API to check prompt length")
+    body = httpx.post(service.base + "/jobs", json={"prompt": prompt}, timeout=10).json()
+    assert body["error"]["field"] == "prompt" and "1024" in body["error"]["message"]
+    response = httpx.get(f"{service.base}/completion/{prompt}", timeout=10)
+    assert response.status_code == 422 and response.json()["error"]["field"] == "question"
+    # Just under the window is accepted; generation then stops at the window.
+    fits = stream(service.base, "/completion/" + "word " * 1000, max_new_tokens=50, ignore_eos=True)
+    assert fits.last.event == "done" and fits.last.data["finish_reason"] == "length"
+    assert (
+        fits.last.data["usage"]["prompt_tokens"] + fits.last.data["usage"]["completion_tokens"]
+        == 1024
+    )
+
+
+# --- fuzzing: whatever arrives, the answer is never a 5xx -----------------------------
+
+FIELDS = [
+    "prompt",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "ignore_eos",
+    "prompt_format",
+    "stream",
+    "n",
+    "",
+]
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=30),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+BODIES = st.one_of(
+    st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=10), VALUES, max_size=6),
+    st.fixed_dictionaries({"prompt": st.text(max_size=50)}, optional={"max_new_tokens": VALUES}),
+    VALUES,
+)
+QUERIES = st.dictionaries(
+    st.sampled_from(FIELDS), st.text(max_size=12) | st.integers().map(str), max_size=5
+)
+FUZZ = settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture
+def idle_api(make_service):
+    """An API with no workers and a tiny queue: accepted jobs cost nothing, the queue
+    fills, and 429s are part of what the fuzzer meets."""
+    return make_service(workers=0, MAX_QUEUED_JOBS="5")
+
+
+@FUZZ
+@given(body=BODIES)
+def test_fuzzed_job_bodies_never_get_a_5xx(idle_api, body):
+    response = httpx.post(idle_api.base + "/jobs", json=body, timeout=10)
+    assert response.status_code in (202, 422, 429), (body, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+
+
+@FUZZ
+@given(question=st.text(min_size=1, max_size=40), query=QUERIES)
+def test_fuzzed_completion_requests_never_get_a_5xx(idle_api, question, query):
+    path = "/completion/" + quote(question, safe="")
+    with httpx.stream("GET", idle_api.base + path, params=query, timeout=10) as response:
+        assert response.status_code in (200, 404, 422, 429), (question, query)
+
+
+@FUZZ
+@given(raw=st.binary(min_size=1, max_size=20))
+def test_fuzzed_raw_path_bytes_never_get_a_5xx(idle_api, raw):
+    path = "/completion/" + "".join(f"%{b:02X}" for b in raw)
+    with httpx.stream("GET", idle_api.base + path, timeout=10) as response:
+        assert response.status_code in (200, 422, 429)

@@ -1,0 +1,71 @@
+"""Where models come from: hub ids, local directories, `.gguf` files, and files in
+installed packages. Imports nothing heavy: the API uses it to find the tokenizer of
+the model its workers serve."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from textstream.resources import package_dir
+
+#: `MODEL_ID=package:<module>/<file>` names a file shipped inside an installed
+#: Python package (how the bundled SmolLM2 is found without knowing the venv path).
+PACKAGE_SCHEME = "package:"
+
+
+class ModelLoadError(RuntimeError):
+    """Neither MODEL_ID nor MODEL_FALLBACK could be loaded."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the model's context window."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where to load from: a hub id or directory, plus a GGUF file name inside it."""
+
+    spec: str
+    path: str
+    gguf_file: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSource:
+        path = spec
+        if spec.startswith(PACKAGE_SCHEME):
+            module, _, relative = spec[len(PACKAGE_SCHEME) :].partition("/")
+            folder = package_dir(module)
+            if folder is None:
+                raise ModelLoadError(f"package {module!r} is not installed (model {spec!r})")
+            path = str(folder / relative)
+        if path.endswith(".gguf"):
+            file = Path(path)
+            return cls(spec=spec, path=str(file.parent), gguf_file=file.name)
+        return cls(spec=spec, path=path, gguf_file=None)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).exists()
+
+    @property
+    def name(self) -> str:
+        """The name reported to clients: the hub id, or the file/directory name."""
+        if self.gguf_file:
+            return self.gguf_file.removesuffix(".gguf")
+        return self.spec if not self.is_local else Path(self.path).name
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect. Offline, the hub client
+    retries each file for ~25 s; probing first turns that into an instant fallback."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True

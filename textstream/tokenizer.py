@@ -1,0 +1,76 @@
+"""The API's copy of the served model's tokenizer (never the model), to refuse a
+prompt longer than the context window with a 422 before it is queued, as vLLM's
+API server does.
+
+Workers advertise the model they loaded (registry.WorkerInfo.model_source). A
+background task loads each newly seen source's tokenizer off the event loop. Until
+one is loaded, or if it cannot be (a path that exists only on the worker's host),
+requests are not checked here and the worker refuses the prompt instead, with a
+`prompt_too_long` error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from textstream.models import ModelSource, hub_reachable
+from textstream.prompts import encode_prompt
+from textstream.registry import WorkerInfo, live_workers
+from textstream.schemas import PromptFormat
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(spec: str) -> Any:
+    from transformers import AutoTokenizer  # heavy: imported only here, in a thread
+
+    source = ModelSource.parse(spec)
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if not source.is_local and not hub_reachable():
+        kwargs["local_files_only"] = True
+    return AutoTokenizer.from_pretrained(source.path, **kwargs)
+
+
+class PromptTokens:
+    """Counts prompt tokens with the tokenizer of the model live workers serve."""
+
+    def __init__(self) -> None:
+        self._tokenizers: dict[str, Any] = {}
+        self._failed: set[str] = set()
+        self._worker: WorkerInfo | None = None
+
+    async def watch(self, client: aioredis.Redis, interval: float) -> None:
+        """Run for the app's lifetime: notice the served model, load its tokenizer."""
+        while True:
+            try:
+                workers = await live_workers(client, interval)
+                self._worker = workers[0] if workers else None
+                source = self._worker.model_source if self._worker else ""
+                if source and source not in self._tokenizers and source not in self._failed:
+                    await self._load(source)
+            except RedisError:
+                pass  # /health reports Redis; try again next round
+            await asyncio.sleep(max(interval, 1.0))
+
+    async def _load(self, source: str) -> None:
+        try:
+            self._tokenizers[source] = await asyncio.to_thread(load_tokenizer, source)
+            log.info("loaded the tokenizer of %s to check prompt lengths", source)
+        except Exception as exc:
+            self._failed.add(source)
+            log.warning("cannot load the tokenizer of %s (%s); workers will check", source, exc)
+
+    async def count(self, prompt: str, prompt_format: PromptFormat) -> tuple[int, int] | None:
+        """(prompt tokens, context window), or None when no tokenizer is available."""
+        worker = self._worker
+        tokenizer = self._tokenizers.get(worker.model_source) if worker else None
+        if worker is None or tokenizer is None or not worker.context_length:
+            return None
+        default: Any = worker.prompt_format
+        ids = await asyncio.to_thread(encode_prompt, tokenizer, prompt, prompt_format, default)
+        return len(ids), worker.context_length
