@@ -129,3 +129,31 @@ def test_expired_job_is_404_with_a_clear_message(make_service):
     )
     body = httpx.get(f"{svc.base}/jobs/{job_id}/events", timeout=5).json()
     assert body["error"]["type"] == "not_found" and "JOB_TTL" in body["error"]["message"]
+
+
+def test_any_api_process_serves_any_job(service, tmp_path):
+    from helpers import start_api
+
+    other, other_base = start_api(service.env, tmp_path, name="api-2")
+    try:
+        job_id = create(service.base, prompt="The capital of France is", max_new_tokens=20)
+        here = stream(service.base, f"/jobs/{job_id}/events")
+        there = stream(other_base, f"/jobs/{job_id}/events")
+        assert there.last.event == "done"
+        assert [(e.id, e.data) for e in there.events] == [(e.id, e.data) for e in here.events]
+        status = httpx.get(f"{other_base}/jobs/{job_id}", timeout=5).json()
+        assert status["status"] == "done" and status["text"] == here.text
+    finally:
+        other.stop()
+
+
+def test_idle_streams_get_comment_pings(make_service):
+    svc = make_service(workers=0, SSE_PING_SECONDS="1", QUEUE_STATUS_SECONDS="60")
+    job_id = create(svc.base, prompt="nobody will run this")
+    pings, started = 0, time.monotonic()
+    with httpx.stream("GET", f"{svc.base}/jobs/{job_id}/events", timeout=10) as response:
+        for line in response.iter_lines():
+            pings += line.startswith(": ping")
+            if pings >= 2 or time.monotonic() - started > 5:
+                break
+    assert pings >= 2
