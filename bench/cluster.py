@@ -40,6 +40,8 @@ def service_env(redis_url: str, model_id: str, **overrides: str) -> dict[str, st
         WORKER_HEARTBEAT_SECONDS="0.5",
         WORKER_SHUTDOWN_GRACE="5",
         LOG_LEVEL="INFO",
+        # Off unless a test turns it on: repeated identical requests must generate.
+        CACHE_TTL="0",
     )
     env.update(overrides)
     return env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 from conftest import Service
 from helpers import service_env, stream
 
@@ -18,5 +19,14 @@ def test_smollm2_answers_the_capital_of_france(redis_url, tmp_path):
         assert "Paris" in response.text
         assert response.last.data["model"] == "SmolLM2-135M-Instruct.Q4_1"
         assert response.last.data["finish_reason"] == "stop"
+        # The chat endpoint applies SmolLM2's own chat template.
+        client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="x", max_retries=0)
+        chat = client.chat.completions.create(
+            model="SmolLM2",
+            temperature=0,
+            max_tokens=12,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        assert "Paris" in (chat.choices[0].message.content or "")
     finally:
         svc.stop()

@@ -9,7 +9,7 @@ kept on `app.state.services`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,6 +23,7 @@ from textstream import __version__
 from textstream.config import Settings, get_settings
 from textstream.events import JobEvents
 from textstream.logs import configure_logging
+from textstream.openai_api import router as openai_router
 from textstream.queue import JobQueue
 from textstream.routes import router
 from textstream.service import (
@@ -38,6 +39,40 @@ from textstream.worker import EXTRA_EVENTS
 
 def error_body(error_type: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"type": error_type, "message": message, **extra}}
+
+
+#: Our error types as OpenAI's `type` field names them.
+OPENAI_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "not_found": "invalid_request_error",
+    "queue_full": "rate_limit_error",
+    "queue_unavailable": "server_error",
+}
+
+
+def error_response(
+    request: Request,
+    status: int,
+    error_type: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """Our error shape, or OpenAI's under /v1 (where invalid input is 400, not 422),
+    so the `openai` SDK raises its usual exceptions with our message."""
+    if request.url.path.startswith("/v1/"):
+        body = {
+            "error": {
+                "message": message,
+                "type": OPENAI_TYPES.get(error_type, error_type),
+                "param": field,
+                "code": error_type,
+            }
+        }
+        return JSONResponse(body, 400 if status == 422 else status, headers=headers)
+    fields = {"field": field} if field is not None else {}
+    return JSONResponse(error_body(error_type, message, **fields, **extra), status, headers=headers)
 
 
 @asynccontextmanager
@@ -69,14 +104,12 @@ def add_error_handlers(app: FastAPI) -> None:
     """Domain errors become HTTP here, once (vLLM's build_app does the same)."""
 
     def handle(exc_type: type[Exception], status: int, error_type: str, **headers: str) -> None:
-        async def handler(_: Request, exc: Exception) -> JSONResponse:
-            extra = {"field": exc.field} if isinstance(exc, InvalidInputError) else {}
-            message = (
-                str(exc)
-                if not isinstance(exc, JobNotFoundError)
-                else ("no such job: unknown id, or its events expired (JOB_TTL)")
-            )
-            return JSONResponse(error_body(error_type, message, **extra), status, headers=headers)
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            field = exc.field if isinstance(exc, InvalidInputError) else None
+            message = str(exc)
+            if isinstance(exc, JobNotFoundError):
+                message = "no such job: unknown id, or its events expired (JOB_TTL)"
+            return error_response(request, status, error_type, message, field, headers)
 
         app.add_exception_handler(exc_type, handler)
 
@@ -86,24 +119,20 @@ def add_error_handlers(app: FastAPI) -> None:
     handle(QueueUnavailableError, 503, "queue_unavailable", **{"Retry-After": "2"})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Every error body has the same shape, routing errors (404, 405) included."""
         if isinstance(exc.detail, dict) and "error" in exc.detail:
-            body = exc.detail
-        else:
-            kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-            body = error_body(kind, str(exc.detail))
-        return JSONResponse(body, exc.status_code, headers=exc.headers)
+            return JSONResponse(exc.detail, exc.status_code, headers=exc.headers)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(request, exc.status_code, kind, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         field = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else ""
         message = errors[0]["msg"] if errors else "invalid request"
         detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]
-        return JSONResponse(
-            error_body("invalid_request", message, field=field) | {"detail": detail}, 422
-        )
+        return error_response(request, 422, "invalid_request", message, field, detail=detail)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -113,4 +142,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     add_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
     return app

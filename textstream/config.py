@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(1000, ge=1, description="queue length past which 429")
     queue_status_seconds: float = Field(2.0, gt=0, description="queued-position event period")
     redis_grace_seconds: float = Field(5.0, ge=0, description="an open stream waits this long")
+    cache_ttl: int = Field(3600, ge=0, description="response cache lifetime; 0 disables")
     enqueue_timeout: float = Field(2.0, gt=0)
     sse_ping_seconds: int = Field(15, ge=1)
     read_block_ms: int = Field(5000, ge=10, description="XREAD BLOCK per call")
@@ -69,6 +70,13 @@ class Settings(BaseSettings):
         if value < default:
             raise ValueError("MAX_NEW_TOKENS_LIMIT must be >= DEFAULT_MAX_NEW_TOKENS")
         return value
+
+    @field_validator("cache_ttl")
+    @classmethod
+    def _cache_within_job_ttl(cls, value: int, info: object) -> int:
+        """A cached answer is a job's stream, which lives JOB_TTL: cap the entry there."""
+        job_ttl: int = getattr(info, "data", {}).get("job_ttl", value)
+        return min(value, job_ttl)
 
 
 @lru_cache(maxsize=1)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from textstream.config import Settings
 from textstream.models import ModelLoadError, ModelSource, PromptTooLongError, hub_reachable
-from textstream.prompts import encode_prompt
+from textstream.prompts import encode_chat, encode_prompt
 from textstream.schemas import PromptFormat, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,32 @@ class Engine:
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]:
         return encode_prompt(self.tokenizer, prompt, prompt_format, self.prompt_format)
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
     def decode(self, ids: list[int]) -> str:
         return str(
             self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         )
 
     # -- generation ---------------------------------------------------------------
+
+    @staticmethod
+    def _penalize(
+        logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """logits, seen (bool), counts (int): all (vocab,). Penalties as OpenAI defines
+        presence/frequency (generated tokens) and Hugging Face repetition (all seen)."""
+        logits = logits.float()
+        if params.repetition_penalty != 1.0:
+            penalized = torch.where(
+                logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+            )
+            logits = torch.where(seen, penalized, logits)
+        if params.frequency_penalty or params.presence_penalty:
+            logits = logits - counts * params.frequency_penalty
+            logits = logits - (counts > 0).float() * params.presence_penalty
+        return logits
 
     def _next_token(
         self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
@@ -126,12 +146,15 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         should_stop: Callable[[], bool] = lambda: False,
+        generated: int = 0,
     ) -> Iterator[Step]:
         """Yield generated token ids one at a time (KV-cached decode loop).
 
         Stops on an end-of-sequence id (finish_reason "stop"), after
         `params.max_new_tokens` or at the context window ("length"), or as soon as
         `should_stop()` is true between two steps (the caller then knows why).
+        The last `generated` ids of `prompt_ids` were generated earlier (a job taken
+        over): presence and frequency penalties count them.
         """
         if not prompt_ids:
             prompt_ids = [self.tokenizer.eos_token_id or 0]
@@ -147,11 +170,27 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
 
         input_ids = torch.tensor([prompt_ids], device=self.device)  # (1, T)
+        penalties = (
+            params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        )
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)  # (V,)
+        counts = torch.zeros(vocab, device=self.device)  # (V,) generated-token counts
+        seen[input_ids[0]] = True
+        if generated:
+            counts.index_add_(
+                0, input_ids[0, -generated:], torch.ones(generated, device=self.device)
+            )
         past = None
         for produced in range(1, budget + 1):
             out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            token = self._next_token(out.logits[0, -1, :], params, generator)  # logits (1, T, V)
+            logits = out.logits[0, -1, :]  # out.logits: (1, T, V)
+            if penalties:
+                logits = self._penalize(logits, params, seen, counts)
+            token = self._next_token(logits, params, generator)
+            seen[token] = True
+            counts[token] += 1
             if token in self.stop_ids and not params.ignore_eos:
                 yield Step(token, "stop")
                 return

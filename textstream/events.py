@@ -59,13 +59,27 @@ class CancelOutcome(StrEnum):
     CANCELLED = "cancelled"  # it had not started: ended now
     CANCELLING = "cancelling"  # running: its worker stops within one step
     FINISHED = "finished"  # it had already ended
+    SHARED = "shared"  # other readers still follow it: left running
     UNKNOWN = "unknown"
 
 
-# KEYS: stream, state. ARGV: event, data, ids, maxlen, ttl, terminal, owner, claim, seq.
+# A job that ends in error must not stay in the response cache: both scripts drop
+# the job's cache entry (named in its state hash) if it still points at this job.
+# The cache key is read from the state hash rather than passed in KEYS, so these
+# scripts assume a single Redis (not Redis Cluster).
+FORGET_CACHE = """
+local function forget_cache(job_id)
+  local cache_key = redis.call('HGET', KEYS[2], 'cache_key')
+  if cache_key and redis.call('GET', cache_key) == job_id then redis.call('DEL', cache_key) end
+end
+"""
+
+# KEYS: stream, state. ARGV: event, data, ids, maxlen, ttl, terminal, owner, claim, seq, job.
 # `seq` makes a worker's retried write idempotent: a write whose reply was lost is
 # recognised by its owner:seq and not appended twice.
-APPEND_SCRIPT = """
+APPEND_SCRIPT = (
+    FORGET_CACHE
+    + """
 local seq = ''
 if ARGV[9] ~= '' then
   seq = ARGV[7] .. ':' .. ARGV[9]
@@ -85,25 +99,39 @@ else
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[1], 'data', ARGV[2])
 end
 if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'terminal', ARGV[1]) end
+if ARGV[1] == 'error' then forget_cache(ARGV[10]) end
 if seq ~= '' then redis.call('HSET', KEYS[2], 'seq', seq) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 if redis.call('HGET', KEYS[2], 'cancel') then return {id, 'cancel'} end
 return {id, 'ok'}
 """
+)
 
-# KEYS: stream, state. ARGV: data of the `cancelled` error event, maxlen, ttl.
-CANCEL_SCRIPT = """
+# KEYS: stream, state. ARGV: data of the `cancelled` error event, maxlen, ttl, job,
+# release. With release=1 the caller is a reader leaving (a client disconnecting
+# from /completion): the job is cancelled only when no other such reader is left
+# (identical requests share one job through the response cache), and never when it
+# is `pinned` (created by POST /jobs, which only DELETE cancels).
+CANCEL_SCRIPT = (
+    FORGET_CACHE
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'unknown' end
 if redis.call('HGET', KEYS[2], 'terminal') then return 'finished' end
+if ARGV[5] == '1' then
+  if redis.call('HGET', KEYS[2], 'pinned') then return 'shared' end
+  if redis.call('HINCRBY', KEYS[2], 'readers', -1) > 0 then return 'shared' end
+end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'cancel', now[1] * 1000 + math.floor(now[2] / 1000))
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if redis.call('HGET', KEYS[2], 'owner') then return 'cancelling' end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', 'error', 'data', ARGV[1])
 redis.call('HSET', KEYS[2], 'terminal', 'error')
+forget_cache(ARGV[4])
 return 'cancelled'
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +169,7 @@ def _append_args(
     owner: str = "",
     claim: bool = False,
     seq: int | None = None,
+    job_id: str = "",
 ) -> list[str | int]:
     return [
         event.value,
@@ -152,6 +181,7 @@ def _append_args(
         owner,
         "1" if claim else "0",
         "" if seq is None else str(seq),
+        job_id,
     ]
 
 
@@ -190,6 +220,7 @@ class EventWriter:
         grace: float = 0.0,
     ) -> None:
         self._client = client
+        self.job_id = job_id
         self._keys = [keys.job_events(job_id), keys.job_state(job_id)]
         self._script = client.register_script(APPEND_SCRIPT)
         self.owner = owner
@@ -235,6 +266,7 @@ class EventWriter:
             owner=self.owner,
             claim=claim,
             seq=self._seq,
+            job_id=self.job_id,
         )
         give_up = time.monotonic() + self._grace
         while True:
@@ -280,18 +312,36 @@ class JobEvents:
 
     async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
         """Write as no worker (the `queued` event, a timeout): refused once ended."""
-        args = _append_args(event, data, maxlen=self._maxlen, ttl=self._ttl)
+        args = _append_args(event, data, maxlen=self._maxlen, ttl=self._ttl, job_id=job_id)
         _entry_id, outcome = await self._append(
             keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args
         )
         return WriteOutcome(_text(outcome))
 
-    async def cancel(self, job_id: str) -> CancelOutcome:
+    async def cancel(self, job_id: str, *, release: bool = False) -> CancelOutcome:
+        """Cancel the job (DELETE), or with `release` drop one reader's claim on it
+        and cancel only if it was the last (a /completion client leaving)."""
         outcome = await self._cancel(
             keys=[keys.job_events(job_id), keys.job_state(job_id)],
-            args=[json.dumps(CANCELLED), self._maxlen, self._ttl],
+            args=[json.dumps(CANCELLED), self._maxlen, self._ttl, job_id, "1" if release else "0"],
         )
         return CancelOutcome(_text(outcome))
+
+    async def track(
+        self, job_id: str, *, reader: bool, pinned: bool = False, cache_key: str | None = None
+    ) -> None:
+        """Record who depends on a job: a `reader` whose leaving may cancel it
+        (/completion), `pinned` (POST /jobs: only DELETE cancels), its cache entry."""
+        state = keys.job_state(job_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            if reader:
+                pipe.hincrby(state, "readers", 1)
+            if pinned:
+                pipe.hset(state, "pinned", 1)
+            if cache_key:
+                pipe.hset(state, "cache_key", cache_key)
+            pipe.expire(state, self._ttl)
+            await pipe.execute()
 
     async def exists(self, job_id: str) -> bool:
         return bool(await self.client.exists(keys.job_events(job_id)))

@@ -17,6 +17,10 @@ MODELQ_QUEUED_INDEX = "queued_requests"
 #: ModelQ's registry of worker servers (hash server_id -> JSON).
 MODELQ_SERVERS = "servers"
 
+#: Name of the model the workers serve, kept by their heartbeats: the response
+#: cache keys on it even while no worker is running.
+SERVED_MODEL = f"{PREFIX}:served-model"
+
 #: Sorted set of worker ids scored by their last heartbeat (unix seconds).
 WORKERS = f"{PREFIX}:workers"
 
@@ -36,3 +40,9 @@ def job_state(job_id: str) -> str:
 def worker_info(worker_id: str) -> str:
     """JSON description of one live worker process (model, device, host)."""
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def cache_entry(digest: str) -> str:
+    """Response cache: SHA-256 of model + prompt + parameters -> the job whose stream
+    holds the answer (kept for CACHE_TTL)."""
+    return f"{PREFIX}:cache:{digest}"

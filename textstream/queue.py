@@ -145,6 +145,9 @@ class JobQueue:
         self._mq.enqueue_task(task_dict, payload=payload)
         self._client.set(f"task:{job.job_id}", json.dumps(task_dict), ex=self._settings.job_ttl)
 
+    def close(self) -> None:
+        self._client.close()
+
 
 async def queue_length(client: aioredis.Redis) -> int:
     return int(await client.llen(keys.MODELQ_QUEUE))
@@ -154,9 +157,3 @@ async def queue_position(client: aioredis.Redis, job_id: str) -> int | None:
     """1-based place of a job in ModelQ's queue; None once a worker has claimed it."""
     rank = await client.zrank(keys.MODELQ_QUEUED_INDEX, job_id)
     return None if rank is None else int(rank) + 1
-
-    def queue_length(self) -> int:
-        return int(self._client.llen(keys.MODELQ_QUEUE))
-
-    def close(self) -> None:
-        self._client.close()

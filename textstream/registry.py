@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: A worker is considered gone after this many missed heartbeats.
 MISSED_HEARTBEATS = 3
+#: How long the served model's name outlives the last worker (for the cache key).
+SERVED_MODEL_TTL = 7 * 86400
 
 
 @dataclass
@@ -74,6 +76,7 @@ class WorkerHeartbeat:
         pipe = self._client.pipeline(transaction=True)
         pipe.set(keys.worker_info(self.info.worker_id), body, ex=ttl)
         pipe.zadd(keys.WORKERS, {self.info.worker_id: self.info.heartbeat_at})
+        pipe.set(keys.SERVED_MODEL, self.info.model, ex=SERVED_MODEL_TTL)
         pipe.execute()
 
     def _run(self) -> None:

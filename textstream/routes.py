@@ -5,30 +5,32 @@ No `from __future__ import annotations`: FastAPI reads these signatures at run t
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.convertors import Convertor, register_url_convertor
 
 from textstream.events import START_ID, CancelOutcome
 from textstream.jobs import JobStatus, summarize
 from textstream.registry import live_workers
-from textstream.schemas import GenerationRequest, JobRequest
+from textstream.schemas import CompletionQuery, JobRequest
 from textstream.service import (
     InvalidInputError,
     JobNotFoundError,
     Services,
+    Submission,
     check_context_window,
     check_prompt,
     check_request,
     job_deadline,
-    submit_job,
+    start_job,
 )
-from textstream.sse import Relay, stream_job_events
+from textstream.sse import Relay, collect_events, stream_job_events
 
 
 class AnyTextConvertor(Convertor[str]):
@@ -57,12 +59,43 @@ def services_of(request: Request) -> Services:
     return services
 
 
-def sse_response(services: Services, relay: Relay, after: str, job_id: str) -> EventSourceResponse:
+def job_headers(submission: Submission) -> dict[str, str]:
+    return {"X-Job-Id": submission.job_id, "X-Cache": "hit" if submission.shared else "miss"}
+
+
+def sse_response(
+    services: Services, events: AsyncIterator[ServerSentEvent], headers: dict[str, str]
+) -> EventSourceResponse:
     return EventSourceResponse(
-        stream_job_events(relay, after),
+        events,
         ping=services.settings.sse_ping_seconds,
-        headers={"X-Job-Id": job_id, "Cache-Control": "no-cache"},
+        headers={**headers, "Cache-Control": "no-cache"},
     )
+
+
+#: Status codes for a job that ended in error, when the answer is not streamed.
+ERROR_STATUS = {
+    "prompt_too_long": 422,
+    "cancelled": 409,
+    "timeout": 504,
+    "generation_failed": 502,
+    "redis_unavailable": 503,
+}
+
+
+async def completed_job(request: Request, relay: Relay) -> JobStatus | None:
+    """Wait for the job to end (non-streaming answers); None if the client left."""
+    events = await collect_events(relay, request.is_disconnected)
+    if events is None:
+        return None
+    if not events:
+        raise JobNotFoundError(relay.job_id)
+    return summarize(relay.job_id, events)
+
+
+def error_response(status: JobStatus, headers: dict[str, str]) -> JSONResponse:
+    error = status.error or {"type": "error", "message": "the job failed"}
+    return JSONResponse({"error": error}, ERROR_STATUS.get(error["type"], 502), headers=headers)
 
 
 def path_text(request: Request) -> str:
@@ -77,18 +110,34 @@ def path_text(request: Request) -> str:
 async def completion(
     request: Request,
     question: Annotated[str, Path(description="the prompt, URL-encoded")],
-    params: Annotated[GenerationRequest, Query()],
-) -> EventSourceResponse:
-    """Stream a completion of `question` as SSE: `token` events, then `done` or `error`.
-    Disconnecting cancels the job."""
+    params: Annotated[CompletionQuery, Query()],
+) -> Response:
+    """Stream a completion of `question` as SSE: `token` events, then `done` or `error`
+    (`stream=false`: one JSON answer once done). Disconnecting cancels the job."""
     services = services_of(request)
     path_text(request)
     check_prompt(question, services.settings, "question")
     check_request(params, services.settings)
     await check_context_window(services, question, params, "question")
-    job = await submit_job(services, question, params)
+    job = await start_job(services, params, prompt=question, reader=True)
     relay = Relay(services.jobs, services.settings, job.job_id, job.deadline, True)
-    return sse_response(services, relay, START_ID, job.job_id)
+    headers = job_headers(job)
+    if params.stream:
+        streaming: Response = sse_response(services, stream_job_events(relay), headers)
+        return streaming
+    status = await completed_job(request, relay)
+    if status is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    if status.status != "done":
+        return error_response(status, headers)
+    body = {
+        "id": job.job_id,
+        "model": status.model,
+        "text": status.text,
+        "finish_reason": status.finish_reason,
+        "usage": status.usage,
+    }
+    return JSONResponse(body, headers=headers)
 
 
 @router.post("/jobs", status_code=202)
@@ -98,7 +147,7 @@ async def create_job(request: Request, body: JobRequest) -> dict[str, str]:
     check_prompt(body.prompt, services.settings, "prompt")
     check_request(body, services.settings)
     await check_context_window(services, body.prompt, body, "prompt")
-    job = await submit_job(services, body.prompt, body)
+    job = await start_job(services, body, prompt=body.prompt, reader=False, pinned=True)
     return {
         "id": job.job_id,
         "events_url": f"/jobs/{job.job_id}/events",
@@ -127,7 +176,7 @@ async def job_events(
         raise InvalidInputError("last_event_id", "expected an event id such as 1700000000000-0")
     deadline = await job_deadline(services, checked_job_id(job_id))
     relay = Relay(services.jobs, services.settings, job_id, deadline, cancel_on_disconnect=False)
-    return sse_response(services, relay, after, job_id)
+    return sse_response(services, stream_job_events(relay, after), {"X-Job-Id": job_id})
 
 
 @router.get("/jobs/{job_id}")

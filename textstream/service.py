@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from textstream import keys
+from textstream.cache import cache_key, cached_job, claim, forget, served_model
 from textstream.config import Settings
 from textstream.events import EventType, JobEvents
 from textstream.queue import JobQueue, queue_length
@@ -75,9 +76,13 @@ def check_prompt(prompt: str, settings: Settings, field: str) -> None:
 
 
 async def check_context_window(
-    services: Services, prompt: str, request: GenerationRequest, field: str
+    services: Services,
+    prompt: str,
+    request: GenerationRequest,
+    field: str,
+    messages: list[dict[str, str]] | None = None,
 ) -> None:
-    counted = await services.prompt_tokens.count(prompt, request.prompt_format)
+    counted = await services.prompt_tokens.count(prompt, request.prompt_format, messages)
     if counted is not None and counted[0] >= counted[1]:
         raise InvalidInputError(
             field, f"the prompt is {counted[0]} tokens; the model's context window is {counted[1]}"
@@ -90,35 +95,97 @@ def check_request(request: GenerationRequest, settings: Settings) -> None:
         raise InvalidInputError("max_new_tokens", f"max_new_tokens must be at most {limit}")
 
 
-async def submit_job(services: Services, prompt: str, request: GenerationRequest) -> CompletionJob:
-    """Check the queue's room, write the job's `queued` event, hand the job to ModelQ.
+@dataclass
+class Submission:
+    job_id: str
+    deadline: float | None
+    #: Answered by an existing job (cache hit, or an identical request in flight).
+    shared: bool = False
 
-    The event goes first so the stream exists before any worker can write to it,
-    and so a dead Redis fails here, fast, before anything is queued.
+
+async def start_job(
+    services: Services,
+    request: GenerationRequest,
+    *,
+    prompt: str = "",
+    messages: list[dict[str, str]] | None = None,
+    reader: bool,
+    pinned: bool = False,
+) -> Submission:
+    """Answer from the response cache, or queue a new job.
+
+    `reader`: the caller's leaving may cancel the job (/completion, OpenAI);
+    `pinned`: only DELETE may cancel it (POST /jobs).
     """
     settings = services.settings
+    params = request.sampling(settings.default_max_new_tokens)
     now = time.time()
     job = CompletionJob(
         job_id=uuid.uuid4().hex,
         prompt=prompt,
+        messages=messages,
         prompt_format=request.prompt_format,
-        params=request.sampling(settings.default_max_new_tokens),
+        params=params,
         enqueued_at=now,
         deadline=now + settings.job_timeout,
     )
     try:
         async with asyncio.timeout(settings.enqueue_timeout):
-            waiting = await queue_length(services.redis)
-            if waiting >= settings.max_queued_jobs:
-                raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
-            data = {"job_id": job.job_id, "position": waiting + 1}
-            await services.jobs.append(job.job_id, EventType.QUEUED, data)
-            await asyncio.to_thread(services.queue.enqueue, job)
+            key = await cache_key_for(services, job, request.use_cache)
+            if key:
+                followed = await follow_cached(services, key, reader=reader, pinned=pinned)
+                if followed is None and not await claim(
+                    services.redis, key, job.job_id, settings.cache_ttl
+                ):
+                    followed = await follow_cached(services, key, reader=reader, pinned=pinned)
+                if followed is not None:
+                    return followed
+            await queue_job(services, job, key, reader=reader, pinned=pinned)
     except (RedisError, TimeoutError, OSError) as exc:
         log.warning("job=%s could not be queued: %s", job.job_id, type(exc).__name__)
         raise QueueUnavailableError("the job queue (Redis) is unreachable; retry shortly") from exc
-    log.info("job=%s queued max_new_tokens=%d", job.job_id, job.params.max_new_tokens)
-    return job
+    log.info("job=%s queued max_new_tokens=%d", job.job_id, params.max_new_tokens)
+    return Submission(job.job_id, job.deadline)
+
+
+async def cache_key_for(services: Services, job: CompletionJob, use_cache: bool) -> str | None:
+    if not (use_cache and services.settings.cache_ttl and job.params.deterministic):
+        return None
+    model = await served_model(services.redis)
+    if model is None:
+        return None  # no worker has ever announced a model: nothing can be cached yet
+    return cache_key(model, job.prompt, job.messages, job.prompt_format, job.params)
+
+
+async def follow_cached(
+    services: Services, key: str, *, reader: bool, pinned: bool
+) -> Submission | None:
+    job_id = await cached_job(services.redis, key)
+    if job_id is None:
+        return None
+    await services.jobs.track(job_id, reader=reader, pinned=pinned)
+    log.info("job=%s answered from the response cache", job_id)
+    return Submission(job_id, await job_deadline(services, job_id), shared=True)
+
+
+async def queue_job(
+    services: Services, job: CompletionJob, key: str | None, *, reader: bool, pinned: bool
+) -> None:
+    """Write the job's `queued` event, then hand the job to ModelQ.
+
+    The event goes first so the stream exists before any worker can write to it,
+    and so a dead Redis fails here, fast, before anything is queued.
+    """
+    waiting = await queue_length(services.redis)
+    if waiting >= services.settings.max_queued_jobs:
+        if key:
+            await forget(services.redis, key, job.job_id)
+        raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
+    await services.jobs.append(
+        job.job_id, EventType.QUEUED, {"job_id": job.job_id, "position": waiting + 1}
+    )
+    await services.jobs.track(job.job_id, reader=reader, pinned=pinned, cache_key=key)
+    await asyncio.to_thread(services.queue.enqueue, job)
 
 
 async def job_deadline(services: Services, job_id: str) -> float | None:

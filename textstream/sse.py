@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,13 +42,15 @@ REDIS_LOST = error_data("redis_unavailable", "the event store is unreachable; re
 
 
 def to_sse(event: JobEvent) -> ServerSentEvent:
+    """Stored events keep their stream id; status events (empty id) carry none."""
     return ServerSentEvent(
-        data=json.dumps(event.data, ensure_ascii=False), event=event.event, id=event.id
+        data=json.dumps(event.data, ensure_ascii=False), event=event.event, id=event.id or None
     )
 
 
-def status_event(name: EventType, data: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(data), event=name.value)
+def status_event(name: EventType, data: dict[str, Any]) -> JobEvent:
+    """An event made by the reader, not stored in the stream (so it has no id)."""
+    return JobEvent(id="", event=name.value, data=data)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Relay:
     deadline: float | None = None
     cancel_on_disconnect: bool = False
 
-    async def idle_status(self, started: bool) -> ServerSentEvent | None:
+    async def idle_status(self, started: bool) -> JobEvent | None:
         """Called when nothing arrived for a while: enforce the deadline, or report
         the queue position of a job that has not started."""
         if self.deadline is not None and time.time() > self.deadline:
@@ -74,7 +76,7 @@ class Relay:
         data = {"job_id": self.job_id, "position": position, "workers": len(workers)}
         return status_event(EventType.QUEUED, data)
 
-    async def events(self, after: str = START_ID) -> AsyncIterator[ServerSentEvent]:
+    async def events(self, after: str = START_ID) -> AsyncIterator[JobEvent]:
         last_id, started, failing_since = after, after != START_ID, 0.0
         block = int(min(self.settings.read_block_ms, self.settings.queue_status_seconds * 1000))
         while True:
@@ -88,7 +90,7 @@ class Relay:
                         continue
                     last_id = event.id
                     started = started or event.event != EventType.QUEUED
-                    yield to_sse(event)
+                    yield event
                 return
             except RedisError as exc:
                 failing_since = failing_since or time.monotonic()
@@ -99,19 +101,60 @@ class Relay:
                 await asyncio.sleep(0.25)
 
 
-async def stream_job_events(relay: Relay, after: str = START_ID) -> AsyncIterator[ServerSentEvent]:
-    """SSE events for one job after id `after`, to the terminal one; owns the cleanup."""
+async def release(relay: Relay) -> None:
+    """The client left: drop its claim on the job, which stops the job unless other
+    readers share it. Shielded, so the cancellation that ended the request does not
+    abort this too."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+        try:
+            outcome = await relay.jobs.cancel(relay.job_id, release=True)
+            log.info("job=%s client disconnected; %s", relay.job_id, outcome.value)
+        except RedisError as exc:
+            log.warning("job=%s could not request cancel: %s", relay.job_id, exc)
+
+
+async def relay_events(
+    relay: Relay, convert: Callable[[JobEvent], Iterable[ServerSentEvent]], after: str = START_ID
+) -> AsyncIterator[ServerSentEvent]:
+    """One job's events, each turned into SSE events by `convert`, to the terminal
+    one. Owns the cleanup: a client leaving mid-stream releases the job."""
     finished = False
     try:
-        async for sse in relay.events(after):
-            finished = sse.event in (EventType.DONE.value, EventType.ERROR.value)
-            yield sse
+        async for event in relay.events(after):
+            finished = event.terminal
+            for sse in convert(event):
+                yield sse
     except BaseException:  # CancelledError / GeneratorExit: the client went away
         if relay.cancel_on_disconnect and not finished:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                try:
-                    outcome = await relay.jobs.cancel(relay.job_id)
-                    log.info("job=%s client disconnected; %s", relay.job_id, outcome.value)
-                except RedisError as exc:
-                    log.warning("job=%s could not request cancel: %s", relay.job_id, exc)
+            await release(relay)
         raise
+
+
+async def stream_job_events(relay: Relay, after: str = START_ID) -> AsyncIterator[ServerSentEvent]:
+    """The native SSE stream: each job event as it is."""
+    async for sse in relay_events(relay, lambda event: [to_sse(event)], after):
+        yield sse
+
+
+async def collect_events(
+    relay: Relay, is_disconnected: Callable[[], Awaitable[bool]]
+) -> list[JobEvent] | None:
+    """All of a job's stored events, for a non-streaming answer; None if the client
+    left first (its claim on the job is then released)."""
+    events: list[JobEvent] = []
+
+    async def gather() -> None:
+        async for event in relay.events():
+            if event.id:
+                events.append(event)
+
+    task = asyncio.create_task(gather())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await is_disconnected():
+            task.cancel()
+            if relay.cancel_on_disconnect:
+                await release(relay)
+            return None
+    task.result()
+    return events

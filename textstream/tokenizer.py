@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from textstream.models import ModelSource, hub_reachable
-from textstream.prompts import encode_prompt
+from textstream.prompts import encode_chat, encode_prompt
 from textstream.registry import WorkerInfo, live_workers
 from textstream.schemas import PromptFormat
 
@@ -65,12 +65,17 @@ class PromptTokens:
             self._failed.add(source)
             log.warning("cannot load the tokenizer of %s (%s); workers will check", source, exc)
 
-    async def count(self, prompt: str, prompt_format: PromptFormat) -> tuple[int, int] | None:
+    async def count(
+        self, prompt: str, prompt_format: PromptFormat, messages: list[dict[str, str]] | None = None
+    ) -> tuple[int, int] | None:
         """(prompt tokens, context window), or None when no tokenizer is available."""
         worker = self._worker
         tokenizer = self._tokenizers.get(worker.model_source) if worker else None
         if worker is None or tokenizer is None or not worker.context_length:
             return None
         default: Any = worker.prompt_format
-        ids = await asyncio.to_thread(encode_prompt, tokenizer, prompt, prompt_format, default)
+        if messages is not None:
+            ids = await asyncio.to_thread(encode_chat, tokenizer, messages)
+        else:
+            ids = await asyncio.to_thread(encode_prompt, tokenizer, prompt, prompt_format, default)
         return len(ids), worker.context_length

@@ -10,6 +10,10 @@ The next worker reads the job's stream, finds the tokens already published (each
 token event carries its ids), and continues from prompt + those ids. It marks the
 seam with a `resumed` event. Greedy output is then identical to an uninterrupted
 run; seeded sampling restarts its random stream at the seam.
+
+Stop strings hold text back (stops.py), so the last events may have released text
+whose ids are not yet attached. The new worker regenerates those ids and skips the
+characters the client already has.
 """
 
 from __future__ import annotations
@@ -36,12 +40,64 @@ from textstream.logs import redact
 from textstream.models import PromptTooLongError
 from textstream.registry import WorkerHeartbeat
 from textstream.schemas import CompletionJob
+from textstream.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
 #: Events a job may produce besides its tokens (status, seams, terminal); sizes MAXLEN.
 EXTRA_EVENTS = 64
 TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
+
+
+class TokenPublisher:
+    """Turns generated ids into `token` events: ids -> safe text (detokenize.py) ->
+    stop-string filter (stops.py) -> one event per released piece.
+
+    An event carries the ids of all text released up to it, once none of that
+    text is held back any more; a takeover resumes from exactly those ids.
+    """
+
+    def __init__(
+        self,
+        writer: EventWriter,
+        detokenizer: IncrementalDetokenizer,
+        stops: StopMatcher,
+        skip_chars: int = 0,
+    ) -> None:
+        self._writer = writer
+        self._detokenizer = detokenizer
+        self._stops = stops
+        self._skip = skip_chars  # already delivered by the worker we took over from
+        self._pending: list[int] = []  # ids whose text is not yet fully released
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    @property
+    def ids(self) -> list[int]:
+        return self._detokenizer.ids
+
+    def add(self, token_id: int) -> None:
+        self._pending.append(token_id)
+        piece = self._detokenizer.add(token_id)
+        if piece:
+            self._release(self._stops.feed(piece))
+
+    def flush(self) -> None:
+        """Generation ended: release text still held for a possible stop string."""
+        self._release(self._stops.flush())
+
+    def _release(self, text: str) -> None:
+        if self._skip:
+            skipped = min(self._skip, len(text))
+            text, self._skip = text[skipped:], self._skip - skipped
+        if not text:
+            return
+        complete = not self._stops.held
+        self._writer.write(EventType.TOKEN, {"text": text}, self._pending if complete else ())
+        if complete:
+            self._pending = []
 
 
 class CompletionRunner:
@@ -96,12 +152,16 @@ class CompletionRunner:
             log.error("job=%s could not publish its error: %s", job.job_id, exc)
         return {"status": "error", "error": data["error"]["type"]}
 
-    def _start(self, job: CompletionJob, writer: EventWriter, history: list[JobEvent]) -> list[int]:
+    def _start(
+        self, job: CompletionJob, writer: EventWriter, history: list[JobEvent]
+    ) -> tuple[list[int], int]:
         """Claim the job (`started`, or `resumed` after a takeover); return the ids
-        already published by earlier attempts."""
-        published = [
-            i for event in history if event.event == EventType.TOKEN for i in event.token_ids
-        ]
+        published by earlier attempts, and how many characters past their text the
+        client has already received."""
+        tokens = [event for event in history if event.event == EventType.TOKEN]
+        published = [i for event in tokens for i in event.token_ids]
+        delivered = sum(len(event.data["text"]) for event in tokens)
+        skip_chars = max(0, delivered - len(self._engine.decode(published)))
         resumed = any(e.event in (EventType.STARTED, EventType.RESUMED) for e in history)
         data: dict[str, Any] = {"worker": self._heartbeat.info.worker_id}
         if resumed:
@@ -112,7 +172,7 @@ class CompletionRunner:
                 round(time.time() - job.enqueued_at, 4) if job.enqueued_at else None
             )
         writer.write(EventType.RESUMED if resumed else EventType.STARTED, data, claim=True)
-        return published
+        return published, skip_chars
 
     def _generate(self, job: CompletionJob, writer: EventWriter) -> dict[str, Any]:
         engine, started = self._engine, time.perf_counter()
@@ -121,45 +181,54 @@ class CompletionRunner:
             return {"status": "skipped"}  # cancelled or timed out before it ran
         if job.expired(time.time()):
             return self._fail(job, writer, TIMEOUT)
-        prompt_ids = engine.encode_prompt(job.prompt, job.prompt_format)
-        published = self._start(job, writer, history)
+        prompt_ids = (
+            engine.encode_chat(job.messages)
+            if job.messages
+            else engine.encode_prompt(job.prompt, job.prompt_format)
+        )
+        published, skip_chars = self._start(job, writer, history)
         if writer.cancel_requested:
             return self._fail(job, writer, CANCELLED)
         if writer.lost_job:
             return {"status": writer.outcome.value}
 
-        detokenizer = IncrementalDetokenizer(engine.tokenizer, initial_ids=published)
+        publisher = TokenPublisher(
+            writer,
+            IncrementalDetokenizer(engine.tokenizer, initial_ids=published),
+            StopMatcher(job.params.stop),
+            skip_chars,
+        )
         remaining = job.params.max_new_tokens - len(published)
         params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
         finish_reason: str | None = "length" if remaining <= 0 else None
-        pending: list[int] = []  # ids generated but not yet published (held back)
         steps = engine.generate(
             prompt_ids + published,
             params,
             lambda: writer.should_stop or job.expired(time.time()),
+            generated=len(published),
         )
         for step in steps if remaining > 0 else ():
-            pending.append(step.token_id)
-            piece = detokenizer.add(step.token_id)
-            if piece:
-                writer.write(EventType.TOKEN, {"text": piece}, pending)
-                pending = []
-            finish_reason = step.finish_reason
+            publisher.add(step.token_id)
+            finish_reason = "stop" if publisher.stopped else step.finish_reason
+            if publisher.stopped:
+                break
+        if finish_reason is not None and not writer.should_stop:
+            publisher.flush()
 
         if writer.lost_job:
             log.warning("job=%s stopped: %s", job.job_id, writer.outcome.value)
             return {"status": writer.outcome.value}
         if writer.cancel_requested:
-            log.info("job=%s cancelled after %d tokens", job.job_id, len(detokenizer.ids))
+            log.info("job=%s cancelled after %d tokens", job.job_id, len(publisher.ids))
             return self._fail(job, writer, CANCELLED)
         if finish_reason is None:  # stopped between steps: the deadline passed
             return self._fail(job, writer, TIMEOUT)
 
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(detokenizer.ids)}
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(publisher.ids)}
         writer.write(
             EventType.DONE, {"finish_reason": finish_reason, "model": engine.name, "usage": usage}
         )
-        self._log_done(job, finish_reason, usage, time.perf_counter() - started, detokenizer.ids)
+        self._log_done(job, finish_reason, usage, time.perf_counter() - started, publisher.ids)
         return {"status": "done", "finish_reason": finish_reason, "usage": usage}
 
     def _log_done(

@@ -1,0 +1,140 @@
+"""The response cache: deterministic requests replayed from Redis, single-flight,
+never a sampled-without-seed, cancelled or failed generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import redis
+from helpers import stream, wait_for
+
+CACHED = {"CACHE_TTL": "60"}
+
+
+def started_events(url: str, job_id: str) -> int:
+    client = redis.Redis.from_url(url)
+    return sum(
+        f[b"event"] == b"started" for _, f in client.xrange(f"textstream:job:{job_id}:events")
+    )
+
+
+def test_identical_request_is_replayed_with_no_worker_running(make_service):
+    svc = make_service(**CACHED)
+    first = stream(svc.base, "/completion/The capital of France is", max_new_tokens=12)
+    assert first.headers["x-cache"] == "miss" and first.last.event == "done"
+    assert svc.workers is not None
+    svc.workers.stop()
+    wait_for(lambda: httpx.get(svc.base + "/health").json()["workers"] == 0, 10, "no workers")
+
+    again = stream(svc.base, "/completion/The capital of France is", max_new_tokens=12)
+    assert again.headers["x-cache"] == "hit"
+    assert again.headers["x-job-id"] == first.headers["x-job-id"]
+    assert [(e.event, e.data) for e in again.events] == [(e.event, e.data) for e in first.events]
+    whole = httpx.get(
+        svc.base + "/completion/The capital of France is",
+        params={"max_new_tokens": 12, "stream": "false"},
+    )
+    assert whole.headers["x-cache"] == "hit" and whole.json()["text"] == first.text
+    # A different request still needs a worker: it queues instead.
+    other = httpx.post(svc.base + "/jobs", json={"prompt": "something else"}).json()
+    status = httpx.get(f"{svc.base}/jobs/{other['id']}").json()["status"]
+    assert status == "queued"
+
+
+def test_simultaneous_identical_requests_cause_one_generation(
+    make_service, slow_model_dir, isolated_redis_url
+):
+    svc = make_service(model=slow_model_dir, **CACHED)
+    stream(svc.base, "/completion/warm up", max_new_tokens=1)  # the served model is known
+    results: list = [None] * 4
+
+    def ask(i: int) -> None:
+        results[i] = stream(svc.base, "/completion/Hello", max_new_tokens=150, ignore_eos=True)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    job_ids = {r.headers["x-job-id"] for r in results}
+    assert len(job_ids) == 1
+    assert sorted(r.headers["x-cache"] for r in results) == ["hit", "hit", "hit", "miss"]
+    assert len({r.text for r in results}) == 1 and all(r.last.event == "done" for r in results)
+    assert started_events(isolated_redis_url, job_ids.pop()) == 1
+
+
+def test_sampling_without_a_seed_is_never_cached(make_service):
+    svc = make_service(**CACHED)
+    stream(svc.base, "/completion/warm up", max_new_tokens=1)
+    sampled = [
+        stream(svc.base, "/completion/Hello", temperature=1.0, max_new_tokens=5) for _ in range(2)
+    ]
+    assert [r.headers["x-cache"] for r in sampled] == ["miss", "miss"]
+    assert sampled[0].headers["x-job-id"] != sampled[1].headers["x-job-id"]
+    seeded = [
+        stream(svc.base, "/completion/Hello", temperature=1.0, seed=5, max_new_tokens=5)
+        for _ in range(2)
+    ]
+    assert [r.headers["x-cache"] for r in seeded] == ["miss", "hit"]
+
+
+def test_use_cache_false_and_cache_ttl_zero_turn_it_off(make_service):
+    svc = make_service(**CACHED)
+    stream(svc.base, "/completion/Hello", max_new_tokens=3)
+    off = stream(svc.base, "/completion/Hello", max_new_tokens=3, use_cache="false")
+    assert off.headers["x-cache"] == "miss"
+    body = {"prompt": "Hello", "max_new_tokens": 3, "use_cache": False}
+    assert httpx.post(svc.base + "/jobs", json=body).status_code == 202
+    disabled = make_service(CACHE_TTL="0")
+    runs = [stream(disabled.base, "/completion/Hello", max_new_tokens=3) for _ in range(2)]
+    assert [r.headers["x-cache"] for r in runs] == ["miss", "miss"]
+
+
+def test_cancelled_generation_is_not_cached(make_service, slow_model_dir):
+    svc = make_service(model=slow_model_dir, **CACHED)
+    stream(svc.base, "/completion/warm up", max_new_tokens=1)
+    params = {"max_new_tokens": 300, "ignore_eos": "true"}
+    with httpx.stream("GET", svc.base + "/completion/Hello", params=params, timeout=30) as r:
+        first_job = r.headers["x-job-id"]
+        for line in r.iter_lines():
+            if line.startswith("event: token"):
+                break  # leave after the first token: the job is cancelled
+    status = lambda: httpx.get(f"{svc.base}/jobs/{first_job}").json()["status"]  # noqa: E731
+    wait_for(lambda: status() == "cancelled", 10, "the cancel")
+    again = stream(svc.base, "/completion/Hello", **params)
+    assert again.headers["x-cache"] == "miss" and again.headers["x-job-id"] != first_job
+    assert again.last.event == "done"
+
+
+def test_a_shared_job_keeps_running_when_one_reader_leaves(make_service, slow_model_dir):
+    svc = make_service(model=slow_model_dir, **CACHED)
+    stream(svc.base, "/completion/warm up", max_new_tokens=1)
+    params = {"max_new_tokens": 200, "ignore_eos": "true"}
+    result = {}
+    stayer = threading.Thread(
+        target=lambda: result.update(r=stream(svc.base, "/completion/Hello", **params))
+    )
+    stayer.start()
+    time.sleep(0.5)  # the staying reader's job is queued first
+    with httpx.stream("GET", svc.base + "/completion/Hello", params=params, timeout=30) as r:
+        leaver_job = r.headers["x-job-id"]
+        assert r.headers["x-cache"] == "hit"
+        for line in r.iter_lines():
+            if line.startswith("event: token"):
+                break  # this reader leaves; the other still wants the answer
+    stayer.join(60)
+    assert result["r"].headers["x-job-id"] == leaver_job
+    assert result["r"].last.event == "done" and not result["r"].of("error")
+
+
+def test_openai_requests_share_the_cache(make_service):
+    svc = make_service(**CACHED)
+    client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="x", max_retries=0)
+    args = {"model": "m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    first = client.completions.with_raw_response.create(**args)
+    again = client.completions.with_raw_response.create(**args)
+    assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"
+    assert first.parse().choices[0].text == again.parse().choices[0].text

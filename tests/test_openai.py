@@ -1,0 +1,149 @@
+"""The OpenAI-compatible API, driven by the official `openai` SDK, unmodified."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from helpers import stream
+from tiny_models import TRAINED
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return openai.OpenAI(base_url=f"{service.base}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model(client, tiny_model_dir):
+    assert [m.id for m in client.models.list().data] == [tiny_model_dir.name]
+
+
+def test_completion_non_streaming(client, tiny_model_dir):
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0)
+    choice = result.choices[0]
+    assert TRAINED[PROMPT].startswith(choice.text) and choice.text.startswith(" Paris.")
+    assert choice.finish_reason == "length"
+    assert result.model == tiny_model_dir.name and result.object == "text_completion"
+    assert result.usage.completion_tokens == 5
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 5
+
+
+def test_completion_streaming_with_usage_matches_non_streaming(client):
+    whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=40, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="m",
+            prompt=PROMPT,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text == TRAINED[PROMPT]
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == ["stop"]
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    )
+
+
+def test_chat_completion_streaming_and_not(client):
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=15, temperature=0
+    )
+    assert whole.object == "chat.completion"
+    message = whole.choices[0].message
+    assert message.role == "assistant" and isinstance(message.content, str)
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=messages, max_completion_tokens=15, temperature=0, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_string_is_cut_and_never_half_streamed(client, service):
+    kwargs = {
+        "model": "m",
+        "prompt": PROMPT,
+        "max_tokens": 40,
+        "temperature": 0,
+        "stop": [" of Jap"],
+    }
+    whole = client.completions.create(**kwargs)
+    assert whole.choices[0].text == " Paris. The capital"
+    assert whole.choices[0].finish_reason == "stop"
+    pieces = [
+        c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices
+    ]
+    assert "".join(pieces) == " Paris. The capital"
+    # Native endpoint, same parameters.
+    native = stream(service.base, f"/completion/{PROMPT}", max_new_tokens=40, stop=" of Jap")
+    assert native.text == " Paris. The capital" and native.last.data["finish_reason"] == "stop"
+
+
+def test_penalties_and_extra_fields_are_accepted(client):
+    # Untrained text: greedy output repeats itself, which is what penalties act on.
+    common = {"model": "m", "prompt": "Hello", "max_tokens": 30, "temperature": 0}
+    plain = client.completions.create(**common, extra_body={"ignore_eos": True})
+    penalized = client.completions.create(
+        **common,
+        presence_penalty=2.0,
+        frequency_penalty=2.0,
+        seed=3,
+        user="someone",
+        extra_body={"top_k": 5, "repetition_penalty": 1.3, "ignore_eos": True},
+    )
+    assert plain.usage.completion_tokens == penalized.usage.completion_tokens == 30
+    assert penalized.choices[0].text != plain.choices[0].text
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"temperature": 3}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": ""}, "prompt"),
+    ],
+)
+def test_invalid_requests_raise_openai_errors(client, kwargs, param):
+    args = {"model": "m", "prompt": PROMPT, "max_tokens": 5, **kwargs}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(**args)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param and caught.value.body["message"]
+
+
+def test_chat_refuses_tools_and_empty_messages(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=[])
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+
+
+def test_non_streaming_native_completion(service):
+    response = httpx.get(
+        f"{service.base}/completion/{PROMPT}", params={"stream": "false", "max_new_tokens": 40}
+    )
+    body = response.json()
+    assert response.status_code == 200 and body["text"] == TRAINED[PROMPT]
+    assert body["finish_reason"] == "stop" and body["usage"]["completion_tokens"] > 0

@@ -1,0 +1,59 @@
+"""Stop strings and penalties, in isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from textstream.engine import Engine
+from textstream.schemas import SamplingParams, normalize_stop
+from textstream.stops import StopMatcher
+
+
+def expected_output(text: str, stops: list[str]) -> tuple[str, bool]:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.text(alphabet="abc ", max_size=4), max_size=12),
+    stops=st.lists(st.text(alphabet="abc ", min_size=1, max_size=4), min_size=1, max_size=3),
+)
+def test_stop_strings_are_never_half_streamed(pieces, stops):
+    text = "".join(pieces)
+    want, stopped = expected_output(text, stops)
+    matcher, released = StopMatcher(stops), ""
+    for piece in pieces:
+        released += matcher.feed(piece)
+        # Whatever was released is final: it is a prefix of the true output.
+        assert want.startswith(released)
+        if matcher.stopped:
+            break
+    released += matcher.flush()
+    assert released == want
+    assert matcher.stopped == stopped
+
+
+def test_stop_string_split_across_pieces():
+    matcher = StopMatcher(["Japan"])
+    out = [matcher.feed(p) for p in [" Paris.", " The capital of Ja", "pan is"]]
+    assert out == [" Paris.", " The capital of ", ""] and matcher.stopped
+
+
+def test_stop_list_is_validated():
+    assert normalize_stop("x") == ["x"] and normalize_stop(None) == []
+    with pytest.raises(ValueError, match="at most 4"):
+        normalize_stop(["a", "b", "c", "d", "e"])
+
+
+def test_penalties_follow_openai_and_hugging_face_definitions():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    seen = torch.tensor([True, True, False, True])
+    counts = torch.tensor([1.0, 0.0, 0.0, 2.0])
+    repetition = SamplingParams(repetition_penalty=2.0)
+    assert Engine._penalize(logits, repetition, seen, counts).tolist() == [1.0, -4.0, 1.0, 0.25]
+    openai = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    assert Engine._penalize(logits, openai, seen, counts).tolist() == [1.25, -2.0, 1.0, -0.75]

@@ -1,0 +1,76 @@
+"""The response cache: identical deterministic requests share one generation.
+
+A request is deterministic when it is greedy or seeded. Its key is the SHA-256 of
+the served model, the prompt (or chat messages), the prompt format and every
+sampling parameter. The entry points at the job whose stream holds the answer:
+
+- a job still generating is simply followed (single-flight: N identical requests,
+  one generation);
+- a finished job is replayed from its stream, with no worker involved;
+- a job that ends in error or is cancelled removes its entry (events.py's scripts),
+  so failures are never served from the cache.
+
+The entry is claimed with SET NX before the job is queued, so two identical
+requests racing each other still cause one generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from textstream import keys
+from textstream.schemas import PromptFormat, SamplingParams
+
+
+def cache_key(
+    model: str,
+    prompt: str,
+    messages: list[dict[str, str]] | None,
+    prompt_format: PromptFormat,
+    params: SamplingParams,
+) -> str:
+    identity: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "messages": messages,
+        "prompt_format": prompt_format,
+        "params": params.model_dump(mode="json"),
+    }
+    encoded = json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()
+    return keys.cache_entry(hashlib.sha256(encoded).hexdigest())
+
+
+async def served_model(client: aioredis.Redis) -> str | None:
+    name = await client.get(keys.SERVED_MODEL)
+    return None if name is None else bytes(name).decode()
+
+
+async def cached_job(client: aioredis.Redis, key: str) -> str | None:
+    """The job answering `key`, if it can still be used (not failed, not expired)."""
+    raw = await client.get(key)
+    if raw is None:
+        return None
+    job_id = bytes(raw).decode()
+    terminal = await client.hget(keys.job_state(job_id), "terminal")
+    if terminal == b"error" or not await client.exists(keys.job_events(job_id)):
+        await forget(client, key, job_id)
+        return None
+    return job_id
+
+
+async def claim(client: aioredis.Redis, key: str, job_id: str, ttl: int) -> bool:
+    """Make `job_id` the answer for `key`, unless another request got there first."""
+    return bool(await client.set(key, job_id, nx=True, ex=ttl))
+
+
+FORGET_IF_SAME = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+
+
+async def forget(client: aioredis.Redis, key: str, job_id: str) -> None:
+    await client.eval(FORGET_IF_SAME, 1, key, job_id)
