@@ -46,13 +46,13 @@ run: redis
 	@trap 'kill -TERM $$WPID 2>/dev/null; wait $$WPID; \
 	       [ -f .redis/redis.pid ] && kill $$(cat .redis/redis.pid) 2>/dev/null; true' EXIT INT TERM; \
 	$(PY) runner.py --workers $(WORKERS) --concurrency $(CONCURRENCY) & WPID=$$!; \
-	$(VENV)/bin/uvicorn app:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uvicorn app:app --host $(HOST) --port $(PORT) --no-access-log
 
 worker: install .env
 	$(PY) runner.py --workers $(WORKERS) --concurrency $(CONCURRENCY)
 
 api: install .env
-	$(VENV)/bin/uvicorn app:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uvicorn app:app --host $(HOST) --port $(PORT) --no-access-log
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

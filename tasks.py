@@ -59,6 +59,7 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
             model_source=engine.source,
             context_length=engine.context_length,
             prompt_format=engine.prompt_format,
+            load_seconds=round(engine.load_seconds, 3),
         ),
         settings.worker_heartbeat_seconds,
     )

@@ -32,7 +32,14 @@ def test_health_before_any_worker_reports_no_model(
     api, base = start_api(service_env(redis_url, str(tiny_model_dir)), tmp_path)
     try:
         health = httpx.get(base + "/health", timeout=5).json()
-        assert health == {"status": "ok", "redis": True, "workers": 0, "model": None, "models": []}
+        assert health == {
+            "status": "ok",
+            "redis": True,
+            "workers": 0,
+            "model": None,
+            "models": [],
+            "auth": False,
+        }
         # The API only enqueues: it must not appear in ModelQ's registry of worker servers.
         assert not [k for k in redis_client.hkeys("servers") if k.startswith(b"api-")]
     finally:

@@ -9,6 +9,7 @@ kept on `app.state.services`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,16 +17,19 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream import __version__
 from textstream.config import Settings, get_settings
 from textstream.events import JobEvents
-from textstream.logs import configure_logging
+from textstream.logs import RequestLog, configure_logging
 from textstream.openai_api import router as openai_router
+from textstream.ops import operator, public
 from textstream.queue import JobQueue
 from textstream.routes import router
+from textstream.security import Guard, RateLimitedError, UnauthorizedError
 from textstream.service import (
     InvalidInputError,
     JobNotFoundError,
@@ -35,6 +39,8 @@ from textstream.service import (
 )
 from textstream.tokenizer import PromptTokens
 from textstream.worker import EXTRA_EVENTS
+
+log = logging.getLogger(__name__)
 
 
 def error_body(error_type: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -90,7 +96,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client, ttl=settings.job_ttl, maxlen=settings.max_new_tokens_limit + EXTRA_EVENTS
     )
     prompt_tokens = PromptTokens()
-    app.state.services = Services(settings, client, jobs, JobQueue(settings), prompt_tokens)
+    guard = Guard(settings, client)
+    app.state.services = Services(settings, client, jobs, JobQueue(settings), prompt_tokens, guard)
+    if not guard.enabled:
+        log.warning("API_KEYS is empty: the API is open to anyone who can reach it")
     watcher = asyncio.create_task(prompt_tokens.watch(client, settings.worker_heartbeat_seconds))
     try:
         yield
@@ -117,6 +126,12 @@ def add_error_handlers(app: FastAPI) -> None:
     handle(JobNotFoundError, 404, "not_found")
     handle(QueueFullError, 429, "queue_full", **{"Retry-After": "2"})
     handle(QueueUnavailableError, 503, "queue_unavailable", **{"Retry-After": "2"})
+    handle(UnauthorizedError, 401, "unauthorized", **{"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RateLimitedError)
+    async def _limited(request: Request, exc: RateLimitedError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)}
+        return error_response(request, 429, "rate_limited", str(exc), headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -141,6 +156,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="textstream", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     add_error_handlers(app)
+    app.include_router(public)
+    app.include_router(operator)
     app.include_router(router)
     app.include_router(openai_router)
+    app.add_middleware(RequestLog)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            expose_headers=["X-Job-Id", "X-Cache", "X-Request-Id"],
+        )
     return app

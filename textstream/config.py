@@ -51,9 +51,25 @@ class Settings(BaseSettings):
     worker_shutdown_grace: float = Field(30.0, ge=0)
     takeover_after_seconds: float = Field(5.0, gt=0, description="silent worker's jobs requeued")
 
+    # --- security ----------------------------------------------------------------
+    api_keys: str = Field("", description="comma-separated; empty = open")
+    stream_token_seconds: int = Field(600, ge=1)
+    rate_limit: int = Field(0, ge=0, description="requests/minute per key or IP; 0 = off")
+    max_streams_per_key: int = Field(0, ge=0, description="concurrent streams; 0 = off")
+    cors_origins: str = Field("", description="comma-separated origins; empty = none")
+
     # --- logging -----------------------------------------------------------------
     log_level: str = "INFO"
     log_prompts: bool = False
+    log_format: Literal["json", "text"] = "json"
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @field_validator("device")
     @classmethod

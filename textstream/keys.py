@@ -46,3 +46,23 @@ def cache_entry(digest: str) -> str:
     """Response cache: SHA-256 of model + prompt + parameters -> the job whose stream
     holds the answer (kept for CACHE_TTL)."""
     return f"{PREFIX}:cache:{digest}"
+
+
+def rate_window(identity: str, window: int) -> str:
+    """Requests counted for one caller (a key's hash, or an IP) in one minute."""
+    return f"{PREFIX}:rate:{identity}:{window}"
+
+
+def open_streams(identity: str) -> str:
+    """Sorted set of one caller's open streams, scored by start time."""
+    return f"{PREFIX}:streams:{identity}"
+
+
+#: Metrics: request counts (hash "METHOD route|status" -> n), counters, histograms.
+METRICS_REQUESTS = f"{PREFIX}:metrics:requests"
+METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
+
+
+def metrics_histogram(name: str) -> str:
+    """Hash: bucket upper bound -> count (not cumulative), plus `sum` and `count`."""
+    return f"{PREFIX}:metrics:hist:{name}"

@@ -18,15 +18,17 @@ import time
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from textstream.cache import served_model
 from textstream.events import EventType, JobEvent
 from textstream.jobs import summarize
+from textstream.ops import authorize
 from textstream.registry import live_workers
+from textstream.routes import sse_response
 from textstream.schemas import GenerationRequest
 from textstream.service import (
     InvalidInputError,
@@ -38,7 +40,7 @@ from textstream.service import (
 )
 from textstream.sse import Relay, collect_events, relay_events
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
 
 class StreamOptions(BaseModel):
@@ -280,12 +282,7 @@ async def answer(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = ChunkStream(shape, include_usage)
-        streaming: Response = EventSourceResponse(
-            relay_events(relay, chunks.convert),
-            ping=services.settings.sse_ping_seconds,
-            headers=headers,
-        )
-        return streaming
+        return await sse_response(request, relay_events(relay, chunks.convert), headers)
     events = await collect_events(relay, request.is_disconnected)
     if events is None:
         return Response(status_code=499)

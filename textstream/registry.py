@@ -39,6 +39,9 @@ class WorkerInfo:
     model_source: str = ""
     context_length: int = 0
     prompt_format: str = "auto"
+    load_seconds: float = 0.0
+    #: Decode rate of the worker's last finished job (tokens/s).
+    last_tokens_per_s: float = 0.0
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = field(default_factory=time.time)
 

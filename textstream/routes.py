@@ -3,26 +3,25 @@
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import unquote_to_bytes
 
-from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
+import anyio
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.convertors import Convertor, register_url_convertor
 
 from textstream.events import START_ID, CancelOutcome
 from textstream.jobs import JobStatus, summarize
-from textstream.registry import live_workers
+from textstream.ops import authorize, services_of
 from textstream.schemas import CompletionQuery, JobRequest
+from textstream.security import Caller
 from textstream.service import (
     InvalidInputError,
     JobNotFoundError,
-    Services,
     Submission,
     check_context_window,
     check_prompt,
@@ -47,30 +46,39 @@ class AnyTextConvertor(Convertor[str]):
 
 
 register_url_convertor("text", AnyTextConvertor())
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(authorize)])
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 JobId = Annotated[str, Path(description="a job id, as returned by POST /jobs or X-Job-Id")]
 
 
-def services_of(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 def job_headers(submission: Submission) -> dict[str, str]:
     return {"X-Job-Id": submission.job_id, "X-Cache": "hit" if submission.shared else "miss"}
 
 
-def sse_response(
-    services: Services, events: AsyncIterator[ServerSentEvent], headers: dict[str, str]
-) -> EventSourceResponse:
-    return EventSourceResponse(
-        events,
+async def sse_response(
+    request: Request, events: AsyncIterator[ServerSentEvent], headers: dict[str, str]
+) -> Response:
+    """An SSE response holding one of the caller's stream slots until it ends."""
+    services = services_of(request)
+    caller: Caller = request.state.caller
+    slot = await services.guard.open_stream(caller)
+
+    async def holding_slot() -> AsyncIterator[ServerSentEvent]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            with anyio.CancelScope(shield=True):
+                await services.guard.close_stream(caller, slot)
+
+    response: Response = EventSourceResponse(
+        holding_slot(),
         ping=services.settings.sse_ping_seconds,
         headers={**headers, "Cache-Control": "no-cache"},
     )
+    return response
 
 
 #: Status codes for a job that ended in error, when the answer is not streamed.
@@ -123,8 +131,7 @@ async def completion(
     relay = Relay(services.jobs, services.settings, job.job_id, job.deadline, True)
     headers = job_headers(job)
     if params.stream:
-        streaming: Response = sse_response(services, stream_job_events(relay), headers)
-        return streaming
+        return await sse_response(request, stream_job_events(relay), headers)
     status = await completed_job(request, relay)
     if status is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
@@ -141,7 +148,7 @@ async def completion(
 
 
 @router.post("/jobs", status_code=202)
-async def create_job(request: Request, body: JobRequest) -> dict[str, str]:
+async def create_job(request: Request, body: JobRequest) -> dict[str, str | None]:
     """Queue a completion; follow it at `events_url` (resumable), poll `status_url`."""
     services = services_of(request)
     check_prompt(body.prompt, services.settings, "prompt")
@@ -152,6 +159,8 @@ async def create_job(request: Request, body: JobRequest) -> dict[str, str]:
         "id": job.job_id,
         "events_url": f"/jobs/{job.job_id}/events",
         "status_url": f"/jobs/{job.job_id}",
+        # For a browser EventSource, which cannot send Authorization (None when open).
+        "events_token": services.guard.stream_token(job.job_id, request.state.caller),
     }
 
 
@@ -176,7 +185,7 @@ async def job_events(
         raise InvalidInputError("last_event_id", "expected an event id such as 1700000000000-0")
     deadline = await job_deadline(services, checked_job_id(job_id))
     relay = Relay(services.jobs, services.settings, job_id, deadline, cancel_on_disconnect=False)
-    return sse_response(services, stream_job_events(relay, after), {"X-Job-Id": job_id})
+    return await sse_response(request, stream_job_events(relay, after), {"X-Job-Id": job_id})
 
 
 @router.get("/jobs/{job_id}")
@@ -200,25 +209,3 @@ async def cancel_job(request: Request, job_id: JobId) -> dict[str, str]:
             409, detail={"error": {"type": "job_finished", "message": "the job already ended"}}
         )
     return {"id": job_id, "status": outcome.value}
-
-
-@router.get("/health")
-async def health(request: Request) -> JSONResponse:
-    """Liveness plus what is known: Redis reachability and live workers' models."""
-    services = services_of(request)
-    redis_ok, workers = True, []
-    try:
-        async with asyncio.timeout(services.settings.redis_timeout):
-            await services.redis.ping()
-            workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
-    except (RedisError, TimeoutError, OSError):
-        redis_ok = False
-    models = sorted({w.model for w in workers})
-    body: dict[str, Any] = {
-        "status": "ok",
-        "redis": redis_ok,
-        "workers": len(workers),
-        "model": models[0] if len(models) == 1 else (models or None),
-        "models": models,
-    }
-    return JSONResponse(body)

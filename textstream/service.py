@@ -21,6 +21,7 @@ from textstream.config import Settings
 from textstream.events import EventType, JobEvents
 from textstream.queue import JobQueue, queue_length
 from textstream.schemas import CompletionJob, GenerationRequest
+from textstream.security import Guard
 from textstream.tokenizer import PromptTokens
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Services:
     jobs: JobEvents
     queue: JobQueue
     prompt_tokens: PromptTokens
+    guard: Guard
 
 
 def check_prompt(prompt: str, settings: Settings, field: str) -> None:

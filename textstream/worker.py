@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -37,6 +38,7 @@ from textstream.events import (
     error_data,
 )
 from textstream.logs import redact
+from textstream.metrics import JobTimings, record_job
 from textstream.models import PromptTooLongError
 from textstream.registry import WorkerHeartbeat
 from textstream.schemas import CompletionJob
@@ -63,7 +65,9 @@ class TokenPublisher:
         detokenizer: IncrementalDetokenizer,
         stops: StopMatcher,
         skip_chars: int = 0,
+        on_token: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_token = on_token
         self._writer = writer
         self._detokenizer = detokenizer
         self._stops = stops
@@ -96,6 +100,7 @@ class TokenPublisher:
             return
         complete = not self._stops.held
         self._writer.write(EventType.TOKEN, {"text": text}, self._pending if complete else ())
+        self._on_token()
         if complete:
             self._pending = []
 
@@ -128,10 +133,11 @@ class CompletionRunner:
             grace=self._settings.redis_grace_seconds,
         )
         self._heartbeat.job_started()
+        timings = JobTimings(enqueued_at=job.enqueued_at or time.time())
         try:
-            return self._generate(job, writer)
+            result = self._generate(job, writer, timings)
         except PromptTooLongError as exc:
-            return self._fail(job, writer, error_data("prompt_too_long", str(exc)))
+            result = self._fail(job, writer, error_data("prompt_too_long", str(exc)))
         except redis.RedisError as exc:
             # The stream itself is unreachable: nothing can be told to the client.
             log.error("job=%s lost Redis while generating: %s", job.job_id, exc)
@@ -139,9 +145,25 @@ class CompletionRunner:
         except Exception as exc:  # e.g. out of memory: end this job, keep serving
             log.exception("job=%s generation failed", job.job_id)
             message = f"{type(exc).__name__}: {exc}"
-            return self._fail(job, writer, error_data("generation_failed", message))
+            result = self._fail(job, writer, error_data("generation_failed", message))
         finally:
             self._heartbeat.job_finished()
+        self._record(timings, result)
+        return result
+
+    def _record(self, timings: JobTimings, result: dict[str, Any]) -> None:
+        """Publish the job's figures if it ended here (not skipped or handed over)."""
+        if result["status"] not in ("done", "error"):
+            return
+        if len(timings.token_times) > 1:
+            span = timings.token_times[-1] - timings.token_times[0]
+            self._heartbeat.info.last_tokens_per_s = (
+                round((len(timings.token_times) - 1) / span, 2) if span else 0.0
+            )
+        try:
+            record_job(self._client, timings, success=result["status"] == "done")
+        except redis.RedisError as exc:
+            log.warning("could not record metrics: %s", exc)
 
     def _fail(
         self, job: CompletionJob, writer: EventWriter, data: dict[str, Any]
@@ -174,7 +196,9 @@ class CompletionRunner:
         writer.write(EventType.RESUMED if resumed else EventType.STARTED, data, claim=True)
         return published, skip_chars
 
-    def _generate(self, job: CompletionJob, writer: EventWriter) -> dict[str, Any]:
+    def _generate(
+        self, job: CompletionJob, writer: EventWriter, timings: JobTimings
+    ) -> dict[str, Any]:
         engine, started = self._engine, time.perf_counter()
         history = writer.history()
         if any(event.terminal for event in history):
@@ -197,6 +221,7 @@ class CompletionRunner:
             IncrementalDetokenizer(engine.tokenizer, initial_ids=published),
             StopMatcher(job.params.stop),
             skip_chars,
+            on_token=timings.token,
         )
         remaining = job.params.max_new_tokens - len(published)
         params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
@@ -225,6 +250,10 @@ class CompletionRunner:
             return self._fail(job, writer, TIMEOUT)
 
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(publisher.ids)}
+        timings.prompt_tokens, timings.completion_tokens = (
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+        )
         writer.write(
             EventType.DONE, {"finish_reason": finish_reason, "model": engine.name, "usage": usage}
         )

@@ -1,0 +1,225 @@
+"""Prometheus metrics that are right however many API processes there are.
+
+Nothing is kept in process memory: workers add each finished job's figures to
+histograms in Redis (one pipeline per job), API processes count requests there,
+and `/metrics` renders what Redis holds, so every API process answers with the
+same global figures. Names follow vLLM's where they mean the same
+(`vllm:time_to_first_token_seconds` -> `textstream_time_to_first_token_seconds`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from textstream import keys
+from textstream.registry import WorkerInfo
+
+PREFIX = "textstream_"
+LATENCY = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+DURATION = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+]
+HISTOGRAMS: dict[str, tuple[str, list[float]]] = {
+    "time_to_first_token_seconds": ("Time from enqueue to the first token.", LATENCY),
+    "inter_token_latency_seconds": ("Time between consecutive token events.", LATENCY),
+    "e2e_request_latency_seconds": ("Time from enqueue to the end of the job.", DURATION),
+    "request_queue_time_seconds": ("Time a job waited before a worker started it.", DURATION),
+    "request_generation_tokens": (
+        "Tokens generated per job.",
+        [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0],
+    ),
+}
+COUNTERS = {
+    "generation_tokens": "Tokens generated, all jobs.",
+    "prompt_tokens": "Prompt tokens processed, all jobs.",
+    "request_success": "Jobs that ended with `done`.",
+    "request_failure": "Jobs that ended with an error (cancelled included).",
+}
+
+
+@dataclass
+class JobTimings:
+    """One job's timeline, as a worker sees it (unix seconds)."""
+
+    enqueued_at: float
+    started_at: float = field(default_factory=time.time)
+    token_times: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def token(self) -> None:
+        self.token_times.append(time.time())
+
+    def observations(self, ended_at: float) -> dict[str, list[float]]:
+        obs: dict[str, list[float]] = {
+            "e2e_request_latency_seconds": [ended_at - self.enqueued_at],
+            "request_queue_time_seconds": [max(0.0, self.started_at - self.enqueued_at)],
+            "request_generation_tokens": [float(self.completion_tokens)],
+        }
+        if self.token_times:
+            obs["time_to_first_token_seconds"] = [self.token_times[0] - self.enqueued_at]
+            times = self.token_times
+            obs["inter_token_latency_seconds"] = [b - a for a, b in pairwise(times)]
+        return obs
+
+
+def record_job(client: redis.Redis, timings: JobTimings, success: bool) -> None:
+    """Add one finished job to the shared histograms and counters (one round trip)."""
+    pipe = client.pipeline(transaction=False)
+    for name, values in timings.observations(time.time()).items():
+        bounds = HISTOGRAMS[name][1]
+        buckets = Counter(bisect.bisect_left(bounds, v) for v in values)
+        key = keys.metrics_histogram(name)
+        for index, count in buckets.items():
+            pipe.hincrby(key, str(index), count)
+        pipe.hincrbyfloat(key, "sum", sum(values))
+        pipe.hincrby(key, "count", len(values))
+    pipe.hincrby(keys.METRICS_COUNTERS, "generation_tokens", timings.completion_tokens)
+    pipe.hincrby(keys.METRICS_COUNTERS, "prompt_tokens", timings.prompt_tokens)
+    pipe.hincrby(keys.METRICS_COUNTERS, "request_success" if success else "request_failure", 1)
+    pipe.execute()
+
+
+async def count_request(client: aioredis.Redis, method: str, route: str, status: int) -> None:
+    await client.hincrby(keys.METRICS_REQUESTS, f"{method} {route}|{status}", 1)
+
+
+def _decode(mapping: dict[Any, Any]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in mapping.items()}
+
+
+class Snapshot(Collector):
+    """Metric families built from one read of Redis (prometheus-client renders them)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def collect(self) -> Iterable[Any]:
+        requests = CounterMetricFamily(
+            PREFIX + "http_requests",
+            "HTTP requests by route and status.",
+            labels=["method", "route", "status"],
+        )
+        for label, value in self._data["requests"].items():
+            request_line, _, status = label.rpartition("|")
+            method, _, route = request_line.partition(" ")
+            requests.add_metric([method, route, status], float(value))
+        yield requests
+        counters = self._data["counters"]
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(PREFIX + name, doc, value=float(counters.get(name, 0)))
+        for name, (doc, bounds) in HISTOGRAMS.items():
+            yield self._histogram(name, doc, bounds, self._data["histograms"][name])
+        yield from self._gauges()
+
+    @staticmethod
+    def _histogram(
+        name: str, doc: str, bounds: list[float], raw: dict[str, str]
+    ) -> HistogramMetricFamily:
+        cumulative, running = [], 0
+        for index, bound in enumerate([*bounds, float("inf")]):
+            running += int(raw.get(str(index), 0))
+            cumulative.append(("+Inf" if bound == float("inf") else str(bound), running))
+        return HistogramMetricFamily(
+            PREFIX + name, doc, buckets=cumulative, sum_value=float(raw.get("sum", 0))
+        )
+
+    def _gauges(self) -> Iterable[Any]:
+        workers: list[WorkerInfo] = self._data["workers"]
+        yield GaugeMetricFamily(
+            PREFIX + "num_requests_waiting", "Jobs in the queue.", value=self._data["queue"]
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "num_requests_running",
+            "Jobs being generated.",
+            value=sum(w.busy for w in workers),
+        )
+        yield GaugeMetricFamily(PREFIX + "workers", "Live worker processes.", value=len(workers))
+        load = GaugeMetricFamily(
+            PREFIX + "model_load_seconds", "Model load time per worker.", labels=["worker", "model"]
+        )
+        rate = GaugeMetricFamily(
+            PREFIX + "worker_generation_tokens_per_second",
+            "Decode rate of each worker's last job.",
+            labels=["worker", "model"],
+        )
+        for worker in workers:
+            load.add_metric([worker.worker_id, worker.model], worker.load_seconds)
+            rate.add_metric([worker.worker_id, worker.model], worker.last_tokens_per_s)
+        yield load
+        yield rate
+
+
+async def render(client: aioredis.Redis, workers: list[WorkerInfo], queue: int) -> bytes:
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.METRICS_REQUESTS)
+        pipe.hgetall(keys.METRICS_COUNTERS)
+        for name in HISTOGRAMS:
+            pipe.hgetall(keys.metrics_histogram(name))
+        results = await pipe.execute()
+    data = {
+        "requests": _decode(results[0]),
+        "counters": _decode(results[1]),
+        "histograms": {
+            name: _decode(raw) for name, raw in zip(HISTOGRAMS, results[2:], strict=True)
+        },
+        "workers": workers,
+        "queue": queue,
+    }
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot(data))
+    return bytes(generate_latest(registry))

@@ -1,0 +1,133 @@
+"""The page and the operator's view: `/` and `/health` (open), `/ready`, `/workers`
+and `/metrics` (behind the API key when one is set).
+
+No `from __future__ import annotations`: FastAPI reads these signatures at run time.
+"""
+
+import asyncio
+import time
+from importlib.resources import files
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from redis.exceptions import RedisError
+
+from textstream.metrics import render
+from textstream.queue import queue_length
+from textstream.registry import WorkerInfo, live_workers
+from textstream.security import Caller, Guard
+from textstream.service import Services
+
+PAGE = files("textstream").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def authorize(request: Request) -> Caller:
+    """Who is calling (API key, or per-job stream token on an events URL), and
+    count the call against its rate limit. Raises for 401 / 429."""
+    services = services_of(request)
+    guard: Guard = services.guard
+    job_id = request.path_params.get("job_id", "") if request.url.path.endswith("/events") else ""
+    client_ip = request.client.host if request.client else "unknown"
+    caller = guard.identify(
+        request.headers.get("authorization"),
+        client_ip,
+        job_id=job_id,
+        token=request.query_params.get("access_token", ""),
+    )
+    await guard.count_request(caller)
+    request.state.caller = caller
+    return caller
+
+
+public = APIRouter()
+operator = APIRouter(dependencies=[Depends(authorize)])
+
+
+@public.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    """The chat page: plain HTML/CSS/JS shipped in the package, no build step, no CDN."""
+    return HTMLResponse(PAGE)
+
+
+async def workers_or_none(services: Services) -> tuple[bool, list[WorkerInfo]]:
+    try:
+        async with asyncio.timeout(services.settings.redis_timeout):
+            await services.redis.ping()
+            return True, await live_workers(
+                services.redis, services.settings.worker_heartbeat_seconds
+            )
+    except (RedisError, TimeoutError, OSError):
+        return False, []
+
+
+@public.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Liveness (always 200, cheap), plus what is known: Redis, live workers' models."""
+    services = services_of(request)
+    redis_ok, workers = await workers_or_none(services)
+    models = sorted({w.model for w in workers})
+    body: dict[str, Any] = {
+        "status": "ok",
+        "redis": redis_ok,
+        "workers": len(workers),
+        "model": models[0] if len(models) == 1 else (models or None),
+        "models": models,
+        "auth": services.guard.enabled,
+    }
+    return JSONResponse(body)
+
+
+@operator.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 only when Redis answers and at least one live worker has its model loaded."""
+    redis_ok, workers = await workers_or_none(services_of(request))
+    reason = None if redis_ok else "Redis does not answer"
+    if redis_ok and not workers:
+        reason = "no live worker has a model loaded"
+    body = {
+        "ready": reason is None,
+        "reason": reason,
+        "workers": len(workers),
+        "models": sorted({w.model for w in workers}),
+    }
+    return JSONResponse(body, status_code=200 if reason is None else 503)
+
+
+@operator.get("/workers")
+async def workers(request: Request) -> dict[str, Any]:
+    """Live workers: id, host, model, device, busy/free slots, last heartbeat."""
+    _, live = await workers_or_none(services_of(request))
+    now = time.time()
+    return {
+        "workers": [
+            {
+                "id": w.worker_id,
+                "host": w.host,
+                "pid": w.pid,
+                "model": w.model,
+                "device": w.device,
+                "slots": w.slots,
+                "busy": w.busy,
+                "free": max(0, w.slots - w.busy),
+                "last_heartbeat_seconds_ago": round(now - w.heartbeat_at, 3),
+                "model_load_seconds": w.load_seconds,
+                "last_tokens_per_second": w.last_tokens_per_s,
+            }
+            for w in live
+        ]
+    }
+
+
+@operator.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format, the same from every API process (figures live in Redis)."""
+    services = services_of(request)
+    _, live = await workers_or_none(services)
+    body = await render(services.redis, live, await queue_length(services.redis))
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
