@@ -176,7 +176,7 @@ def parse_sse_lines(lines: Any) -> list[SSEEvent]:
 
 
 def start_redis(
-    workdir: Path, port: int | None = None, *extra: str
+    workdir: Path, port: int | None = None, *extra: str, password: str = ""
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A throwaway redis-server on a free port (no persistence unless `extra` asks)."""
     from textstream.devredis import find_redis_server, server_command, wait_until_up
@@ -184,7 +184,7 @@ def start_redis(
     port = port or free_port()
     args = server_command(find_redis_server(), port, "--bind", "127.0.0.1", "--dir", str(workdir))
     proc = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
     if not wait_until_up(url):
         proc.kill()
         raise RuntimeError("redis-server did not start")
