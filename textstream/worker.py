@@ -162,6 +162,7 @@ class CompletionRunner:
             )
         try:
             record_job(self._client, timings, success=result["status"] == "done")
+            self._heartbeat.beat()  # /workers and /metrics see the new rate at once
         except redis.RedisError as exc:
             log.warning("could not record metrics: %s", exc)
 
