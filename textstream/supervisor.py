@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -25,14 +26,23 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 
 
-def _child_main(target: Callable[..., int], args: tuple[object, ...]) -> None:
+def _child_main(target: Callable[..., int], args: tuple[object, ...], env: dict[str, str]) -> None:
+    # Before anything imports torch: CUDA_VISIBLE_DEVICES pins this process's GPU.
+    os.environ.update(env)
     raise SystemExit(target(*args))
 
 
 class Supervisor:
     def __init__(
-        self, target: Callable[..., int], args: tuple[object, ...], workers: int, grace: float
+        self,
+        target: Callable[..., int],
+        args: tuple[object, ...],
+        workers: int,
+        grace: float,
+        gpus: list[str] | None = None,
     ) -> None:
+        """`gpus`: one worker per listed GPU, each seeing only its own."""
+        self._gpus = gpus or []
         self._target = target
         self._args = args
         self._count = workers
@@ -43,8 +53,9 @@ class Supervisor:
         self._stopping = False
 
     def _start(self, index: int) -> None:
+        env = {"CUDA_VISIBLE_DEVICES": self._gpus[index]} if self._gpus else {}
         proc = self._ctx.Process(
-            target=_child_main, args=(self._target, self._args), name=f"worker-{index}"
+            target=_child_main, args=(self._target, self._args, env), name=f"worker-{index}"
         )
         proc.start()
         self._procs[index] = proc

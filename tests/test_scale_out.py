@@ -1,0 +1,65 @@
+"""Scaling out on one Redis: several worker processes and several API processes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import redis
+from conftest import Service
+from helpers import service_env, start_api, stream
+from test_jobs import read_some
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_url, tiny_model_dir, tmp_path_factory):
+    url = f"{redis_url.rsplit('/', 1)[0]}/14"
+    redis.Redis.from_url(url).flushdb()
+    env = service_env(url, str(tiny_model_dir))
+    workdir = tmp_path_factory.mktemp("cluster")
+    first = Service(workdir / "a", env, workers=3)
+    second_api, second_base = start_api(env, workdir, name="api-b")
+    yield url, first.base, second_base
+    first.stop()
+    second_api.stop()
+    redis.Redis.from_url(url).flushdb()
+
+
+def test_sixty_concurrent_requests_over_three_workers_and_two_apis(cluster):
+    url, base_a, base_b = cluster
+    client = redis.Redis.from_url(url)
+
+    def ask(i: int):
+        base = base_a if i % 2 else base_b
+        return stream(
+            base, f"/completion/request {i}", max_new_tokens=30, ignore_eos=True, timeout=120
+        )
+
+    with ThreadPoolExecutor(60) as pool:
+        responses = list(pool.map(ask, range(60)))
+
+    served = Counter()
+    for response in responses:
+        assert response.status == 200 and response.last.event == "done", response.events[-2:]
+        assert response.last.data["usage"]["completion_tokens"] == 30
+        key = f"textstream:job:{response.headers['x-job-id']}:events"
+        names = [f[b"event"] for _, f in client.xrange(key)]
+        assert names.count(b"started") == 1 and names.count(b"done") == 1  # exactly once
+        assert not names.count(b"resumed")
+        served[response.of("started")[0].data["worker"]] += 1
+    assert len({r.headers["x-job-id"] for r in responses}) == 60
+    assert len(served) == 3, served  # every worker served some
+
+
+def test_stream_started_on_one_api_resumes_on_the_other(cluster):
+    _, base_a, base_b = cluster
+    job = httpx.post(
+        base_a + "/jobs", json={"prompt": "Hello", "max_new_tokens": 400, "ignore_eos": True}
+    ).json()
+    first = read_some(base_a, job["id"], tokens=5)
+    rest = stream(base_b, job["events_url"], last_event_id=first[-1].id)
+    whole = stream(base_a, job["events_url"])
+    assert [e.id for e in first + rest.events] == [e.id for e in whole.events]
+    assert rest.last.event == "done"
