@@ -14,16 +14,21 @@ import signal
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from textstream import keys
-from textstream.config import get_settings
-from textstream.engine import load_engine
+from textstream.config import Settings, get_settings
+from textstream.fake import SCHEME as FAKE_SCHEME
+from textstream.fake import FakeEngine
 from textstream.logs import configure_logging
 from textstream.models import ModelLoadError
 from textstream.queue import create_worker_modelq, new_server_id, redis_client
 from textstream.registry import WorkerHeartbeat, WorkerInfo
 from textstream.supervisor import EXIT_MODEL_LOAD_FAILED
 from textstream.worker import CompletionRunner
+
+if TYPE_CHECKING:
+    from textstream.engine import Engine
 
 log = logging.getLogger("textstream.tasks")
 
@@ -40,7 +45,7 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
         # Several worker processes share this host's cores (runner.py's share).
         settings = settings.model_copy(update={"torch_threads": cpu_threads})
     try:
-        engine = load_engine(settings)
+        engine = load_model(settings)
     except ModelLoadError as exc:
         log.error("worker cannot start: %s", exc)
         return EXIT_MODEL_LOAD_FAILED
@@ -83,6 +88,16 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
             stop.wait(1.0)
     stop.wait()
     return drain(mq, runner, heartbeat, settings.worker_shutdown_grace)
+
+
+def load_model(settings: Settings) -> Engine | FakeEngine:
+    """The real engine (torch, imported only here), or the fake one (MODEL_ID=fake)."""
+    if settings.model_id.split(":")[0] == FAKE_SCHEME:
+        return FakeEngine(settings.model_id)
+    from textstream.engine import load_engine
+
+    engine: Engine = load_engine(settings)
+    return engine
 
 
 def drain(mq: object, runner: CompletionRunner, heartbeat: WorkerHeartbeat, grace: float) -> int:

@@ -88,8 +88,11 @@ class Proc:
         return self.popen.returncode
 
 
-def start_workers(env: dict[str, str], cwd: Path, workers: int = 1, name: str = "worker") -> Proc:
+def start_workers(
+    env: dict[str, str], cwd: Path, workers: int = 1, name: str = "worker", concurrency: int = 1
+) -> Proc:
     args = [sys.executable, str(REPO / "runner.py"), "--workers", str(workers)]
+    args += ["--concurrency", str(concurrency)]
     return Proc(args, env, cwd, name).start()
 
 

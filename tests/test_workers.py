@@ -38,3 +38,15 @@ def test_two_worker_processes_each_run_every_job_exactly_once(two_workers, redis
         assert names.count("token") == len(response.of("token"))
         servers.add(response.of("started")[0].data["worker"])
     assert len(servers) == 2, servers
+
+
+def test_fake_engine_streams_fixed_text_at_its_rate(make_service):
+    from textstream.fake import WORDS
+
+    svc = make_service(model="fake:200")
+    response = stream(svc.base, "/completion/anything", max_new_tokens=40)
+    assert response.last.event == "done" and response.last.data["model"] == "fake-200tps"
+    assert response.text == "".join(" " + WORDS[i % len(WORDS)] for i in range(40))
+    tokens = response.of("token")
+    seconds = tokens[-1].received_at - tokens[0].received_at
+    assert 39 / seconds < 200 * 1.5  # paced, not as fast as possible

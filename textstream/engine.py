@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from textstream.config import Settings
 from textstream.models import ModelLoadError, ModelSource, PromptTooLongError, hub_reachable
 from textstream.prompts import encode_chat, encode_prompt
-from textstream.schemas import PromptFormat, SamplingParams
+from textstream.schemas import PromptFormat, SamplingParams, Step
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,6 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-@dataclass
-class Step:
-    """One generated token; `finish_reason` is set on the last one."""
-
-    token_id: int
-    finish_reason: str | None = None
 
 
 class Engine:

@@ -19,12 +19,14 @@ Three ModelQ behaviours are deliberately worked around here:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -121,17 +123,27 @@ class ProducerModelQ(ModelQ):  # type: ignore[misc]
 class JobQueue:
     """The API's side of ModelQ: puts jobs on the queue, never runs them."""
 
+    #: ModelQ's enqueue is synchronous (five round trips). asyncio's default pool
+    #: (cores + 4 threads) made a burst of hundreds of requests queue behind it
+    #: past ENQUEUE_TIMEOUT; a pool of its own keeps bursts moving.
+    THREADS = 32
+
     def __init__(self, settings: Settings) -> None:
         quiet_modelq_logging()
         self._settings = settings
+        self._executor = ThreadPoolExecutor(self.THREADS, thread_name_prefix="enqueue")
         self._client = redis_client(settings)
         # With registration skipped, the constructor makes no Redis call.
         self._mq = ProducerModelQ(redis_client=self._client, server_id=f"api-{new_server_id()}")
         # Swap ModelQ's retry-forever proxy for the plain client (see module docstring).
         self._mq.redis_client = self._client
 
+    async def submit(self, job: CompletionJob) -> None:
+        """Enqueue from the event loop, on this queue's own threads."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.enqueue, job)
+
     def enqueue(self, job: CompletionJob) -> None:
-        """Blocking: run it in a thread. Mirrors what ModelQ's task wrapper does."""
+        """Blocking: use `submit` from async code. Mirrors ModelQ's task wrapper."""
         payload = {
             "data": job.model_dump(mode="json"),
             "timeout": None,
@@ -146,6 +158,7 @@ class JobQueue:
         self._client.set(f"task:{job.job_id}", json.dumps(task_dict), ex=self._settings.job_ttl)
 
     def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
 

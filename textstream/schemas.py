@@ -7,6 +7,7 @@ The API validates requests against its own limits (settings) before building a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,6 +28,14 @@ def normalize_stop(value: str | list[str] | None) -> list[str]:
     if any(len(s) > MAX_STOP_CHARS for s in stops):
         raise ValueError(f"a stop string is at most {MAX_STOP_CHARS} characters")
     return stops
+
+
+@dataclass
+class Step:
+    """One generated token; `finish_reason` is set on the last one."""
+
+    token_id: int
+    finish_reason: str | None = None
 
 
 class SamplingParams(BaseModel):

@@ -187,7 +187,7 @@ async def queue_job(
         job.job_id, EventType.QUEUED, {"job_id": job.job_id, "position": waiting + 1}
     )
     await services.jobs.track(job.job_id, reader=reader, pinned=pinned, cache_key=key)
-    await asyncio.to_thread(services.queue.enqueue, job)
+    await services.queue.submit(job)
 
 
 async def job_deadline(services: Services, job_id: str) -> float | None:

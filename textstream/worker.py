@@ -23,13 +23,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from textstream.config import Settings
 from textstream.detokenize import IncrementalDetokenizer
-from textstream.engine import Engine
 from textstream.events import (
     CANCELLED,
     EventType,
@@ -43,6 +42,10 @@ from textstream.models import PromptTooLongError
 from textstream.registry import WorkerHeartbeat
 from textstream.schemas import CompletionJob
 from textstream.stops import StopMatcher
+
+if TYPE_CHECKING:  # the worker itself never imports torch: the engine is passed in
+    from textstream.engine import Engine
+    from textstream.fake import FakeEngine
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,11 @@ class CompletionRunner:
     """Runs jobs on one engine; shared by all of a worker process's ModelQ threads."""
 
     def __init__(
-        self, engine: Engine, client: redis.Redis, settings: Settings, heartbeat: WorkerHeartbeat
+        self,
+        engine: Engine | FakeEngine,
+        client: redis.Redis,
+        settings: Settings,
+        heartbeat: WorkerHeartbeat,
     ) -> None:
         self._engine = engine
         self._client = client

@@ -1,0 +1,202 @@
+"""Serving benchmark, in the style of vLLM's benchmark_serving.
+
+    python -m bench.serving [--model fake:50] [--workers 2] [--slots 32]
+                            [--levels 1,8,32,64] [--tokens 64] [--streams 0]
+
+For each concurrency level it keeps that many streams open against one API
+process (each client sends its next request as soon as the last ends) and reports
+TTFT, TPOT, inter-token latency and end-to-end latency (p50/p90/p99), requests/s
+and output tokens/s. `--streams N` then holds N streams at once and reports the
+relay rate (tokens/s delivered to clients) and errors. With the fake engine
+(`--model fake:<tokens/s>`, no torch) it measures the service's own ceiling.
+Results go to bench/results/serving.json, and a PNG plot when matplotlib is
+installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from collections import Counter
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.cluster import REPO, service_env, start_api, start_redis, start_workers, wait_for_workers
+
+RESULTS = REPO / "bench" / "results"
+
+
+async def one_request(client: httpx.AsyncClient, tokens: int, i: int) -> dict[str, Any]:
+    params = {"max_new_tokens": tokens, "ignore_eos": "true", "use_cache": "false"}
+    started, times, event, done = time.perf_counter(), [], "", False
+    try:
+        async with client.stream("GET", f"/completion/request {i}", params=params) as response:
+            if response.status_code != 200:
+                return {"error": f"HTTP {response.status_code}"}
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "token":
+                    times.append(time.perf_counter())
+                elif line.startswith("data: ") and event in ("done", "error"):
+                    done = event == "done"
+                    break
+    except httpx.HTTPError as exc:
+        return {"error": type(exc).__name__}
+    if not done or not times:
+        return {"error": "stream ended without done"}
+    end = time.perf_counter()
+    return {
+        "ttft": times[0] - started,
+        "e2e": end - started,
+        "itl": [b - a for a, b in pairwise(times)],
+        "tokens": len(times),
+    }
+
+
+async def run_level(base: str, level: int, requests: int, tokens: int) -> list[dict[str, Any]]:
+    limits = httpx.Limits(max_connections=level + 8, max_keepalive_connections=level + 8)
+    counter = iter(range(requests))
+    results: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=600) as client:
+
+        async def user() -> None:
+            for i in counter:
+                results.append(await one_request(client, tokens, i))
+
+        await asyncio.gather(*(user() for _ in range(level)))
+    return results
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000 if ordered else 0.0
+
+
+def summarize(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    ok = [r for r in results if "error" not in r]
+    tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+    itl = [x for r in ok for x in r["itl"]]
+    out: dict[str, Any] = {"requests": len(results), "errors": len(results) - len(ok)}
+    kinds = Counter(r["error"] for r in results if "error" in r)
+    if kinds:
+        out["error_kinds"] = dict(kinds)
+    for name, values in (
+        ("ttft", [r["ttft"] for r in ok]),
+        ("tpot", tpot),
+        ("itl", itl),
+        ("e2e", [r["e2e"] for r in ok]),
+    ):
+        out[name + "_ms"] = {f"p{q}": round(pct(values, q), 2) for q in (50, 90, 99)}
+        out[name + "_ms"]["mean"] = round(statistics.fmean(values) * 1000, 2) if values else 0.0
+    out["requests_per_s"] = round(len(ok) / seconds, 2)
+    out["output_tokens_per_s"] = round(sum(r["tokens"] for r in ok) / seconds, 1)
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    levels = [row["concurrency"] for row in report["levels"]]
+    if not levels:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(levels, [r["output_tokens_per_s"] for r in report["levels"]], marker="o")
+    left.set(
+        xlabel="concurrent streams", ylabel="output tokens/s", title="Throughput", xscale="log"
+    )
+    for key in ("ttft_ms", "itl_ms"):
+        right.plot(
+            levels, [r[key]["p50"] for r in report["levels"]], marker="o", label=key + " p50"
+        )
+        right.plot(
+            levels, [r[key]["p99"] for r in report["levels"]], marker="x", label=key + " p99"
+        )
+    right.set(xlabel="concurrent streams", ylabel="ms", title="Latency", xscale="log", yscale="log")
+    right.legend()
+    fig.suptitle(f"textstream serving: {report['model']}, {report['workers']} worker(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", default="fake:50")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--slots", type=int, default=32, help="ModelQ threads per worker")
+    parser.add_argument("--levels", default="1,8,32,64")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=0, help="hold this many streams at once")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",") if x]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    redis_proc, url = start_redis(RESULTS)
+    env = service_env(url, args.model, LOG_LEVEL="WARNING", MAX_QUEUED_JOBS="100000")
+    workers = start_workers(
+        env, RESULTS, args.workers, name="serving-worker", concurrency=args.slots
+    )
+    api, base = start_api(env, RESULTS, name="serving-api", log_level="warning")
+    report: dict[str, Any] = {
+        "model": args.model,
+        "workers": args.workers,
+        "slots_per_worker": args.slots,
+        "tokens": args.tokens,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "levels": [],
+    }
+    try:
+        wait_for_workers(base, args.workers, seconds=300, proc=workers)
+        for level in levels:
+            started = time.perf_counter()
+            results = asyncio.run(run_level(base, level, max(2 * level, 8), args.tokens))
+            row = {"concurrency": level, **summarize(results, time.perf_counter() - started)}
+            report["levels"].append(row)
+            print(
+                f"c={level:4d}  req/s {row['requests_per_s']:8.2f}  "
+                f"tok/s {row['output_tokens_per_s']:9.1f}  "
+                f"TTFT p50/p99 {row['ttft_ms']['p50']:.1f}/{row['ttft_ms']['p99']:.1f} ms  "
+                f"ITL p50/p99 {row['itl_ms']['p50']:.1f}/{row['itl_ms']['p99']:.1f} ms  "
+                f"errors {row['errors']}"
+            )
+        if args.streams:
+            started = time.perf_counter()
+            results = asyncio.run(run_level(base, args.streams, args.streams, args.tokens))
+            row = {"streams": args.streams, **summarize(results, time.perf_counter() - started)}
+            report["relay"] = row
+            print(
+                f"{args.streams} streams at once: "
+                f"relayed {row['output_tokens_per_s']:.0f} tokens/s, "
+                f"errors {row['errors']}, TTFT p99 {row['ttft_ms']['p99']:.0f} ms"
+            )
+    finally:
+        workers.stop()
+        api.stop()
+        redis_proc.terminate()
+    name = args.model.replace(":", "-").replace("/", "_")
+    out = RESULTS / f"serving-{name}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"results: {out}")
+    plot(report, RESULTS / f"serving-{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
