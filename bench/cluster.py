@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,3 +211,22 @@ def chromium_options() -> dict[str, Any]:
             "--no-first-run",
         ],
     }
+
+
+@contextmanager
+def local_service(
+    workdir: Path, model: str, workers: int = 1, concurrency: int = 1, **env: str
+) -> Iterator[str]:
+    """Redis, `workers` worker processes and one API, all local; yields the API's
+    base URL once the workers are up, and stops everything on the way out."""
+    redis_proc, url = start_redis(workdir)
+    settings = service_env(url, model, **{"LOG_LEVEL": "WARNING", **env})
+    runner = start_workers(settings, workdir, workers, name="bench-worker", concurrency=concurrency)
+    api, base = start_api(settings, workdir, name="bench-api", log_level="warning")
+    try:
+        wait_for_workers(base, workers, seconds=300, proc=runner)
+        yield base
+    finally:
+        runner.stop()
+        api.stop()
+        redis_proc.terminate()

