@@ -111,6 +111,17 @@ class Engine:
             logits = logits - (counts > 0).float() * params.presence_penalty
         return logits
 
+    def _seen_tokens(self, ids: torch.Tensor, generated: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seen, counts), both (V,): every id so far, and how often each of the last
+        `generated` (the completion's own) occurs."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        counts = torch.zeros(vocab, device=self.device)
+        seen[ids] = True
+        if generated:
+            counts.index_add_(0, ids[-generated:], torch.ones(generated, device=self.device))
+        return seen, counts
+
     def _next_token(
         self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
     ) -> int:
@@ -161,27 +172,19 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
 
         input_ids = torch.tensor([prompt_ids], device=self.device)  # (1, T)
-        penalties = (
-            params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-        )
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)  # (V,)
-        counts = torch.zeros(vocab, device=self.device)  # (V,) generated-token counts
-        seen[input_ids[0]] = True
-        if generated:
-            counts.index_add_(
-                0, input_ids[0, -generated:], torch.ones(generated, device=self.device)
-            )
+        # Kept only when a penalty asks for it: two vocabulary-sized updates per step.
+        history = self._seen_tokens(input_ids[0], generated) if params.penalized else None
         past = None
         for produced in range(1, budget + 1):
             out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = out.logits[0, -1, :]  # out.logits: (1, T, V)
-            if penalties:
-                logits = self._penalize(logits, params, seen, counts)
+            if history is not None:
+                logits = self._penalize(logits, params, *history)
             token = self._next_token(logits, params, generator)
-            seen[token] = True
-            counts[token] += 1
+            if history is not None:
+                history[0][token] = True
+                history[1][token] += 1
             if token in self.stop_ids and not params.ignore_eos:
                 yield Step(token, "stop")
                 return

@@ -148,6 +148,11 @@ class JobEvent:
         return self.event in TERMINAL_EVENTS
 
 
+def entry_seconds(entry_id: str) -> float:
+    """When an entry was written: a stream id is '<unix ms>-<seq>', on Redis's clock."""
+    return int(entry_id.split("-", 1)[0]) / 1000
+
+
 def error_data(error_type: str, message: str) -> dict[str, Any]:
     return {"error": {"type": error_type, "message": message}}
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from textstream.events import EventType, JobEvent
+from textstream.events import EventType, JobEvent, entry_seconds
 
 JobStatusName = Literal["queued", "running", "done", "error", "cancelled"]
 
@@ -45,7 +45,7 @@ def summarize(job_id: str, history: list[JobEvent]) -> JobStatus:
         id=job_id,
         status=status,
         text="".join(e.data["text"] for e in history if e.event == EventType.TOKEN),
-        created_at=int(history[0].id.split("-")[0]) / 1000,
+        created_at=entry_seconds(history[0].id),
         takeovers=sum(e.event == EventType.RESUMED for e in history),
         last_event_id=history[-1].id,
         **summary,

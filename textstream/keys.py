@@ -17,6 +17,12 @@ MODELQ_QUEUED_INDEX = "queued_requests"
 #: ModelQ's registry of worker servers (hash server_id -> JSON).
 MODELQ_SERVERS = "servers"
 
+
+def modelq_task(task_id: str) -> str:
+    """ModelQ's record of one task (its task wrapper writes it after enqueueing)."""
+    return f"task:{task_id}"
+
+
 #: Name of the model the workers serve, kept by their heartbeats: the response
 #: cache keys on it even while no worker is running.
 SERVED_MODEL = f"{PREFIX}:served-model"

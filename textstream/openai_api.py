@@ -25,10 +25,9 @@ from sse_starlette import ServerSentEvent
 
 from textstream.cache import served_model
 from textstream.events import EventType, JobEvent
-from textstream.jobs import summarize
 from textstream.ops import authorize
 from textstream.registry import live_workers
-from textstream.routes import sse_response
+from textstream.routes import completed_job, job_error, job_headers, sse_response
 from textstream.schemas import GenerationRequest
 from textstream.service import (
     InvalidInputError,
@@ -38,7 +37,7 @@ from textstream.service import (
     check_request,
     start_job,
 )
-from textstream.sse import Relay, collect_events, relay_events
+from textstream.sse import Relay, relay_events
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
@@ -253,15 +252,6 @@ class ChunkStream:
             yield data("[DONE]")
 
 
-ERROR_STATUS = {
-    "prompt_too_long": 400,
-    "cancelled": 409,
-    "timeout": 504,
-    "generation_failed": 502,
-    "redis_unavailable": 503,
-}
-
-
 async def answer(
     request: Request,
     body: OpenAISampling,
@@ -278,20 +268,18 @@ async def answer(
     relay = Relay(services.jobs, services.settings, job.job_id, job.deadline, True)
     model = await served_model(services.redis) or body.model
     shape = ChunkShape(messages is not None, job.job_id, model)
-    headers = {"X-Job-Id": job.job_id, "X-Cache": "hit" if job.shared else "miss"}
+    headers = job_headers(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = ChunkStream(shape, include_usage)
         return await sse_response(request, relay_events(relay, chunks.convert), headers)
-    events = await collect_events(relay, request.is_disconnected)
-    if events is None:
-        return Response(status_code=499)
-    status = summarize(job.job_id, events)
+    status = await completed_job(request, relay)
+    if status is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
     if status.status != "done" or status.usage is None:
-        error = status.error or {"type": "server_error", "message": "the job failed"}
-        return JSONResponse(
-            openai_error(error), ERROR_STATUS.get(error["type"], 502), headers=headers
-        )
+        error, code = job_error(status)
+        # OpenAI answers invalid input with 400 where our API uses 422.
+        return JSONResponse(openai_error(error), 400 if code == 422 else code, headers=headers)
     shape.model = status.model or shape.model
     return JSONResponse(
         shape.whole(status.text, status.finish_reason, status.usage), headers=headers

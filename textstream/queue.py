@@ -155,7 +155,8 @@ class JobQueue:
         now = time.time()
         task_dict["created_at"] = task_dict["queued_at"] = now
         self._mq.enqueue_task(task_dict, payload=payload)
-        self._client.set(f"task:{job.job_id}", json.dumps(task_dict), ex=self._settings.job_ttl)
+        record = json.dumps(task_dict)
+        self._client.set(keys.modelq_task(job.job_id), record, ex=self._settings.job_ttl)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

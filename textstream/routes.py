@@ -5,7 +5,7 @@ No `from __future__ import annotations`: FastAPI reads these signatures at run t
 
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes
 
 import anyio
@@ -101,9 +101,15 @@ async def completed_job(request: Request, relay: Relay) -> JobStatus | None:
     return summarize(relay.job_id, events)
 
 
-def error_response(status: JobStatus, headers: dict[str, str]) -> JSONResponse:
+def job_error(status: JobStatus) -> tuple[dict[str, Any], int]:
+    """The error a failed job ended with, and the HTTP status it answers with."""
     error = status.error or {"type": "error", "message": "the job failed"}
-    return JSONResponse({"error": error}, ERROR_STATUS.get(error["type"], 502), headers=headers)
+    return error, ERROR_STATUS.get(error["type"], 502)
+
+
+def error_response(status: JobStatus, headers: dict[str, str]) -> JSONResponse:
+    error, code = job_error(status)
+    return JSONResponse({"error": error}, code, headers=headers)
 
 
 def path_text(request: Request) -> str:

@@ -64,6 +64,12 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
     @property
+    def penalized(self) -> bool:
+        return bool(
+            self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+        )
+
+    @property
     def deterministic(self) -> bool:
         """Same request, same output: what the response cache may store."""
         return self.greedy or self.seed is not None

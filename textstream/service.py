@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from textstream import keys
 from textstream.cache import cache_key, cached_job, claim, forget, served_model
 from textstream.config import Settings
-from textstream.events import EventType, JobEvents
+from textstream.events import EventType, JobEvents, entry_seconds
 from textstream.queue import JobQueue, queue_length
 from textstream.schemas import CompletionJob, GenerationRequest
 from textstream.security import Guard
@@ -195,5 +195,4 @@ async def job_deadline(services: Services, job_id: str) -> float | None:
     first = await services.redis.xrange(keys.job_events(job_id), count=1)
     if not first:
         raise JobNotFoundError(job_id)
-    enqueued_ms = int(first[0][0].decode().split("-")[0])
-    return enqueued_ms / 1000 + services.settings.job_timeout
+    return entry_seconds(first[0][0].decode()) + services.settings.job_timeout
