@@ -365,12 +365,19 @@ class JobEvents:
         while True:
             response = await self.client.xread({stream: last_id}, count=512, block=block)
             if not response:
-                if await self.client.hexists(state, "terminal"):
-                    return  # ended, and nothing after `after`: resuming after the end
-                if block is not None:
-                    yield None
-                block = block_ms
-                continue
+                if not await self.client.hexists(state, "terminal"):
+                    if block is not None:
+                        yield None
+                    block = block_ms
+                    continue
+                # The job has ended, so every event is in the stream (the terminal
+                # event and the flag are written in one script). But the empty reply
+                # above may have been read late, after the job ran to its end: read
+                # once more without blocking before concluding there is nothing after
+                # `last_id` (as when resuming after the end).
+                response = await self.client.xread({stream: last_id}, count=512)
+                if not response:
+                    return
             block = block_ms
             for _stream, entries in response:
                 for raw_id, fields in entries:
