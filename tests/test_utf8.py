@@ -52,9 +52,20 @@ def test_a_character_cut_off_at_the_end_is_never_emitted():
     )
 )
 def test_pieces_always_join_to_the_decoded_text(text):
-    _, pieces = pieces_for(text)
-    assert "".join(pieces) == text
+    ids, pieces = pieces_for(text)
+    # The contract's reference is the decode of the ids, not the input text: a
+    # literal "<|endoftext|>" encodes to GPT-2's special token, which decoding skips
+    # (hypothesis finds that string among the code's constants).
+    decoded = TOKENIZER.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert "".join(pieces) == decoded
+    if "<|endoftext|>" not in text:
+        assert decoded == text
     assert not any(REPLACEMENT_CHAR in piece for piece in pieces)
+
+
+def test_literal_end_of_text_in_a_prompt_is_not_streamed_back():
+    ids, pieces = pieces_for("a<|endoftext|>b")
+    assert ids == [64, 50256, 65] and "".join(pieces) == "ab"
 
 
 def test_service_streams_emoji_and_cjk_without_broken_characters(service):
