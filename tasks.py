@@ -49,6 +49,7 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
     except ModelLoadError as exc:
         log.error("worker cannot start: %s", exc)
         return EXIT_MODEL_LOAD_FAILED
+    batching = concurrency > 1 and settings.batching == "auto" and engine.start_batching()
 
     server_id = new_server_id()
     client = redis_client(settings)
@@ -61,6 +62,7 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
             model=engine.name,
             device=str(engine.device),
             slots=concurrency,
+            batching=batching,
             model_source=engine.source,
             context_length=engine.context_length,
             prompt_format=engine.prompt_format,
@@ -73,11 +75,12 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
     mq.start_workers(concurrency)
     heartbeat.start()
     log.info(
-        "worker %s serving model=%s device=%s slots=%d",
+        "worker %s serving model=%s device=%s slots=%d batching=%s",
         server_id,
         engine.name,
         engine.device,
         concurrency,
+        batching,
     )
     while not stop.is_set():
         try:

@@ -58,11 +58,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Service:
     """One API process and a runner with N worker processes, sharing the test Redis."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], workers: int) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], workers: int, concurrency: int = 1
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.env = env
-        self.workers: Proc | None = start_workers(env, workdir, workers) if workers else None
+        self.workers: Proc | None = (
+            start_workers(env, workdir, workers, concurrency=concurrency) if workers else None
+        )
         self.api, self.base = start_api(env, workdir)
         if workers:
             wait_for_workers(self.base, workers, proc=self.workers)
@@ -80,10 +84,15 @@ def make_service(
     """Build services with their own settings on an isolated Redis database."""
     made: list[Service] = []
 
-    def make(workers: int = 1, model: Path | str | None = None, **env: str) -> Service:
+    def make(
+        workers: int = 1, model: Path | str | None = None, concurrency: int = 1, **env: str
+    ) -> Service:
         model_id = str(model or tiny_model_dir)
         svc = Service(
-            tmp_path / f"svc{len(made)}", service_env(isolated_redis_url, model_id, **env), workers
+            tmp_path / f"svc{len(made)}",
+            service_env(isolated_redis_url, model_id, **env),
+            workers,
+            concurrency,
         )
         made.append(svc)
         return svc

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     prompt_format: Literal["auto", "raw", "chat"] = "auto"
     torch_threads: int = Field(0, ge=0, description="CPU threads per worker; 0 = torch default")
+    #: auto: a worker with --concurrency > 1 runs its jobs as one continuous batch
+    #: (batching.py); off: each ModelQ thread runs its own decode loop.
+    batching: Literal["auto", "off"] = "auto"
 
     # --- request limits ----------------------------------------------------------
     default_max_new_tokens: int = Field(20, ge=1)

@@ -1,17 +1,19 @@
 """The model engine: load a Hugging Face causal LM and generate token ids one by one.
 
-The only module that imports torch and transformers. The decode loop is written
-out (nanoGPT style) rather than calling `model.generate` in a thread: one step per
-iteration gives the caller a place to stop (cancellation, deadlines) between any
-two tokens, and no thread hand-off sits between a token and its publication.
+With batching.py, the only modules that import torch and transformers. The decode
+loop is written out (nanoGPT style) rather than calling `model.generate` in a
+thread: one step per iteration gives the caller a place to stop (cancellation,
+deadlines) between any two tokens, and no thread hand-off sits between a token and
+its publication. `start_batching()` switches generate() to a shared continuous
+batch (batching.py): one forward pass per step for every running request.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -20,6 +22,9 @@ from textstream.config import Settings
 from textstream.models import ModelLoadError, ModelSource, PromptTooLongError, hub_reachable
 from textstream.prompts import encode_chat, encode_prompt
 from textstream.schemas import PromptFormat, SamplingParams, Step
+
+if TYPE_CHECKING:
+    from textstream.batching import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,20 @@ class Engine:
         )
         self.context_length = int(window or 2048)
         self.stop_ids = self._stop_ids(model, tokenizer)
+        self.batcher: Batcher | None = None
+
+    def start_batching(self) -> bool:
+        """Serve concurrent generate() calls from one running batch (batching.py).
+
+        Returns False, and stays one-request-at-a-time, for a model whose KV cache
+        cannot be padded and merged (sliding-window or recurrent layers)."""
+        from textstream.batching import Batcher, supports_batching
+
+        if not supports_batching(self):
+            log.warning("model %s cannot be batched here; serving one request at a time", self.name)
+            return False
+        self.batcher = Batcher(self)
+        return True
 
     @staticmethod
     def _stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -122,6 +141,55 @@ class Engine:
             counts.index_add_(0, ids[-generated:], torch.ones(generated, device=self.device))
         return seen, counts
 
+    def choose(
+        self,
+        logits: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        history: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> int:
+        """The next token from one sequence's logits (V,): penalties (when `history`
+        is kept), then greedy or sampled; `history` then counts the new token."""
+        if history is not None:
+            logits = self._penalize(logits, params, *history)
+        token = self._next_token(logits, params, generator)
+        if history is not None:
+            history[0][token] = True
+            history[1][token] += 1
+        return token
+
+    def finish_reason(
+        self, token: int, produced: int, budget: int, params: SamplingParams
+    ) -> str | None:
+        """Why a sequence ends at this token (its `produced`-th of `budget`), if it does."""
+        if token in self.stop_ids and not params.ignore_eos:
+            return "stop"
+        return "length" if produced == budget else None
+
+    def start(
+        self, prompt_ids: list[int], params: SamplingParams, generated: int
+    ) -> tuple[list[int], int, torch.Generator | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Check a request against the context window; return (prompt ids, token
+        budget, its random generator, its penalty history)."""
+        if not prompt_ids:
+            prompt_ids = [self.tokenizer.eos_token_id or 0]
+        room = self.context_length - len(prompt_ids)
+        if room <= 0:
+            raise PromptTooLongError(
+                f"prompt is {len(prompt_ids)} tokens; the model's context window is "
+                f"{self.context_length}"
+            )
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        # Kept only when a penalty asks for it: two vocabulary-sized updates per step.
+        history = (
+            self._seen_tokens(torch.tensor(prompt_ids, device=self.device), generated)
+            if params.penalized
+            else None
+        )
+        return prompt_ids, min(params.max_new_tokens, room), generator, history
+
     def _next_token(
         self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
     ) -> int:
@@ -142,15 +210,14 @@ class Engine:
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator).item())
 
-    @torch.inference_mode()  # type: ignore[untyped-decorator]  # torch wraps generators per step
     def generate(
         self,
         prompt_ids: list[int],
         params: SamplingParams,
         should_stop: Callable[[], bool] = lambda: False,
         generated: int = 0,
-    ) -> Iterator[Step]:
-        """Yield generated token ids one at a time (KV-cached decode loop).
+    ) -> Generator[Step]:
+        """Yield generated token ids one at a time.
 
         Stops on an end-of-sequence id (finish_reason "stop"), after
         `params.max_new_tokens` or at the context window ("length"), or as soon as
@@ -158,38 +225,30 @@ class Engine:
         The last `generated` ids of `prompt_ids` were generated earlier (a job taken
         over): presence and frequency penalties count them.
         """
-        if not prompt_ids:
-            prompt_ids = [self.tokenizer.eos_token_id or 0]
-        room = self.context_length - len(prompt_ids)
-        if room <= 0:
-            raise PromptTooLongError(
-                f"prompt is {len(prompt_ids)} tokens; the model's context window is "
-                f"{self.context_length}"
-            )
-        budget = min(params.max_new_tokens, room)
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if self.batcher is not None:
+            return self.batcher.generate(prompt_ids, params, should_stop, generated)
+        alone: Generator[Step] = self._generate_alone(prompt_ids, params, should_stop, generated)
+        return alone
 
+    @torch.inference_mode()  # type: ignore[untyped-decorator]  # torch wraps generators per step
+    def _generate_alone(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        generated: int,
+    ) -> Generator[Step]:
+        """The one-request KV-cached decode loop."""
+        prompt_ids, budget, generator, history = self.start(prompt_ids, params, generated)
         input_ids = torch.tensor([prompt_ids], device=self.device)  # (1, T)
-        # Kept only when a penalty asks for it: two vocabulary-sized updates per step.
-        history = self._seen_tokens(input_ids[0], generated) if params.penalized else None
         past = None
         for produced in range(1, budget + 1):
             out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            logits = out.logits[0, -1, :]  # out.logits: (1, T, V)
-            if history is not None:
-                logits = self._penalize(logits, params, *history)
-            token = self._next_token(logits, params, generator)
-            if history is not None:
-                history[0][token] = True
-                history[1][token] += 1
-            if token in self.stop_ids and not params.ignore_eos:
-                yield Step(token, "stop")
-                return
-            yield Step(token, "length" if produced == budget else None)
-            if should_stop():
+            token = self.choose(out.logits[0, -1, :], params, generator, history)  # (1, T, V)
+            finish = self.finish_reason(token, produced, budget, params)
+            yield Step(token, finish)
+            if finish is not None or should_stop():
                 return
             input_ids = torch.tensor([[token]], device=self.device)  # (1, 1)
 

@@ -8,7 +8,7 @@ Each word is one token; the text loops, so any max_new_tokens can be served.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 from textstream.schemas import PromptFormat, SamplingParams, Step
 
@@ -84,6 +84,10 @@ class FakeEngine:
         self.prompt_format: PromptFormat = "raw"
         self.context_length = 1 << 20
         self.load_seconds = 0.0
+        self.batcher = None  # each fake stream only sleeps: nothing to batch
+
+    def start_batching(self) -> bool:
+        return False
 
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]:
         return self.tokenizer.encode(prompt)
@@ -100,7 +104,7 @@ class FakeEngine:
         params: SamplingParams,
         should_stop: Callable[[], bool] = lambda: False,
         generated: int = 0,
-    ) -> Iterator[Step]:
+    ) -> Generator[Step]:
         """One word every 1/rate seconds (paced against a clock, so no drift);
         after a takeover the text continues where the earlier tokens left it."""
         interval, next_at = 1.0 / self.rate, time.monotonic()

@@ -115,6 +115,8 @@ async def workers(request: Request) -> dict[str, Any]:
                 "slots": w.slots,
                 "busy": w.busy,
                 "free": max(0, w.slots - w.busy),
+                "batching": w.batching,
+                "peak_batch": w.peak_batch,
                 "last_heartbeat_seconds_ago": round(now - w.heartbeat_at, 3),
                 "model_load_seconds": w.load_seconds,
                 "last_tokens_per_second": w.last_tokens_per_s,

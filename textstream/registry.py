@@ -34,6 +34,10 @@ class WorkerInfo:
     device: str
     slots: int
     busy: int = 0
+    #: Slots are rows of one continuous batch (else separate decode loops), and the
+    #: most requests decoded in one step so far.
+    batching: bool = False
+    peak_batch: int = 0
     #: How the model was named when loaded (MODEL_ID or the fallback), its context
     #: window and prompt format: the API uses them to count prompt tokens.
     model_source: str = ""

@@ -167,6 +167,8 @@ class CompletionRunner:
             self._heartbeat.info.last_tokens_per_s = (
                 round((len(timings.token_times) - 1) / span, 2) if span else 0.0
             )
+        if self._engine.batcher is not None:
+            self._heartbeat.info.peak_batch = self._engine.batcher.peak
         try:
             record_job(self._client, timings, success=result["status"] == "done")
             self._heartbeat.beat()  # /workers and /metrics see the new rate at once
@@ -245,6 +247,7 @@ class CompletionRunner:
             finish_reason = "stop" if publisher.stopped else step.finish_reason
             if publisher.stopped:
                 break
+        steps.close()  # a stop string matched: free its batch slot now, not at GC
         if finish_reason is not None and not writer.should_stop:
             publisher.flush()
 

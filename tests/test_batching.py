@@ -1,0 +1,170 @@
+"""Continuous batching: requests that share one running batch get exactly what
+they would get alone, and leaving the batch (cancel, stop) disturbs no one else.
+
+The engine-level tests drive `Engine.generate` from threads, as a worker's ModelQ
+threads do; the last test goes through a real worker process with four slots."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import stream, wait_for
+from test_jobs import create, read_some
+
+from textstream.config import Settings
+from textstream.engine import Engine, load_engine
+from textstream.schemas import SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Say hi in emoji:",
+    "Hello",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z",
+]
+
+
+def load(model_dir: Path, batching: bool) -> Engine:
+    engine = load_engine(Settings(model_id=str(model_dir), model_fallback="", device="cpu"))
+    assert not batching or engine.start_batching()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model_dir: Path) -> Engine:
+    return load(tiny_model_dir, batching=False)
+
+
+@pytest.fixture
+def batched(tiny_model_dir: Path) -> Engine:
+    return load(tiny_model_dir, batching=True)
+
+
+def greedy(tokens: int, **extra: object) -> SamplingParams:
+    return SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True, **extra)
+
+
+def ids(engine: Engine, prompt: str, params: SamplingParams, stop_after: int = 0) -> list[int]:
+    out: list[int] = []
+    for step in engine.generate(
+        engine.encode_prompt(prompt), params, lambda: bool(stop_after) and len(out) >= stop_after
+    ):
+        out.append(step.token_id)
+    return out
+
+
+def staggered(engine: Engine, jobs: list[tuple[str, SamplingParams, int]]) -> list[list[int]]:
+    """Run the jobs concurrently; each joins once the one before it has 3 tokens, so
+    requests enter a batch that is already decoding (and leave at different steps)."""
+    results: list[list[int]] = [[] for _ in jobs]
+    joined = [threading.Event() for _ in jobs]
+
+    def run(i: int) -> None:
+        if i:
+            joined[i - 1].wait(30)
+        prompt, params, stop_after = jobs[i]
+        for step in engine.generate(
+            engine.encode_prompt(prompt),
+            params,
+            lambda: bool(stop_after) and len(results[i]) >= stop_after,
+        ):
+            results[i].append(step.token_id)
+            if len(results[i]) == 3:
+                joined[i].set()
+        joined[i].set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_concurrent_batched_requests_get_the_same_greedy_tokens_as_alone(alone, batched):
+    jobs = [(prompt, greedy(40 + 15 * i), 0) for i, prompt in enumerate(PROMPTS)]
+    expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
+    assert staggered(batched, jobs) == expected
+    assert batched.batcher is not None and batched.batcher.peak == len(PROMPTS)
+
+
+def test_the_batch_narrows_when_its_longest_request_leaves(alone, batched):
+    # The long prompt sets the batch's width; when it ends, the columns only it
+    # used are cut off, and the others must not notice.
+    jobs = [(PROMPTS[3], greedy(8), 0), ("Hello", greedy(50), 0), (PROMPTS[0], greedy(50), 0)]
+    expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
+    assert staggered(batched, jobs) == expected
+
+
+def test_each_request_keeps_its_own_sampling_parameters(alone, batched):
+    jobs = [
+        ("The capital of France is", SamplingParams(max_new_tokens=30, temperature=0), 0),
+        (
+            "Say hi in emoji:",
+            SamplingParams(max_new_tokens=40, temperature=0.9, seed=7, ignore_eos=True),
+            0,
+        ),
+        ("Hello", greedy(50, repetition_penalty=1.5, presence_penalty=0.5), 0),
+        (
+            "a b c",
+            SamplingParams(max_new_tokens=25, temperature=0.7, top_k=5, seed=3, ignore_eos=True),
+            0,
+        ),
+    ]
+    expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
+    # The first stops at end-of-text well before its budget; the others run to theirs.
+    assert expected[0][-1] == alone.tokenizer.eos_token_id and len(expected[0]) < 30
+    assert [len(e) for e in expected[1:]] == [40, 50, 25]
+    assert staggered(batched, jobs) == expected
+
+
+def test_cancelling_one_request_does_not_disturb_the_others(alone, batched):
+    jobs = [(prompt, greedy(60), 0) for prompt in PROMPTS]
+    expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
+    jobs[1] = (PROMPTS[1], greedy(60), 5)  # its reader stops after 5 tokens
+    results = staggered(batched, jobs)
+    assert results[1] == expected[1][:5]
+    assert results[:1] + results[2:] == expected[:1] + expected[2:]
+
+
+def test_a_reader_that_walks_away_leaves_the_batch(batched):
+    assert batched.batcher is not None
+    steps = batched.generate(batched.encode_prompt("Hello"), greedy(1000))
+    first = [next(steps).token_id for _ in range(3)]
+    steps.close()  # e.g. a stop string matched: the worker breaks out of its loop
+    wait_for(lambda: not batched.batcher._running, 10, "the batch to empty")
+    steps_before = batched.batcher.steps
+    assert ids(batched, "Hello", greedy(3)) == first  # the batch still serves
+    assert batched.batcher.steps - steps_before == 2  # one prefill token, two decode steps
+
+
+def test_a_prompt_over_the_window_fails_alone(batched):
+    with pytest.raises(Exception, match="context window"):
+        ids(batched, "word " * 1100, greedy(5))
+    assert ids(batched, "Hello", greedy(5))
+
+
+def test_one_worker_serves_concurrent_streams_as_one_batch(make_service, slow_model_dir):
+    reference = load(slow_model_dir, batching=False)
+    prompts = ["Once upon a time", "The weather today", "In 1492 Columbus"]
+    expected = [reference.decode(ids(reference, p, greedy(120))) for p in prompts]
+
+    svc = make_service(model=slow_model_dir, concurrency=4)
+    victim = create(svc.base, prompt="Hello", max_new_tokens=1000, ignore_eos=True)
+    jobs = [
+        create(svc.base, prompt=p, max_new_tokens=120, ignore_eos=True, temperature=0)
+        for p in prompts
+    ]
+    read_some(svc.base, victim, tokens=3)
+    assert httpx.delete(f"{svc.base}/jobs/{victim}", timeout=5).status_code == 202
+
+    results = [stream(svc.base, f"/jobs/{job}/events") for job in jobs]
+    assert [r.last.event for r in results] == ["done"] * 3
+    assert [r.text for r in results] == expected
+    cancelled = stream(svc.base, f"/jobs/{victim}/events").last
+    assert cancelled.event == "error" and cancelled.data["error"]["type"] == "cancelled"
+    (worker,) = httpx.get(svc.base + "/workers", timeout=5).json()["workers"]
+    assert worker["batching"] is True and worker["slots"] == 4
+    assert worker["peak_batch"] >= 3
