@@ -1,7 +1,8 @@
 """Serving benchmark, in the style of vLLM's benchmark_serving.
 
-    python -m bench.serving [--model fake:50] [--workers 2] [--slots 32]
+    python -m bench.serving [--model fake:50|gpt2-small|ID|DIR] [--workers 2] [--slots 32]
                             [--levels 1,8,32,64] [--tokens 64] [--streams 0]
+                            [--batching auto|off] [--device cpu|cuda] [--in-process]
 
 For each concurrency level it keeps that many streams open against one API
 process (each client sends its next request as soon as the last ends) and reports
@@ -9,6 +10,11 @@ TTFT, TPOT, inter-token latency and end-to-end latency (p50/p90/p99), requests/s
 and output tokens/s. `--streams N` then holds N streams at once and reports the
 relay rate (tokens/s delivered to clients) and errors. With the fake engine
 (`--model fake:<tokens/s>`, no torch) it measures the service's own ceiling.
+`--model gpt2-small` builds GPT-2 small with random weights (speed does not
+depend on them). `--batching off` gives each slot its own decode loop instead of
+one continuous batch. `--in-process` first runs the same levels against the
+model loaded in this process (bench/batching.py, same slots and batching) and
+reports the service's tokens/s as a share of that: the service overhead.
 Results go to bench/results/serving.json, and a PNG plot when matplotlib is
 installed.
 """
@@ -30,6 +36,7 @@ from typing import Any
 import httpx
 
 from bench.cluster import REPO, local_service
+from bench.gpt2_offline import gpt2_small
 
 RESULTS = REPO / "bench" / "results"
 
@@ -138,6 +145,21 @@ def plot(report: dict[str, Any], path: Path) -> None:
     print(f"plot: {path}")
 
 
+def in_process(args: argparse.Namespace, levels: list[int]) -> dict[int, float]:
+    """Tokens/s at each level with the model in this process, as one worker runs it."""
+    from bench import batching
+    from textstream.config import Settings
+    from textstream.engine import load_engine
+
+    engine = load_engine(Settings(model_id=args.model, model_fallback="", device=args.device))
+    if args.slots > 1 and args.batching == "auto":
+        engine.start_batching()
+    batching.run_level(engine, 1, 8)  # warm-up
+    rates = {n: batching.run_level(engine, n, args.tokens)["tokens_per_s"] for n in levels}
+    del engine  # its memory and threads go before the worker starts
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -148,24 +170,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,8,32,64")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=0, help="hold this many streams at once")
+    parser.add_argument("--batching", default="auto", choices=["auto", "off"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--in-process", action="store_true", help="also run the levels in-process")
     args = parser.parse_args(argv)
+    if args.model == "gpt2-small":
+        args.model = str(gpt2_small(RESULTS / "gpt2-small-random"))
     levels = [int(x) for x in args.levels.split(",") if x]
     RESULTS.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "model": args.model,
         "workers": args.workers,
         "slots_per_worker": args.slots,
+        "batching": args.batching,
+        "device": args.device,
         "tokens": args.tokens,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
         "levels": [],
     }
-    service = local_service(RESULTS, args.model, args.workers, args.slots, MAX_QUEUED_JOBS="100000")
+    local = in_process(args, levels) if args.in_process else {}
+    service = local_service(
+        RESULTS,
+        args.model,
+        args.workers,
+        args.slots,
+        MAX_QUEUED_JOBS="100000",
+        BATCHING=args.batching,
+        DEVICE=args.device,
+    )
     with service as base:
         for level in levels:
             started = time.perf_counter()
             results = asyncio.run(run_level(base, level, max(2 * level, 8), args.tokens))
             row = {"concurrency": level, **summarize(results, time.perf_counter() - started)}
+            if level in local:
+                row["in_process_tokens_per_s"] = round(local[level], 1)
+                row["service_ratio"] = round(row["output_tokens_per_s"] / local[level], 3)
             report["levels"].append(row)
             print(
                 f"c={level:4d}  req/s {row['requests_per_s']:8.2f}  "
@@ -173,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"TTFT p50/p99 {row['ttft_ms']['p50']:.1f}/{row['ttft_ms']['p99']:.1f} ms  "
                 f"ITL p50/p99 {row['itl_ms']['p50']:.1f}/{row['itl_ms']['p99']:.1f} ms  "
                 f"errors {row['errors']}"
+                + (f"  in-process tok/s {local[level]:.1f}" if level in local else "")
             )
         if args.streams:
             started = time.perf_counter()
@@ -184,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"relayed {row['output_tokens_per_s']:.0f} tokens/s, "
                 f"errors {row['errors']}, TTFT p99 {row['ttft_ms']['p99']:.0f} ms"
             )
-    name = args.model.replace(":", "-").replace("/", "_")
+    name = Path(args.model).name.replace(":", "-") + ("-nobatch" if args.batching == "off" else "")
     out = RESULTS / f"serving-{name}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"results: {out}")
