@@ -97,7 +97,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     prompt_tokens = PromptTokens()
     guard = Guard(settings, client)
-    app.state.services = Services(settings, client, jobs, JobQueue(settings), prompt_tokens, guard)
+    app.state.services = Services(
+        settings, client, jobs, JobQueue(client, settings), prompt_tokens, guard
+    )
     if not guard.enabled:
         log.warning("API_KEYS is empty: the API is open to anyone who can reach it")
     watcher = asyncio.create_task(prompt_tokens.watch(client, settings.worker_heartbeat_seconds))
@@ -105,7 +107,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         watcher.cancel()
-        app.state.services.queue.close()
         await client.close()
 
 
