@@ -357,9 +357,19 @@ class JobEvents:
     async def read(
         self, job_id: str, *, after: str = START_ID, block_ms: int = 5000
     ) -> AsyncIterator[JobEvent | None]:
+        """`read_batches`, one event at a time."""
+        async for batch in self.read_batches(job_id, after=after, block_ms=block_ms):
+            for event in batch if batch is not None else (None,):
+                yield event
+
+    async def read_batches(
+        self, job_id: str, *, after: str = START_ID, block_ms: int = 5000
+    ) -> AsyncIterator[list[JobEvent] | None]:
         """Yield a job's events after id `after`, blocking on XREAD, until the terminal
-        one. Yields None when `block_ms` passes with nothing new, so the caller can
-        check deadlines and report queue position between events. Never polls."""
+        one: every event one XREAD returned, together (a relay that fell behind sends
+        them in one write). Yields None when `block_ms` passes with nothing new, so
+        the caller can check deadlines and report queue position between events.
+        Never polls."""
         stream, state = keys.job_events(job_id), keys.job_state(job_id)
         last_id, block = after, None  # the first read does not block
         while True:
@@ -379,10 +389,13 @@ class JobEvents:
                 if not response:
                     return
             block = block_ms
+            batch: list[JobEvent] = []
             for _stream, entries in response:
                 for raw_id, fields in entries:
-                    event = parse_entry(raw_id, fields)
-                    last_id = event.id
-                    yield event
-                    if event.terminal:
+                    batch.append(parse_entry(raw_id, fields))
+                    if batch[-1].terminal:
+                        yield batch
                         return
+            if batch:
+                last_id = batch[-1].id
+                yield batch

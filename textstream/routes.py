@@ -11,7 +11,7 @@ from urllib.parse import unquote_to_bytes
 import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.convertors import Convertor, register_url_convertor
 
 from textstream.events import START_ID, CancelOutcome
@@ -58,14 +58,14 @@ def job_headers(submission: Submission) -> dict[str, str]:
 
 
 async def sse_response(
-    request: Request, events: AsyncIterator[ServerSentEvent], headers: dict[str, str]
+    request: Request, events: AsyncIterator[bytes], headers: dict[str, str]
 ) -> Response:
     """An SSE response holding one of the caller's stream slots until it ends."""
     services = services_of(request)
     caller: Caller = request.state.caller
     slot = await services.guard.open_stream(caller)
 
-    async def holding_slot() -> AsyncIterator[ServerSentEvent]:
+    async def holding_slot() -> AsyncIterator[bytes]:
         try:
             async for event in events:
                 yield event

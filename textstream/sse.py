@@ -77,26 +77,35 @@ class Relay:
         return status_event(EventType.QUEUED, data)
 
     async def events(self, after: str = START_ID) -> AsyncIterator[JobEvent]:
+        """The job's events one at a time (`batches`, flattened)."""
+        async for batch in self.batches(after):
+            for event in batch:
+                yield event
+
+    async def batches(self, after: str = START_ID) -> AsyncIterator[list[JobEvent]]:
+        """The job's events after `after`, as read together, plus status events."""
         last_id, started, failing_since = after, after != START_ID, 0.0
         block = int(min(self.settings.read_block_ms, self.settings.queue_status_seconds * 1000))
         while True:
             try:
-                async for event in self.jobs.read(self.job_id, after=last_id, block_ms=block):
+                async for batch in self.jobs.read_batches(
+                    self.job_id, after=last_id, block_ms=block
+                ):
                     failing_since = 0.0
-                    if event is None:
+                    if batch is None:
                         status = await self.idle_status(started)
                         if status is not None:
-                            yield status
+                            yield [status]
                         continue
-                    last_id = event.id
-                    started = started or event.event != EventType.QUEUED
-                    yield event
+                    last_id = batch[-1].id
+                    started = started or any(e.event != EventType.QUEUED for e in batch)
+                    yield batch
                 return
             except RedisError as exc:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.settings.redis_grace_seconds:
                     log.warning("job=%s stream gave up on Redis: %s", self.job_id, exc)
-                    yield status_event(EventType.ERROR, REDIS_LOST)
+                    yield [status_event(EventType.ERROR, REDIS_LOST)]
                     return
                 await asyncio.sleep(0.25)
 
@@ -115,25 +124,30 @@ async def release(relay: Relay) -> None:
 
 async def relay_events(
     relay: Relay, convert: Callable[[JobEvent], Iterable[ServerSentEvent]], after: str = START_ID
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     """One job's events, each turned into SSE events by `convert`, to the terminal
-    one. Owns the cleanup: a client leaving mid-stream releases the job."""
+    one. Owns the cleanup: a client leaving mid-stream releases the job.
+
+    Events read together are encoded into one chunk: one send, one socket write.
+    A relay that keeps up sends one event per chunk; one that falls behind (a
+    thousand streams on one process) catches up in fewer, larger writes."""
     finished = False
     try:
-        async for event in relay.events(after):
-            finished = event.terminal
-            for sse in convert(event):
-                yield sse
+        async for batch in relay.batches(after):
+            finished = batch[-1].terminal
+            chunk = b"".join(sse.encode() for event in batch for sse in convert(event))
+            if chunk:
+                yield chunk
     except BaseException:  # CancelledError / GeneratorExit: the client went away
         if relay.cancel_on_disconnect and not finished:
             await release(relay)
         raise
 
 
-async def stream_job_events(relay: Relay, after: str = START_ID) -> AsyncIterator[ServerSentEvent]:
+async def stream_job_events(relay: Relay, after: str = START_ID) -> AsyncIterator[bytes]:
     """The native SSE stream: each job event as it is."""
-    async for sse in relay_events(relay, lambda event: [to_sse(event)], after):
-        yield sse
+    async for chunk in relay_events(relay, lambda event: [to_sse(event)], after):
+        yield chunk
 
 
 async def collect_events(
