@@ -70,6 +70,7 @@ async def one_request(client: httpx.AsyncClient, tokens: int, i: int) -> dict[st
         "e2e": end - started,
         "itl": [b - a for a, b in pairwise(times)],
         "tokens": len(times),
+        "times": times,
     }
 
 
@@ -110,6 +111,14 @@ def summarize(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         out[name + "_ms"]["mean"] = round(statistics.fmean(values) * 1000, 2) if values else 0.0
     out["requests_per_s"] = round(len(ok) / seconds, 2)
     out["output_tokens_per_s"] = round(sum(r["tokens"] for r in ok) / seconds, 1)
+    # While every stream was open at once (after the last first token, before the
+    # first last token): the relay rate without the ramp-up and the tail.
+    if ok:
+        start, end = max(r["times"][0] for r in ok), min(r["times"][-1] for r in ok)
+        if end > start:
+            during = sum(start <= t <= end for r in ok for t in r["times"])
+            out["all_open_seconds"] = round(end - start, 2)
+            out["all_open_tokens_per_s"] = round(during / (end - start), 1)
     return out
 
 
@@ -223,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             report["relay"] = row
             print(
                 f"{args.streams} streams at once: "
-                f"relayed {row['output_tokens_per_s']:.0f} tokens/s, "
+                f"relayed {row['output_tokens_per_s']:.0f} tokens/s over the run, "
+                f"{row.get('all_open_tokens_per_s', 0):.0f} while all were open, "
                 f"errors {row['errors']}, TTFT p99 {row['ttft_ms']['p99']:.0f} ms"
             )
     name = Path(args.model).name.replace(":", "-") + ("-nobatch" if args.batching == "off" else "")

@@ -32,6 +32,7 @@ import redis
 import redis.asyncio as aioredis
 
 from textstream import keys
+from textstream.mux import ReadMux
 
 START_ID = "0-0"
 
@@ -142,6 +143,8 @@ class JobEvent:
     event: str
     data: dict[str, Any]
     token_ids: tuple[int, ...] = ()
+    #: `data` as stored (JSON text), which the relay forwards without re-encoding.
+    raw: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -164,7 +167,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _append_args(
+def append_args(
     event: EventType,
     data: dict[str, Any],
     *,
@@ -190,13 +193,18 @@ def _append_args(
     ]
 
 
-def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes]) -> JobEvent:
+def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -> JobEvent:
+    """A stream entry, its fields as redis-py's dict or as Redis's flat list."""
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
     ids = fields.get(b"ids")
+    raw = fields[b"data"].decode()
     return JobEvent(
         id=_text(raw_id),
         event=_text(fields[b"event"]),
-        data=json.loads(fields[b"data"]),
+        data=json.loads(raw),
         token_ids=tuple(int(i) for i in ids.split(b",")) if ids else (),
+        raw=raw,
     )
 
 
@@ -262,7 +270,7 @@ class EventWriter:
         claim: bool = False,
     ) -> WriteOutcome:
         self._seq += 1
-        args = _append_args(
+        args = append_args(
             event,
             data,
             token_ids=token_ids,
@@ -314,10 +322,15 @@ class JobEvents:
         self._maxlen = maxlen
         self._append = client.register_script(APPEND_SCRIPT)
         self._cancel = client.register_script(CANCEL_SCRIPT)
+        #: Blocking reads of all this process's relays share one XREAD (mux.py).
+        self.mux = ReadMux(client)
+
+    async def close(self) -> None:
+        await self.mux.close()
 
     async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
         """Write as no worker (the `queued` event, a timeout): refused once ended."""
-        args = _append_args(event, data, maxlen=self._maxlen, ttl=self._ttl, job_id=job_id)
+        args = append_args(event, data, maxlen=self._maxlen, ttl=self._ttl, job_id=job_id)
         _entry_id, outcome = await self._append(
             keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args
         )
@@ -373,7 +386,11 @@ class JobEvents:
         stream, state = keys.job_events(job_id), keys.job_state(job_id)
         last_id, block = after, None  # the first read does not block
         while True:
-            response = await self.client.xread({stream: last_id}, count=512, block=block)
+            if block is None:
+                response = await self.client.xread({stream: last_id}, count=512)
+            else:
+                entries = await self.mux.read(stream, last_id, block)
+                response = [(stream, entries)] if entries else []
             if not response:
                 if not await self.client.hexists(state, "terminal"):
                     if block is not None:

@@ -43,9 +43,8 @@ REDIS_LOST = error_data("redis_unavailable", "the event store is unreachable; re
 
 def to_sse(event: JobEvent) -> ServerSentEvent:
     """Stored events keep their stream id; status events (empty id) carry none."""
-    return ServerSentEvent(
-        data=json.dumps(event.data, ensure_ascii=False), event=event.event, id=event.id or None
-    )
+    text = event.raw or json.dumps(event.data, ensure_ascii=False)
+    return ServerSentEvent(data=text, event=event.event, id=event.id or None)
 
 
 def status_event(name: EventType, data: dict[str, Any]) -> JobEvent:

@@ -1,0 +1,148 @@
+"""Benchmark: how many streams, and tokens/s, one API process relays.
+
+    python -m bench.relay [--streams 1000] [--rate 20] [--tokens 200]
+
+One API process, one Redis, and no worker processes. The clients open --streams
+concurrent `GET /completion/...` streams; a synthetic writer (its own process)
+takes the jobs off ModelQ's queue and appends their events through the same Lua
+script the workers use (events.py), every stream at --rate tokens/s, pipelined
+for all streams in one round trip per tick. The writer costs little CPU, so on
+a small machine this measures the relay (Redis -> API -> SSE -> client) rather
+than a thousand worker threads competing for the same cores (bench/serving.py
+with `--model fake:20 --streams 1000` runs the whole service instead).
+
+Reports relayed tokens/s over the whole run and while every stream was open at
+once (without the connection ramp-up and the tail), errors, inter-token latency
+at the client, and the API process's CPU use per 1,000 relayed tokens.
+Results go to bench/results/relay.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis.asyncio as aioredis
+
+from bench.cluster import service_env, start_api, start_redis
+from bench.serving import RESULTS, run_level, summarize
+from textstream import keys
+from textstream.events import APPEND_SCRIPT, EventType, append_args
+
+
+async def write_events(url: str, streams: int, tokens: int, rate: float) -> None:
+    """Play every worker at once: claim queued jobs, then each tick append one token
+    to every running job (and `done` after the last), in one pipelined round trip."""
+    client = aioredis.Redis.from_url(url)
+    script = client.register_script(APPEND_SCRIPT)
+    running: dict[str, int] = {}  # job id -> tokens written
+    ended, tick = 0, time.monotonic()
+    while ended < streams:
+        pipe = client.pipeline(transaction=False)
+        for raw in await client.lpop(keys.MODELQ_QUEUE, 1000) or []:
+            job_id = json.loads(raw)["task_id"]
+            running[job_id] = 0
+            await _append(script, pipe, job_id, EventType.STARTED, {"worker": "synthetic"}, True)
+        for job_id, written in list(running.items()):
+            if written < tokens:
+                await _append(script, pipe, job_id, EventType.TOKEN, {"text": f" w{written}"})
+                running[job_id] = written + 1
+            else:
+                usage = {"prompt_tokens": 1, "completion_tokens": tokens}
+                data = {"finish_reason": "length", "model": "synthetic", "usage": usage}
+                await _append(script, pipe, job_id, EventType.DONE, data)
+                del running[job_id]
+                ended += 1
+        await pipe.execute()
+        tick += 1 / rate
+        await asyncio.sleep(max(0.0, tick - time.monotonic()))
+    await client.close()
+
+
+async def _append(
+    script: Any, pipe: Any, job_id: str, event: EventType, data: dict[str, Any], claim: bool = False
+) -> None:
+    """Queue one append on `pipe`, as a worker owning the job (`claim`: take it)."""
+    args = append_args(
+        event, data, maxlen=10_000, ttl=600, owner="synthetic", claim=claim, job_id=job_id
+    )
+    await script(keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args, client=pipe)
+
+
+def writer_process(url: str, streams: int, tokens: int, rate: float) -> None:
+    asyncio.run(write_events(url, streams, tokens, rate))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
+    parser.add_argument("--tokens", type=int, default=200, help="tokens per stream")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    workdir = RESULTS / "relay"
+    workdir.mkdir(exist_ok=True)
+
+    redis_proc, url = start_redis(workdir)
+    env = service_env(url, "fake", LOG_LEVEL="WARNING", MAX_QUEUED_JOBS="100000", CACHE_TTL="0")
+    api, base = start_api(env, workdir, name="relay-api", log_level="warning")
+    assert api.popen is not None
+    api_cpu = psutil.Process(api.popen.pid)
+    writer = multiprocessing.Process(
+        target=writer_process, args=(url, args.streams, args.tokens, args.rate)
+    )
+    try:
+        writer.start()
+        cpu_before, started = api_cpu.cpu_times(), time.perf_counter()
+        results = asyncio.run(run_level(base, args.streams, args.streams, args.tokens))
+        seconds = time.perf_counter() - started
+        cpu_after = api_cpu.cpu_times()
+        writer.join(30)
+    finally:
+        writer.kill()
+        api.stop()
+        redis_proc.terminate()
+    row = summarize(results, seconds)
+    api_seconds = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    relayed = sum(r["tokens"] for r in results if "error" not in r)
+    report = {
+        "streams": args.streams,
+        "rate_per_stream": args.rate,
+        "tokens_per_stream": args.tokens,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        **row,
+        "api_cpu_seconds": round(api_seconds, 2),
+        "api_cpu_share": round(api_seconds / seconds, 3),
+        "api_cpu_ms_per_1000_tokens": round(api_seconds / relayed * 1e6, 1) if relayed else None,
+    }
+    out = Path(RESULTS / "relay.json")
+    out.write_text(json.dumps(report, indent=2))
+    print(
+        f"{args.streams} streams at {args.rate:g} tokens/s each: relayed "
+        f"{row['output_tokens_per_s']:.0f} tokens/s over the run, "
+        f"{row.get('all_open_tokens_per_s', 0):.0f} tokens/s while all were open, "
+        f"errors {row['errors']}, "
+        f"ITL p50/p99 {row['itl_ms']['p50']:.1f}/{row['itl_ms']['p99']:.1f} ms, "
+        f"TTFT p50/p99 {row['ttft_ms']['p50']:.0f}/{row['ttft_ms']['p99']:.0f} ms"
+    )
+    print(
+        f"API process: {report['api_cpu_share'] * 100:.0f} % of one core, "
+        f"{report['api_cpu_ms_per_1000_tokens']} ms CPU per 1000 tokens relayed"
+    )
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
