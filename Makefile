@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
-CONCURRENCY ?= 1
+# Batch slots per worker process (continuous batching when > 1).
+CONCURRENCY ?= 4
 PYTEST_ARGS ?=
 
 .PHONY: help install install-dev run worker api redis test lint format typecheck bench clean
