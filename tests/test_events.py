@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import redis
 import redis.asyncio as aioredis
 
 from textstream.events import EventType, JobEvents
@@ -106,24 +107,41 @@ def test_mux_serves_many_readers_each_its_own_entries(redis_url):
 def test_mux_wakes_its_blocked_read_for_a_new_reader(redis_url):
     """A reader arriving while the XREAD blocks on other streams is served at once,
     not after the read's one-second block runs out."""
+    waited, woken = asyncio.run(asyncio.wait_for(wait_for_new_reader(redis_url), 10))
+    assert woken and waited < ReadMux.BLOCK_MS / 1000 / 4
 
-    async def scenario() -> float:
-        client = aioredis.Redis.from_url(redis_url)
-        mux = ReadMux(client)
-        await client.delete("mux-idle", "mux-busy")
-        idle = asyncio.create_task(mux.read("mux-idle", "0-0", 5000))
-        await asyncio.sleep(0.1)  # the loop is now blocked on mux-idle alone
-        await client.xadd("mux-busy", {"n": "1"})
-        started = time.perf_counter()
-        entries = await mux.read("mux-busy", "0-0", 5000)
-        waited = time.perf_counter() - started
-        assert [n(e) for e in entries] == [b"1"]
-        idle.cancel()
-        await mux.close()
-        await client.close()
-        return waited
 
-    assert asyncio.run(asyncio.wait_for(scenario(), 10)) < ReadMux.BLOCK_MS / 1000 / 4
+def test_mux_polls_in_short_blocks_where_client_commands_are_refused(redis_url):
+    """A Redis user without CLIENT (a locked-down ACL) still gets its reads: the mux
+    notices the refusal and blocks SHORT_BLOCK_MS at a time instead."""
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", "noclient", "on", ">pw", "~*", "+@all", "-client")
+    url = redis_url.replace("redis://", "redis://noclient:pw@")
+    try:
+        waited, woken = asyncio.run(asyncio.wait_for(wait_for_new_reader(url), 10))
+    finally:
+        admin.execute_command("ACL", "DELUSER", "noclient")
+        admin.close()
+    assert not woken and waited < ReadMux.BLOCK_MS / 1000 / 4
+
+
+async def wait_for_new_reader(url: str) -> tuple[float, bool]:
+    """How long a reader of a stream that already has an entry waits, when it joins
+    while the mux is blocked on another stream; and whether the mux woke its read."""
+    client = aioredis.Redis.from_url(url)
+    mux = ReadMux(client)
+    await client.delete("mux-idle", "mux-busy")
+    idle = asyncio.create_task(mux.read("mux-idle", "0-0", 5000))
+    await asyncio.sleep(0.1)  # the loop is now blocked on mux-idle alone
+    await client.xadd("mux-busy", {"n": "1"})
+    started = time.perf_counter()
+    entries = await mux.read("mux-busy", "0-0", 5000)
+    waited = time.perf_counter() - started
+    assert [n(e) for e in entries] == [b"1"]
+    idle.cancel()
+    await mux.close()
+    await client.close()
+    return waited, mux.wakes_reads
 
 
 def test_mux_times_out_empty_and_reports_a_lost_redis(redis_url, tmp_path):

@@ -12,9 +12,18 @@ from textstream.schemas import SamplingParams, normalize_stop
 from textstream.stops import StopMatcher
 
 
-def expected_output(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+def expected_output(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
+    """Generation stops at the first piece after which a stop string is in the text;
+    the output ends where the earliest such occurrence begins. (Not the earliest in
+    the text that would have followed: with stops "a" and " aa", pieces " a", "a"
+    end at " ", since nothing is generated after " a".)"""
+    text = ""
+    for piece in pieces:
+        text += piece
+        hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+        if hits:
+            return text[: min(hits)], True
+    return text, False
 
 
 @settings(max_examples=300, deadline=None)
@@ -23,8 +32,7 @@ def expected_output(text: str, stops: list[str]) -> tuple[str, bool]:
     stops=st.lists(st.text(alphabet="abc ", min_size=1, max_size=4), min_size=1, max_size=3),
 )
 def test_stop_strings_are_never_half_streamed(pieces, stops):
-    text = "".join(pieces)
-    want, stopped = expected_output(text, stops)
+    want, stopped = expected_output(pieces, stops)
     matcher, released = StopMatcher(stops), ""
     for piece in pieces:
         released += matcher.feed(piece)
@@ -35,6 +43,13 @@ def test_stop_strings_are_never_half_streamed(pieces, stops):
     released += matcher.flush()
     assert released == want
     assert matcher.stopped == stopped
+
+
+def test_a_stop_inside_a_longer_one_ends_the_text_where_it_completes():
+    # Found by Hypothesis: " aa" could still have matched from 0, but "a" already
+    # completed, so generation ends there and the longer stop never can.
+    matcher = StopMatcher(["a", " aa"])
+    assert matcher.feed(" a") == " " and matcher.stopped
 
 
 def test_stop_string_split_across_pieces():

@@ -80,6 +80,11 @@ class ReadMux:
         self._unblocking = False
         self._unblocker: asyncio.Task[None] | None = None
 
+    @property
+    def wakes_reads(self) -> bool:
+        """False once CLIENT commands were refused: reads then block SHORT_BLOCK_MS."""
+        return self._can_unblock
+
     async def read(self, key: str, last_id: str, block_ms: int) -> list[Entry]:
         """Entries of stream `key` after `last_id`, waiting up to `block_ms`; [] if none."""
         waiter = _Waiter(key, last_id)
