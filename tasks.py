@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 from textstream import keys
 from textstream.config import Settings, get_settings
-from textstream.fake import SCHEME as FAKE_SCHEME
-from textstream.fake import FakeEngine
+from textstream.fake import FakeEngine, is_fake
 from textstream.logs import configure_logging
 from textstream.models import ModelLoadError
 from textstream.queue import create_worker_modelq, new_server_id, redis_client
@@ -95,7 +94,7 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
 
 def load_model(settings: Settings) -> Engine | FakeEngine:
     """The real engine (torch, imported only here), or the fake one (MODEL_ID=fake)."""
-    if settings.model_id.split(":")[0] == FAKE_SCHEME:
+    if is_fake(settings.model_id):
         return FakeEngine(settings.model_id)
     from textstream.engine import load_engine
 

@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "api_cpu_share": round(api_seconds / seconds, 3),
         "api_cpu_ms_per_1000_tokens": round(api_seconds / relayed * 1e6, 1) if relayed else None,
     }
-    out = Path(RESULTS / "relay.json")
+    out = RESULTS / "relay.json"
     out.write_text(json.dumps(report, indent=2))
     print(
         f"{args.streams} streams at {args.rate:g} tokens/s each: relayed "

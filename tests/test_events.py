@@ -51,9 +51,8 @@ def test_reader_keeps_events_written_while_an_empty_reply_was_pending(redis_url)
 
         jobs.mux.read = late_empty_read  # type: ignore[method-assign]
         names = []
-        async for event in jobs.read(job_id, block_ms=50):
-            if event is not None:
-                names.append(event.event)
+        async for batch in jobs.read_batches(job_id, block_ms=50):
+            names += [event.event for event in batch or ()]
         await jobs.close()
         await client.close()
         return names
@@ -69,7 +68,7 @@ def test_reading_after_the_last_event_of_an_ended_job_returns_at_once(redis_url)
         await jobs.append(job_id, EventType.QUEUED, {"job_id": job_id})
         await jobs.append(job_id, EventType.ERROR, {"error": {"type": "cancelled"}})
         last = (await jobs.history(job_id))[-1].id
-        seen = [e async for e in jobs.read(job_id, after=last, block_ms=5000)]
+        seen = [b async for b in jobs.read_batches(job_id, after=last, block_ms=5000)]
         await jobs.close()
         await client.close()
         return seen

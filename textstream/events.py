@@ -367,14 +367,6 @@ class JobEvents:
     async def history(self, job_id: str) -> list[JobEvent]:
         return [parse_entry(i, f) for i, f in await self.client.xrange(keys.job_events(job_id))]
 
-    async def read(
-        self, job_id: str, *, after: str = START_ID, block_ms: int = 5000
-    ) -> AsyncIterator[JobEvent | None]:
-        """`read_batches`, one event at a time."""
-        async for batch in self.read_batches(job_id, after=after, block_ms=block_ms):
-            for event in batch if batch is not None else (None,):
-                yield event
-
     async def read_batches(
         self, job_id: str, *, after: str = START_ID, block_ms: int = 5000
     ) -> AsyncIterator[list[JobEvent] | None]:

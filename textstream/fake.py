@@ -53,6 +53,11 @@ WORDS = [
 SCHEME = "fake"
 
 
+def is_fake(model_id: str) -> bool:
+    """`fake` or `fake:<rate>`: the worker runs FakeEngine, and there is no tokenizer."""
+    return model_id.split(":", 1)[0] == SCHEME
+
+
 class FakeTokenizer:
     """Token i is WORDS[i] with a leading space (as GPT-2 spells words)."""
 

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from textstream.fake import SCHEME as FAKE_SCHEME
+from textstream.fake import is_fake
 from textstream.models import ModelSource, hub_reachable
 from textstream.prompts import encode_chat, encode_prompt
 from textstream.registry import WorkerInfo, live_workers
@@ -52,7 +52,7 @@ class PromptTokens:
                 workers = await live_workers(client, interval)
                 self._worker = workers[0] if workers else None
                 source = self._worker.model_source if self._worker else ""
-                if source.startswith(FAKE_SCHEME + ":") or source == FAKE_SCHEME:
+                if is_fake(source):
                     source = ""  # the fake engine has no tokenizer (and no window to check)
                 if source and source not in self._tokenizers and source not in self._failed:
                     await self._load(source)
