@@ -9,12 +9,8 @@ stops them cleanly (in-flight jobs get WORKER_SHUTDOWN_GRACE seconds to finish).
 from __future__ import annotations
 
 import argparse
-import os
 
-from tasks import serve
-from textstream.config import get_settings
-from textstream.logs import configure_logging
-from textstream.supervisor import Supervisor
+from textstream.worker.main import run_workers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,18 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = get_settings()
-    configure_logging(settings)
-    # Several processes on one CPU host would each start a full-size torch thread pool.
-    cpu_threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else 0
-    supervisor = Supervisor(
-        serve,
-        (args.concurrency, cpu_threads),
-        args.workers,
-        settings.worker_shutdown_grace,
-        gpus=args.gpus,
-    )
-    return supervisor.run()
+    return run_workers(args.workers, args.concurrency, args.gpus)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,12 @@ from typing import Any
 from bench.gpt2_offline import gpt2_small
 from bench.pipeline import PROMPT, RESULTS
 from textstream.config import Settings
-from textstream.engine import Engine, load_engine
-from textstream.schemas import SamplingParams
+from textstream.engines.transformers.engine import TransformersEngine
+from textstream.engines.transformers.loading import load_transformers
+from textstream.job import SamplingParams
 
 
-def run_level(engine: Engine, streams: int, tokens: int) -> dict[str, float]:
+def run_level(engine: TransformersEngine, streams: int, tokens: int) -> dict[str, float]:
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     prompt_ids = engine.encode_prompt(PROMPT, "raw")
     ttfts: list[float] = []
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     model = args.model or str(gpt2_small(RESULTS / "gpt2-small-random"))
-    engine = load_engine(
+    engine = load_transformers(
         Settings(model_id=model, model_fallback="", device=args.device, torch_threads=args.threads)
     )
     levels = [int(level) for level in args.levels.split(",")]
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _gpu_name(engine: Engine) -> str:
+def _gpu_name(engine: TransformersEngine) -> str:
     if engine.device.type != "cuda":
         return ""
     import torch

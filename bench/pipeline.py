@@ -33,15 +33,16 @@ import httpx
 from bench.cluster import REPO, local_service, parse_sse_lines
 from bench.gpt2_offline import gpt2_small
 from textstream.config import Settings
-from textstream.detokenize import IncrementalDetokenizer
-from textstream.engine import Engine, load_engine
-from textstream.schemas import SamplingParams
+from textstream.engines.transformers.engine import TransformersEngine
+from textstream.engines.transformers.loading import load_transformers
+from textstream.job import SamplingParams
+from textstream.worker.detokenize import IncrementalDetokenizer
 
 RESULTS = REPO / "bench" / "results"
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
-def run_in_process(engine: Engine, params: SamplingParams) -> dict[str, float]:
+def run_in_process(engine: TransformersEngine, params: SamplingParams) -> dict[str, float]:
     started = time.perf_counter()
     prompt_ids = engine.encode_prompt(PROMPT, "raw")
     detokenizer = IncrementalDetokenizer(engine.tokenizer)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         model_id=model, model_fallback="", device=args.device, torch_threads=args.threads
     )
-    engine = load_engine(settings)
+    engine = load_transformers(settings)
     run_in_process(engine, params)  # warm-up
     local = median_of([run_in_process(engine, params) for _ in range(args.runs)])
     del engine  # free the memory and threads before the worker starts

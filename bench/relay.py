@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from bench.cluster import service_env, start_api, start_redis
 from bench.serving import RESULTS, run_level, summarize
 from textstream import keys
-from textstream.events import APPEND_SCRIPT, EventType, append_args
+from textstream.transport.events import APPEND_SCRIPT, EventType, append_args
 
 
 async def write_events(url: str, streams: int, tokens: int, rate: float) -> None:

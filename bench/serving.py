@@ -158,9 +158,9 @@ def in_process(args: argparse.Namespace, levels: list[int]) -> dict[int, float]:
     """Tokens/s at each level with the model in this process, as one worker runs it."""
     from bench import batching
     from textstream.config import Settings
-    from textstream.engine import load_engine
+    from textstream.engines.transformers.loading import load_transformers
 
-    engine = load_engine(Settings(model_id=args.model, model_fallback="", device=args.device))
+    engine = load_transformers(Settings(model_id=args.model, model_fallback="", device=args.device))
     if args.slots > 1 and args.batching == "auto":
         engine.start_batching()
     batching.run_level(engine, 1, 8)  # warm-up

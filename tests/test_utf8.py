@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import TRAINED, gpt2_tokenizer
 
-from textstream.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer
+from textstream.worker.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer
 
 TOKENIZER = gpt2_tokenizer()
 

@@ -41,7 +41,7 @@ def test_two_worker_processes_each_run_every_job_exactly_once(two_workers, redis
 
 
 def test_fake_engine_streams_fixed_text_at_its_rate(make_service):
-    from textstream.fake import WORDS
+    from textstream.engines.fake import WORDS
 
     svc = make_service(model="fake:200")
     response = stream(svc.base, "/completion/anything", max_new_tokens=40)

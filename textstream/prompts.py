@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from textstream.schemas import PromptFormat
+from textstream.job import PromptFormat
 
 #: Plain prompt layout for chat requests to models without a chat template (GPT-2).
 DEFAULT_CHAT_TEMPLATE = (

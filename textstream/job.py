@@ -1,5 +1,9 @@
 """The job that travels from the API to a worker through ModelQ, and its parameters.
 
+Used by both processes. The sampling fields are declared here once, as annotated
+types (`Temperature`, `TopP`, ...): the job's `SamplingParams` and every request
+body the API accepts (api/protocol.py) use the same bounds.
+
 The API validates requests against its own limits (settings) before building a
 `CompletionJob`; the worker trusts the job's shape but not the model's limits
 (context window), which only it knows.
@@ -8,15 +12,25 @@ The API validates requests against its own limits (settings) before building a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 PromptFormat = Literal["auto", "raw", "chat"]
 
 #: At most this many stop strings per request (OpenAI's limit).
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 100
+
+# -- the sampling fields, declared once ---------------------------------------------
+MaxNewTokens = Annotated[int, Field(ge=1)]
+#: OpenAI's range. (The native API allowed up to 100 before; past 2 the text is noise.)
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0, description="0 = off")]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off")]
 
 
 def normalize_stop(value: str | list[str] | None) -> list[str]:
@@ -43,21 +57,21 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(20, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k filtering")
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_new_tokens: MaxNewTokens = 20
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
     #: Keep generating past end-of-text (as vLLM's `ignore_eos`): fixed-length output
     #: for benchmarks and tests.
     ignore_eos: bool = False
     #: Generation ends before the first of these strings (which is not returned).
     stop: list[str] = Field(default_factory=list)
     #: OpenAI's penalties on tokens already generated (presence: once; frequency: per use).
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     #: Hugging Face's multiplicative penalty on every token seen (prompt included); 1 = off.
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: RepetitionPenalty = 1.0
 
     @property
     def greedy(self) -> bool:
@@ -73,52 +87,6 @@ class SamplingParams(BaseModel):
     def deterministic(self) -> bool:
         """Same request, same output: what the response cache may store."""
         return self.greedy or self.seed is not None
-
-
-class GenerationRequest(BaseModel):
-    """Sampling fields a client may send: the `/completion` query string and the
-    `POST /jobs` body share them. `max_new_tokens` defaults per deployment."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    max_new_tokens: int | None = Field(None, ge=1, description="default DEFAULT_MAX_NEW_TOKENS")
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = off")
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    ignore_eos: bool = False
-    prompt_format: PromptFormat = "auto"
-    stop: list[str] | str | None = Field(None, description="up to 4 stop strings")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    use_cache: bool = Field(True, description="answer identical deterministic requests from cache")
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: list[str] | str | None) -> list[str]:
-        return normalize_stop(value)
-
-    def sampling(self, default_max_new_tokens: int) -> SamplingParams:
-        fields = self.model_dump(exclude={"prompt_format", "prompt", "use_cache", "stream"})
-        fields["max_new_tokens"] = self.max_new_tokens or default_max_new_tokens
-        fields["stop"] = normalize_stop(self.stop)
-        return SamplingParams(**fields)
-
-
-class CompletionQuery(GenerationRequest):
-    """`/completion/{question}` query string: the sampling fields, plus `stream`."""
-
-    stream: bool = Field(True, description="false: one JSON answer once the job is done")
-
-
-class JobRequest(GenerationRequest):
-    """`POST /jobs` body. Unknown fields are refused: a typo such as `max_token`
-    would otherwise be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    prompt: str
 
 
 class CompletionJob(BaseModel):

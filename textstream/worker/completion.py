@@ -23,35 +23,29 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
 from textstream.config import Settings
-from textstream.detokenize import IncrementalDetokenizer
-from textstream.events import (
+from textstream.engines.base import Engine, PromptTooLongError
+from textstream.job import CompletionJob
+from textstream.logs import redact
+from textstream.metrics import JobTimings, record_job
+from textstream.registry import WorkerHeartbeat
+from textstream.transport.events import (
     CANCELLED,
+    TIMEOUT,
     EventType,
     EventWriter,
     JobEvent,
     error_data,
+    stream_maxlen,
 )
-from textstream.logs import redact
-from textstream.metrics import JobTimings, record_job
-from textstream.models import PromptTooLongError
-from textstream.registry import WorkerHeartbeat
-from textstream.schemas import CompletionJob
-from textstream.stops import StopMatcher
-
-if TYPE_CHECKING:  # the worker itself never imports torch: the engine is passed in
-    from textstream.engine import Engine
-    from textstream.fake import FakeEngine
+from textstream.worker.detokenize import IncrementalDetokenizer
+from textstream.worker.stops import StopMatcher
 
 log = logging.getLogger(__name__)
-
-#: Events a job may produce besides its tokens (status, seams, terminal); sizes MAXLEN.
-EXTRA_EVENTS = 64
-TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
 
 
 class TokenPublisher:
@@ -113,7 +107,7 @@ class CompletionRunner:
 
     def __init__(
         self,
-        engine: Engine | FakeEngine,
+        engine: Engine,
         client: redis.Redis,
         settings: Settings,
         heartbeat: WorkerHeartbeat,
@@ -136,7 +130,7 @@ class CompletionRunner:
             job.job_id,
             owner=f"{self._heartbeat.info.worker_id}/{uuid.uuid4().hex[:8]}",
             ttl=self._settings.job_ttl,
-            maxlen=self._settings.max_new_tokens_limit + EXTRA_EVENTS,
+            maxlen=stream_maxlen(self._settings),
             grace=self._settings.redis_grace_seconds,
         )
         self._heartbeat.job_started()
@@ -167,8 +161,7 @@ class CompletionRunner:
             self._heartbeat.info.last_tokens_per_s = (
                 round((len(timings.token_times) - 1) / span, 2) if span else 0.0
             )
-        if self._engine.batcher is not None:
-            self._heartbeat.info.peak_batch = self._engine.batcher.peak
+        self._heartbeat.info.peak_batch = self._engine.peak_batch
         try:
             record_job(self._client, timings, success=result["status"] == "done")
             self._heartbeat.beat()  # /workers and /metrics see the new rate at once

@@ -1,35 +1,30 @@
-"""HTTP routes: `/completion/{question}`, the `/jobs` API and `/health`.
+"""The native API: `/completion/{question}` and the `/jobs` API.
 
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
 
 import re
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import unquote_to_bytes
 
-import anyio
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from textstream.events import START_ID, CancelOutcome
-from textstream.jobs import JobStatus, summarize
-from textstream.ops import authorize, services_of
-from textstream.schemas import CompletionQuery, JobRequest
-from textstream.security import Caller
-from textstream.service import (
+from textstream.api.deps import authorize, services_of
+from textstream.api.errors import (
     InvalidInputError,
+    JobFinishedError,
     JobNotFoundError,
-    Submission,
-    check_context_window,
-    check_prompt,
-    check_request,
-    job_deadline,
-    start_job,
+    job_error_response,
 )
-from textstream.sse import Relay, collect_events, stream_job_events
+from textstream.api.protocol import CompletionQuery, JobRequest
+from textstream.api.responses import completed_job, job_headers, relay_for, sse_response
+from textstream.api.status import JobStatus, summarize
+from textstream.api.submit import CancelPolicy, Prompt, job_deadline, submit
+from textstream.transport.events import START_ID, CancelOutcome
+from textstream.transport.sse import stream_job_events
 
 
 class AnyTextConvertor(Convertor[str]):
@@ -53,65 +48,6 @@ EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 JobId = Annotated[str, Path(description="a job id, as returned by POST /jobs or X-Job-Id")]
 
 
-def job_headers(submission: Submission) -> dict[str, str]:
-    return {"X-Job-Id": submission.job_id, "X-Cache": "hit" if submission.shared else "miss"}
-
-
-async def sse_response(
-    request: Request, events: AsyncIterator[bytes], headers: dict[str, str]
-) -> Response:
-    """An SSE response holding one of the caller's stream slots until it ends."""
-    services = services_of(request)
-    caller: Caller = request.state.caller
-    slot = await services.guard.open_stream(caller)
-
-    async def holding_slot() -> AsyncIterator[bytes]:
-        try:
-            async for event in events:
-                yield event
-        finally:
-            with anyio.CancelScope(shield=True):
-                await services.guard.close_stream(caller, slot)
-
-    response: Response = EventSourceResponse(
-        holding_slot(),
-        ping=services.settings.sse_ping_seconds,
-        headers={**headers, "Cache-Control": "no-cache"},
-    )
-    return response
-
-
-#: Status codes for a job that ended in error, when the answer is not streamed.
-ERROR_STATUS = {
-    "prompt_too_long": 422,
-    "cancelled": 409,
-    "timeout": 504,
-    "generation_failed": 502,
-    "redis_unavailable": 503,
-}
-
-
-async def completed_job(request: Request, relay: Relay) -> JobStatus | None:
-    """Wait for the job to end (non-streaming answers); None if the client left."""
-    events = await collect_events(relay, request.is_disconnected)
-    if events is None:
-        return None
-    if not events:
-        raise JobNotFoundError(relay.job_id)
-    return summarize(relay.job_id, events)
-
-
-def job_error(status: JobStatus) -> tuple[dict[str, Any], int]:
-    """The error a failed job ended with, and the HTTP status it answers with."""
-    error = status.error or {"type": "error", "message": "the job failed"}
-    return error, ERROR_STATUS.get(error["type"], 502)
-
-
-def error_response(status: JobStatus, headers: dict[str, str]) -> JSONResponse:
-    error, code = job_error(status)
-    return JSONResponse({"error": error}, code, headers=headers)
-
-
 def path_text(request: Request) -> str:
     """The raw path must be UTF-8 once percent-decoded (Starlette would replace bad bytes)."""
     try:
@@ -128,13 +64,10 @@ async def completion(
 ) -> Response:
     """Stream a completion of `question` as SSE: `token` events, then `done` or `error`
     (`stream=false`: one JSON answer once done). Disconnecting cancels the job."""
-    services = services_of(request)
     path_text(request)
-    check_prompt(question, services.settings, "question")
-    check_request(params, services.settings)
-    await check_context_window(services, question, params, "question")
-    job = await start_job(services, params, prompt=question, reader=True)
-    relay = Relay(services.jobs, services.settings, job.job_id, job.deadline, True)
+    policy = CancelPolicy.ON_DISCONNECT
+    job = await submit(services_of(request), Prompt("question", question), params, policy)
+    relay = relay_for(request, job.job_id, job.deadline, policy)
     headers = job_headers(job)
     if params.stream:
         return await sse_response(request, stream_job_events(relay), headers)
@@ -142,7 +75,7 @@ async def completion(
     if status is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     if status.status != "done":
-        return error_response(status, headers)
+        return job_error_response(request, status.error, headers)
     body = {
         "id": job.job_id,
         "model": status.model,
@@ -157,10 +90,7 @@ async def completion(
 async def create_job(request: Request, body: JobRequest) -> dict[str, str | None]:
     """Queue a completion; follow it at `events_url` (resumable), poll `status_url`."""
     services = services_of(request)
-    check_prompt(body.prompt, services.settings, "prompt")
-    check_request(body, services.settings)
-    await check_context_window(services, body.prompt, body, "prompt")
-    job = await start_job(services, body, prompt=body.prompt, reader=False, pinned=True)
+    job = await submit(services, Prompt("prompt", body.prompt), body, CancelPolicy.EXPLICIT)
     return {
         "id": job.job_id,
         "events_url": f"/jobs/{job.job_id}/events",
@@ -190,8 +120,11 @@ async def job_events(
     if not EVENT_ID.match(after):
         raise InvalidInputError("last_event_id", "expected an event id such as 1700000000000-0")
     deadline = await job_deadline(services, checked_job_id(job_id))
-    relay = Relay(services.jobs, services.settings, job_id, deadline, cancel_on_disconnect=False)
-    return await sse_response(request, stream_job_events(relay, after), {"X-Job-Id": job_id})
+    relay = relay_for(request, job_id, deadline, CancelPolicy.EXPLICIT)
+    response: EventSourceResponse = await sse_response(
+        request, stream_job_events(relay, after), {"X-Job-Id": job_id}
+    )
+    return response
 
 
 @router.get("/jobs/{job_id}")
@@ -211,7 +144,5 @@ async def cancel_job(request: Request, job_id: JobId) -> dict[str, str]:
     if outcome is CancelOutcome.UNKNOWN:
         raise JobNotFoundError(job_id)
     if outcome is CancelOutcome.FINISHED:
-        raise HTTPException(
-            409, detail={"error": {"type": "job_finished", "message": "the job already ended"}}
-        )
+        raise JobFinishedError()
     return {"id": job_id, "status": outcome.value}

@@ -24,6 +24,9 @@ that no remaining row uses are trimmed when requests leave.
 
 Prefill is not chunked: a long prompt joining delays the running streams by its
 prefill time. Prompts in this service are bounded by MAX_PROMPT_CHARS.
+
+Sampling is sampling.py's, the same as the one-request loop's: the engine sets up
+each request's `Sequence` and hands it here.
 """
 
 from __future__ import annotations
@@ -34,26 +37,21 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from textstream.schemas import SamplingParams, Step
-
-if TYPE_CHECKING:
-    from textstream.engine import Engine
+from textstream.engines.transformers.sampling import Sequence
+from textstream.job import Step
 
 log = logging.getLogger(__name__)
 
 
-def supports_batching(engine: Engine) -> bool:
+def supports_batching(model: Any, device: torch.device, probe_token: int) -> bool:
     """Only caches made of plain full-attention layers can be padded and merged."""
     with torch.inference_mode():
-        out = engine.model(
-            input_ids=torch.tensor([[engine.tokenizer.eos_token_id or 0]], device=engine.device),
-            use_cache=True,
-        )
+        out = model(input_ids=torch.tensor([[probe_token]], device=device), use_cache=True)
     cache = out.past_key_values
     return isinstance(cache, DynamicCache) and all(
         type(layer) is DynamicLayer for layer in cache.layers
@@ -62,11 +60,7 @@ def supports_batching(engine: Engine) -> bool:
 
 @dataclass(eq=False)
 class _Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    budget: int
-    generator: torch.Generator | None
-    history: tuple[torch.Tensor, torch.Tensor] | None
+    sequence: Sequence
     #: Steps for the reader; an exception if the batch failed.
     out: queue.SimpleQueue[Step | BaseException] = field(default_factory=queue.SimpleQueue)
     produced: int = 0
@@ -79,10 +73,11 @@ class _Request:
 
 
 class Batcher:
-    """The running batch of one Engine, driven by a daemon thread of its own."""
+    """The running batch of one model, driven by a daemon thread of its own."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self._model = model
+        self._device = device
         self._arrived: deque[_Request] = deque()
         self._wake = threading.Condition()
         self._running: list[_Request] = []
@@ -95,17 +90,10 @@ class Batcher:
 
     # -- the reader's side (a ModelQ thread) --------------------------------------
 
-    def generate(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-        generated: int,
-    ) -> Generator[Step]:
+    def generate(self, sequence: Sequence, should_stop: Callable[[], bool]) -> Generator[Step]:
         """Engine.generate's contract, served by the batch. Nothing is submitted
         until the first token is asked for."""
-        prompt_ids, budget, generator, history = self._engine.start(prompt_ids, params, generated)
-        request = _Request(prompt_ids, params, budget, generator, history)
+        request = _Request(sequence)
         with self._wake:
             self._arrived.append(request)
             self._wake.notify()
@@ -144,19 +132,18 @@ class Batcher:
 
     def _emit(self, request: _Request, logits: torch.Tensor) -> None:
         """Choose `request`'s next token from its logits (V,) and hand it over."""
-        token = self._engine.choose(logits, request.params, request.generator, request.history)
-        self._hand_over(request, token)
+        self._hand_over(request, request.sequence.choose(logits))
 
     def _hand_over(self, request: _Request, token: int) -> None:
         request.produced += 1
-        finish = self._engine.finish_reason(token, request.produced, request.budget, request.params)
+        finish = request.sequence.finish_reason(token, request.produced)
         request.out.put(Step(token, finish))
         request.last_token, request.finished = token, finish is not None
 
     def _prefill(self, request: _Request) -> None:
         """Run the prompt alone, emit its first token, and merge it into the batch."""
-        ids = torch.tensor([request.prompt_ids], device=self._engine.device)  # (1, T)
-        out = self._engine.model(input_ids=ids, use_cache=True)
+        ids = torch.tensor([request.sequence.prompt_ids], device=self._device)  # (1, T)
+        out = self._model(input_ids=ids, use_cache=True)
         request.length = ids.shape[1]
         self._emit(request, out.logits[0, -1, :])
         if request.finished:
@@ -167,7 +154,7 @@ class Batcher:
     def _merge(self, cache: DynamicCache, length: int) -> None:
         """Add one sequence's cache (1, H, length, D) per layer as the batch's last row,
         padding on the left whichever side is shorter."""
-        ones = torch.ones((1, length), dtype=torch.long, device=self._engine.device)
+        ones = torch.ones((1, length), dtype=torch.long, device=self._device)
         if self._cache is None or self._mask is None:
             self._cache, self._mask = cache, ones
             return
@@ -182,13 +169,13 @@ class Batcher:
         running = self._running
         if not running or self._cache is None or self._mask is None:
             return
-        device = self._engine.device
+        device = self._device
         tokens = torch.tensor([[r.last_token] for r in running], device=device)
         positions = torch.tensor([[r.length] for r in running], device=device)
         self._mask = torch.cat(
             [self._mask, torch.ones((len(running), 1), dtype=torch.long, device=device)], dim=1
         )
-        out = self._engine.model(
+        out = self._model(
             input_ids=tokens,
             attention_mask=self._mask,
             position_ids=positions,
@@ -198,7 +185,7 @@ class Batcher:
         logits = out.logits[:, -1, :]  # (B, V)
         self.peak, self.steps = max(self.peak, len(running)), self.steps + 1
         # Plain greedy rows (the common case) share one argmax and one device sync.
-        plain = [i for i, r in enumerate(running) if r.params.greedy and r.history is None]
+        plain = [i for i, r in enumerate(running) if r.sequence.plain_greedy]
         greedy = dict(zip(plain, logits[plain].argmax(dim=-1).tolist(), strict=True))
         for i, request in enumerate(running):
             request.length += 1
@@ -217,7 +204,7 @@ class Batcher:
         if not keep or self._cache is None or self._mask is None:
             self._running, self._cache, self._mask = [], None, None
             return
-        rows = torch.tensor(keep, device=self._engine.device)
+        rows = torch.tensor(keep, device=self._device)
         mask = self._mask.index_select(0, rows)
         start = int(mask.any(dim=0).nonzero()[0])  # first column some row still uses
         self._mask = mask[:, start:]

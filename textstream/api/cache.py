@@ -7,7 +7,7 @@ sampling parameter. The entry points at the job whose stream holds the answer:
 - a job still generating is simply followed (single-flight: N identical requests,
   one generation);
 - a finished job is replayed from its stream, with no worker involved;
-- a job that ends in error or is cancelled removes its entry (events.py's scripts),
+- a job that ends in error or is cancelled removes its entry (the stream scripts),
   so failures are never served from the cache.
 
 The entry is claimed with SET NX before the job is queued, so two identical
@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from textstream import keys
-from textstream.schemas import PromptFormat, SamplingParams
+from textstream.job import PromptFormat, SamplingParams
 
 
 def cache_key(

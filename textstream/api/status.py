@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from textstream.events import EventType, JobEvent, entry_seconds
+from textstream.transport.events import EventType, JobEvent, entry_seconds
 
 JobStatusName = Literal["queued", "running", "done", "error", "cancelled"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator
 
-from textstream.schemas import PromptFormat, SamplingParams, Step
+from textstream.job import PromptFormat, SamplingParams, Step
 
 WORDS = [
     "The",
@@ -50,12 +50,6 @@ WORDS = [
     "client",
     ".",
 ]
-SCHEME = "fake"
-
-
-def is_fake(model_id: str) -> bool:
-    """`fake` or `fake:<rate>`: the worker runs FakeEngine, and there is no tokenizer."""
-    return model_id.split(":", 1)[0] == SCHEME
 
 
 class FakeTokenizer:
@@ -77,7 +71,7 @@ class FakeTokenizer:
 
 
 class FakeEngine:
-    """Quacks like engine.Engine for the worker: generate() sleeps 1/rate per token."""
+    """An `engines.base.Engine` whose generate() sleeps 1/rate per token."""
 
     def __init__(self, spec: str) -> None:
         _, _, rate = spec.partition(":")
@@ -89,7 +83,7 @@ class FakeEngine:
         self.prompt_format: PromptFormat = "raw"
         self.context_length = 1 << 20
         self.load_seconds = 0.0
-        self.batcher = None  # each fake stream only sleeps: nothing to batch
+        self.peak_batch = 0  # each fake stream only sleeps: nothing to batch
 
     def start_batching(self) -> bool:
         return False

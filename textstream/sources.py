@@ -1,6 +1,6 @@
-"""Where models come from: hub ids, local directories, `.gguf` files, and files in
-installed packages. Imports nothing heavy: the API uses it to find the tokenizer of
-the model its workers serve."""
+"""What a MODEL_ID names: a hub id, a local directory, a `.gguf` file, a file in an
+installed package, or the fake engine. Imports nothing heavy: the API uses it to
+find the tokenizer of the model its workers serve."""
 
 from __future__ import annotations
 
@@ -14,14 +14,17 @@ from textstream.resources import package_dir
 #: `MODEL_ID=package:<module>/<file>` names a file shipped inside an installed
 #: Python package (how the bundled SmolLM2 is found without knowing the venv path).
 PACKAGE_SCHEME = "package:"
+#: `MODEL_ID=fake` or `fake:<tokens per second>`: engines/fake.py, no model at all.
+FAKE_SCHEME = "fake"
 
 
 class ModelLoadError(RuntimeError):
     """Neither MODEL_ID nor MODEL_FALLBACK could be loaded."""
 
 
-class PromptTooLongError(ValueError):
-    """The prompt leaves no room in the model's context window."""
+def is_fake(model_id: str) -> bool:
+    """`fake` or `fake:<rate>`: the worker runs FakeEngine, and there is no tokenizer."""
+    return model_id.split(":", 1)[0] == FAKE_SCHEME
 
 
 @dataclass(frozen=True)

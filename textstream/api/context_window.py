@@ -18,11 +18,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from textstream.fake import is_fake
-from textstream.models import ModelSource, hub_reachable
+from textstream.job import PromptFormat
 from textstream.prompts import encode_chat, encode_prompt
 from textstream.registry import WorkerInfo, live_workers
-from textstream.schemas import PromptFormat
+from textstream.sources import ModelSource, hub_reachable, is_fake
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 ModelQ holds custody of a job from enqueue until a worker has finished it. We do
 NOT read results through it (`get_stream`/`get_result` poll with 1 s sleeps, are
 synchronous and truncate streams for late readers); tokens travel on our own
-Redis Streams (events.py).
+Redis Streams (transport/events.py).
 
 Three ModelQ behaviours are deliberately worked around here:
 - `import modelq` calls `logging.basicConfig(level=INFO)` and logs every task's
@@ -21,14 +21,12 @@ Three ModelQ behaviours are deliberately worked around here:
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 from modelq import ModelQ
 from modelq.app.redis_retry import _RedisWithRetry
@@ -36,7 +34,9 @@ from modelq.app.tasks import Task
 
 from textstream import keys
 from textstream.config import Settings
-from textstream.schemas import CompletionJob
+from textstream.connections import sync_client
+from textstream.job import CompletionJob
+from textstream.logs import quiet_modelq_logging
 
 __all__ = [
     "JobQueue",
@@ -44,13 +44,7 @@ __all__ = [
     "ProducerModelQ",
     "create_worker_modelq",
     "new_server_id",
-    "quiet_modelq_logging",
 ]
-
-
-def quiet_modelq_logging() -> None:
-    """ModelQ logs task arguments (prompts) at INFO; keep only its warnings."""
-    logging.getLogger("modelq").setLevel(logging.WARNING)
 
 
 def new_server_id() -> str:
@@ -62,20 +56,6 @@ def new_server_id() -> str:
     """
     host = socket.gethostname().replace(":", "-")
     return f"{host}-{uuid.uuid4().hex[:8]}"
-
-
-def redis_client(settings: Settings, *, blocking_reads: bool = False) -> redis.Redis:
-    """A synchronous client with bounded connect and read times.
-
-    `blocking_reads` leaves room for ModelQ's 15 s BLMOVE inside the read timeout.
-    """
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=settings.redis_timeout,
-        socket_timeout=60.0 if blocking_reads else settings.redis_timeout,
-        socket_keepalive=True,
-        health_check_interval=30,
-    )
 
 
 def tune_for_takeover(mq: ModelQ, settings: Settings) -> None:
@@ -101,7 +81,7 @@ def create_worker_modelq(
 ) -> ModelQ:
     """The worker's ModelQ instance with the completion task registered on it."""
     quiet_modelq_logging()
-    mq = ModelQ(redis_client=redis_client(settings, blocking_reads=True), server_id=server_id)
+    mq = ModelQ(redis_client=sync_client(settings, blocking_reads=True), server_id=server_id)
     tune_for_takeover(mq, settings)
 
     def generate_completion(job: CompletionJob) -> dict[str, Any]:

@@ -32,9 +32,19 @@ import redis
 import redis.asyncio as aioredis
 
 from textstream import keys
-from textstream.mux import ReadMux
+from textstream.config import Settings
+from textstream.transport.mux import ReadMux
 
 START_ID = "0-0"
+
+#: Events a job may produce besides its tokens (status, seams, terminal).
+EXTRA_EVENTS = 64
+
+
+def stream_maxlen(settings: Settings) -> int:
+    """MAXLEN of a job's stream: room for every token event and the rest, so a
+    reader that starts late still reads the whole job."""
+    return settings.max_new_tokens_limit + EXTRA_EVENTS
 
 
 class EventType(StrEnum):
@@ -161,6 +171,8 @@ def error_data(error_type: str, message: str) -> dict[str, Any]:
 
 
 CANCELLED = error_data("cancelled", "the job was cancelled")
+TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
+REDIS_LOST = error_data("redis_unavailable", "the event store is unreachable; reconnect later")
 
 
 def _text(value: bytes | str) -> str:

@@ -31,14 +31,20 @@ from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
 from textstream.config import Settings
-from textstream.events import START_ID, EventType, JobEvent, JobEvents, error_data
-from textstream.queue import queue_position
-from textstream.registry import live_workers
+from textstream.transport.events import (
+    REDIS_LOST,
+    START_ID,
+    TIMEOUT,
+    EventType,
+    JobEvent,
+    JobEvents,
+)
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
-REDIS_LOST = error_data("redis_unavailable", "the event store is unreachable; reconnect later")
+#: Where a queued job stands: {"position": ..., "workers": ...} (the API's queue
+#: knows; the relay only asks).
+QueueReport = Callable[[str], Awaitable[dict[str, Any]]]
 
 
 def to_sse(event: JobEvent) -> ServerSentEvent:
@@ -61,6 +67,7 @@ class Relay:
     job_id: str
     deadline: float | None = None
     cancel_on_disconnect: bool = False
+    queue_report: QueueReport | None = None
 
     async def idle_status(self, started: bool) -> JobEvent | None:
         """Called when nothing arrived for a while: enforce the deadline, or report
@@ -68,11 +75,9 @@ class Relay:
         if self.deadline is not None and time.time() > self.deadline:
             await self.jobs.append(self.job_id, EventType.ERROR, TIMEOUT)
             return None  # the timeout event itself arrives through the stream
-        if started:
+        if started or self.queue_report is None:
             return None
-        position = await queue_position(self.jobs.client, self.job_id)
-        workers = await live_workers(self.jobs.client, self.settings.worker_heartbeat_seconds)
-        data = {"job_id": self.job_id, "position": position, "workers": len(workers)}
+        data = {"job_id": self.job_id, **await self.queue_report(self.job_id)}
         return status_event(EventType.QUEUED, data)
 
     async def events(self, after: str = START_ID) -> AsyncIterator[JobEvent]:

@@ -13,40 +13,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from redis.exceptions import RedisError
 
+from textstream.api.deps import Services, authorize, services_of
+from textstream.jobqueue import queue_length
 from textstream.metrics import render
-from textstream.queue import queue_length
 from textstream.registry import WorkerInfo, live_workers
-from textstream.security import Caller, Guard
-from textstream.service import Services
 
-PAGE = files("textstream").joinpath("static/index.html").read_text(encoding="utf-8")
-
-
-def services_of(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-async def authorize(request: Request) -> Caller:
-    """Who is calling (API key, or per-job stream token on an events URL), and
-    count the call against its rate limit. Raises for 401 / 429."""
-    services = services_of(request)
-    guard: Guard = services.guard
-    job_id = request.path_params.get("job_id", "") if request.url.path.endswith("/events") else ""
-    client_ip = request.client.host if request.client else "unknown"
-    caller = guard.identify(
-        request.headers.get("authorization"),
-        client_ip,
-        job_id=job_id,
-        token=request.query_params.get("access_token", ""),
-    )
-    await guard.count_request(caller)
-    request.state.caller = caller
-    return caller
+PAGE = files("textstream.api").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 public = APIRouter()
-operator = APIRouter(dependencies=[Depends(authorize)])
+router = APIRouter(dependencies=[Depends(authorize)])
 
 
 @public.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -83,7 +59,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@operator.get("/ready")
+@router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """200 only when Redis answers and at least one live worker has its model loaded."""
     redis_ok, workers = await workers_or_none(services_of(request))
@@ -99,7 +75,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
-@operator.get("/workers")
+@router.get("/workers")
 async def workers(request: Request) -> dict[str, Any]:
     """Live workers: id, host, model, device, busy/free slots, last heartbeat."""
     _, live = await workers_or_none(services_of(request))
@@ -126,7 +102,7 @@ async def workers(request: Request) -> dict[str, Any]:
     }
 
 
-@operator.get("/metrics")
+@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text format, the same from every API process (figures live in Redis)."""
     services = services_of(request)

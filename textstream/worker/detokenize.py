@@ -20,18 +20,9 @@ and then it is held back like one.
 
 from __future__ import annotations
 
-from typing import Protocol
+from textstream.engines.base import Decoder
 
 REPLACEMENT_CHAR = "\ufffd"
-
-
-class Decoder(Protocol):
-    def decode(
-        self,
-        token_ids: list[int],
-        skip_special_tokens: bool = ...,
-        clean_up_tokenization_spaces: bool | None = ...,
-    ) -> str: ...
 
 
 class IncrementalDetokenizer:

@@ -23,20 +23,11 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from textstream import keys
+from textstream.api.errors import RateLimitedError, UnauthorizedError
 from textstream.config import Settings
 
 #: An open stream that never reported its end stops counting after this long.
 STREAM_SLOT_SECONDS = 3600
-
-
-class UnauthorizedError(PermissionError):
-    """No valid API key (or stream token)."""
-
-
-class RateLimitedError(RuntimeError):
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""The app factory and its lifespan: `create_app(settings)` (app.py at the top of
+the repo calls it; tests call it with their own settings).
+
+The app never runs a model. A request becomes a `CompletionJob` on the ModelQ queue
+(submit.py) and a stream of events read back from Redis (transport/sse.py).
+Long-lived clients (the asyncio Redis pool, the ModelQ producer) are made in
+`lifespan` and kept on `app.state.services`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from textstream import __version__
+from textstream.api import native, openai, operator
+from textstream.api.context_window import PromptTokens
+from textstream.api.deps import Services
+from textstream.api.errors import add_error_handlers
+from textstream.api.requestlog import RequestLog
+from textstream.api.security import Guard
+from textstream.config import Settings, get_settings
+from textstream.connections import async_client
+from textstream.jobqueue import JobQueue
+from textstream.logs import configure_logging
+from textstream.transport.events import JobEvents, stream_maxlen
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    client = async_client(settings)
+    jobs = JobEvents(client, ttl=settings.job_ttl, maxlen=stream_maxlen(settings))
+    prompt_tokens = PromptTokens()
+    guard = Guard(settings, client)
+    app.state.services = Services(
+        settings, client, jobs, JobQueue(client, settings), prompt_tokens, guard
+    )
+    if not guard.enabled:
+        log.warning("API_KEYS is empty: the API is open to anyone who can reach it")
+    watcher = asyncio.create_task(prompt_tokens.watch(client, settings.worker_heartbeat_seconds))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        await jobs.close()
+        await client.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings)
+    app = FastAPI(title="textstream", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    add_error_handlers(app)
+    app.include_router(operator.public)
+    app.include_router(operator.router)
+    app.include_router(native.router)
+    app.include_router(openai.router)
+    app.add_middleware(RequestLog)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            expose_headers=["X-Job-Id", "X-Cache", "X-Request-Id"],
+        )
+    return app

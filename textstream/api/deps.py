@@ -1,0 +1,50 @@
+"""What every route depends on: the long-lived services (made in the lifespan, kept
+on `app.state`) and who is calling (`authorize`, a FastAPI dependency)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from fastapi import Request
+
+from textstream.api.context_window import PromptTokens
+from textstream.api.security import Caller, Guard
+from textstream.config import Settings
+from textstream.jobqueue import JobQueue
+from textstream.transport.events import JobEvents
+
+
+@dataclass
+class Services:
+    """Long-lived clients, made in the app's lifespan and kept on `app.state`."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    jobs: JobEvents
+    queue: JobQueue
+    prompt_tokens: PromptTokens
+    guard: Guard
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def authorize(request: Request) -> Caller:
+    """Who is calling (API key, or per-job stream token on an events URL), and
+    count the call against its rate limit. Raises for 401 / 429."""
+    services = services_of(request)
+    guard: Guard = services.guard
+    job_id = request.path_params.get("job_id", "") if request.url.path.endswith("/events") else ""
+    client_ip = request.client.host if request.client else "unknown"
+    caller = guard.identify(
+        request.headers.get("authorization"),
+        client_ip,
+        job_id=job_id,
+        token=request.query_params.get("access_token", ""),
+    )
+    await guard.count_request(caller)
+    request.state.caller = caller
+    return caller

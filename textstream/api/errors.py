@@ -1,0 +1,185 @@
+"""Domain errors, and the one place they become HTTP (as vLLM's `build_app` does).
+
+Code inside the API raises these; routes never build error responses themselves.
+Each error class carries its status, its `type` and its headers. Bodies come in
+two shapes, chosen by path:
+
+- ours, `{"error": {"type", "message", "field"?}}`: the same object a stream's
+  `error` event carries (transport.events.error_data);
+- OpenAI's under `/v1`, `{"error": {"message", "type", "param", "code"}}`, where
+  invalid input is 400 rather than 422, so the `openai` SDK raises its usual
+  exceptions with our message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from textstream.transport.events import error_data
+
+
+class ServiceError(Exception):
+    """A refusal with a status: subclasses say which."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "error"
+    field: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidInputError(ServiceError, ValueError):
+    """Input the API refuses; `field` names it in the body."""
+
+    status, error_type = 422, "invalid_request"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class JobNotFoundError(ServiceError, LookupError):
+    """No such job: never created, or expired after JOB_TTL."""
+
+    status, error_type = 404, "not_found"
+
+    def __str__(self) -> str:
+        return "no such job: unknown id, or its events expired (JOB_TTL)"
+
+
+class JobFinishedError(ServiceError):
+    status, error_type = 409, "job_finished"
+
+    def __str__(self) -> str:
+        return "the job already ended"
+
+
+class QueueFullError(ServiceError):
+    """MAX_QUEUED_JOBS jobs are already waiting."""
+
+    status, error_type = 429, "queue_full"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
+
+
+class QueueUnavailableError(ServiceError):
+    """Redis (and so the queue) could not take the job in time."""
+
+    status, error_type = 503, "queue_unavailable"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
+
+
+class UnauthorizedError(ServiceError, PermissionError):
+    """No valid API key (or stream token)."""
+
+    status, error_type = 401, "unauthorized"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class RateLimitedError(ServiceError):
+    status, error_type = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+#: Status codes for a job that ended in error, when the answer is not streamed.
+JOB_ERROR_STATUS = {
+    "prompt_too_long": 422,
+    "cancelled": 409,
+    "timeout": 504,
+    "generation_failed": 502,
+    "redis_unavailable": 503,
+}
+
+#: Our error types as OpenAI's `type` field names them.
+OPENAI_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "not_found": "invalid_request_error",
+    "queue_full": "rate_limit_error",
+    "queue_unavailable": "server_error",
+}
+
+
+def openai_error_body(error_type: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object, in a response body or in a stream's `data:` line."""
+    return {
+        "error": {
+            "message": message,
+            "type": OPENAI_TYPES.get(error_type, error_type),
+            "param": param,
+            "code": error_type,
+        }
+    }
+
+
+def is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def error_response(
+    request: Request,
+    status: int,
+    error_type: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """The one builder of error responses: our shape, or OpenAI's under /v1."""
+    if is_openai(request):
+        body = openai_error_body(error_type, message, field)
+        return JSONResponse(body, 400 if status == 422 else status, headers=headers)
+    body = error_data(error_type, message)
+    body["error"].update({"field": field} if field is not None else {}, **extra)
+    return JSONResponse(body, status, headers=headers)
+
+
+def job_error_response(
+    request: Request, error: dict[str, Any] | None, headers: Mapping[str, str]
+) -> JSONResponse:
+    """A job that ended in error, answered without streaming."""
+    error = error or {"type": "error", "message": "the job failed"}
+    status = JOB_ERROR_STATUS.get(error["type"], 502)
+    return error_response(request, status, error["type"], error["message"], headers=headers)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(request, exc.status, exc.error_type, str(exc), exc.field, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Every error body has the same shape, routing errors (404, 405) included."""
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(request, exc.status_code, kind, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        field = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else ""
+        message = errors[0]["msg"] if errors else "invalid request"
+        detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]
+        return error_response(request, 422, "invalid_request", message, field, detail=detail)

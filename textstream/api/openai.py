@@ -1,0 +1,174 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+
+The official `openai` SDK pointed at `base_url=http://host/v1` works unmodified.
+Requests become the same jobs as `/completion` (same submit(), queue, workers,
+cache); only the shapes differ. Streaming sends OpenAI chunk objects as `data:`
+lines and ends with `data: [DONE]`; errors use OpenAI's error object (errors.py).
+
+Supported beyond OpenAI's own fields, as vLLM accepts them: `top_k`,
+`repetition_penalty`, `ignore_eos`, and our `use_cache`. Unsupported options get a
+400 naming the parameter: `n`/`best_of` > 1, `logprobs`, `echo`, `suffix`,
+`logit_bias`, tools, non-text response formats, token-id prompts.
+
+No `from __future__ import annotations`: FastAPI reads these signatures at run time.
+"""
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import ServerSentEvent
+
+from textstream.api.cache import served_model
+from textstream.api.deps import authorize, services_of
+from textstream.api.errors import job_error_response, openai_error_body
+from textstream.api.protocol import ChatRequest, CompletionRequest, OpenAISampling
+from textstream.api.responses import completed_job, job_headers, relay_for, sse_response
+from textstream.api.submit import CancelPolicy, Prompt, submit
+from textstream.registry import live_workers
+from textstream.transport.events import EventType, JobEvent
+from textstream.transport.sse import relay_events
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+
+class ChunkShape:
+    """Builds one endpoint's OpenAI objects (completion vs chat) for one job."""
+
+    def __init__(self, chat: bool, job_id: str, model: str) -> None:
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
+        self.model = model
+        self.created = int(time.time())
+        self._sent_role = False
+
+    def _object(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def chunk(self, text: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+        if not self.chat:
+            choice = {
+                "index": 0,
+                "text": text or "",
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            return self._object("text_completion", [choice])
+        delta: dict[str, Any] = {} if text is None else {"content": text}
+        if not self._sent_role:
+            delta["role"], self._sent_role = "assistant", True
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._object("chat.completion.chunk", [choice])
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._object(kind, [], usage=with_total(usage))
+
+    def whole(self, text: str, finish_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            return self._object("chat.completion", [choice], usage=with_total(usage))
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return self._object("text_completion", [choice], usage=with_total(usage))
+
+
+def with_total(usage: dict[str, int]) -> dict[str, int]:
+    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+
+def data(payload: dict[str, Any] | str) -> ServerSentEvent:
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return ServerSentEvent(data=text)
+
+
+class ChunkStream:
+    """Job events -> OpenAI stream lines."""
+
+    def __init__(self, shape: ChunkShape, include_usage: bool) -> None:
+        self.shape = shape
+        self.include_usage = include_usage
+
+    def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]:
+        if event.event == EventType.TOKEN:
+            yield data(self.shape.chunk(event.data["text"]))
+        elif event.event == EventType.DONE:
+            yield data(self.shape.chunk(None, event.data["finish_reason"]))
+            if self.include_usage:
+                yield data(self.shape.usage_chunk(event.data["usage"]))
+            yield data("[DONE]")
+        elif event.event == EventType.ERROR:
+            error = event.data.get("error") or {}
+            yield data(openai_error_body(error.get("type", "error"), error.get("message", "")))
+            yield data("[DONE]")
+
+
+async def answer(
+    request: Request, body: OpenAISampling, max_tokens: int | None, prompt: Prompt
+) -> Response:
+    services = services_of(request)
+    body.refuse_unsupported()
+    policy = CancelPolicy.ON_DISCONNECT
+    job = await submit(services, prompt, body.generation(max_tokens), policy)
+    relay = relay_for(request, job.job_id, job.deadline, policy)
+    model = await served_model(services.redis) or body.model
+    shape = ChunkShape(prompt.messages is not None, job.job_id, model)
+    headers = job_headers(job)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = ChunkStream(shape, include_usage)
+        return await sse_response(request, relay_events(relay, chunks.convert), headers)
+    status = await completed_job(request, relay)
+    if status is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    if status.status != "done" or status.usage is None:
+        return job_error_response(request, status.error, headers)
+    shape.model = status.model or shape.model
+    return JSONResponse(
+        shape.whole(status.text, status.finish_reason, status.usage), headers=headers
+    )
+
+
+@router.post("/completions")
+async def completions(request: Request, body: CompletionRequest) -> Response:
+    prompt = Prompt("prompt", body.text(), max_tokens_field="max_tokens")
+    return await answer(request, body, body.max_tokens, prompt)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, body: ChatRequest) -> Response:
+    field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    prompt = Prompt("messages", messages=body.as_messages(), max_tokens_field=field)
+    return await answer(request, body, body.max_completion_tokens or body.max_tokens, prompt)
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    services = services_of(request)
+    workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
+    names = sorted({w.model for w in workers}) or [
+        m for m in [await served_model(services.redis)] if m
+    ]
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "textstream"}
+            for name in names
+        ],
+    }

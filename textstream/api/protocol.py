@@ -1,0 +1,194 @@
+"""The request bodies and query strings the API accepts (as vLLM's protocol.py).
+
+Sampling fields use the types declared once in textstream/job.py. Each model knows
+how to become a `GenerationRequest`, the common form submit() takes.
+
+No `from __future__ import annotations`: FastAPI and pydantic read these at run time.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from textstream.api.errors import InvalidInputError
+from textstream.job import (
+    MaxNewTokens,
+    Penalty,
+    PromptFormat,
+    RepetitionPenalty,
+    SamplingParams,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+    normalize_stop,
+)
+
+# -- the native API -----------------------------------------------------------------
+
+
+class GenerationRequest(BaseModel):
+    """Sampling fields a client may send: the `/completion` query string and the
+    `POST /jobs` body share them. `max_new_tokens` defaults per deployment."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    max_new_tokens: MaxNewTokens | None = Field(None, description="default DEFAULT_MAX_NEW_TOKENS")
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
+    ignore_eos: bool = False
+    prompt_format: PromptFormat = "auto"
+    stop: list[str] | str | None = Field(None, description="up to 4 stop strings")
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    use_cache: bool = Field(True, description="answer identical deterministic requests from cache")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str] | str | None) -> list[str]:
+        return normalize_stop(value)
+
+    def sampling(self, default_max_new_tokens: int) -> SamplingParams:
+        fields = self.model_dump(exclude={"prompt_format", "prompt", "use_cache", "stream"})
+        fields["max_new_tokens"] = self.max_new_tokens or default_max_new_tokens
+        fields["stop"] = normalize_stop(self.stop)
+        return SamplingParams(**fields)
+
+
+class CompletionQuery(GenerationRequest):
+    """`/completion/{question}` query string: the sampling fields, plus `stream`."""
+
+    stream: bool = Field(True, description="false: one JSON answer once the job is done")
+
+
+class JobRequest(GenerationRequest):
+    """`POST /jobs` body. Unknown fields are refused: a typo such as `max_token`
+    would otherwise be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str
+
+
+# -- the OpenAI-compatible API --------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAISampling(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored, as OpenAI's API does
+    for fields it does not know from newer SDKs."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str
+    max_tokens: MaxNewTokens | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    #: vLLM's convention: -1 (or 0) turns top-k off.
+    top_k: int = Field(0, ge=-1, description="extra: 0 or -1 = off")
+    repetition_penalty: RepetitionPenalty = Field(1.0, description="extra")
+    ignore_eos: bool = Field(False, description="extra")
+    use_cache: bool = Field(
+        True, description="extra: answer identical deterministic requests from cache"
+    )
+
+    def refuse_unsupported(self) -> None:
+        if self.n != 1:
+            raise InvalidInputError("n", "only n=1 is supported")
+        if self.logit_bias:
+            raise InvalidInputError("logit_bias", "logit_bias is not supported")
+
+    def generation(self, max_tokens: int | None) -> GenerationRequest:
+        try:
+            return GenerationRequest(
+                max_new_tokens=max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=max(self.top_k, 0),
+                seed=self.seed,
+                ignore_eos=self.ignore_eos,
+                stop=self.stop,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                use_cache=self.use_cache,
+            )
+        except ValueError as exc:
+            raise InvalidInputError("stop", str(exc).splitlines()[-1]) from None
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise InvalidInputError("prompt", "exactly one prompt per request is supported")
+            return self.prompt[0]
+        return self.prompt
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for field, value in (
+            ("echo", self.echo),
+            ("logprobs", self.logprobs is not None),
+            ("best_of", (self.best_of or 1) != 1),
+            ("suffix", bool(self.suffix)),
+        ):
+            if value:
+                raise InvalidInputError(field, f"{field} is not supported")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(OpenAISampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: MaxNewTokens | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def as_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs or self.top_logprobs:
+            raise InvalidInputError("logprobs", "logprobs are not supported")
+        if self.tools:
+            raise InvalidInputError("tools", "tools are not supported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise InvalidInputError("response_format", "only text responses are supported")

@@ -1,0 +1,69 @@
+"""One structured log line per HTTP request, and the request counted in the shared
+metrics (by route template, not raw path). A streaming response is logged when its
+stream ends, with the stream's duration. The prompt in `/completion/{question}`
+is logged as its length unless LOG_PROMPTS=true (logs.redact_path)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from textstream.logs import redact_path
+from textstream.metrics import count_request
+
+
+class RequestLog:
+    """ASGI middleware (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.log = logging.getLogger("textstream.request")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status, job_id = time.perf_counter(), 500, None
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex
+
+        async def sending(message: Message) -> None:
+            nonlocal status, job_id
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_headers = dict(message.get("headers") or [])
+                job_id = response_headers.get(b"x-job-id", b"").decode() or None
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            await self._finish(scope, request_id, status, job_id, started)
+
+    async def _finish(
+        self, scope: Scope, request_id: str, status: int, job_id: str | None, started: float
+    ) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        caller = getattr(scope.get("state", {}).get("caller"), "identity", None)
+        fields = {
+            "request_id": request_id,
+            "method": scope["method"],
+            "route": route,
+            "path": redact_path(scope["path"]),
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            "job_id": job_id,
+            "caller": caller,
+        }
+        self.log.info("request", extra={"fields": fields})
+        services = getattr(scope.get("app"), "state", None)
+        client = getattr(getattr(services, "services", None), "redis", None)
+        if client is not None and route != "unmatched":
+            with contextlib.suppress(RedisError, OSError):  # metrics never fail a request
+                await count_request(client, scope["method"], route, status)

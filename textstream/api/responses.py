@@ -1,0 +1,69 @@
+"""How a submitted job is answered, for every route: as an SSE stream that holds one
+of the caller's stream slots, or as one JSON answer once the job has ended."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import Request
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
+
+from textstream.api.deps import services_of
+from textstream.api.errors import JobNotFoundError
+from textstream.api.security import Caller
+from textstream.api.status import JobStatus, summarize
+from textstream.api.submit import CancelPolicy, Submission, queue_reporter
+from textstream.transport.sse import Relay, collect_events
+
+
+def job_headers(submission: Submission) -> dict[str, str]:
+    return {"X-Job-Id": submission.job_id, "X-Cache": "hit" if submission.shared else "miss"}
+
+
+def relay_for(request: Request, job_id: str, deadline: float | None, policy: CancelPolicy) -> Relay:
+    """A relay of the job's stream; the client leaving cancels it under ON_DISCONNECT."""
+    services = services_of(request)
+    return Relay(
+        services.jobs,
+        services.settings,
+        job_id,
+        deadline,
+        cancel_on_disconnect=policy is CancelPolicy.ON_DISCONNECT,
+        queue_report=queue_reporter(services),
+    )
+
+
+async def sse_response(
+    request: Request, events: AsyncIterator[bytes], headers: dict[str, str]
+) -> Response:
+    """An SSE response holding one of the caller's stream slots until it ends."""
+    services = services_of(request)
+    caller: Caller = request.state.caller
+    slot = await services.guard.open_stream(caller)
+
+    async def holding_slot() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            with anyio.CancelScope(shield=True):
+                await services.guard.close_stream(caller, slot)
+
+    response: Response = EventSourceResponse(
+        holding_slot(),
+        ping=services.settings.sse_ping_seconds,
+        headers={**headers, "Cache-Control": "no-cache"},
+    )
+    return response
+
+
+async def completed_job(request: Request, relay: Relay) -> JobStatus | None:
+    """Wait for the job to end (non-streaming answers); None if the client left."""
+    events = await collect_events(relay, request.is_disconnected)
+    if events is None:
+        return None
+    if not events:
+        raise JobNotFoundError(relay.job_id)
+    return summarize(relay.job_id, events)

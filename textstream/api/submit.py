@@ -1,0 +1,221 @@
+"""One way in: every route that starts a job calls `submit()`.
+
+submit() checks the input, then answers from the response cache or queues a new
+job, in that order, so a refusal never leaves anything behind. Errors are domain
+exceptions (errors.py); no HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from textstream import keys
+from textstream.api.cache import cache_key, cached_job, claim, forget, served_model
+from textstream.api.deps import Services
+from textstream.api.errors import (
+    InvalidInputError,
+    JobNotFoundError,
+    QueueFullError,
+    QueueUnavailableError,
+)
+from textstream.api.protocol import GenerationRequest
+from textstream.job import CompletionJob
+from textstream.jobqueue import queue_length, queue_position
+from textstream.registry import live_workers
+from textstream.transport.events import EventType, entry_seconds
+from textstream.transport.sse import QueueReport
+
+log = logging.getLogger(__name__)
+
+#: Characters allowed in a prompt although Unicode calls them control characters.
+ALLOWED_CONTROLS = frozenset("\n\r\t")
+
+
+class CancelPolicy(StrEnum):
+    """Who may end a job before it is done."""
+
+    #: /completion and /v1: the job ends when its last reader disconnects.
+    ON_DISCONNECT = "on_disconnect"
+    #: POST /jobs: the job runs to its end unless DELETE cancels it.
+    EXPLICIT = "explicit"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What to complete: text, or chat messages; `field` names it in errors."""
+
+    field: str
+    text: str = ""
+    messages: list[dict[str, str]] | None = None
+    #: The name the client used for the token limit (`max_tokens` on /v1).
+    max_tokens_field: str = "max_new_tokens"
+
+    @property
+    def checked_text(self) -> str:
+        if self.messages is None:
+            return self.text
+        return "\n".join(m["content"] for m in self.messages)
+
+
+@dataclass
+class Submission:
+    job_id: str
+    deadline: float | None
+    #: Answered by an existing job (cache hit, or an identical request in flight).
+    shared: bool = False
+
+
+async def submit(
+    services: Services, prompt: Prompt, request: GenerationRequest, policy: CancelPolicy
+) -> Submission:
+    """Validate, then answer from the cache or queue the job."""
+    check_prompt(prompt.checked_text, services, prompt.field)
+    check_request(request, services, prompt.max_tokens_field)
+    await check_context_window(services, prompt, request)
+    return await start_job(services, prompt, request, policy)
+
+
+def check_prompt(text: str, services: Services, field: str) -> None:
+    limit = services.settings.max_prompt_chars
+    if not text.strip():
+        raise InvalidInputError(field, "the prompt is empty")
+    if len(text) > limit:
+        raise InvalidInputError(
+            field, f"the prompt is {len(text)} characters; the limit is {limit}"
+        )
+    if "\ufffd" in text and field == "question":
+        raise InvalidInputError(field, "the path is not valid UTF-8")
+    for ch in text:
+        if ch not in ALLOWED_CONTROLS and unicodedata.category(ch) in ("Cc", "Cs"):
+            raise InvalidInputError(field, f"the prompt contains control character U+{ord(ch):04X}")
+
+
+def check_request(request: GenerationRequest, services: Services, field: str) -> None:
+    limit = services.settings.max_new_tokens_limit
+    if request.max_new_tokens is not None and request.max_new_tokens > limit:
+        raise InvalidInputError(field, f"{field} must be at most {limit}")
+
+
+async def check_context_window(
+    services: Services, prompt: Prompt, request: GenerationRequest
+) -> None:
+    counted = await services.prompt_tokens.count(
+        prompt.text, request.prompt_format, prompt.messages
+    )
+    if counted is not None and counted[0] >= counted[1]:
+        raise InvalidInputError(
+            "prompt" if prompt.messages is not None else prompt.field,
+            f"the prompt is {counted[0]} tokens; the model's context window is {counted[1]}",
+        )
+
+
+async def start_job(
+    services: Services, prompt: Prompt, request: GenerationRequest, policy: CancelPolicy
+) -> Submission:
+    """Answer from the response cache, or queue a new job."""
+    settings = services.settings
+    params = request.sampling(settings.default_max_new_tokens)
+    now = time.time()
+    job = CompletionJob(
+        job_id=uuid.uuid4().hex,
+        prompt=prompt.text,
+        messages=prompt.messages,
+        prompt_format=request.prompt_format,
+        params=params,
+        enqueued_at=now,
+        deadline=now + settings.job_timeout,
+    )
+    try:
+        async with asyncio.timeout(settings.enqueue_timeout):
+            key = await cache_key_for(services, job, request.use_cache)
+            if key:
+                followed = await follow_cached(services, key, policy)
+                if followed is None and not await claim(
+                    services.redis, key, job.job_id, settings.cache_ttl
+                ):
+                    followed = await follow_cached(services, key, policy)
+                if followed is not None:
+                    return followed
+            await queue_job(services, job, key, policy)
+    except (RedisError, TimeoutError, OSError) as exc:
+        log.warning("job=%s could not be queued: %s", job.job_id, type(exc).__name__)
+        raise QueueUnavailableError("the job queue (Redis) is unreachable; retry shortly") from exc
+    log.info("job=%s queued max_new_tokens=%d", job.job_id, params.max_new_tokens)
+    return Submission(job.job_id, job.deadline)
+
+
+async def cache_key_for(services: Services, job: CompletionJob, use_cache: bool) -> str | None:
+    if not (use_cache and services.settings.cache_ttl and job.params.deterministic):
+        return None
+    model = await served_model(services.redis)
+    if model is None:
+        return None  # no worker has ever announced a model: nothing can be cached yet
+    return cache_key(model, job.prompt, job.messages, job.prompt_format, job.params)
+
+
+async def follow_cached(services: Services, key: str, policy: CancelPolicy) -> Submission | None:
+    job_id = await cached_job(services.redis, key)
+    if job_id is None:
+        return None
+    await track(services, job_id, policy)
+    log.info("job=%s answered from the response cache", job_id)
+    return Submission(job_id, await job_deadline(services, job_id), shared=True)
+
+
+async def track(
+    services: Services, job_id: str, policy: CancelPolicy, cache_key: str | None = None
+) -> None:
+    await services.jobs.track(
+        job_id,
+        reader=policy is CancelPolicy.ON_DISCONNECT,
+        pinned=policy is CancelPolicy.EXPLICIT,
+        cache_key=cache_key,
+    )
+
+
+async def queue_job(
+    services: Services, job: CompletionJob, key: str | None, policy: CancelPolicy
+) -> None:
+    """Write the job's `queued` event, then hand the job to ModelQ.
+
+    The event goes first so the stream exists before any worker can write to it,
+    and so a dead Redis fails here, fast, before anything is queued.
+    """
+    waiting = await queue_length(services.redis)
+    if waiting >= services.settings.max_queued_jobs:
+        if key:
+            await forget(services.redis, key, job.job_id)
+        raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
+    await services.jobs.append(
+        job.job_id, EventType.QUEUED, {"job_id": job.job_id, "position": waiting + 1}
+    )
+    await track(services, job.job_id, policy, key)
+    await services.queue.submit(job)
+
+
+async def job_deadline(services: Services, job_id: str) -> float | None:
+    """The job's deadline, from its first (`queued`) event. Raises if there is no job."""
+    first = await services.redis.xrange(keys.job_events(job_id), count=1)
+    if not first:
+        raise JobNotFoundError(job_id)
+    return entry_seconds(first[0][0].decode()) + services.settings.job_timeout
+
+
+def queue_reporter(services: Services) -> QueueReport:
+    """What a relay reports while its job waits: queue position and live workers."""
+
+    async def report(job_id: str) -> dict[str, Any]:
+        position = await queue_position(services.redis, job_id)
+        workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
+        return {"position": position, "workers": len(workers)}
+
+    return report

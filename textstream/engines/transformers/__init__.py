@@ -1,0 +1,1 @@
+"""The built-in engine: transformers models, our decode loop and continuous batch."""

@@ -1,0 +1,144 @@
+"""The built-in engine: a Hugging Face causal LM and a decode loop of our own.
+
+The decode loop is written out (nanoGPT style) rather than calling
+`model.generate` in a thread: one step per iteration gives the caller a place to
+stop (cancellation, deadlines) between any two tokens, and no thread hand-off sits
+between a token and its publication. `start_batching()` switches generate() to a
+shared continuous batch (batching.py): one forward pass per step for every running
+request. Sampling (sampling.py) is the same in both loops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from textstream.engines.transformers.batching import Batcher, supports_batching
+from textstream.engines.transformers.sampling import Sequence, start_sequence
+from textstream.job import PromptFormat, SamplingParams, Step
+from textstream.prompts import encode_chat, encode_prompt
+
+log = logging.getLogger(__name__)
+
+
+class TransformersEngine:
+    """A loaded model and tokenizer (an `engines.base.Engine`)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str,
+        device: torch.device,
+        prompt_format: PromptFormat = "auto",
+        load_seconds: float = 0.0,
+        source: str = "",
+    ) -> None:
+        self.model = model
+        self.source = source
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.prompt_format = prompt_format
+        self.load_seconds = load_seconds
+        config = model.config
+        window = getattr(config, "n_positions", None) or getattr(
+            config, "max_position_embeddings", None
+        )
+        self.context_length = int(window or 2048)
+        self.stop_ids = self._stop_ids(model, tokenizer)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.batcher: Batcher | None = None
+
+    def start_batching(self) -> bool:
+        """Serve concurrent generate() calls from one running batch (batching.py).
+
+        Returns False, and stays one-request-at-a-time, for a model whose KV cache
+        cannot be padded and merged (sliding-window or recurrent layers)."""
+        if not supports_batching(self.model, self.device, self.tokenizer.eos_token_id or 0):
+            log.warning("model %s cannot be batched here; serving one request at a time", self.name)
+            return False
+        self.batcher = Batcher(self.model, self.device)
+        return True
+
+    @property
+    def peak_batch(self) -> int:
+        return self.batcher.peak if self.batcher is not None else 0
+
+    @staticmethod
+    def _stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+        ids: set[int] = set()
+        for value in (
+            getattr(model.generation_config, "eos_token_id", None),
+            tokenizer.eos_token_id,
+        ):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+        return frozenset(ids)
+
+    # -- prompts ------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, prompt_format, self.prompt_format)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(
+            self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
+
+    # -- generation ---------------------------------------------------------------
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, generated: int) -> Sequence:
+        """One request's decode state, checked against the context window."""
+        if not prompt_ids:
+            prompt_ids = [self.tokenizer.eos_token_id or 0]
+        return start_sequence(
+            prompt_ids,
+            params,
+            generated,
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            stop_ids=self.stop_ids,
+            device=self.device,
+        )
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        should_stop: Callable[[], bool] = lambda: False,
+        generated: int = 0,
+    ) -> Generator[Step]:
+        """Yield generated token ids one at a time (the contract: engines/base.py)."""
+        sequence = self.start(prompt_ids, params, generated)
+        if self.batcher is not None:
+            return self.batcher.generate(sequence, should_stop)
+        alone: Generator[Step] = self._generate_alone(sequence, should_stop)
+        return alone
+
+    @torch.inference_mode()  # type: ignore[untyped-decorator]  # torch wraps generators per step
+    def _generate_alone(
+        self, sequence: Sequence, should_stop: Callable[[], bool]
+    ) -> Generator[Step]:
+        """The one-request KV-cached decode loop."""
+        input_ids = torch.tensor([sequence.prompt_ids], device=self.device)  # (1, T)
+        past = None
+        for produced in range(1, sequence.budget + 1):
+            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = sequence.choose(out.logits[0, -1, :])  # logits: (1, T, V)
+            finish = sequence.finish_reason(token, produced)
+            yield Step(token, finish)
+            if finish is not None or should_stop():
+                return
+            input_ids = torch.tensor([[token]], device=self.device)  # (1, 1)

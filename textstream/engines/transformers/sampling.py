@@ -1,0 +1,131 @@
+"""Choosing each next token for one request: penalties, then greedy or sampled.
+
+A `Sequence` is one request's decode state: its sampling parameters, seeded random
+generator, penalty history and token budget. The plain decode loop (engine.py) and
+the continuous batch (batching.py) both hand it each step's logits, so a request
+picks the same tokens whichever loop runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from textstream.engines.base import PromptTooLongError
+from textstream.job import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    #: Tokens this request may still generate (max_new_tokens, capped by the window).
+    budget: int
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    #: (seen, counts), both (V,): kept only when a penalty asks for it.
+    history: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this sequence's logits (V,): penalties (when `history`
+        is kept), then greedy or sampled; `history` then counts the new token."""
+        if self.history is not None:
+            logits = penalize(logits, self.params, *self.history)
+        token = next_token(logits, self.params, self.generator)
+        if self.history is not None:
+            self.history[0][token] = True
+            self.history[1][token] += 1
+        return token
+
+    def finish_reason(self, token: int, produced: int) -> str | None:
+        """Why the sequence ends at this token (its `produced`-th), if it does."""
+        if token in self.stop_ids and not self.params.ignore_eos:
+            return "stop"
+        return "length" if produced == self.budget else None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalty: the batch picks these rows with one shared argmax."""
+        return self.params.greedy and self.history is None
+
+
+def start_sequence(
+    prompt_ids: list[int],
+    params: SamplingParams,
+    generated: int,
+    *,
+    context_length: int,
+    vocab_size: int,
+    stop_ids: frozenset[int],
+    device: torch.device,
+) -> Sequence:
+    """Check a request against the context window and set up its decode state.
+
+    The last `generated` ids of `prompt_ids` were generated earlier (a job taken
+    over): presence and frequency penalties count them."""
+    room = context_length - len(prompt_ids)
+    if room <= 0:
+        raise PromptTooLongError(
+            f"prompt is {len(prompt_ids)} tokens; the model's context window is {context_length}"
+        )
+    generator = None
+    if params.seed is not None and not params.greedy:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    # Kept only when a penalty asks for it: two vocabulary-sized updates per step.
+    history = (
+        seen_tokens(torch.tensor(prompt_ids, device=device), generated, vocab_size, device)
+        if params.penalized
+        else None
+    )
+    budget = min(params.max_new_tokens, room)
+    return Sequence(prompt_ids, params, budget, stop_ids, generator, history)
+
+
+def seen_tokens(
+    ids: torch.Tensor, generated: int, vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seen, counts), both (V,): every id so far, and how often each of the last
+    `generated` (the completion's own) occurs."""
+    seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    counts = torch.zeros(vocab_size, device=device)
+    seen[ids] = True
+    if generated:
+        counts.index_add_(0, ids[-generated:], torch.ones(generated, device=device))
+    return seen, counts
+
+
+def penalize(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """logits, seen (bool), counts (int): all (vocab,). Penalties as OpenAI defines
+    presence/frequency (generated tokens) and Hugging Face repetition (all seen)."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        penalized = torch.where(
+            logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+        )
+        logits = torch.where(seen, penalized, logits)
+    if params.frequency_penalty or params.presence_penalty:
+        logits = logits - counts * params.frequency_penalty
+        logits = logits - (counts > 0).float() * params.presence_penalty
+    return logits
+
+
+def next_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """logits: (vocab,) float. Greedy argmax, or temperature/top-k/top-p sampling."""
+    if params.greedy:
+        return int(torch.argmax(logits).item())
+    logits = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())

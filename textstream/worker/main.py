@@ -1,0 +1,126 @@
+"""One worker process's main: load the engine once, register the
+`generate_completion` task on a ModelQ instance with a unique server id, start
+`concurrency` ModelQ threads, heartbeat, and on SIGTERM/SIGINT drain and leave.
+
+The supervisor (supervisor.py, started by `runner.py`) runs one `serve()` per
+worker process; the task body is completion.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from textstream import keys
+from textstream.config import get_settings
+from textstream.connections import sync_client
+from textstream.engines import load_engine
+from textstream.jobqueue import create_worker_modelq, new_server_id
+from textstream.logs import configure_logging
+from textstream.registry import WorkerHeartbeat, WorkerInfo
+from textstream.sources import ModelLoadError
+from textstream.worker.completion import CompletionRunner
+from textstream.worker.supervisor import EXIT_MODEL_LOAD_FAILED, Supervisor
+
+log = logging.getLogger(__name__)
+
+
+def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
+    """Run one worker process until SIGTERM/SIGINT; returns its exit code."""
+    settings = get_settings()
+    configure_logging(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    if cpu_threads and not settings.torch_threads:
+        # Several worker processes share this host's cores (runner.py's share).
+        settings = settings.model_copy(update={"torch_threads": cpu_threads})
+    try:
+        engine = load_engine(settings)
+    except ModelLoadError as exc:
+        log.error("worker cannot start: %s", exc)
+        return EXIT_MODEL_LOAD_FAILED
+    batching = concurrency > 1 and settings.batching == "auto" and engine.start_batching()
+
+    server_id = new_server_id()
+    client = sync_client(settings)
+    heartbeat = WorkerHeartbeat(
+        client,
+        WorkerInfo(
+            worker_id=server_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            model=engine.name,
+            device=str(engine.device),
+            slots=concurrency,
+            batching=batching,
+            model_source=engine.source,
+            context_length=engine.context_length,
+            prompt_format=engine.prompt_format,
+            load_seconds=round(engine.load_seconds, 3),
+        ),
+        settings.worker_heartbeat_seconds,
+    )
+    runner = CompletionRunner(engine, client, settings, heartbeat)
+    mq = create_worker_modelq(settings, server_id, runner.run)
+    mq.start_workers(concurrency)
+    heartbeat.start()
+    log.info(
+        "worker %s serving model=%s device=%s slots=%d batching=%s",
+        server_id,
+        engine.name,
+        engine.device,
+        concurrency,
+        batching,
+    )
+    while not stop.is_set():
+        try:
+            heartbeat.beat()  # first beat now, so /health sees the worker at once
+            break
+        except Exception as exc:  # Redis not up yet: keep trying until told to stop
+            log.warning("cannot reach Redis yet: %s", exc)
+            stop.wait(1.0)
+    stop.wait()
+    return drain(mq, runner, heartbeat, settings.worker_shutdown_grace)
+
+
+def drain(mq: object, runner: CompletionRunner, heartbeat: WorkerHeartbeat, grace: float) -> int:
+    """Stop claiming jobs, let running ones finish within `grace` seconds, deregister.
+
+    Jobs still running at the deadline are not lost: they stay in ModelQ's custody
+    list, their heartbeats stop with this process, and another worker takes them
+    over from the tokens already published."""
+    log.info("worker %s stopping: draining in-flight jobs", heartbeat.info.worker_id)
+    runner.draining.set()  # a job claimed from now on is left for another worker
+    mq.worker_healthy = False  # type: ignore[attr-defined]  # ModelQ threads stop claiming
+    deadline = time.monotonic() + grace
+    while heartbeat.info.busy > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if heartbeat.info.busy:
+        log.warning("worker stopping with %d job(s) unfinished", heartbeat.info.busy)
+    heartbeat.stop()
+    try:
+        # Leaving ModelQ's server registry lets other workers reclaim anything we held.
+        mq.redis_client.hdel(keys.MODELQ_SERVERS, heartbeat.info.worker_id)  # type: ignore[attr-defined]
+    except Exception as exc:
+        log.warning("could not deregister from ModelQ: %s", exc)
+    return 0
+
+
+def run_workers(workers: int, concurrency: int, gpus: list[str] | None = None) -> int:
+    """Start `workers` worker processes (one per GPU with `gpus`), each serving
+    `concurrency` slots, and watch them until SIGTERM/SIGINT; returns the exit code."""
+    settings = get_settings()
+    configure_logging(settings)
+    workers = len(gpus) if gpus else workers
+    # Several processes on one CPU host would each start a full-size torch thread pool.
+    cpu_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    supervisor = Supervisor(
+        serve, (concurrency, cpu_threads), workers, settings.worker_shutdown_grace, gpus=gpus
+    )
+    return supervisor.run()
