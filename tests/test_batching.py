@@ -12,11 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import stream, wait_for
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from test_jobs import create, read_some
 
 from textstream.config import Settings
 from textstream.engines.transformers.engine import TransformersEngine
 from textstream.engines.transformers.loading import load_transformers
+from textstream.engines.transformers.sampling import Sequence
 from textstream.job import SamplingParams
 
 PROMPTS = [
@@ -173,3 +177,101 @@ def test_one_worker_serves_concurrent_streams_as_one_batch(make_service, slow_mo
     (worker,) = httpx.get(svc.base + "/workers", timeout=5).json()["workers"]
     assert worker["batching"] is True and worker["slots"] == 4
     assert worker["peak_batch"] >= 3
+
+
+# --- one request never hurts its batch-mates ------------------------------------------
+
+
+class FailingSequence(Sequence):
+    """A request whose own sampling breaks at its `fail_at`-th token (as NaN logits
+    would): the batch must end it alone."""
+
+    fail_at = 3
+
+    def choose(self, logits):  # type: ignore[no-untyped-def]
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return super().choose(logits)
+
+
+def test_a_request_whose_step_fails_ends_alone_and_the_batch_goes_on(alone, batched):
+    reference = [ids(alone, p, greedy(30)) for p in PROMPTS[:3]]
+    sampled = SamplingParams(max_new_tokens=30, temperature=0.8, seed=1, ignore_eos=True)
+    bad = batched.start(batched.encode_prompt("Hello"), sampled, 0)
+    bad.__class__ = FailingSequence
+    failed: list[BaseException] = []
+    results: list[list[int]] = [[] for _ in PROMPTS[:3]]
+    started = threading.Barrier(4)
+
+    def run_good(i: int) -> None:
+        started.wait(10)
+        for step in batched.generate(batched.encode_prompt(PROMPTS[i]), greedy(30)):
+            results[i].append(step.token_id)
+
+    def run_bad() -> None:
+        started.wait(10)
+        try:
+            for _ in batched.batcher.generate(bad, lambda: False):  # type: ignore[union-attr]
+                pass
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=run_good, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=run_bad))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(failed) == 1 and "nan" in str(failed[0])
+    assert results == reference
+
+
+EXTREME_FLOATS = [5e-324, 1e-300, 1e-40, 1e-5, 1e-5 + 1e-12]
+VOCAB = 50257
+
+
+@st.composite
+def valid_sampling(draw: st.DrawFn) -> SamplingParams:
+    """Any parameters the API accepts, extreme floats included."""
+    unit = st.one_of(st.sampled_from(EXTREME_FLOATS), st.floats(1e-320, 1.0))
+    return SamplingParams(
+        max_new_tokens=draw(st.integers(1, 12)),
+        temperature=draw(st.one_of(st.just(0.0), unit, st.floats(0.0, 2.0))),
+        top_p=draw(st.one_of(st.just(1.0), unit)),
+        top_k=draw(st.one_of(st.just(0), st.integers(1, 2 * VOCAB), st.just(10**18))),
+        seed=draw(st.one_of(st.none(), st.integers(0, 2**63 - 1))),
+        presence_penalty=draw(st.floats(-2.0, 2.0)),
+        frequency_penalty=draw(st.floats(-2.0, 2.0)),
+        repetition_penalty=draw(st.one_of(st.just(1.0), unit, st.floats(1e-300, 10.0))),
+        ignore_eos=draw(st.booleans()),
+    )
+
+
+@pytest.fixture(scope="module")
+def shared_batch(tiny_model_dir: Path) -> TransformersEngine:
+    return load(tiny_model_dir, batching=True)
+
+
+@hyp_settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wild=valid_sampling())
+def test_valid_parameters_never_change_or_fail_a_greedy_batch_mate(alone, shared_batch, wild):
+    expected = ids(alone, PROMPTS[0], greedy(16))
+    results: dict[str, object] = {}
+
+    def run(name: str, prompt: str, params: SamplingParams) -> None:
+        try:
+            results[name] = ids(shared_batch, prompt, params)
+        except Exception as exc:  # the assertion below reports it
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=("wild", PROMPTS[1], wild)),
+        threading.Thread(target=run, args=("greedy", PROMPTS[0], greedy(16))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results["greedy"] == expected
+    assert isinstance(results["wild"], list) and 1 <= len(results["wild"]) <= wild.max_new_tokens

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 PromptFormat = Literal["auto", "raw", "chat"]
 
+#: A temperature below this is greedy (as vLLM): dividing logits by less gives
+#: nothing but float trouble, and the most likely token wins anyway.
+GREEDY_BELOW = 1e-5
+
 #: At most this many stop strings per request (OpenAI's limit).
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 100
@@ -75,7 +79,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

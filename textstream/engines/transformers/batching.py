@@ -117,22 +117,34 @@ class Batcher:
                     self._wake.wait()
                 arrived = list(self._arrived)
                 self._arrived.clear()
-            try:
-                with torch.inference_mode():
-                    self._drop_finished()
-                    for request in arrived:
-                        if not request.left:
-                            self._prefill(request)
+            with torch.inference_mode():
+                self._drop_finished()
+                for request in arrived:
+                    if not request.left:
+                        self._isolated(request, self._prefill, "prefill")
+                try:
                     self._decode()
-            except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
-                log.exception("batched decode step failed for %d request(s)", len(self._running))
-                for request in self._running + arrived:
-                    request.out.put(exc)
-                self._running, self._cache, self._mask = [], None, None
+                except Exception as exc:  # e.g. out of memory: the whole step failed
+                    log.exception(
+                        "batched decode step failed for %d request(s)", len(self._running)
+                    )
+                    for request in self._running:
+                        request.out.put(exc)
+                    self._running, self._cache, self._mask = [], None, None
+
+    def _isolated(self, request: _Request, work: Callable[[_Request], None], what: str) -> None:
+        """Run one request's own work (its prefill, its sampling): if it fails, that
+        request alone ends with the error and its batch-mates go on untouched."""
+        try:
+            work(request)
+        except Exception as exc:
+            log.warning("%s failed for one request of the batch: %s", what, type(exc).__name__)
+            request.out.put(exc)
+            request.finished = True  # dropped before the next step, with its cache row
 
     def _emit(self, request: _Request, logits: torch.Tensor) -> None:
         """Choose `request`'s next token from its logits (V,) and hand it over."""
-        self._hand_over(request, request.sequence.choose(logits))
+        self._isolated(request, lambda r: self._hand_over(r, r.sequence.choose(logits)), "sampling")
 
     def _hand_over(self, request: _Request, token: int) -> None:
         request.produced += 1

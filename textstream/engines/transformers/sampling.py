@@ -4,6 +4,13 @@ A `Sequence` is one request's decode state: its sampling parameters, seeded rand
 generator, penalty history and token budget. The plain decode loop (engine.py) and
 the continuous batch (batching.py) both hand it each step's logits, so a request
 picks the same tokens whichever loop runs it.
+
+Any valid parameters must give a token, however extreme the floats (1e-300,
+5e-324): a temperature below GREEDY_BELOW is greedy (as vLLM does); penalized
+logits are clamped to finite values; sampling divides logits shifted so that their
+maximum is 0, so dividing by a tiny temperature gives -inf, never inf or NaN; top-p
+always keeps the most likely token; top-k is capped at the vocabulary. Only NaN
+logits from the model itself (broken weights) still fail, and only that request.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import torch
 
 from textstream.engines.base import PromptTooLongError
 from textstream.job import SamplingParams
+
+#: Largest finite float32: penalized logits are clamped into ±this.
+FINITE = torch.finfo(torch.float32).max
 
 
 @dataclass(eq=False)
@@ -109,7 +119,9 @@ def penalize(
     if params.frequency_penalty or params.presence_penalty:
         logits = logits - counts * params.frequency_penalty
         logits = logits - (counts > 0).float() * params.presence_penalty
-    return logits
+    # A tiny repetition penalty divides a logit into inf: keep them comparable. (NaN,
+    # from the model, stays NaN: clamp leaves it, and sampling refuses it.)
+    return logits.clamp(-FINITE, FINITE)
 
 
 def next_token(
@@ -118,14 +130,18 @@ def next_token(
     """logits: (vocab,) float. Greedy argmax, or temperature/top-k/top-p sampling."""
     if params.greedy:
         return int(torch.argmax(logits).item())
-    logits = logits.float() / params.temperature
+    logits = logits.float().clamp(-FINITE, FINITE)
+    # Shifted so the largest is 0: dividing by any temperature > 0 cannot overflow
+    # (the best token stays at 0, the others go towards -inf).
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        drop[0] = False  # a top_p that rounds to 0 in float32 still keeps one token
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
