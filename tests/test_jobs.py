@@ -44,6 +44,28 @@ def test_job_runs_and_its_status_reports_the_text(service):
     assert status["finish_reason"] == "stop" and status["last_event_id"] == response.last.id
 
 
+def test_a_job_takes_chat_messages_as_the_chat_api_does(service, tiny_model_dir):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "The capital of France is"},
+    ]
+    job_id = create(service.base, messages=messages, max_new_tokens=8, ignore_eos=True)
+    response = stream(service.base, f"/jobs/{job_id}/events")
+    assert response.last.event == "done"
+    # The worker laid out all four turns (GPT-2 has no template: "Role: content" lines).
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    layout = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    expected = len(tokenizer.encode(layout + "Assistant:"))
+    assert response.last.data["usage"]["prompt_tokens"] == expected
+    for body in ({"prompt": "x", "messages": messages}, {"max_new_tokens": 3}, {"messages": []}):
+        refused = httpx.post(service.base + "/jobs", json=body, timeout=10)
+        assert refused.status_code == 422, body
+
+
 def test_stream_resumes_from_last_event_id_mid_stream(service):
     job_id = create(service.base, prompt="Hello", max_new_tokens=400, ignore_eos=True)
     first = read_some(service.base, job_id, tokens=5)

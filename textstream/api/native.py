@@ -19,10 +19,10 @@ from textstream.api.errors import (
     JobNotFoundError,
     job_error_response,
 )
-from textstream.api.protocol import CompletionQuery, JobRequest
+from textstream.api.protocol import CompletionQuery, JobRequest, Prompt
 from textstream.api.responses import completed_job, job_headers, relay_for, sse_response
 from textstream.api.status import JobStatus, summarize
-from textstream.api.submit import CancelPolicy, Prompt, job_deadline, submit
+from textstream.api.submit import CancelPolicy, job_deadline, submit
 from textstream.transport.events import START_ID, CancelOutcome
 from textstream.transport.sse import stream_job_events
 
@@ -90,7 +90,7 @@ async def completion(
 async def create_job(request: Request, body: JobRequest) -> dict[str, str | None]:
     """Queue a completion; follow it at `events_url` (resumable), poll `status_url`."""
     services = services_of(request)
-    job = await submit(services, Prompt("prompt", body.prompt), body, CancelPolicy.EXPLICIT)
+    job = await submit(services, body.as_prompt(), body, CancelPolicy.EXPLICIT)
     return {
         "id": job.job_id,
         "events_url": f"/jobs/{job.job_id}/events",

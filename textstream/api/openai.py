@@ -25,9 +25,9 @@ from sse_starlette import ServerSentEvent
 from textstream.api.cache import served_model
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import job_error_response, openai_error_body
-from textstream.api.protocol import ChatRequest, CompletionRequest, OpenAISampling
+from textstream.api.protocol import ChatRequest, CompletionRequest, OpenAISampling, Prompt
 from textstream.api.responses import completed_job, job_headers, relay_for, sse_response
-from textstream.api.submit import CancelPolicy, Prompt, submit
+from textstream.api.submit import CancelPolicy, submit
 from textstream.registry import live_workers
 from textstream.transport.events import EventType, JobEvent
 from textstream.transport.sse import relay_events

@@ -6,9 +6,10 @@ how to become a `GenerationRequest`, the common form submit() takes.
 No `from __future__ import annotations`: FastAPI and pydantic read these at run time.
 """
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from textstream.api.errors import InvalidInputError
 from textstream.job import (
@@ -23,6 +24,45 @@ from textstream.job import (
     TopP,
     normalize_stop,
 )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What to complete: text, or chat messages; `field` names it in errors."""
+
+    field: str
+    text: str = ""
+    messages: list[dict[str, str]] | None = None
+    #: The name the client used for the token limit (`max_tokens` on /v1).
+    max_tokens_field: str = "max_new_tokens"
+
+    @property
+    def checked_text(self) -> str:
+        if self.messages is None:
+            return self.text
+        return "\n".join(m["content"] for m in self.messages)
+
+
+# -- chat messages, on /jobs and /v1/chat/completions ------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.text()}
+
 
 # -- the native API -----------------------------------------------------------------
 
@@ -52,7 +92,9 @@ class GenerationRequest(BaseModel):
         return normalize_stop(value)
 
     def sampling(self, default_max_new_tokens: int) -> SamplingParams:
-        fields = self.model_dump(exclude={"prompt_format", "prompt", "use_cache", "stream"})
+        fields = self.model_dump(
+            exclude={"prompt_format", "prompt", "messages", "use_cache", "stream"}
+        )
         fields["max_new_tokens"] = self.max_new_tokens or default_max_new_tokens
         fields["stop"] = normalize_stop(self.stop)
         return SamplingParams(**fields)
@@ -65,12 +107,25 @@ class CompletionQuery(GenerationRequest):
 
 
 class JobRequest(GenerationRequest):
-    """`POST /jobs` body. Unknown fields are refused: a typo such as `max_token`
-    would otherwise be silently ignored."""
+    """`POST /jobs` body: a `prompt`, or chat `messages` (as OpenAI's chat API takes
+    them: the worker applies the model's chat template). Unknown fields are
+    refused: a typo such as `max_token` would otherwise be silently ignored."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "JobRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either `prompt` or `messages`")
+        return self
+
+    def as_prompt(self) -> Prompt:
+        if self.messages is not None:
+            return Prompt("messages", messages=[m.as_dict() for m in self.messages])
+        return Prompt("prompt", self.prompt or "")
 
 
 # -- the OpenAI-compatible API --------------------------------------------------------
@@ -158,21 +213,6 @@ class CompletionRequest(OpenAISampling):
                 raise InvalidInputError(field, f"{field} is not supported")
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
 class ChatRequest(OpenAISampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxNewTokens | None = None
@@ -182,7 +222,7 @@ class ChatRequest(OpenAISampling):
     response_format: dict[str, Any] | None = None
 
     def as_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()

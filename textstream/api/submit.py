@@ -27,7 +27,7 @@ from textstream.api.errors import (
     QueueFullError,
     QueueUnavailableError,
 )
-from textstream.api.protocol import GenerationRequest
+from textstream.api.protocol import GenerationRequest, Prompt
 from textstream.job import CompletionJob
 from textstream.jobqueue import queue_length, queue_position
 from textstream.registry import live_workers
@@ -47,23 +47,6 @@ class CancelPolicy(StrEnum):
     ON_DISCONNECT = "on_disconnect"
     #: POST /jobs: the job runs to its end unless DELETE cancels it.
     EXPLICIT = "explicit"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What to complete: text, or chat messages; `field` names it in errors."""
-
-    field: str
-    text: str = ""
-    messages: list[dict[str, str]] | None = None
-    #: The name the client used for the token limit (`max_tokens` on /v1).
-    max_tokens_field: str = "max_new_tokens"
-
-    @property
-    def checked_text(self) -> str:
-        if self.messages is None:
-            return self.text
-        return "\n".join(m["content"] for m in self.messages)
 
 
 @dataclass
