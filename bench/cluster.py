@@ -1,4 +1,4 @@
-"""Local processes for tests and benchmarks: a worker runner and a uvicorn API as
+"""Local processes for tests and benchmarks: a worker runner and an API process as
 real subprocesses (output to a log file each), and an SSE line parser."""
 
 from __future__ import annotations
@@ -100,23 +100,14 @@ def start_workers(
 
 
 def start_api(
-    env: dict[str, str], cwd: Path, name: str = "api", log_level: str = "info"
+    env: dict[str, str], cwd: Path, name: str = "api", log_level: str | None = None
 ) -> tuple[Proc, str]:
+    """One API process, served as `textstream api` serves it (textstream.api.server)."""
     port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app:app",
-        "--app-dir",
-        str(REPO),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        log_level,
-    ]
+    args = [sys.executable, "-m", "textstream.api.server", "--host", "127.0.0.1"]
+    args += ["--port", str(port)]
+    if log_level:
+        env = {**env, "LOG_LEVEL": log_level.upper()}
     proc = Proc(args, env, cwd, name).start()
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _get_ok(base + "/health"), 30, f"API on {base}", proc)

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     queue_status_seconds: float = Field(2.0, gt=0, description="queued-position event period")
     redis_grace_seconds: float = Field(5.0, ge=0, description="an open stream waits this long")
     cache_ttl: int = Field(3600, ge=0, description="response cache lifetime; 0 disables")
+    #: caller: each API key has its own response cache (one key never gets another's
+    #: job); global: identical requests share answers across keys.
+    cache_scope: Literal["caller", "global"] = "caller"
+    housekeeping_seconds: float = Field(30.0, gt=0, description="API queue housekeeping period")
     enqueue_timeout: float = Field(2.0, gt=0)
     sse_ping_seconds: int = Field(15, ge=1)
     read_block_ms: int = Field(5000, ge=10, description="XREAD BLOCK per call")
@@ -60,6 +64,13 @@ class Settings(BaseSettings):
     rate_limit: int = Field(0, ge=0, description="requests/minute per key or IP; 0 = off")
     max_streams_per_key: int = Field(0, ge=0, description="concurrent streams; 0 = off")
     cors_origins: str = Field("", description="comma-separated origins; empty = none")
+    #: /docs, /redoc and /openapi.json: auto = open when API_KEYS is empty, behind
+    #: the key when it is set; open; closed (behind the key whenever keys are set).
+    docs: Literal["auto", "open", "closed"] = "auto"
+    #: Largest request body accepted (413 past it) and largest request head, request
+    #: line plus headers (431 past it, with `textstream api`/`serve`).
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_header_bytes: int = Field(16 << 10, ge=1024)
 
     # --- logging -----------------------------------------------------------------
     log_level: str = "INFO"

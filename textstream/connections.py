@@ -1,7 +1,9 @@
 """Every Redis client textstream makes, built in one place with bounded times.
 
-- `async_client`: the API process's shared asyncio pool. Its read timeout leaves
-  room for a blocked XREAD (READ_BLOCK_MS), so a quiet stream is not an error.
+- `async_client`: the API process's shared asyncio pool; every command on it is
+  answered or failed within REDIS_TIMEOUT. (The one blocking XREAD of a process
+  runs on the stream multiplexer's own connection, whose read timeout leaves room
+  for the block: transport/mux.py.)
 - `sync_client`: a worker process's client (events, heartbeats, metrics), and with
   `blocking_reads` ModelQ's, whose claim blocks in BLMOVE for seconds at a time.
 
@@ -24,8 +26,7 @@ def async_client(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout,
-        # A blocked XREAD must not trip the read timeout: leave it room.
-        socket_timeout=settings.read_block_ms / 1000 + settings.redis_timeout,
+        socket_timeout=settings.redis_timeout,
         socket_keepalive=True,
         health_check_interval=30,
     )

@@ -21,12 +21,14 @@ Three ModelQ behaviours are deliberately worked around here:
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from modelq import ModelQ
 from modelq.app.redis_retry import _RedisWithRetry
@@ -38,10 +40,13 @@ from textstream.connections import sync_client
 from textstream.job import CompletionJob
 from textstream.logs import quiet_modelq_logging
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "JobQueue",
     "ModelQ",
     "ProducerModelQ",
+    "WorkerModelQ",
     "create_worker_modelq",
     "new_server_id",
 ]
@@ -81,7 +86,12 @@ def create_worker_modelq(
 ) -> ModelQ:
     """The worker's ModelQ instance with the completion task registered on it."""
     quiet_modelq_logging()
-    mq = ModelQ(redis_client=sync_client(settings, blocking_reads=True), server_id=server_id)
+    mq = WorkerModelQ(
+        redis_client=sync_client(settings, blocking_reads=True),
+        server_id=server_id,
+        task_ttl=settings.job_ttl,  # its claim and requeue rewrite task:{id} with this TTL
+    )
+    mq.job_ttl = settings.job_ttl
     tune_for_takeover(mq, settings)
 
     def generate_completion(job: CompletionJob) -> dict[str, Any]:
@@ -93,33 +103,156 @@ def create_worker_modelq(
 
 
 class ProducerModelQ(ModelQ):  # type: ignore[misc]
-    """A ModelQ that only enqueues: it never registers itself as a worker server."""
+    """A ModelQ that only enqueues: it never registers itself as a worker server,
+    and keeps no task history (ModelQ's `task_history` sorted set gains a member
+    per task forever, and `task_history:{id}` holds the prompt for a day)."""
 
     def register_server(self) -> None:
         return None
+
+    def _add_to_task_history(self, task_id: str, task_dict: dict[str, Any]) -> None:
+        return None
+
+
+class WorkerModelQ(ModelQ):  # type: ignore[misc]
+    """ModelQ as a worker runs it, with two kinds of fixes.
+
+    Nothing keeps a prompt past JOB_TTL: ModelQ's final write stores the whole task
+    (payload, so the prompt) in `task:{id}` for 24 h and `task_result:{id}` for 1 h,
+    and its history for 24 h. Here the final write keeps only a payload-free status
+    stub in `task:{id}` (its sweepers read the status there, so a finished job is
+    never revived), expiring JOB_TTL after the job was created; no result, no history,
+    no `modelq_errors.log` (our task never raises, but the payload must not land in a
+    file if it ever did).
+
+    Custody survives a Redis that restarts empty: ModelQ registers a thread's
+    in-flight list once, when the thread starts, so after such a restart the list it
+    recreates is unknown to every sweeper, and when the worker is later killed the
+    job and its prompt stay there forever. Here every claim registers the list, and
+    every heartbeat registers them again.
+    """
+
+    job_ttl = 3600
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._custody_keys: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def _claim_task(self, inflight_key: str) -> Any:
+        self.redis_client.sadd(self.INFLIGHT_REGISTRY, inflight_key)
+        self._custody_keys.add(inflight_key)
+        return super()._claim_task(inflight_key)
+
+    def heartbeat(self) -> None:
+        super().heartbeat()
+        if self._custody_keys:
+            self.redis_client.sadd(self.INFLIGHT_REGISTRY, *self._custody_keys)
+
+    def _update_task_history(self, task_id: str, task_dict: dict[str, Any]) -> None:
+        return None
+
+    def log_task_error_to_file(self, task: Any, exc: Exception, file_path: str = "") -> None:
+        log.error("job=%s: the queue task raised %s", task.task_id, type(exc).__name__)
+
+    def _store_final_task_state(
+        self, task: Task, success: bool, error: Exception | None = None
+    ) -> None:
+        try:
+            self.redis_client.srem("processing_tasks", task.task_id)
+            self.redis_client.hdel(self.INFLIGHT_HEARTBEAT_KEY, task.task_id)
+        except Exception as exc:  # as ModelQ: bookkeeping never kills a worker thread
+            log.warning("job=%s: could not clear in-flight state: %s", task.task_id, exc)
+        with self._inflight_lock:
+            self._inflight_tasks.pop(task.task_id, None)
+        stub = {
+            "task_id": task.task_id,
+            "task_name": task.task_name,
+            "status": task.status,
+            "created_at": task.created_at,
+            "queued_at": getattr(task, "queued_at", None),
+            "started_at": task.started_at,
+            "finished_at": time.time(),
+        }
+        remaining = int((task.created_at or time.time()) + self.job_ttl - time.time())
+        self.redis_client.set(
+            keys.modelq_task(task.task_id), json.dumps(stub), ex=max(1, remaining)
+        )
+
+
+#: Puts one task on the queue unless MAX_QUEUED_JOBS are already waiting, in one
+#: atomic step (a length read, then a push, let 50 concurrent requests past a bound
+#: of 5). The commands are those ModelQ's own `enqueue_task` issues, recorded, plus
+#: our `task:{id}` record.
+#: KEYS[1]: the queue; KEYS[2..]: the key of each recorded command, in order.
+#: ARGV[1]: the bound; ARGV[2]: how many commands; then per command: its name, its
+#: argument count n, and its n arguments after the key.
+ADMIT_SCRIPT = """
+local waiting = redis.call('LLEN', KEYS[1])
+if waiting >= tonumber(ARGV[1]) then return -1 end
+local pos = 3
+for i = 1, tonumber(ARGV[2]) do
+  local n = tonumber(ARGV[pos + 1])
+  local call = {ARGV[pos], KEYS[i + 1]}
+  for j = 1, n do call[#call + 1] = ARGV[pos + 1 + j] end
+  redis.call(unpack(call))
+  pos = pos + 2 + n
+end
+return waiting
+"""
+
+#: Takes a task that no worker has claimed yet off the queue, with its records:
+#: a cancelled or expired job must stop counting against MAX_QUEUED_JOBS, and its
+#: prompt must not wait in the list for a worker to skip it. Atomic against a
+#: worker's claim (BLMOVE): exactly one of the two gets the task. The list entry is
+#: found by its exact text (as `task:{id}` holds it), else by its JSON prefix
+#: (json.dumps writes "task_id" first; a prompt cannot forge it, quotes are escaped).
+#: KEYS: queue, queued index, task:{id}. ARGV: task id. Returns entries removed.
+WITHDRAW_SCRIPT = """
+local removed = 0
+local blob = redis.call('GET', KEYS[3])
+if blob then removed = redis.call('LREM', KEYS[1], 0, blob) end
+if removed == 0 then
+  local prefix = '{"task_id": "' .. ARGV[1] .. '", '
+  local len = redis.call('LLEN', KEYS[1])
+  local found = {}
+  for start = 0, len - 1, 256 do
+    for _, entry in ipairs(redis.call('LRANGE', KEYS[1], start, start + 255)) do
+      if string.sub(entry, 1, #prefix) == prefix then found[#found + 1] = entry end
+    end
+  end
+  for _, entry in ipairs(found) do removed = removed + redis.call('LREM', KEYS[1], 0, entry) end
+end
+if removed > 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3])
+end
+return removed
+"""
 
 
 class JobQueue:
     """The API's side of ModelQ: puts jobs on the queue, never runs them.
 
-    ModelQ's `enqueue_task` is synchronous and makes four round trips through its
-    client, on a thread each. Here it runs against an asyncio MULTI/EXEC pipeline
-    instead: its commands are buffered (ModelQ only writes, never reads back while
-    enqueueing) and sent with our own task record in one atomic round trip, from the
-    event loop, with no thread. A burst of a thousand requests no longer queues
-    behind a thread pool, and a job is never half on the queue.
+    ModelQ's `enqueue_task` is synchronous and makes several round trips through
+    its client. Here it runs against a recording pipeline instead (never executed:
+    ModelQ only writes while enqueueing), and the commands it recorded run in one
+    atomic script with the queue bound (ADMIT_SCRIPT), from the event loop, with no
+    thread. A burst of a thousand requests queues nothing past the bound, and a job
+    is never half on the queue.
     """
 
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         quiet_modelq_logging()
         self._client = client
         self._settings = settings
+        self._admit = client.register_script(ADMIT_SCRIPT)
+        self._withdraw = client.register_script(WITHDRAW_SCRIPT)
         # With registration skipped, the constructor makes no Redis call; the client
-        # it makes for itself never connects: each submit swaps in a pipeline.
+        # it makes for itself never connects: each submit swaps in a recorder.
         self._mq = ProducerModelQ(redis_client=None, server_id=f"api-{new_server_id()}")
 
-    async def submit(self, job: CompletionJob) -> None:
-        """Enqueue, the way ModelQ's task wrapper does, in one transaction."""
+    def _recorded_enqueue(self, job: CompletionJob) -> list[tuple[Any, ...]]:
+        """The commands ModelQ's enqueue_task issues for `job`, plus our task record."""
         payload = {
             "data": job.model_dump(mode="json"),
             "timeout": None,
@@ -129,16 +262,34 @@ class JobQueue:
         task = Task(task_name=keys.TASK_NAME, payload=payload, task_id=job.job_id)
         task_dict = task.to_dict()
         task_dict["created_at"] = task_dict["queued_at"] = time.time()
-        pipe = self._client.pipeline(transaction=True)
-        # Safe to swap in: enqueue_task is synchronous, so no other coroutine runs
-        # on this event loop between the swap and the restore.
-        self._mq.redis_client = pipe
+        recorder = redis.Redis().pipeline(transaction=False)  # never connects
+        self._mq.redis_client = recorder
         try:
             self._mq.enqueue_task(task_dict, payload=payload)
         finally:
             self._mq.redis_client = None
-        pipe.set(keys.modelq_task(job.job_id), json.dumps(task_dict), ex=self._settings.job_ttl)
-        await pipe.execute()
+        recorder.set(keys.modelq_task(job.job_id), json.dumps(task_dict), ex=self._settings.job_ttl)
+        return [tuple(args) for args, _options in recorder.command_stack]
+
+    async def submit(self, job: CompletionJob) -> int | None:
+        """Queue the job; its 1-based place in the queue, or None when
+        MAX_QUEUED_JOBS are already waiting (then nothing was written)."""
+        commands = self._recorded_enqueue(job)
+        args: list[Any] = [self._settings.max_queued_jobs, len(commands)]
+        for name, _key, *rest in commands:
+            args += [name, len(rest), *rest]
+        waiting = await self._admit(
+            keys=[keys.MODELQ_QUEUE, *(command[1] for command in commands)], args=args
+        )
+        return None if int(waiting) < 0 else int(waiting) + 1
+
+    async def withdraw(self, job_id: str) -> bool:
+        """Take a job no worker has claimed off the queue; False if none had it."""
+        removed = await self._withdraw(
+            keys=[keys.MODELQ_QUEUE, keys.MODELQ_QUEUED_INDEX, keys.modelq_task(job_id)],
+            args=[job_id],
+        )
+        return int(removed) > 0
 
 
 async def queue_length(client: aioredis.Redis) -> int:
@@ -149,3 +300,54 @@ async def queue_position(client: aioredis.Redis, job_id: str) -> int | None:
     """1-based place of a job in ModelQ's queue; None once a worker has claimed it."""
     rank = await client.zrank(keys.MODELQ_QUEUED_INDEX, job_id)
     return None if rank is None else int(rank) + 1
+
+
+#: ModelQ's records that only ever grow unless someone trims them.
+MODELQ_TASK_HISTORY = "task_history"
+MODELQ_TASK_HEARTBEATS = "task_heartbeats"
+
+
+def expiry_of(entry: bytes | str, job_ttl: int) -> tuple[str, float] | None:
+    """(job id, when it expires) of a queue entry: its deadline (JOB_TIMEOUT), and
+    never later than JOB_TTL after it was queued."""
+    try:
+        task = json.loads(entry)
+        data = task["payload"]["data"]
+        latest = float(task.get("queued_at") or data.get("enqueued_at") or time.time()) + job_ttl
+        deadline = data.get("deadline")
+        return str(task["task_id"]), min(float(deadline), latest) if deadline else latest
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def expired_head(client: aioredis.Redis, job_ttl: int, now: float) -> str | None:
+    """The job at the head of the queue (the oldest), if it has expired: no worker
+    claimed it in time, and its prompt must not wait there for one."""
+    entry = await client.lindex(keys.MODELQ_QUEUE, 0)
+    expiry = None if entry is None else expiry_of(entry, job_ttl)
+    if expiry is None or expiry[1] > now:
+        return None
+    return expiry[0]
+
+
+async def trim_records(client: aioredis.Redis, job_ttl: int, now: float) -> None:
+    """Trim what ModelQ never trims: the `task_history` sorted set (one member per
+    task, forever; written by ModelQ versions before ours stopped it), queued-index
+    ids whose tasks are long gone (a claim skipped as a duplicate leaks one), and
+    in-flight heartbeats no worker refreshed for JOB_TTL."""
+    cutoff = now - job_ttl
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.zremrangebyscore(MODELQ_TASK_HISTORY, "-inf", cutoff)
+        pipe.zremrangebyscore(keys.MODELQ_QUEUED_INDEX, "-inf", cutoff)
+        pipe.hgetall(MODELQ_TASK_HEARTBEATS)
+        *_, beats = await pipe.execute()
+    stale = [task for task, beat in (beats or {}).items() if _float(beat) < cutoff]
+    if stale:
+        await client.hdel(MODELQ_TASK_HEARTBEATS, *stale)
+
+
+def _float(value: bytes | str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from textstream.config import Settings
@@ -64,15 +65,26 @@ class TextFormatter(logging.Formatter):
         return line + "".join(f" {k}={v}" for k, v in fields.items())
 
 
+#: Query parameters that are secrets (a job's stream token) or prompt text.
+SECRET_PARAMS = re.compile(r"(?i)(^|&)(access_token|api_key|key|token)=[^&]*")
+
+
+def redact_query(query: str) -> str:
+    """A query string with secret values replaced: `access_token=<redacted>`."""
+    return SECRET_PARAMS.sub(lambda m: f"{m[1]}{m[2]}=<redacted>", query)
+
+
 class RedactPromptPaths(logging.Filter):
-    """uvicorn's access log prints the request path, and in `/completion/{question}`
-    the path is the prompt. Replace it with its length (the query string stays)."""
+    """uvicorn's access log prints the request path and query: in
+    `/completion/{question}` the path is the prompt (logged as its length), and
+    `/jobs/{id}/events?access_token=...` carries a secret (redacted)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
             path, sep, query = args[2].partition("?")
-            record.args = (args[0], args[1], redact_path(path) + sep + query, args[3], args[4])
+            line = redact_path(path) + sep + redact_query(query)
+            record.args = (args[0], args[1], line, args[3], args[4])
         return True
 
 

@@ -18,10 +18,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from textstream import __version__
-from textstream.api import native, openai, operator
+from textstream.api import janitor, native, openai, operator
 from textstream.api.context_window import PromptTokens
 from textstream.api.deps import Services
 from textstream.api.errors import add_error_handlers
+from textstream.api.limits import BodyLimit
 from textstream.api.requestlog import RequestLog
 from textstream.api.security import Guard
 from textstream.config import Settings, get_settings
@@ -31,6 +32,13 @@ from textstream.logs import configure_logging
 from textstream.transport.events import JobEvents, stream_maxlen
 
 log = logging.getLogger(__name__)
+
+
+def docs_are_open(settings: Settings) -> bool:
+    """DOCS=auto: the schema is public only while the API itself is."""
+    if settings.docs == "open":
+        return True
+    return not settings.api_key_list
 
 
 @asynccontextmanager
@@ -46,10 +54,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not guard.enabled:
         log.warning("API_KEYS is empty: the API is open to anyone who can reach it")
     watcher = asyncio.create_task(prompt_tokens.watch(client, settings.worker_heartbeat_seconds))
+    housekeeping = asyncio.create_task(
+        janitor.run(app.state.services, settings.housekeeping_seconds)
+    )
     try:
         yield
     finally:
         watcher.cancel()
+        housekeeping.cancel()
         await jobs.close()
         await client.close()
 
@@ -57,13 +69,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
-    app = FastAPI(title="textstream", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="textstream",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,  # served by operator.add_docs, behind the key when keys are set
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.settings = settings
     add_error_handlers(app)
     app.include_router(operator.public)
     app.include_router(operator.router)
     app.include_router(native.router)
     app.include_router(openai.router)
+    operator.add_docs(app, open_to_all=docs_are_open(settings))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLog)
     if settings.cors_origin_list:
         app.add_middleware(

@@ -32,8 +32,11 @@ def cache_key(
     messages: list[dict[str, str]] | None,
     prompt_format: PromptFormat,
     params: SamplingParams,
+    tenant: str = "",
 ) -> str:
+    """`tenant`: whose cache (the caller's identity; "" for a shared cache)."""
     identity: dict[str, Any] = {
+        "tenant": tenant,
         "model": model,
         "prompt": prompt,
         "messages": messages,

@@ -34,7 +34,10 @@ def services_of(request: Request) -> Services:
 
 async def authorize(request: Request) -> Caller:
     """Who is calling (API key, or per-job stream token on an events URL), and
-    count the call against its rate limit. Raises for 401 / 429."""
+    count the call against its rate limit. Raises for 401 / 429.
+
+    A request refused after this point (404, 409, 422, 429, 503) takes its count
+    back: errors.py calls `request.state.refund`. Refusals write nothing."""
     services = services_of(request)
     guard: Guard = services.guard
     job_id = request.path_params.get("job_id", "") if request.url.path.endswith("/events") else ""
@@ -45,6 +48,12 @@ async def authorize(request: Request) -> Caller:
         job_id=job_id,
         token=request.query_params.get("access_token", ""),
     )
-    await guard.count_request(caller)
+    request.state.refund = await guard.count_request(caller)
     request.state.caller = caller
     return caller
+
+
+def tenant_of(services: Services, caller: Caller) -> str:
+    """Whose a new job is: the caller's identity when API keys are on. An open API
+    has no tenants ("" reads as everyone's)."""
+    return caller.identity if services.guard.enabled else ""

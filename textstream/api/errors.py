@@ -13,15 +13,23 @@ two shapes, chosen by path:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.transport.events import error_data
+
+log = logging.getLogger(__name__)
+
+#: Seconds a client should wait before retrying a 503 (Redis away) or a full queue.
+RETRY_AFTER = "2"
 
 
 class ServiceError(Exception):
@@ -44,6 +52,13 @@ class InvalidInputError(ServiceError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class BadEventIdError(InvalidInputError):
+    """A Last-Event-ID that cannot name an event of this job: a malformed header is
+    a bad request (400), answered at once rather than waited on."""
+
+    status = 400
 
 
 class JobNotFoundError(ServiceError, LookupError):
@@ -69,7 +84,7 @@ class QueueFullError(ServiceError):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": "2"}
+        return {"Retry-After": RETRY_AFTER}
 
 
 class QueueUnavailableError(ServiceError):
@@ -79,7 +94,7 @@ class QueueUnavailableError(ServiceError):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": "2"}
+        return {"Retry-After": RETRY_AFTER}
 
 
 class UnauthorizedError(ServiceError, PermissionError):
@@ -104,6 +119,9 @@ class RateLimitedError(ServiceError):
         return {"Retry-After": str(self.retry_after)}
 
 
+#: FastAPI's HTTPException detail for a body it could not parse at all.
+BODY_PARSE_ERROR = "There was an error parsing the body"
+
 #: Status codes for a job that ended in error, when the answer is not streamed.
 JOB_ERROR_STATUS = {
     "prompt_too_long": 422,
@@ -119,6 +137,8 @@ OPENAI_TYPES = {
     "not_found": "invalid_request_error",
     "queue_full": "rate_limit_error",
     "queue_unavailable": "server_error",
+    "redis_unavailable": "server_error",
+    "internal_error": "server_error",
 }
 
 
@@ -165,19 +185,55 @@ def job_error_response(
     return error_response(request, status, error["type"], error["message"], headers=headers)
 
 
+async def refund(request: Request) -> None:
+    """A refused request takes back its count against RATE_LIMIT (deps.authorize)."""
+    give_back = getattr(request.state, "refund", None)
+    request.state.refund = None
+    if give_back is not None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await give_back()
+
+
 def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal goes through one of these, and takes its rate count back."""
+
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        await refund(request)
         return error_response(request, exc.status, exc.error_type, str(exc), exc.field, exc.headers)
+
+    @app.exception_handler(RedisError)
+    @app.exception_handler(TimeoutError)
+    @app.exception_handler(ConnectionError)
+    async def _redis(request: Request, exc: Exception) -> JSONResponse:
+        """Redis (or the network to it) failed while answering: a 503 the client can
+        retry, never a 500. Streams already open ride out outages themselves."""
+        log.warning("Redis unavailable during %s: %s", request.url.path, type(exc).__name__)
+        await refund(request)
+        message = "the job store (Redis) is unreachable; retry shortly"
+        headers = {"Retry-After": RETRY_AFTER}
+        return error_response(request, 503, "redis_unavailable", message, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: still the JSON error shape (Starlette logs the traceback)."""
+        return error_response(request, 500, "internal_error", "internal error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Every error body has the same shape, routing errors (404, 405) included."""
+        await refund(request)
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            # FastAPI's answer to a body json.loads cannot even read (not UTF-8,
+            # nested past the recursion limit): invalid input like any other.
+            message = "the body is not valid JSON (UTF-8 text, nested at most ~1000 deep)"
+            return error_response(request, 422, "invalid_request", message, "body")
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(request, exc.status_code, kind, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        await refund(request)
         errors = exc.errors()
         field = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else ""
         message = errors[0]["msg"] if errors else "invalid request"

@@ -14,6 +14,7 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import (
+    BadEventIdError,
     InvalidInputError,
     JobFinishedError,
     JobNotFoundError,
@@ -22,7 +23,7 @@ from textstream.api.errors import (
 from textstream.api.protocol import CompletionQuery, JobRequest, Prompt
 from textstream.api.responses import completed_job, job_headers, relay_for, sse_response
 from textstream.api.status import JobStatus, summarize
-from textstream.api.submit import CancelPolicy, job_deadline, submit
+from textstream.api.submit import CancelPolicy, check_access, job_deadline, submit
 from textstream.transport.events import START_ID, CancelOutcome
 from textstream.transport.sse import stream_job_events
 
@@ -43,8 +44,9 @@ class AnyTextConvertor(Convertor[str]):
 register_url_convertor("text", AnyTextConvertor())
 router = APIRouter(dependencies=[Depends(authorize)])
 
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+#: A Redis stream id: two unsigned 64-bit integers, in ASCII digits.
+EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 JobId = Annotated[str, Path(description="a job id, as returned by POST /jobs or X-Job-Id")]
 
 
@@ -66,12 +68,14 @@ async def completion(
     (`stream=false`: one JSON answer once done). Disconnecting cancels the job."""
     path_text(request)
     policy = CancelPolicy.ON_DISCONNECT
-    job = await submit(services_of(request), Prompt("question", question), params, policy)
+    job = await submit(
+        services_of(request), request.state.caller, Prompt("question", question), params, policy
+    )
     relay = relay_for(request, job.job_id, job.deadline, policy)
     headers = job_headers(job)
     if params.stream:
-        return await sse_response(request, stream_job_events(relay), headers)
-    status = await completed_job(request, relay)
+        return await sse_response(request, stream_job_events(relay), headers, job.slot)
+    status = await completed_job(request, relay, job.slot)
     if status is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     if status.status != "done":
@@ -90,18 +94,26 @@ async def completion(
 async def create_job(request: Request, body: JobRequest) -> dict[str, str | None]:
     """Queue a completion; follow it at `events_url` (resumable), poll `status_url`."""
     services = services_of(request)
-    job = await submit(services, body.as_prompt(), body, CancelPolicy.EXPLICIT)
+    caller = request.state.caller
+    job = await submit(services, caller, body.as_prompt(), body, CancelPolicy.EXPLICIT)
     return {
         "id": job.job_id,
         "events_url": f"/jobs/{job.job_id}/events",
         "status_url": f"/jobs/{job.job_id}",
         # For a browser EventSource, which cannot send Authorization (None when open).
-        "events_token": services.guard.stream_token(job.job_id, request.state.caller),
+        "events_token": services.guard.stream_token(job.job_id, caller),
     }
 
 
+def checked_event_id(value: str, field: str) -> str:
+    match = EVENT_ID.fullmatch(value)
+    if match is None or max(int(match[1]), int(match[2])) >= 2**64:
+        raise BadEventIdError(field, f"{field} must be an event id such as 1700000000000-0")
+    return value
+
+
 def checked_job_id(job_id: str) -> str:
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):
         raise JobNotFoundError(job_id)
     return job_id
 
@@ -116,13 +128,16 @@ async def job_events(
     """The job's events as SSE, from the start or after `Last-Event-ID` (header, as a
     browser EventSource sends on reconnect, or query). Leaving does not cancel."""
     services = services_of(request)
-    after = last_event_id_header or last_event_id or START_ID
-    if not EVENT_ID.match(after):
-        raise InvalidInputError("last_event_id", "expected an event id such as 1700000000000-0")
-    deadline = await job_deadline(services, checked_job_id(job_id))
+    field = "Last-Event-ID" if last_event_id_header else "last_event_id"
+    after = checked_event_id(last_event_id_header or last_event_id or START_ID, field)
+    await check_access(services, request.state.caller, checked_job_id(job_id))
+    deadline = await job_deadline(services, job_id)
+    if after != START_ID and not await services.jobs.has_event_at_or_after(job_id, after):
+        raise BadEventIdError(field, f"{field} {after} is later than the job's last event")
+    slot = await services.guard.open_stream(request.state.caller)
     relay = relay_for(request, job_id, deadline, CancelPolicy.EXPLICIT)
     response: EventSourceResponse = await sse_response(
-        request, stream_job_events(relay, after), {"X-Job-Id": job_id}
+        request, stream_job_events(relay, after), {"X-Job-Id": job_id}, slot
     )
     return response
 
@@ -130,7 +145,9 @@ async def job_events(
 @router.get("/jobs/{job_id}")
 async def job_status(request: Request, job_id: JobId) -> JobStatus:
     """Status, text so far, usage."""
-    history = await services_of(request).jobs.history(checked_job_id(job_id))
+    services = services_of(request)
+    await check_access(services, request.state.caller, checked_job_id(job_id))
+    history = await services.jobs.history(job_id)
     if not history:
         raise JobNotFoundError(job_id)
     return summarize(job_id, history)
@@ -140,9 +157,13 @@ async def job_status(request: Request, job_id: JobId) -> JobStatus:
 async def cancel_job(request: Request, job_id: JobId) -> dict[str, str]:
     """Cancel a queued or running job. A queued job ends at once and is never
     generated; a running one stops within one decode step."""
-    outcome = await services_of(request).jobs.cancel(checked_job_id(job_id))
+    services = services_of(request)
+    await check_access(services, request.state.caller, checked_job_id(job_id), own=True)
+    outcome = await services.jobs.cancel(job_id)
     if outcome is CancelOutcome.UNKNOWN:
         raise JobNotFoundError(job_id)
     if outcome is CancelOutcome.FINISHED:
         raise JobFinishedError()
+    if outcome is CancelOutcome.CANCELLED:
+        await services.queue.withdraw(job_id)  # never claimed: off the queue now
     return {"id": job_id, "status": outcome.value}

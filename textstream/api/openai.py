@@ -124,7 +124,7 @@ async def answer(
     services = services_of(request)
     body.refuse_unsupported()
     policy = CancelPolicy.ON_DISCONNECT
-    job = await submit(services, prompt, body.generation(max_tokens), policy)
+    job = await submit(services, request.state.caller, prompt, body.generation(max_tokens), policy)
     relay = relay_for(request, job.job_id, job.deadline, policy)
     model = await served_model(services.redis) or body.model
     shape = ChunkShape(prompt.messages is not None, job.job_id, model)
@@ -132,8 +132,8 @@ async def answer(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = ChunkStream(shape, include_usage)
-        return await sse_response(request, relay_events(relay, chunks.convert), headers)
-    status = await completed_job(request, relay)
+        return await sse_response(request, relay_events(relay, chunks.convert), headers, job.slot)
+    status = await completed_job(request, relay, job.slot)
     if status is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     if status.status != "done" or status.usage is None:

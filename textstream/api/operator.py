@@ -9,7 +9,8 @@ import time
 from importlib.resources import files
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from redis.exceptions import RedisError
 
@@ -19,6 +20,23 @@ from textstream.metrics import render
 from textstream.registry import WorkerInfo, live_workers
 
 PAGE = files("textstream.api").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def add_docs(app: FastAPI, *, open_to_all: bool) -> None:
+    """/openapi.json, /docs and /redoc: open, or behind the API key (DOCS)."""
+    dependencies = [] if open_to_all else [Depends(authorize)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=dependencies)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=dependencies)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="textstream API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="textstream API")
 
 
 public = APIRouter()
@@ -78,7 +96,8 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/workers")
 async def workers(request: Request) -> dict[str, Any]:
     """Live workers: id, host, model, device, busy/free slots, last heartbeat."""
-    _, live = await workers_or_none(services_of(request))
+    services = services_of(request)
+    live = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
     now = time.time()
     return {
         "workers": [

@@ -9,7 +9,7 @@ No `from __future__ import annotations`: FastAPI and pydantic read these at run 
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from textstream.api.errors import InvalidInputError
 from textstream.job import (
@@ -43,15 +43,39 @@ class Prompt:
         return "\n".join(m["content"] for m in self.messages)
 
 
+class Body(BaseModel):
+    """Every request model: no string anywhere in it may hold a lone surrogate
+    (JSON's "\\ud800" decodes to one). Such text cannot be encoded as UTF-8, so it
+    would fail later, in Redis or in the tokenizer; it is refused here, naming the
+    field, like any other invalid input."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        if _has_surrogate(value):
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate)")
+        return value
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.isascii() and any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, list | tuple):
+        return any(_has_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    return False
+
+
 # -- chat messages, on /jobs and /v1/chat/completions ------------------------------------
 
 
-class TextPart(BaseModel):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -67,7 +91,7 @@ class ChatMessage(BaseModel):
 # -- the native API -----------------------------------------------------------------
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(Body):
     """Sampling fields a client may send: the `/completion` query string and the
     `POST /jobs` body share them. `max_new_tokens` defaults per deployment."""
 
@@ -116,13 +140,9 @@ class JobRequest(GenerationRequest):
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> "JobRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give either `prompt` or `messages`")
-        return self
-
     def as_prompt(self) -> Prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidInputError("prompt", "give either `prompt` or `messages`")
         if self.messages is not None:
             return Prompt("messages", messages=[m.as_dict() for m in self.messages])
         return Prompt("prompt", self.prompt or "")
@@ -131,11 +151,11 @@ class JobRequest(GenerationRequest):
 # -- the OpenAI-compatible API --------------------------------------------------------
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class OpenAISampling(BaseModel):
+class OpenAISampling(Body):
     """Fields both endpoints share. Unknown fields are ignored, as OpenAI's API does
     for fields it does not know from newer SDKs."""
 

@@ -1,12 +1,17 @@
 """One structured log line per HTTP request, and the request counted in the shared
 metrics (by route template, not raw path). A streaming response is logged when its
 stream ends, with the stream's duration. The prompt in `/completion/{question}`
-is logged as its length unless LOG_PROMPTS=true (logs.redact_path)."""
+is logged as its length unless LOG_PROMPTS=true (logs.redact_path).
+
+A client's `X-Request-Id` is kept (and echoed back) only when it looks like an id:
+1-64 characters of [A-Za-z0-9._:-]. Anything else (non-UTF-8 bytes, 10 KB of
+text, newlines that would forge log lines) is replaced by a fresh id."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import uuid
 
@@ -15,6 +20,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from textstream.logs import redact_path
 from textstream.metrics import count_request
+
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    given = headers.get(b"x-request-id", b"")
+    return given.decode("ascii") if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 class RequestLog:
@@ -30,14 +42,14 @@ class RequestLog:
             return
         started, status, job_id = time.perf_counter(), 500, None
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex
+        request_id = request_id_of(headers)
 
         async def sending(message: Message) -> None:
             nonlocal status, job_id
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_headers = dict(message.get("headers") or [])
-                job_id = response_headers.get(b"x-job-id", b"").decode() or None
+                job_id = response_headers.get(b"x-job-id", b"").decode("latin-1") or None
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 

@@ -1,20 +1,24 @@
-"""How a submitted job is answered, for every route: as an SSE stream that holds one
-of the caller's stream slots, or as one JSON answer once the job has ended."""
+"""How a submitted job is answered, for every route: as an SSE stream, or as one
+JSON answer once the job has ended. Either way the request holds one of the
+caller's stream slots (MAX_STREAMS_PER_KEY, taken by submit() or the events
+route) until its answer ends."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import Request
 from fastapi.responses import Response
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
 from textstream.api.deps import services_of
 from textstream.api.errors import JobNotFoundError
 from textstream.api.security import Caller
 from textstream.api.status import JobStatus, summarize
-from textstream.api.submit import CancelPolicy, Submission, queue_reporter
+from textstream.api.submit import CancelPolicy, Submission, queue_hooks
 from textstream.transport.sse import Relay, collect_events
 
 
@@ -31,25 +35,30 @@ def relay_for(request: Request, job_id: str, deadline: float | None, policy: Can
         job_id,
         deadline,
         cancel_on_disconnect=policy is CancelPolicy.ON_DISCONNECT,
-        queue_report=queue_reporter(services),
+        queue=queue_hooks(services),
     )
 
 
-async def sse_response(
-    request: Request, events: AsyncIterator[bytes], headers: dict[str, str]
-) -> Response:
-    """An SSE response holding one of the caller's stream slots until it ends."""
-    services = services_of(request)
+async def release_slot(request: Request, slot: str | None) -> None:
+    if slot is None:
+        return
     caller: Caller = request.state.caller
-    slot = await services.guard.open_stream(caller)
+    with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
+        await services_of(request).guard.close_stream(caller, slot)
+
+
+async def sse_response(
+    request: Request, events: AsyncIterator[bytes], headers: dict[str, str], slot: str | None
+) -> Response:
+    """An SSE response that gives its stream slot back when it ends."""
+    services = services_of(request)
 
     async def holding_slot() -> AsyncIterator[bytes]:
         try:
             async for event in events:
                 yield event
         finally:
-            with anyio.CancelScope(shield=True):
-                await services.guard.close_stream(caller, slot)
+            await release_slot(request, slot)
 
     response: Response = EventSourceResponse(
         holding_slot(),
@@ -59,9 +68,12 @@ async def sse_response(
     return response
 
 
-async def completed_job(request: Request, relay: Relay) -> JobStatus | None:
+async def completed_job(request: Request, relay: Relay, slot: str | None) -> JobStatus | None:
     """Wait for the job to end (non-streaming answers); None if the client left."""
-    events = await collect_events(relay, request.is_disconnected)
+    try:
+        events = await collect_events(relay, request.is_disconnected)
+    finally:
+        await release_slot(request, slot)
     if events is None:
         return None
     if not events:

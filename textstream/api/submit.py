@@ -8,6 +8,7 @@ exceptions (errors.py); no HTTP here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import unicodedata
@@ -20,7 +21,7 @@ from redis.exceptions import RedisError
 
 from textstream import keys
 from textstream.api.cache import cache_key, cached_job, claim, forget, served_model
-from textstream.api.deps import Services
+from textstream.api.deps import Services, tenant_of
 from textstream.api.errors import (
     InvalidInputError,
     JobNotFoundError,
@@ -28,11 +29,12 @@ from textstream.api.errors import (
     QueueUnavailableError,
 )
 from textstream.api.protocol import GenerationRequest, Prompt
+from textstream.api.security import Caller
 from textstream.job import CompletionJob
 from textstream.jobqueue import queue_length, queue_position
 from textstream.registry import live_workers
-from textstream.transport.events import EventType, entry_seconds
-from textstream.transport.sse import QueueReport
+from textstream.transport.events import entry_seconds
+from textstream.transport.sse import QueueHooks
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +57,34 @@ class Submission:
     deadline: float | None
     #: Answered by an existing job (cache hit, or an identical request in flight).
     shared: bool = False
+    #: The stream slot this request holds (MAX_STREAMS_PER_KEY) until its answer ends.
+    slot: str | None = None
 
 
 async def submit(
-    services: Services, prompt: Prompt, request: GenerationRequest, policy: CancelPolicy
+    services: Services,
+    caller: Caller,
+    prompt: Prompt,
+    request: GenerationRequest,
+    policy: CancelPolicy,
 ) -> Submission:
-    """Validate, then answer from the cache or queue the job."""
+    """Validate; take a stream slot (ON_DISCONNECT requests hold one until their
+    answer ends); then answer from the cache or queue the job. A refusal at any step
+    gives back what the steps before it took, so it leaves nothing behind."""
     check_prompt(prompt.checked_text, services, prompt.field)
     check_request(request, services, prompt.max_tokens_field)
     await check_context_window(services, prompt, request)
-    return await start_job(services, prompt, request, policy)
+    slot = None
+    if policy is CancelPolicy.ON_DISCONNECT:
+        slot = await services.guard.open_stream(caller)
+    try:
+        submission = await start_job(services, tenant_of(services, caller), prompt, request, policy)
+    except BaseException:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await services.guard.close_stream(caller, slot)
+        raise
+    submission.slot = slot
+    return submission
 
 
 def check_prompt(text: str, services: Services, field: str) -> None:
@@ -102,7 +122,11 @@ async def check_context_window(
 
 
 async def start_job(
-    services: Services, prompt: Prompt, request: GenerationRequest, policy: CancelPolicy
+    services: Services,
+    tenant: str,
+    prompt: Prompt,
+    request: GenerationRequest,
+    policy: CancelPolicy,
 ) -> Submission:
     """Answer from the response cache, or queue a new job."""
     settings = services.settings
@@ -119,7 +143,10 @@ async def start_job(
     )
     try:
         async with asyncio.timeout(settings.enqueue_timeout):
-            key = await cache_key_for(services, job, request.use_cache)
+            waiting = await queue_length(services.redis)
+            if waiting >= settings.max_queued_jobs:  # refused before writing anything
+                raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
+            key = await cache_key_for(services, job, tenant, request.use_cache)
             if key:
                 followed = await follow_cached(services, key, policy)
                 if followed is None and not await claim(
@@ -128,7 +155,7 @@ async def start_job(
                     followed = await follow_cached(services, key, policy)
                 if followed is not None:
                     return followed
-            await queue_job(services, job, key, policy)
+            await queue_job(services, job, tenant, key, policy, waiting + 1)
     except (RedisError, TimeoutError, OSError) as exc:
         log.warning("job=%s could not be queued: %s", job.job_id, type(exc).__name__)
         raise QueueUnavailableError("the job queue (Redis) is unreachable; retry shortly") from exc
@@ -136,13 +163,18 @@ async def start_job(
     return Submission(job.job_id, job.deadline)
 
 
-async def cache_key_for(services: Services, job: CompletionJob, use_cache: bool) -> str | None:
+async def cache_key_for(
+    services: Services, job: CompletionJob, tenant: str, use_cache: bool
+) -> str | None:
+    """The job's response-cache key, or None when it may not be cached. The cache is
+    per tenant unless CACHE_SCOPE=global: one key never gets another's job."""
     if not (use_cache and services.settings.cache_ttl and job.params.deterministic):
         return None
     model = await served_model(services.redis)
     if model is None:
         return None  # no worker has ever announced a model: nothing can be cached yet
-    return cache_key(model, job.prompt, job.messages, job.prompt_format, job.params)
+    scope = "" if services.settings.cache_scope == "global" else tenant
+    return cache_key(model, job.prompt, job.messages, job.prompt_format, job.params, scope)
 
 
 async def follow_cached(services: Services, key: str, policy: CancelPolicy) -> Submission | None:
@@ -154,35 +186,58 @@ async def follow_cached(services: Services, key: str, policy: CancelPolicy) -> S
     return Submission(job_id, await job_deadline(services, job_id), shared=True)
 
 
-async def track(
-    services: Services, job_id: str, policy: CancelPolicy, cache_key: str | None = None
-) -> None:
+async def track(services: Services, job_id: str, policy: CancelPolicy) -> None:
     await services.jobs.track(
         job_id,
         reader=policy is CancelPolicy.ON_DISCONNECT,
         pinned=policy is CancelPolicy.EXPLICIT,
-        cache_key=cache_key,
     )
 
 
 async def queue_job(
-    services: Services, job: CompletionJob, key: str | None, policy: CancelPolicy
+    services: Services,
+    job: CompletionJob,
+    tenant: str,
+    key: str | None,
+    policy: CancelPolicy,
+    position: int,
 ) -> None:
-    """Write the job's `queued` event, then hand the job to ModelQ.
+    """Write the job's stream (its `queued` event and whose it is), then hand it to
+    ModelQ, within the queue bound.
 
-    The event goes first so the stream exists before any worker can write to it,
-    and so a dead Redis fails here, fast, before anything is queued.
+    The stream goes first so it exists before any worker can write to it. If the
+    queue then refuses (it filled up since the length was read), the stream and
+    the cache claim are removed again: nobody has the job's id yet.
     """
-    waiting = await queue_length(services.redis)
-    if waiting >= services.settings.max_queued_jobs:
-        if key:
-            await forget(services.redis, key, job.job_id)
-        raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
-    await services.jobs.append(
-        job.job_id, EventType.QUEUED, {"job_id": job.job_id, "position": waiting + 1}
+    created = await services.jobs.create(
+        job.job_id,
+        {"job_id": job.job_id, "position": position},
+        tenant=tenant,
+        shared=bool(key) and services.settings.cache_scope == "global",
+        reader=policy is CancelPolicy.ON_DISCONNECT,
+        pinned=policy is CancelPolicy.EXPLICIT,
+        cache_key=key,
     )
-    await track(services, job.job_id, policy, key)
-    await services.queue.submit(job)
+    queued = created and await admitted(services, job)
+    if queued:
+        return
+    await services.jobs.discard(job.job_id)
+    if key:
+        await forget(services.redis, key, job.job_id)
+    raise QueueFullError(f"{services.settings.max_queued_jobs} jobs are waiting; retry shortly")
+
+
+async def admitted(services: Services, job: CompletionJob) -> bool:
+    """Queue the job unless MAX_QUEUED_JOBS are waiting (one atomic step)."""
+    try:
+        return await services.queue.submit(job) is not None
+    except BaseException:
+        # Unknown whether it was queued: a job with no stream would be skipped by
+        # its worker, so remove the stream rather than leave a job nobody can name.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await services.queue.withdraw(job.job_id)
+            await services.jobs.discard(job.job_id)
+        raise
 
 
 async def job_deadline(services: Services, job_id: str) -> float | None:
@@ -193,12 +248,30 @@ async def job_deadline(services: Services, job_id: str) -> float | None:
     return entry_seconds(first[0][0].decode()) + services.settings.job_timeout
 
 
-def queue_reporter(services: Services) -> QueueReport:
-    """What a relay reports while its job waits: queue position and live workers."""
+async def check_access(
+    services: Services, caller: Caller, job_id: str, *, own: bool = False
+) -> None:
+    """Raise JobNotFoundError unless `caller` may see the job: its creator, anyone
+    when the API is open, anyone for a job shared through a global cache (reading
+    only: `own` asks for its creator, as DELETE does). Another key's job answers
+    404, exactly as a job that does not exist."""
+    access = await services.jobs.access(job_id)
+    if not access.exists:
+        raise JobNotFoundError(job_id)
+    if not services.guard.enabled:
+        return
+    mine = access.tenant == caller.identity
+    if not (mine or (access.shared and not own)):
+        raise JobNotFoundError(job_id)
+
+
+def queue_hooks(services: Services) -> QueueHooks:
+    """What a relay may ask of the queue: a waiting job's position and the live
+    workers, and taking a job that ended unclaimed off the queue."""
 
     async def report(job_id: str) -> dict[str, Any]:
         position = await queue_position(services.redis, job_id)
         workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
         return {"position": position, "workers": len(workers)}
 
-    return report
+    return QueueHooks(report=report, withdraw=services.queue.withdraw)

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 
 from textstream import keys
 from textstream.config import Settings
-from textstream.transport.mux import ReadMux
+from textstream.transport.mux import ReadMux, id_key
 
 START_ID = "0-0"
 
@@ -143,6 +143,40 @@ forget_cache(ARGV[4])
 return 'cancelled'
 """
 )
+
+
+# KEYS: stream, state. ARGV: data of the `queued` event, maxlen, ttl, tenant, shared,
+# reader, pinned, cache key. A job's first write: its `queued` event and its state
+# (whose job it is, who may cancel it) in one step, so no reader ever sees a job
+# without an owner. Returns '' if the job already exists (ids are never reused).
+CREATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return '' end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+                      'event', 'queued', 'data', ARGV[1])
+redis.call('HSET', KEYS[2], 'tenant', ARGV[4])
+if ARGV[5] == '1' then redis.call('HSET', KEYS[2], 'shared', '1') end
+if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'readers', '1') end
+if ARGV[7] == '1' then redis.call('HSET', KEYS[2], 'pinned', '1') end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 'cache_key', ARGV[8]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return id
+"""
+
+
+class JobVanishedError(LookupError):
+    """A job's stream and state are gone while it was being read: Redis lost its data
+    (restarted without persistence, or flushed). No event will ever come."""
+
+
+@dataclass(frozen=True)
+class JobAccess:
+    """Whose job it is: `tenant` is the creating caller's identity ("" when the API
+    is open); `shared` jobs (in a global response cache) may be read by anyone."""
+
+    exists: bool
+    tenant: str | None
+    shared: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,11 +368,51 @@ class JobEvents:
         self._maxlen = maxlen
         self._append = client.register_script(APPEND_SCRIPT)
         self._cancel = client.register_script(CANCEL_SCRIPT)
+        self._create = client.register_script(CREATE_SCRIPT)
         #: Blocking reads of all this process's relays share one XREAD (mux.py).
         self.mux = ReadMux(client)
 
     async def close(self) -> None:
         await self.mux.close()
+
+    async def create(
+        self,
+        job_id: str,
+        data: dict[str, Any],
+        *,
+        tenant: str,
+        shared: bool = False,
+        reader: bool = False,
+        pinned: bool = False,
+        cache_key: str | None = None,
+    ) -> bool:
+        """Write a new job's `queued` event and its state; False if it existed."""
+        entry_id = await self._create(
+            keys=[keys.job_events(job_id), keys.job_state(job_id)],
+            args=[
+                json.dumps(data, ensure_ascii=False),
+                self._maxlen,
+                self._ttl,
+                tenant,
+                "1" if shared else "0",
+                "1" if reader else "0",
+                "1" if pinned else "0",
+                cache_key or "",
+            ],
+        )
+        return bool(entry_id)
+
+    async def discard(self, job_id: str) -> None:
+        """Remove a job that was refused after its stream was written (nobody has
+        its id yet): a refusal leaves nothing behind."""
+        await self.client.delete(keys.job_events(job_id), keys.job_state(job_id))
+
+    async def access(self, job_id: str) -> JobAccess:
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.job_events(job_id))
+            pipe.hmget(keys.job_state(job_id), "tenant", "shared")
+            exists, (tenant, shared) = await pipe.execute()
+        return JobAccess(bool(exists), None if tenant is None else _text(tenant), bool(shared))
 
     async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
         """Write as no worker (the `queued` event, a timeout): refused once ended."""
@@ -373,6 +447,12 @@ class JobEvents:
             pipe.expire(state, self._ttl)
             await pipe.execute()
 
+    async def has_event_at_or_after(self, job_id: str, entry_id: str) -> bool:
+        """Whether the stream's last entry is at or after `entry_id`: a reader may
+        resume from any id the stream has given out, never from a later one."""
+        last = await self.client.xrevrange(keys.job_events(job_id), count=1)
+        return bool(last) and id_key(last[0][0]) >= id_key(entry_id)
+
     async def exists(self, job_id: str) -> bool:
         return bool(await self.client.exists(keys.job_events(job_id)))
 
@@ -396,7 +476,13 @@ class JobEvents:
                 entries = await self.mux.read(stream, last_id, block)
                 response = [(stream, entries)] if entries else []
             if not response:
-                if not await self.client.hexists(state, "terminal"):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.exists(stream)
+                    pipe.hexists(state, "terminal")
+                    exists, ended = await pipe.execute()
+                if not exists:
+                    raise JobVanishedError(job_id)
+                if not ended:
                     if block is not None:
                         yield None
                     block = block_ms

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 Entry = tuple[bytes, list[bytes]]
 
 
-def _id_key(entry_id: bytes | str) -> tuple[int, int]:
+def id_key(entry_id: bytes | str) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
@@ -62,10 +62,11 @@ class ReadMux:
         # A client of the same class and settings, on a single connection whose id
         # CLIENT UNBLOCK can name; `client` (the shared pool) sends the unblocks.
         self._client = client
+        kwargs = dict(client.connection_pool.connection_kwargs)
+        # The XREAD blocks up to BLOCK_MS: the read timeout must leave it that room.
+        kwargs["socket_timeout"] = (kwargs.get("socket_timeout") or 5.0) + self.BLOCK_MS / 1000
         self._reader = type(client)(
-            connection_pool=type(client.connection_pool)(
-                **client.connection_pool.connection_kwargs
-            ),
+            connection_pool=type(client.connection_pool)(**kwargs),
             single_connection_client=True,
         )
         self._reader.set_response_callback("XREAD", lambda response, **_: response)
@@ -188,8 +189,8 @@ class ReadMux:
 
     def _deliver(self, key: str, entries: list[Entry]) -> None:
         for waiter in list(self._waiters.get(key, ())):
-            after = _id_key(waiter.last_id)
-            mine = [e for e in entries if _id_key(e[0]) > after]
+            after = id_key(waiter.last_id)
+            mine = [e for e in entries if id_key(e[0]) > after]
             if mine and not waiter.future.done():
                 waiter.future.set_result(mine)
                 self._forget(waiter)
@@ -203,4 +204,4 @@ class ReadMux:
 
 
 def _oldest(waiting: list[_Waiter]) -> str:
-    return min((w.last_id for w in waiting), key=_id_key)
+    return min((w.last_id for w in waiting), key=id_key)

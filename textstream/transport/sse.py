@@ -35,9 +35,13 @@ from textstream.transport.events import (
     REDIS_LOST,
     START_ID,
     TIMEOUT,
+    CancelOutcome,
     EventType,
     JobEvent,
     JobEvents,
+    JobVanishedError,
+    WriteOutcome,
+    error_data,
 )
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,21 @@ log = logging.getLogger(__name__)
 #: Where a queued job stands: {"position": ..., "workers": ...} (the API's queue
 #: knows; the relay only asks).
 QueueReport = Callable[[str], Awaitable[dict[str, Any]]]
+#: Takes a job that ended before a worker claimed it off the queue.
+Withdraw = Callable[[str], Awaitable[object]]
+
+#: The job's stream vanished under an open reader: Redis lost its data.
+JOB_LOST = error_data(
+    "redis_unavailable", "the event store lost this job (Redis restarted without its data)"
+)
+
+
+@dataclass(frozen=True)
+class QueueHooks:
+    """What a relay may ask of the queue, which it does not import."""
+
+    report: QueueReport
+    withdraw: Withdraw
 
 
 def to_sse(event: JobEvent) -> ServerSentEvent:
@@ -67,17 +86,19 @@ class Relay:
     job_id: str
     deadline: float | None = None
     cancel_on_disconnect: bool = False
-    queue_report: QueueReport | None = None
+    queue: QueueHooks | None = None
 
     async def idle_status(self, started: bool) -> JobEvent | None:
         """Called when nothing arrived for a while: enforce the deadline, or report
         the queue position of a job that has not started."""
         if self.deadline is not None and time.time() > self.deadline:
-            await self.jobs.append(self.job_id, EventType.ERROR, TIMEOUT)
+            outcome = await self.jobs.append(self.job_id, EventType.ERROR, TIMEOUT)
+            if outcome is WriteOutcome.OK and not started and self.queue is not None:
+                await self.queue.withdraw(self.job_id)  # no worker will ever need it
             return None  # the timeout event itself arrives through the stream
-        if started or self.queue_report is None:
+        if started or self.queue is None:
             return None
-        data = {"job_id": self.job_id, **await self.queue_report(self.job_id)}
+        data = {"job_id": self.job_id, **await self.queue.report(self.job_id)}
         return status_event(EventType.QUEUED, data)
 
     async def events(self, after: str = START_ID) -> AsyncIterator[JobEvent]:
@@ -105,6 +126,10 @@ class Relay:
                     started = started or any(e.event != EventType.QUEUED for e in batch)
                     yield batch
                 return
+            except JobVanishedError:
+                log.warning("job=%s: its stream vanished (Redis lost its data)", self.job_id)
+                yield [status_event(EventType.ERROR, JOB_LOST)]
+                return
             except RedisError as exc:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.settings.redis_grace_seconds:
@@ -121,6 +146,8 @@ async def release(relay: Relay) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(2):
         try:
             outcome = await relay.jobs.cancel(relay.job_id, release=True)
+            if outcome is CancelOutcome.CANCELLED and relay.queue is not None:
+                await relay.queue.withdraw(relay.job_id)
             log.info("job=%s client disconnected; %s", relay.job_id, outcome.value)
         except RedisError as exc:
             log.warning("job=%s could not request cancel: %s", relay.job_id, exc)
