@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from urllib.parse import quote
 
 import httpx
@@ -83,13 +84,31 @@ def test_bad_paths_get_422(service, path, field):
     assert response.json()["error"]["field"] == field
 
 
-def test_malformed_last_event_id_gets_422(service):
+IMPOSSIBLE_EVENT_IDS = [
+    "yesterday",
+    "1-2-3",
+    "-1",
+    "99999999999999999999-0",  # 20 digits, past 2**64
+    "18446744073709551616-0",  # 2**64
+    "\u0661\u0662-0",  # Arabic-Indic digits: Python's \d matches them, Redis does not
+    "1-1\n",
+    "4102444800000-0",  # the year 2100: after any event the job has
+]
+
+
+@pytest.mark.parametrize("bad", IMPOSSIBLE_EVENT_IDS)
+def test_impossible_last_event_id_gets_400_at_once_naming_it(service, bad):
     job = httpx.post(service.base + "/jobs", json={"prompt": "hi", "max_new_tokens": 2}).json()
-    for bad in ("yesterday", "1-2-3", "-1"):
-        response = httpx.get(
-            f"{service.base}/jobs/{job['id']}/events", headers={"Last-Event-ID": bad}, timeout=5
-        )
-        assert response.status_code == 422 and response.json()["error"]["field"] == "last_event_id"
+    url = f"{service.base}/jobs/{job['id']}/events"
+    if "\n" not in bad:  # a header cannot carry a newline; the query string can
+        started = time.monotonic()
+        header = {"Last-Event-ID": bad.encode()}  # raw UTF-8 bytes
+        response = httpx.get(url, headers=header, timeout=5)
+        assert time.monotonic() - started < 2
+        assert response.status_code == 400
+        assert response.json()["error"]["field"] == "Last-Event-ID"
+    response = httpx.get(url, params={"last_event_id": bad}, timeout=5)
+    assert response.status_code == 400 and response.json()["error"]["field"] == "last_event_id"
 
 
 def test_prompt_longer_than_the_context_window_gets_422(service, tiny_model_dir):
@@ -154,9 +173,13 @@ FUZZ = settings(
 
 @pytest.fixture
 def idle_api(make_service):
-    """An API with no workers and a tiny queue: accepted jobs cost nothing, the queue
-    fills, and 429s are part of what the fuzzer meets."""
-    return make_service(workers=0, MAX_QUEUED_JOBS="5")
+    """An API with no workers and a full queue: every valid request meets a 429, so
+    none waits for a worker that never comes (a cancelled job leaves the queue, so
+    the fuzzer's own requests would not keep it full)."""
+    svc = make_service(workers=0, MAX_QUEUED_JOBS="5")
+    for _ in range(5):
+        assert httpx.post(svc.base + "/jobs", json={"prompt": "hold"}).status_code == 202
+    return svc
 
 
 @FUZZ

@@ -1,0 +1,387 @@
+"""One request, one key or one Redis blip never hurts anyone else.
+
+Each test here is a regression test for a class of defect an outside review found
+on a live deployment: keys that were not tenants, refusals that still queued work,
+a queue bound that was not one, Redis trouble answered with 500s, odd bytes that
+crashed a request, Last-Event-IDs that hung, prompts kept too long."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import Service
+from helpers import free_port, parse_sse_lines, service_env, stream, wait_for
+
+from bench.cluster import start_redis
+
+K1, K2 = {"Authorization": "Bearer key-one"}, {"Authorization": "Bearer key-two"}
+KEYS = {"API_KEYS": "key-one,key-two"}
+
+
+def sse(base: str, path: str, headers: dict[str, str], **params: Any) -> list[Any]:
+    with httpx.stream("GET", base + path, headers=headers, params=params, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        return parse_sse_lines(r.iter_lines())
+
+
+def post_job(base: str, headers: dict[str, str], **body: Any) -> httpx.Response:
+    return httpx.post(base + "/jobs", json={"prompt": "Hello", **body}, headers=headers, timeout=10)
+
+
+def raw_post(base: str, headers: dict[str, str], body: str) -> httpx.Response:
+    """POST JSON text as given (json.dumps would refuse a lone surrogate)."""
+    headers = {**headers, "content-type": "application/json"}
+    return httpx.post(base + "/jobs", content=body, headers=headers, timeout=10)
+
+
+def job_keys(client: redis.Redis) -> set[bytes]:
+    """Everything a job leaves in Redis: its stream and state, ModelQ's records."""
+    found = set(client.keys("textstream:job:*")) | set(client.keys("task*"))
+    return found | set(client.keys("textstream:cache:*"))
+
+
+@pytest.fixture(scope="module")
+def keyed(slow_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two API keys, a response cache, one worker with the slow model, on a Redis of
+    its own (so the key snapshots below see only this service)."""
+    workdir = tmp_path_factory.mktemp("keyed")
+    proc, url = start_redis(workdir)
+    env = service_env(url, str(slow_model_dir), CACHE_TTL="600", **KEYS)
+    svc = Service(workdir, env, workers=1, concurrency=2)
+    yield svc, redis.Redis.from_url(url)
+    svc.stop()
+    proc.terminate()
+
+
+# --- API keys are tenants -------------------------------------------------------------
+
+
+def test_every_job_route_in_the_schema_answers_another_key_404(keyed):
+    svc, _ = keyed
+    schema = httpx.get(svc.base + "/openapi.json", headers=K1, timeout=10).json()
+    job_id = post_job(svc.base, K1, max_new_tokens=200, ignore_eos=True).json()["id"]
+    routes = [
+        (method.upper(), path)
+        for path, methods in schema["paths"].items()
+        if "{job_id}" in path
+        for method in methods
+    ]
+    assert {path for _, path in routes} >= {"/jobs/{job_id}", "/jobs/{job_id}/events"}
+    for method, path in routes:
+        url = svc.base + path.replace("{job_id}", job_id)
+        foreign = httpx.request(method, url, headers=K2, timeout=10)
+        assert foreign.status_code == 404, (method, path, foreign.text)
+        assert foreign.json()["error"]["type"] == "not_found"
+    # k2's DELETE changed nothing: the job is k1's, and still runs to its end.
+    events = sse(svc.base, f"/jobs/{job_id}/events", K1)
+    assert events[-1].event == "done"
+    assert httpx.get(f"{svc.base}/jobs/{job_id}", headers=K1).json()["status"] == "done"
+
+
+def test_the_response_cache_is_per_key(keyed):
+    svc, _ = keyed
+    params = {"max_new_tokens": 5, "ignore_eos": True}
+    first = httpx.get(svc.base + "/completion/The capital", params=params, headers=K1)
+    again = httpx.get(svc.base + "/completion/The capital", params=params, headers=K1)
+    other = httpx.get(svc.base + "/completion/The capital", params=params, headers=K2)
+    assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"
+    assert again.headers["x-job-id"] == first.headers["x-job-id"]
+    assert other.headers["x-cache"] == "miss"
+    assert other.headers["x-job-id"] != first.headers["x-job-id"]
+
+
+def test_a_global_cache_shares_answers_but_not_the_right_to_cancel(make_service, slow_model_dir):
+    svc = make_service(model=slow_model_dir, CACHE_TTL="600", CACHE_SCOPE="global", **KEYS)
+    body = {"max_new_tokens": 5, "ignore_eos": True}
+    mine = post_job(svc.base, K1, **body).json()["id"]
+    theirs = post_job(svc.base, K2, **body).json()["id"]
+    assert theirs == mine  # the same answer, shared
+    assert httpx.get(f"{svc.base}/jobs/{mine}", headers=K2).status_code == 200
+    assert httpx.delete(f"{svc.base}/jobs/{mine}", headers=K2).status_code == 404
+
+
+def test_a_stream_token_with_odd_bytes_is_simply_not_a_token(keyed):
+    svc, _ = keyed
+    job = post_job(svc.base, K1, max_new_tokens=2).json()
+    for token in ("x.y.z.\u00e9\u00e9\u00e9", "a" * 5000, job["events_token"] + "\u00ff"):
+        response = httpx.get(svc.base + job["events_url"], params={"access_token": token})
+        assert response.status_code == 401, token[:20]
+    events = sse(svc.base, job["events_url"], {}, access_token=job["events_token"])
+    assert events[-1].event == "done"
+
+
+def test_stream_tokens_never_reach_the_logs(keyed):
+    svc, _ = keyed
+    job = post_job(svc.base, K1, max_new_tokens=2).json()
+    sse(svc.base, job["events_url"], {}, access_token=job["events_token"])
+    time.sleep(0.5)
+    secret = job["events_token"].rsplit(".", 1)[1]
+    assert secret not in svc.api.output() and "key-one" not in svc.api.output()
+
+
+def test_docs_and_schema_are_behind_the_key_when_keys_are_set(keyed, service):
+    svc, _ = keyed
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert httpx.get(svc.base + path).status_code == 401, path
+        assert httpx.get(svc.base + path, headers=K1).status_code == 200, path
+        assert httpx.get(service.base + path).status_code == 200, path  # an open API
+
+
+# --- a refusal writes nothing and queues nothing ----------------------------------------
+
+
+def test_refusals_write_nothing(keyed):
+    svc, client = keyed
+    done = post_job(svc.base, K1, max_new_tokens=1).json()["id"]
+    wait_for(
+        lambda: httpx.get(f"{svc.base}/jobs/{done}", headers=K1).json()["status"] == "done",
+        30,
+        "a finished job",
+    )
+    before, queued = job_keys(client), client.llen("ml_tasks")
+    refusals = [
+        (401, lambda: post_job(svc.base, {})),
+        (401, lambda: httpx.get(svc.base + "/completion/hi", headers={"Authorization": "x"})),
+        (404, lambda: httpx.get(f"{svc.base}/jobs/{'f' * 32}", headers=K1)),
+        (404, lambda: httpx.delete(f"{svc.base}/jobs/{done}", headers=K2)),
+        (409, lambda: httpx.delete(f"{svc.base}/jobs/{done}", headers=K1)),
+        (422, lambda: post_job(svc.base, K1, max_new_tokens=0)),
+        (422, lambda: raw_post(svc.base, K1, '{"prompt": "hi", "stop": ["\\ud800"]}')),
+        (422, lambda: httpx.get(svc.base + "/completion/%00", headers=K1)),
+        (400, lambda: httpx.get(f"{svc.base}/jobs/{done}/events?last_event_id=x", headers=K1)),
+    ]
+    for status, call in refusals:
+        assert call().status_code == status
+    assert job_keys(client) == before and client.llen("ml_tasks") == queued
+
+
+def test_refused_requests_do_not_use_up_the_rate_limit(make_service):
+    svc = make_service(workers=0, RATE_LIMIT="3", **KEYS)
+    for _ in range(10):
+        assert post_job(svc.base, K1, max_new_tokens=0).status_code == 422
+        assert httpx.get(f"{svc.base}/jobs/{'0' * 32}", headers=K1).status_code == 404
+    accepted = [post_job(svc.base, K1).status_code for _ in range(4)]
+    assert accepted == [202, 202, 202, 429]
+
+
+def test_a_request_past_the_stream_cap_gets_429_and_is_never_run(make_service, slow_model_dir):
+    svc = make_service(model=slow_model_dir, MAX_STREAMS_PER_KEY="1", **KEYS)
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    with httpx.stream(
+        "GET",
+        svc.base + "/completion/Hello",
+        params={"max_new_tokens": 300, "ignore_eos": True},
+        headers=K1,
+        timeout=60,
+    ) as holding:
+        assert holding.status_code == 200
+        before = job_keys(client)
+        refused = [
+            httpx.get(svc.base + "/completion/Other", headers=K1, timeout=10).status_code
+            for _ in range(5)
+        ]
+        assert refused == [429] * 5
+        assert job_keys(client) == before  # nothing queued, nothing generated
+    # The slot comes back when the stream ends.
+    wait_for(
+        lambda: httpx.get(svc.base + "/completion/Hi", headers=K1, timeout=10).status_code == 200,
+        30,
+        "the stream slot to be released",
+    )
+
+
+def test_the_queue_bound_holds_under_a_burst_and_cancelled_jobs_stop_counting(make_service):
+    svc = make_service(workers=0, MAX_QUEUED_JOBS="5")
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(lambda _: post_job(svc.base, {}), range(50)))
+    accepted = [a.json()["id"] for a in answers if a.status_code == 202]
+    assert len(accepted) == 5 and sorted({a.status_code for a in answers}) == [202, 429]
+    assert client.llen("ml_tasks") == 5
+    assert len(client.keys("textstream:job:*:events")) == 5  # refused ones left nothing
+    for job_id in accepted:
+        assert httpx.delete(f"{svc.base}/jobs/{job_id}").json()["status"] == "cancelled"
+    assert client.llen("ml_tasks") == 0 and not client.keys("task:*")
+    assert [post_job(svc.base, {}).status_code for _ in range(6)] == [202] * 5 + [429]
+
+
+def test_an_unclaimed_job_leaves_the_queue_at_its_deadline(make_service):
+    svc = make_service(workers=0, JOB_TIMEOUT="1", HOUSEKEEPING_SECONDS="0.5")
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    job_id = post_job(svc.base, {}, prompt="zebra-unclaimed-secret").json()["id"]
+    assert client.llen("ml_tasks") == 1
+    wait_for(lambda: client.llen("ml_tasks") == 0, 15, "the expired job to leave the queue")
+    status = httpx.get(f"{svc.base}/jobs/{job_id}").json()
+    assert status["status"] == "error" and status["error"]["type"] == "timeout"
+    assert not any(b"zebra-unclaimed" in (client.dump(k) or b"") for k in client.keys("*"))
+
+
+# --- no prompt kept past JOB_TTL, nothing that grows forever ------------------------------
+
+
+def test_modelq_keeps_no_prompt_and_no_history(service, redis_client):
+    marker = "okapi-private-7781"
+    response = stream(service.base, f"/completion/{marker} The capital", max_new_tokens=3)
+    assert response.last.event == "done"
+    job_id = response.headers["x-job-id"]
+    time.sleep(0.5)  # ModelQ's final write comes after our task returns
+    for key in redis_client.keys("*"):
+        assert marker.encode() not in (redis_client.dump(key) or b""), key
+    assert not redis_client.exists(f"task_history:{job_id}", f"task_result:{job_id}")
+    assert redis_client.zscore("task_history", job_id) is None
+    stub = json.loads(redis_client.get(f"task:{job_id}"))
+    assert "payload" not in stub and stub["status"] == "completed"
+    assert 0 < redis_client.ttl(f"task:{job_id}") <= 3600
+
+
+# --- Redis trouble: 503, never 500, and recovery ------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    port = free_port()
+    state = {"proc": start_redis(tmp_path, port)[0]}
+
+    def restart() -> None:
+        state["proc"] = start_redis(tmp_path, port)[0]
+
+    yield f"redis://127.0.0.1:{port}/0", state, restart
+    state["proc"].terminate()
+    state["proc"].wait(10)
+
+
+def sample_request(path: str, method: str) -> dict[str, Any]:
+    if path == "/v1/completions":
+        return {"json": {"model": "m", "prompt": "hi"}}
+    if path == "/v1/chat/completions":
+        return {"json": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+    if path == "/jobs" and method == "POST":
+        return {"json": {"prompt": "hi"}}
+    return {}
+
+
+def test_every_route_that_needs_redis_answers_503_while_it_is_away(own_redis, tmp_path):
+    url, state, restart = own_redis
+    env = service_env(url, "fake:50", RATE_LIMIT="1000", **KEYS)
+    svc = Service(tmp_path / "svc", env, workers=0)
+    try:
+        schema = httpx.get(svc.base + "/openapi.json", headers=K1).json()
+        job_id = post_job(svc.base, K1).json()["id"]
+        state["proc"].kill()
+        state["proc"].wait(10)
+        for path, methods in schema["paths"].items():
+            concrete = path.replace("{job_id}", job_id).replace("{question}", "hi")
+            for method in methods:
+                response = httpx.request(
+                    method.upper(),
+                    svc.base + concrete,
+                    headers=K1,
+                    timeout=15,
+                    **sample_request(path, method.upper()),
+                )
+                if path == "/health":
+                    assert response.status_code == 200 and response.json()["redis"] is False
+                    continue
+                assert response.status_code == 503, (method, path, response.text)
+                assert response.headers["retry-after"]
+                error = response.json()["error"]
+                assert error["message"]
+                if path.startswith("/v1/"):
+                    assert error["type"] == "server_error" and error["code"]
+                else:
+                    assert error["type"] in ("redis_unavailable", "queue_unavailable")
+        restart()  # back, and empty: the API recovers by itself
+        wait_for(lambda: post_job(svc.base, K1).status_code == 202, 20, "the API to recover")
+    finally:
+        svc.stop()
+
+
+def test_a_redis_that_comes_back_empty_ends_open_streams_at_once(
+    own_redis, slow_model_dir, tmp_path
+):
+    url, state, restart = own_redis
+    env = service_env(url, str(slow_model_dir), REDIS_GRACE_SECONDS="5")
+    svc = Service(tmp_path / "svc", env, workers=1)
+    try:
+        result: dict[str, Any] = {}
+        params = {"max_new_tokens": 1000, "ignore_eos": True}
+        reader = threading.Thread(
+            target=lambda: result.update(r=stream(svc.base, "/completion/Hi", 120, **params))
+        )
+        reader.start()
+        client = redis.Redis.from_url(url)
+        wait_for(lambda: client.keys("textstream:job:*:events"), 30, "the job to start")
+        time.sleep(1)
+        state["proc"].terminate()
+        state["proc"].wait(10)
+        restart()  # no persistence: the job's stream and state are gone
+        lost_at = time.monotonic()
+        reader.join(60)
+        ended = result["r"]
+        assert time.monotonic() - lost_at < 10  # not JOB_TIMEOUT later
+        assert ended.last.event == "error"
+        assert ended.last.data["error"]["type"] == "redis_unavailable"
+        # The worker's custody lists are known to ModelQ's sweepers again, so a
+        # worker killed from now on does not strand its job (and prompt) forever.
+        wait_for(lambda: httpx.get(svc.base + "/health").json()["workers"] == 1, 30, "worker")
+        assert stream(svc.base, "/completion/Hi", max_new_tokens=3).last.event == "done"
+        assert client.smembers("inflight_lists")  # ModelQ alone never registers them again
+    finally:
+        svc.stop()
+
+
+# --- odd bytes -------------------------------------------------------------------------
+
+
+def test_odd_request_ids_are_replaced_and_never_crash(service):
+    for value in (b"\xff\xfebad", b"a" * 10_000, b"two words", "caf\u00e9".encode()):
+        response = httpx.get(service.base + "/health", headers={"X-Request-Id": value})
+        assert response.status_code == 200
+        assert len(response.headers["x-request-id"]) == 32
+    kept = httpx.get(service.base + "/health", headers={"X-Request-Id": "req-42.a:b"})
+    assert kept.headers["x-request-id"] == "req-42.a:b"
+
+
+def test_an_oversized_request_head_gets_431_not_a_reset(service):
+    response = httpx.get(service.base + "/health", headers={"X-Padding": "p" * 40_000})
+    assert response.status_code == 431
+    assert httpx.get(service.base + "/health").status_code == 200
+
+
+def test_lone_surrogates_anywhere_get_a_4xx_naming_the_field(service):
+    # Raw JSON: "\ud800" escapes decode to a lone surrogate, which UTF-8 cannot hold.
+    def send(path: str, body: str) -> httpx.Response:
+        return httpx.post(
+            service.base + path, content=body, headers={"content-type": "application/json"}
+        )
+
+    job = send("/jobs", '{"prompt": "hi", "stop": ["a\\ud800"]}')
+    assert job.status_code == 422 and job.json()["error"]["field"] == "stop"
+    prompt = send("/jobs", '{"prompt": "hi \\udfff"}')
+    assert prompt.status_code == 422 and prompt.json()["error"]["field"] == "prompt"
+    openai = send("/v1/completions", '{"model": "m", "prompt": "hi", "stop": "\\ud800"}')
+    assert openai.status_code == 400 and openai.json()["error"]["param"] == "stop"
+    chat = send(
+        "/v1/chat/completions",
+        '{"model": "m", "messages": [{"role": "user", "content": "x\\ud800"}]}',
+    )
+    assert chat.status_code == 400
+
+
+def test_bodies_that_are_not_json_text_get_422_and_huge_ones_413(service):
+    headers = {"content-type": "application/json"}
+    for body in (b'{"prompt": "caf\xe9"}', b"[" * 100_000 + b"]" * 100_000):
+        response = httpx.post(service.base + "/jobs", content=body, headers=headers)
+        assert response.status_code == 422, response.text[:200]
+        assert response.json()["error"]["type"] == "invalid_request"
+    huge = json.dumps({"prompt": "x" * 2_000_000})
+    response = httpx.post(service.base + "/jobs", content=huge, headers=headers)
+    assert response.status_code == 413 and response.json()["error"]["type"] == "body_too_large"
