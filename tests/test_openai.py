@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from helpers import stream
+from helpers import stream, wait_for
 from tiny_models import TRAINED
 
 PROMPT = "The capital of France is"
@@ -147,3 +147,39 @@ def test_non_streaming_native_completion(service):
     body = response.json()
     assert response.status_code == 200 and body["text"] == TRAINED[PROMPT]
     assert body["finish_reason"] == "stop" and body["usage"]["completion_tokens"] > 0
+
+
+def test_completions_take_the_prompt_as_raw_text_with_openais_defaults(client, service):
+    # 16 tokens unless told otherwise, as OpenAI's completions.
+    result = client.completions.create(model="m", prompt="Hello", extra_body={"ignore_eos": True})
+    assert result.usage.completion_tokens == 16
+    assert result.usage.prompt_tokens == 1  # "Hello" is one GPT-2 token: no template around it
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="m", prompt="Hello", max_tokens=10**6)
+    assert caught.value.body["param"] == "max_tokens"  # the name the client sent
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], max_completion_tokens=10**6
+        )
+    assert caught.value.body["param"] == "max_completion_tokens"
+
+
+def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
+    def tokenize(**body):
+        response = httpx.post(service.base + "/tokenize", json={"model": "m", **body}, timeout=10)
+        return response
+
+    wait_for(lambda: tokenize(prompt="x").status_code == 200, 30, "the API's tokenizer")
+    body = tokenize(prompt="Hello world", return_token_strs=True).json()
+    assert body["tokens"] == [15496, 995] and body["count"] == 2  # GPT-2's real tokenizer
+    assert body["max_model_len"] == 1024 and body["token_strs"] == ["Hello", "Ġworld"]
+    chat = tokenize(messages=[{"role": "user", "content": "Hi"}]).json()
+    layout = httpx.post(service.base + "/tokenize", json={"prompt": "User: Hi\nAssistant:"})
+    assert chat["tokens"] == layout.json()["tokens"]  # the worker's chat layout for GPT-2
+    detok = httpx.post(service.base + "/detokenize", json={"model": "m", "tokens": [15496, 995]})
+    assert detok.json() == {"prompt": "Hello world"}
+    assert httpx.post(service.base + "/detokenize", json={"tokens": [10**9]}).status_code == 422
+    assert tokenize().status_code == 422  # neither prompt nor messages
+    from textstream import __version__
+
+    assert httpx.get(service.base + "/version").json() == {"version": __version__}

@@ -4,6 +4,7 @@ rate limits, CORS, structured logs, Redis credentials."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -248,3 +249,26 @@ def test_redis_credentials_in_the_url_work_for_api_and_workers(tiny_model_dir, t
     finally:
         svc.stop()
         proc.terminate()
+
+
+def test_docs_work_offline_from_assets_this_process_serves(service):
+    for path in ("/docs", "/redoc"):
+        html = httpx.get(service.base + path).text
+        assert "cdn." not in html and "fonts.googleapis" not in html
+        for asset in re.findall(r'(?:src|href)="(/docs-assets/[^"]+)"', html):
+            response = httpx.get(service.base + asset)
+            assert response.status_code == 200 and len(response.content) > 1000, asset
+    assert httpx.get(service.base + "/docs-assets/../../etc/passwd").status_code == 404
+
+
+def test_probes_log_at_debug_and_every_api_line_is_json(make_service):
+    svc = make_service(workers=0)
+    for _ in range(3):
+        httpx.get(svc.base + "/health")
+    httpx.get(svc.base + "/v1/models")
+    time.sleep(0.5)
+    lines = [line for line in svc.api.output().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # uvicorn's own lines included
+    assert any(e.get("logger") == "uvicorn.error" for e in entries)
+    routes = [e.get("route") for e in entries if e.get("msg") == "request"]
+    assert "/v1/models" in routes and "/health" not in routes

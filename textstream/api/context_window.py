@@ -67,6 +67,14 @@ class PromptTokens:
             self._failed.add(source)
             log.warning("cannot load the tokenizer of %s (%s); workers will check", source, exc)
 
+    def current(self) -> tuple[Any, WorkerInfo] | None:
+        """The served model's tokenizer and the worker that announced it, once the
+        tokenizer is loaded (None before, or when it cannot be: a fake engine, a
+        path only the worker's host has)."""
+        worker = self._worker
+        tokenizer = self._tokenizers.get(worker.model_source) if worker else None
+        return None if worker is None or tokenizer is None else (tokenizer, worker)
+
     async def count(
         self, prompt: str, prompt_format: PromptFormat, messages: list[dict[str, str]] | None = None
     ) -> tuple[int, int] | None:

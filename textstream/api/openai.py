@@ -25,7 +25,13 @@ from sse_starlette import ServerSentEvent
 from textstream.api.cache import served_model
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import job_error_response, openai_error_body
-from textstream.api.protocol import ChatRequest, CompletionRequest, OpenAISampling, Prompt
+from textstream.api.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+    OpenAISampling,
+    Prompt,
+)
 from textstream.api.responses import completed_job, job_headers, relay_for, sse_response
 from textstream.api.submit import CancelPolicy, submit
 from textstream.registry import live_workers
@@ -33,6 +39,9 @@ from textstream.transport.events import EventType, JobEvent
 from textstream.transport.sse import relay_events
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+#: OpenAI's default `max_tokens` for /v1/completions.
+COMPLETION_MAX_TOKENS = 16
 
 
 class ChunkShape:
@@ -119,12 +128,12 @@ class ChunkStream:
 
 
 async def answer(
-    request: Request, body: OpenAISampling, max_tokens: int | None, prompt: Prompt
+    request: Request, body: OpenAISampling, generation: GenerationRequest, prompt: Prompt
 ) -> Response:
     services = services_of(request)
     body.refuse_unsupported()
     policy = CancelPolicy.ON_DISCONNECT
-    job = await submit(services, request.state.caller, prompt, body.generation(max_tokens), policy)
+    job = await submit(services, request.state.caller, prompt, generation, policy)
     relay = relay_for(request, job.job_id, job.deadline, policy)
     model = await served_model(services.redis) or body.model
     shape = ChunkShape(prompt.messages is not None, job.job_id, model)
@@ -146,15 +155,21 @@ async def answer(
 
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest) -> Response:
+    """As OpenAI's: the prompt is raw text (no chat template), 16 tokens by default."""
     prompt = Prompt("prompt", body.text(), max_tokens_field="max_tokens")
-    return await answer(request, body, body.max_tokens, prompt)
+    generation = body.generation(body.max_tokens or COMPLETION_MAX_TOKENS, prompt_format="raw")
+    return await answer(request, body, generation, prompt)
 
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatRequest) -> Response:
+    """As OpenAI's: without a limit, the answer runs until the model stops (here,
+    at the latest at MAX_NEW_TOKENS_LIMIT or the context window)."""
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     prompt = Prompt("messages", messages=body.as_messages(), max_tokens_field=field)
-    return await answer(request, body, body.max_completion_tokens or body.max_tokens, prompt)
+    limit = body.max_completion_tokens or body.max_tokens
+    generation = body.generation(limit or services_of(request).settings.max_new_tokens_limit)
+    return await answer(request, body, generation, prompt)
 
 
 @router.get("/models")

@@ -11,20 +11,43 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.deps import Services, authorize, services_of
 from textstream.jobqueue import queue_length
 from textstream.metrics import render
 from textstream.registry import WorkerInfo, live_workers
+from textstream.resources import package_dir
+
+ASSET_CACHING = {"Cache-Control": "public, max-age=86400"}
 
 PAGE = files("textstream.api").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
+#: Swagger UI and ReDoc, served from the `fastapi-offline` package (MIT): /docs
+#: works with no internet, where FastAPI's defaults load them from a CDN.
+DOCS_ASSETS = package_dir("fastapi_offline")
+DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "redoc.standalone.js": "text/javascript",
+    "favicon.png": "image/png",
+}
+
+
 def add_docs(app: FastAPI, *, open_to_all: bool) -> None:
-    """/openapi.json, /docs and /redoc: open, or behind the API key (DOCS)."""
+    """/openapi.json, /docs and /redoc: open, or behind the API key (DOCS). Their
+    scripts and styles (no secrets in them) are always served, from this process."""
     dependencies = [] if open_to_all else [Depends(authorize)]
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> Response:
+        if name not in DOCS_FILES or DOCS_ASSETS is None:
+            raise StarletteHTTPException(404, "no such file")
+        path = DOCS_ASSETS / "static" / name
+        return FileResponse(path, media_type=DOCS_FILES[name], headers=ASSET_CACHING)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=dependencies)
     async def openapi_schema() -> JSONResponse:
@@ -32,11 +55,23 @@ def add_docs(app: FastAPI, *, open_to_all: bool) -> None:
 
     @app.get("/docs", include_in_schema=False, dependencies=dependencies)
     async def swagger() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="textstream API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="textstream API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
 
     @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title="textstream API")
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="textstream API",
+            redoc_js_url="/docs-assets/redoc.standalone.js",
+            redoc_favicon_url="/docs-assets/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 public = APIRouter()

@@ -188,10 +188,13 @@ class OpenAISampling(Body):
         if self.logit_bias:
             raise InvalidInputError("logit_bias", "logit_bias is not supported")
 
-    def generation(self, max_tokens: int | None) -> GenerationRequest:
+    def generation(
+        self, max_tokens: int | None, prompt_format: PromptFormat = "auto"
+    ) -> GenerationRequest:
         try:
             return GenerationRequest(
                 max_new_tokens=max_tokens,
+                prompt_format=prompt_format,
                 temperature=self.temperature,
                 top_p=self.top_p,
                 top_k=max(self.top_k, 0),

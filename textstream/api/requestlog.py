@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from textstream.logs import redact_path
 from textstream.metrics import count_request
 
+PROBES = frozenset({"/health", "/ready"})
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -73,7 +74,9 @@ class RequestLog:
             "job_id": job_id,
             "caller": caller,
         }
-        self.log.info("request", extra={"fields": fields})
+        # Load balancers probe these every few seconds: not worth an INFO line each.
+        level = logging.DEBUG if route in PROBES and status < 400 else logging.INFO
+        self.log.log(level, "request", extra={"fields": fields})
         services = getattr(scope.get("app"), "state", None)
         client = getattr(getattr(services, "services", None), "redis", None)
         if client is not None and route != "unmatched":
