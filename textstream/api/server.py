@@ -1,7 +1,6 @@
 """Serving the API process: uvicorn with the limits its command line cannot set.
 
-`python -m textstream.api.server --host H --port P` (and `textstream api`) run the
-app under uvicorn with:
+`textstream api` (and `textstream serve`) run the app under uvicorn with:
 
 - a bounded request head: uvicorn's httptools protocol accepts any amount of
   request line and headers (8 MB was seen to pass). `LimitedHttpTools` counts them
@@ -15,14 +14,13 @@ head limit: put a proxy in front that bounds headers (nginx does by default).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, ClassVar
 
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from textstream.config import Settings, get_settings
+from textstream.config import Settings
 
 STATUS_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
 
@@ -103,16 +101,7 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
         http=protocol,
         access_log=False,
         log_config=None,  # our logging (logs.configure_logging), not uvicorn's
+        # Open streams end themselves on shutdown (transport/sse.py); this bounds
+        # any other connection that does not.
+        timeout_graceful_shutdown=5,
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve the textstream API.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args(argv)
-    serve_api(get_settings(), args.host, args.port)
-
-
-if __name__ == "__main__":
-    main()

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
+from sse_starlette.sse import AppStatus
 
 from textstream.config import Settings
 from textstream.transport.events import (
@@ -51,6 +52,31 @@ log = logging.getLogger(__name__)
 QueueReport = Callable[[str], Awaitable[dict[str, Any]]]
 #: Takes a job that ended before a worker claimed it off the queue.
 Withdraw = Callable[[str], Awaitable[object]]
+
+#: The API process is stopping: the stream ends here, and the client may resume it
+#: (Last-Event-ID) from another API process; the job itself goes on.
+SHUTDOWN = error_data(
+    "shutdown", "this API process is shutting down; reconnect with Last-Event-ID to resume"
+)
+
+
+_stopping = False
+
+
+def mark_shutting_down() -> None:
+    """Called on SIGTERM/SIGINT (api/app.py hooks the server's signal handlers)."""
+    global _stopping
+    _stopping = True
+
+
+def shutting_down() -> bool:
+    """The server got SIGTERM/SIGINT. uvicorn then waits for open connections to
+    close: open streams must end themselves, or it waits for every job to finish.
+    (sse-starlette means to do this, but its hook on uvicorn's handler is only
+    installed when it is imported before uvicorn captures the signals, which is
+    not the case when the app is loaded by uvicorn; so the app hooks them itself.)"""
+    return _stopping or bool(AppStatus.should_exit)
+
 
 #: The job's stream vanished under an open reader: Redis lost its data.
 JOB_LOST = error_data(
@@ -116,6 +142,9 @@ class Relay:
                 async for batch in self.jobs.read_batches(
                     self.job_id, after=last_id, block_ms=block
                 ):
+                    if shutting_down() and not (batch and batch[-1].terminal):
+                        yield [*(batch or []), status_event(EventType.ERROR, SHUTDOWN)]
+                        return
                     failing_since = 0.0
                     if batch is None:
                         status = await self.idle_status(started)
@@ -170,7 +199,7 @@ async def relay_events(
             if chunk:
                 yield chunk
     except BaseException:  # CancelledError / GeneratorExit: the client went away
-        if relay.cancel_on_disconnect and not finished:
+        if relay.cancel_on_disconnect and not finished and not shutting_down():
             await release(relay)
         raise
 

@@ -19,7 +19,7 @@ from textstream import keys
 from textstream.config import get_settings
 from textstream.connections import sync_client
 from textstream.engines import load_engine
-from textstream.jobqueue import create_worker_modelq, new_server_id
+from textstream.jobqueue import WorkerModelQ, create_worker_modelq, new_server_id
 from textstream.logs import configure_logging
 from textstream.registry import WorkerHeartbeat, WorkerInfo
 from textstream.sources import ModelLoadError
@@ -89,7 +89,9 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
     return drain(mq, runner, heartbeat, settings.worker_shutdown_grace)
 
 
-def drain(mq: object, runner: CompletionRunner, heartbeat: WorkerHeartbeat, grace: float) -> int:
+def drain(
+    mq: WorkerModelQ, runner: CompletionRunner, heartbeat: WorkerHeartbeat, grace: float
+) -> int:
     """Stop claiming jobs, let running ones finish within `grace` seconds, deregister.
 
     Jobs still running at the deadline are not lost: they stay in ModelQ's custody
@@ -97,7 +99,7 @@ def drain(mq: object, runner: CompletionRunner, heartbeat: WorkerHeartbeat, grac
     over from the tokens already published."""
     log.info("worker %s stopping: draining in-flight jobs", heartbeat.info.worker_id)
     runner.draining.set()  # a job claimed from now on is left for another worker
-    mq.worker_healthy = False  # type: ignore[attr-defined]  # ModelQ threads stop claiming
+    mq.draining.set()  # ModelQ threads stop claiming, quietly
     deadline = time.monotonic() + grace
     while heartbeat.info.busy > 0 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -106,7 +108,7 @@ def drain(mq: object, runner: CompletionRunner, heartbeat: WorkerHeartbeat, grac
     heartbeat.stop()
     try:
         # Leaving ModelQ's server registry lets other workers reclaim anything we held.
-        mq.redis_client.hdel(keys.MODELQ_SERVERS, heartbeat.info.worker_id)  # type: ignore[attr-defined]
+        mq.redis_client.hdel(keys.MODELQ_SERVERS, heartbeat.info.worker_id)
     except Exception as exc:
         log.warning("could not deregister from ModelQ: %s", exc)
     return 0

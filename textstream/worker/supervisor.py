@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.process
+import multiprocessing.util
 import os
 import signal
 import time
@@ -29,7 +30,13 @@ RESTART_WINDOW = 60.0
 def _child_main(target: Callable[..., int], args: tuple[object, ...], env: dict[str, str]) -> None:
     # Before anything imports torch: CUDA_VISIBLE_DEVICES pins this process's GPU.
     os.environ.update(env)
-    raise SystemExit(target(*args))
+    code = target(*args)
+    # The worker has drained and deregistered. Exit without running interpreter
+    # teardown: a daemon thread still inside torch (a job left for takeover) would
+    # make its C++ runtime abort with "terminate called without an active exception".
+    multiprocessing.util._run_finalizers()  # type: ignore[attr-defined]  # as an exit would
+    logging.shutdown()
+    os._exit(code)
 
 
 class Supervisor:
