@@ -11,14 +11,14 @@ import openai
 import redis
 from helpers import stream, wait_for
 
+from textstream import keys
+
 CACHED = {"CACHE_TTL": "60"}
 
 
 def started_events(url: str, job_id: str) -> int:
     client = redis.Redis.from_url(url)
-    return sum(
-        f[b"event"] == b"started" for _, f in client.xrange(f"textstream:job:{job_id}:events")
-    )
+    return sum(f[b"event"] == b"started" for _, f in client.xrange(keys.job_events(job_id)))
 
 
 def test_identical_request_is_replayed_with_no_worker_running(make_service):

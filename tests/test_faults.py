@@ -8,6 +8,8 @@ import time
 import httpx
 from helpers import free_port, service_env, start_api, start_workers, wait_for, wait_for_workers
 
+from textstream import keys
+
 
 def test_redis_down_gives_503_fast_and_health_says_so(tiny_model_dir, tmp_path):
     dead = f"redis://127.0.0.1:{free_port()}/0"
@@ -60,7 +62,7 @@ def test_client_disconnect_stops_generation(service, redis_client):
             seen += line.startswith("event: token")
             if seen == 3:
                 break
-    key = f"textstream:job:{job_id}:events"
+    key = keys.job_events(job_id)
 
     def last_event() -> str:
         entries = redis_client.xrevrange(key, count=1)
@@ -70,9 +72,10 @@ def test_client_disconnect_stops_generation(service, redis_client):
     entries = redis_client.xrange(key)
     names = [f[b"event"].decode() for _, f in entries]
     assert names[-1] == "error" and b"cancelled" in entries[-1][1][b"data"]
-    # Tokens written after the cancel request (Redis's clock on both sides): at most
+    # Tokens written after the cancel request (the worker picks token ids from its
+    # clock, Redis stamps the cancel with its own: one host's clock here): at most
     # the one in flight.
-    cancel_ms = int(redis_client.hget(f"textstream:job:{job_id}:state", "cancel"))
+    cancel_ms = int(redis_client.hget(keys.job_state(job_id), "cancel"))
     late = [i for i, f in entries if f[b"event"] == b"token" and int(i.split(b"-")[0]) > cancel_ms]
     assert len(late) <= 2
     assert names.count("token") < 1000

@@ -8,6 +8,8 @@ import time
 import httpx
 from helpers import parse_sse_lines, stream, wait_for
 
+from textstream import keys
+
 
 def create(base: str, **body) -> str:
     response = httpx.post(base + "/jobs", json=body, timeout=10)
@@ -127,7 +129,7 @@ def test_delete_cancels_a_running_job(service, redis_client):
     assert response.status_code == 202 and response.json()["status"] == "cancelling"
     events = stream(service.base, f"/jobs/{job_id}/events").events
     assert events[-1].event == "error" and events[-1].data["error"]["type"] == "cancelled"
-    cancel_ms = int(redis_client.hget(f"textstream:job:{job_id}:state", "cancel"))
+    cancel_ms = int(redis_client.hget(keys.job_state(job_id), "cancel"))
     late = [e for e in events if e.event == "token" and int(e.id.split("-")[0]) > cancel_ms]
     assert len(late) <= 2
     assert httpx.get(f"{service.base}/jobs/{job_id}", timeout=5).json()["status"] == "cancelled"

@@ -13,10 +13,12 @@ from helpers import stream, wait_for, wait_for_workers
 from test_jobs import create, read_some
 from tiny_models import TRAINED
 
+from textstream import keys
+
 
 def job_history(url: str, job_id: str) -> list[str]:
     client = redis.Redis.from_url(url)
-    return [f[b"event"].decode() for _, f in client.xrange(f"textstream:job:{job_id}:events")]
+    return [f[b"event"].decode() for _, f in client.xrange(keys.job_events(job_id))]
 
 
 def test_queue_full_gets_429_and_enqueues_nothing(make_service, isolated_redis_url):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
@@ -11,6 +12,8 @@ import redis
 from conftest import Service
 from helpers import service_env, start_api, stream
 from test_jobs import read_some
+
+from textstream import keys
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,13 @@ def cluster(redis_url, tiny_model_dir, tmp_path_factory):
 
 def test_sixty_concurrent_requests_over_three_workers_and_two_apis(cluster):
     url, base_a, base_b = cluster
-    client = redis.Redis.from_url(url)
+    sixty_requests_each_served_once(base_a, base_b, redis.Redis.from_url(url))
+
+
+def sixty_requests_each_served_once(base_a: str, base_b: str, streams: Any) -> list[str]:
+    """60 concurrent requests spread over two APIs all complete, each generated
+    exactly once, and every one of 3 workers serves some; their job ids. `streams`
+    reads the job streams (a Redis, or a cluster client)."""
 
     def ask(i: int):
         base = base_a if i % 2 else base_b
@@ -44,13 +53,15 @@ def test_sixty_concurrent_requests_over_three_workers_and_two_apis(cluster):
     for response in responses:
         assert response.status == 200 and response.last.event == "done", response.events[-2:]
         assert response.last.data["usage"]["completion_tokens"] == 30
-        key = f"textstream:job:{response.headers['x-job-id']}:events"
-        names = [f[b"event"] for _, f in client.xrange(key)]
+        key = keys.job_events(response.headers["x-job-id"])
+        names = [f[b"event"] for _, f in streams.xrange(key)]
         assert names.count(b"started") == 1 and names.count(b"done") == 1  # exactly once
         assert not names.count(b"resumed")
         served[response.of("started")[0].data["worker"]] += 1
-    assert len({r.headers["x-job-id"] for r in responses}) == 60
+    job_ids = [r.headers["x-job-id"] for r in responses]
+    assert len(set(job_ids)) == 60
     assert len(served) == 3, served  # every worker served some
+    return job_ids
 
 
 def test_stream_started_on_one_api_resumes_on_the_other(cluster):

@@ -9,6 +9,8 @@ import httpx
 from helpers import stream
 from tiny_models import TRAINED, reference_completion
 
+from textstream import keys
+
 
 def _entry_ms(event_id: str) -> int:
     """A Redis Stream entry id is '<unix ms>-<seq>': when the worker wrote the event."""
@@ -132,7 +134,7 @@ def test_health_reports_redis_and_the_loaded_model(service, tiny_model_dir):
 
 def test_job_stream_keys_expire(service, redis_client):
     response = stream(service.base, "/completion/Hi", max_new_tokens=2)
-    key = f"textstream:job:{response.headers['x-job-id']}:events"
+    key = keys.job_events(response.headers["x-job-id"])
     ttl = redis_client.ttl(key)
     assert 0 < ttl <= 3600
 

@@ -8,6 +8,8 @@ import pytest
 from conftest import Service
 from helpers import service_env, stream
 
+from textstream import keys
+
 
 @pytest.fixture(scope="module")
 def two_workers(redis_url, tiny_model_dir, tmp_path_factory):
@@ -32,7 +34,7 @@ def test_two_worker_processes_each_run_every_job_exactly_once(two_workers, redis
         assert response.status == 200 and response.last.event == "done"
         assert response.last.data["usage"]["completion_tokens"] == 80
         # Read the job's whole stream back from Redis: one start, one end, no repeats.
-        entries = redis_client.xrange(f"textstream:job:{response.headers['x-job-id']}:events")
+        entries = redis_client.xrange(keys.job_events(response.headers["x-job-id"]))
         names = [fields[b"event"].decode() for _, fields in entries]
         assert names.count("started") == 1 and names.count("done") == 1
         assert names.count("token") == len(response.of("token"))

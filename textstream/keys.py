@@ -1,5 +1,9 @@
 """Every Redis key textstream uses, built in one place (as arq's constants.py).
 
+Two roles (config.py): the job streams and their state hashes (`job_events`,
+`job_state`) live on STREAMS_REDIS_URL, which may be a Redis Cluster; every other
+key lives on REDIS_URL. By default both are the same Redis.
+
 ModelQ owns its own keys (`ml_tasks`, `task:{id}`, `servers`, `inflight:*`, ...);
 they are fixed by the library and are not repeated here.
 """
@@ -31,16 +35,28 @@ SERVED_MODEL = f"{PREFIX}:served-model"
 WORKERS = f"{PREFIX}:workers"
 
 
+def job_tag(job_id: str) -> str:
+    """The hash tag of a job's keys: the first 4 characters of its id.
+
+    Everything one job's scripts touch (its stream and its state) shares this tag,
+    so on a Redis Cluster they live in one slot and a script may touch both. The
+    tag is a prefix of the id, not the whole id, so that jobs can share slots: a
+    cluster refuses a multi-key XREAD across slots (CROSSSLOT), and the API
+    chooses ids whose tag lands on a given node (transport/placement.py), so one
+    XREAD per node reads all of that node's streams."""
+    return job_id[:4]
+
+
 def job_events(job_id: str) -> str:
     """Redis Stream holding one job's events, in order; entry ids are SSE ids."""
-    return f"{PREFIX}:job:{job_id}:events"
+    return f"{PREFIX}:job:{{{job_tag(job_id)}}}:{job_id}:events"
 
 
 def job_state(job_id: str) -> str:
     """Hash of a job's control state: `owner` (the worker attempt allowed to write),
     `terminal` (set once by the event that ended it), `cancel` (a stop request,
     holding Redis's clock in ms when it was made: comparable with entry ids)."""
-    return f"{PREFIX}:job:{job_id}:state"
+    return f"{PREFIX}:job:{{{job_tag(job_id)}}}:{job_id}:state"
 
 
 def worker_info(worker_id: str) -> str:
