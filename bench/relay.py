@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from bench.cluster import service_env, start_api, start_redis
 from bench.serving import RESULTS, run_level, summarize
 from textstream import keys
-from textstream.transport.events import APPEND_SCRIPT, EventType, append_args
+from textstream.transport.scripts import APPEND_SCRIPT, EventType, append_args, new_event
 
 
 async def write_events(url: str, streams: int, tokens: int, rate: float) -> None:
@@ -71,7 +71,7 @@ async def _append(
 ) -> None:
     """Queue one append on `pipe`, as a worker owning the job (`claim`: take it)."""
     args = append_args(
-        event, data, maxlen=10_000, ttl=600, owner="synthetic", claim=claim, job_id=job_id
+        [new_event(event, data)], maxlen=10_000, ttl=600, owner="synthetic", claim=claim
     )
     await script(keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args, client=pipe)
 

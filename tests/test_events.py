@@ -1,6 +1,9 @@
 """The job stream reader against a real Redis: the race where an empty blocking
-read is handled only after the job has meanwhile ended, and the multiplexer that
-serves every relay's blocking reads with one XREAD (mux.py)."""
+read is handled only after the job has meanwhile ended, the multiplexer that
+serves every relay's blocking reads with one XREAD (mux.py), and the worker's
+writer (writer.py): a write sent twice lands once, events a failover lost are
+written again under their ids, gathered tokens go in one call, TTLs are refreshed
+without a write per token."""
 
 from __future__ import annotations
 
@@ -10,9 +13,12 @@ from collections.abc import Awaitable, Callable
 
 import redis
 import redis.asyncio as aioredis
+from helpers import wait_for
 
-from textstream.transport.events import EventType, JobEvents
+from textstream import keys
+from textstream.transport.events import EventType, JobEvents, WriteOutcome
 from textstream.transport.mux import ReadMux
+from textstream.transport.writer import EventWriter, StreamFlusher
 
 DONE = {"finish_reason": "length", "model": "m", "usage": {}}
 
@@ -32,7 +38,7 @@ def test_reader_keeps_events_written_while_an_empty_reply_was_pending(redis_url)
         client = aioredis.Redis.from_url(redis_url)
         jobs = JobEvents(client, ttl=60, maxlen=100)
         job_id = "late" + "0" * 28
-        await client.delete(f"textstream:job:{job_id}:events", f"textstream:job:{job_id}:state")
+        await client.delete(keys.job_events(job_id), keys.job_state(job_id))
         await jobs.append(job_id, EventType.QUEUED, {"job_id": job_id})
 
         async def finish() -> None:
@@ -175,3 +181,91 @@ def test_mux_times_out_empty_and_reports_a_lost_redis(redis_url, tmp_path):
     error = asyncio.run(asyncio.wait_for(outage(), 10))
     proc.wait()
     assert isinstance(error, aioredis.ConnectionError), error
+
+
+# --- the worker's writer ---------------------------------------------------------------
+
+
+def fresh_job(client: redis.Redis, job_id: str) -> None:
+    client.delete(keys.job_events(job_id), keys.job_state(job_id))
+    client.xadd(keys.job_events(job_id), {"event": "queued", "data": "{}"})
+
+
+def stream_events(client: redis.Redis, job_id: str) -> list[tuple[bytes, bytes]]:
+    return [(i, f[b"data"]) for i, f in client.xrange(keys.job_events(job_id))]
+
+
+def test_a_write_sent_again_after_a_lost_reply_lands_once(redis_client):
+    job_id = "resend" + "0" * 26
+    fresh_job(redis_client, job_id)
+    writer = EventWriter(redis_client, job_id, owner="w/1", ttl=60, maxlen=100)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    for i in range(3):
+        writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+    before = stream_events(redis_client, job_id)
+    # The same batch again, as after a reply lost on the way back: nothing doubles.
+    writer._send(writer._written[-2:], claim=False)
+    assert stream_events(redis_client, job_id) == before
+    assert writer.write(EventType.DONE, DONE) is WriteOutcome.OK
+    assert len(stream_events(redis_client, job_id)) == len(before) + 1
+
+
+def test_events_a_failover_lost_are_written_again_with_their_own_ids(redis_client):
+    """Replication is asynchronous: a promoted replica may lack the last events its
+    master acknowledged, and the claim with them. Before its next write the writer
+    restores them, under the ids readers already saw, so nothing is lost or doubled."""
+    job_id = "failover" + "0" * 24
+    fresh_job(redis_client, job_id)
+    writer = EventWriter(redis_client, job_id, owner="w/2", ttl=60, maxlen=100)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    for i in range(5):
+        writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+    whole = stream_events(redis_client, job_id)
+    # What the promoted replica holds: the stream up to its first entry (the claim
+    # and 5 tokens lost), and a state from before the claim.
+    first_id, first = redis_client.xrange(keys.job_events(job_id))[0]
+    redis_client.delete(keys.job_events(job_id), keys.job_state(job_id))
+    redis_client.xadd(keys.job_events(job_id), first, id=first_id)
+    writer.node = lambda: "promoted-replica"  # type: ignore[method-assign]
+    assert writer.write(EventType.TOKEN, {"text": " 5"}, [5]) is WriteOutcome.OK
+    after = stream_events(redis_client, job_id)
+    assert after[:-1] == whole
+    assert after[-1][1] == b'{"text": " 5"}'
+    assert redis_client.hget(keys.job_state(job_id), "owner") == b"w/2"
+
+
+def test_gathered_tokens_go_in_one_call_and_the_last_event_flushes_them(redis_client):
+    job_id = "gather" + "0" * 26
+    fresh_job(redis_client, job_id)
+    flusher = StreamFlusher(redis_client, flush_ms=200)
+    writer = EventWriter(redis_client, job_id, owner="w/3", ttl=60, maxlen=100, flusher=flusher)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    redis_client.config_resetstat()
+    for i in range(5):
+        writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+    assert len(stream_events(redis_client, job_id)) == 2  # gathered, not sent yet
+    wait_for(lambda: len(stream_events(redis_client, job_id)) == 7, 5, "the window to end")
+    calls = redis_client.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert calls == 1  # five tokens, one call
+    writer.write(EventType.TOKEN, {"text": " 5"}, [5])
+    writer.write(EventType.DONE, DONE)  # sent at once, after the token it waited behind
+    names = [f[b"event"] for _, f in redis_client.xrange(keys.job_events(job_id))]
+    assert names[-2:] == [b"token", b"done"] and len(names) == 9
+
+
+def test_ttls_are_refreshed_by_the_claim_and_the_last_event_not_every_token(redis_client):
+    job_id = "ttl" + "0" * 29
+    fresh_job(redis_client, job_id)
+    writer = EventWriter(redis_client, job_id, owner="w/4", ttl=600, maxlen=100)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    assert 590 < redis_client.ttl(keys.job_events(job_id)) <= 600
+    redis_client.expire(keys.job_events(job_id), 100)
+    writer.write(EventType.TOKEN, {"text": " a"}, [1])
+    assert redis_client.ttl(keys.job_events(job_id)) <= 100
+    writer.write(EventType.DONE, DONE)
+    assert 590 < redis_client.ttl(keys.job_events(job_id)) <= 600
+    assert 590 < redis_client.ttl(keys.job_state(job_id)) <= 600

@@ -21,6 +21,14 @@ class Settings(BaseSettings):
     redis_timeout: float = Field(
         2.0, gt=0, description="seconds before a Redis call counts as failed"
     )
+    #: The job streams and their state hashes (per-token traffic). Empty: REDIS_URL,
+    #: which keeps the queue, registry, metrics, limits and cache in any case.
+    streams_redis_url: str = ""
+    #: STREAMS_REDIS_URL names a Redis Cluster (any node's URL).
+    streams_redis_cluster: bool = False
+    #: Tokens of one job that a worker has ready within this window go to Redis in
+    #: one call; 0 = every token as soon as it is ready.
+    stream_flush_ms: int = Field(0, ge=0, le=1000)
 
     # --- model (worker side) -----------------------------------------------------
     model_id: str = "openai-community/gpt2"
@@ -78,6 +86,16 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
 
     @property
+    def streams_url(self) -> str:
+        """Where the job streams live (STREAMS_REDIS_URL, else REDIS_URL)."""
+        return self.streams_redis_url or self.redis_url
+
+    @property
+    def streams_shared(self) -> bool:
+        """The streams share the queue's Redis (one client serves both roles)."""
+        return self.streams_url == self.redis_url and not self.streams_redis_cluster
+
+    @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
@@ -99,6 +117,17 @@ class Settings(BaseSettings):
         default = getattr(info, "data", {}).get("default_max_new_tokens", 1)
         if value < default:
             raise ValueError("MAX_NEW_TOKENS_LIMIT must be >= DEFAULT_MAX_NEW_TOKENS")
+        return value
+
+    @field_validator("streams_redis_cluster")
+    @classmethod
+    def _cluster_has_its_own_url(cls, value: bool, info: object) -> bool:
+        """ModelQ cannot run on a cluster: the streams need a URL of their own."""
+        if value and not getattr(info, "data", {}).get("streams_redis_url"):
+            raise ValueError(
+                "STREAMS_REDIS_CLUSTER needs STREAMS_REDIS_URL: the queue (REDIS_URL) "
+                "cannot live on a Redis Cluster"
+            )
         return value
 
     @field_validator("cache_ttl")

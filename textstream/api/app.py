@@ -3,8 +3,9 @@ the repo calls it; tests call it with their own settings).
 
 The app never runs a model. A request becomes a `CompletionJob` on the ModelQ queue
 (submit.py) and a stream of events read back from Redis (transport/sse.py).
-Long-lived clients (the asyncio Redis pool, the ModelQ producer) are made in
-`lifespan` and kept on `app.state.services`.
+Long-lived clients (the asyncio Redis pool, the streams' client when the streams
+have a Redis of their own, the ModelQ producer) are made in `lifespan` and kept on
+`app.state.services`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from textstream import __version__
 from textstream.api import janitor, native, openai, operator, tokens
+from textstream.api.cache import forget
 from textstream.api.context_window import PromptTokens
 from textstream.api.deps import Services
 from textstream.api.errors import add_error_handlers
@@ -29,7 +31,7 @@ from textstream.api.limits import BodyLimit
 from textstream.api.requestlog import RequestLog
 from textstream.api.security import Guard
 from textstream.config import Settings, get_settings
-from textstream.connections import async_client
+from textstream.connections import async_client, async_streams_client
 from textstream.jobqueue import JobQueue
 from textstream.logs import configure_logging
 from textstream.transport.events import JobEvents, stream_maxlen
@@ -65,7 +67,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if threading.current_thread() is threading.main_thread():
         hook_shutdown_signals()
     client = async_client(settings)
-    jobs = JobEvents(client, ttl=settings.job_ttl, maxlen=stream_maxlen(settings))
+    streams = client if settings.streams_shared else async_streams_client(settings)
+
+    async def forget_cached(key: str, job_id: str) -> None:
+        await forget(client, key, job_id)
+
+    jobs = JobEvents(
+        streams, ttl=settings.job_ttl, maxlen=stream_maxlen(settings), forget_cache=forget_cached
+    )
     prompt_tokens = PromptTokens()
     guard = Guard(settings, client)
     app.state.services = Services(
@@ -83,6 +92,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher.cancel()
         housekeeping.cancel()
         await jobs.close()
+        if streams is not client:
+            await streams.close()
         await client.close()
 
 

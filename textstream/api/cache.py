@@ -7,8 +7,9 @@ sampling parameter. The entry points at the job whose stream holds the answer:
 - a job still generating is simply followed (single-flight: N identical requests,
   one generation);
 - a finished job is replayed from its stream, with no worker involved;
-- a job that ends in error or is cancelled removes its entry (the stream scripts),
-  so failures are never served from the cache.
+- a job that ends in error or is cancelled has its entry removed (by the API when
+  it ended the job, else by the next request that finds the entry), so failures
+  are never served from the cache.
 
 The entry is claimed with SET NX before the job is queued, so two identical
 requests racing each other still cause one generation.
@@ -24,6 +25,7 @@ import redis.asyncio as aioredis
 
 from textstream import keys
 from textstream.job import PromptFormat, SamplingParams
+from textstream.transport.events import JobEvents
 
 
 def cache_key(
@@ -52,14 +54,16 @@ async def served_model(client: aioredis.Redis) -> str | None:
     return None if name is None else bytes(name).decode()
 
 
-async def cached_job(client: aioredis.Redis, key: str) -> str | None:
-    """The job answering `key`, if it can still be used (not failed, not expired)."""
+async def cached_job(client: aioredis.Redis, jobs: JobEvents, key: str) -> str | None:
+    """The job answering `key`, if it can still be used (not failed, not expired).
+    The entry is on the queue's Redis (`client`), the job's stream on the streams'
+    (`jobs`); an entry whose job failed is dropped here, so a failure is never
+    served even where its worker could not drop the entry itself."""
     raw = await client.get(key)
     if raw is None:
         return None
     job_id = bytes(raw).decode()
-    terminal = await client.hget(keys.job_state(job_id), "terminal")
-    if terminal == b"error" or not await client.exists(keys.job_events(job_id)):
+    if not await jobs.usable(job_id):
         await forget(client, key, job_id)
         return None
     return job_id

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.transport.events import error_data
@@ -190,7 +190,7 @@ async def refund(request: Request) -> None:
     give_back = getattr(request.state, "refund", None)
     request.state.refund = None
     if give_back is not None:
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
             await give_back()
 
 
@@ -203,11 +203,14 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(request, exc.status, exc.error_type, str(exc), exc.field, exc.headers)
 
     @app.exception_handler(RedisError)
+    @app.exception_handler(RedisClusterException)
     @app.exception_handler(TimeoutError)
     @app.exception_handler(ConnectionError)
     async def _redis(request: Request, exc: Exception) -> JSONResponse:
         """Redis (or the network to it) failed while answering: a 503 the client can
-        retry, never a 500. Streams already open ride out outages themselves."""
+        retry, never a 500. Either role counts (the queue's Redis, the streams'
+        Redis or cluster: `RedisClusterException` is not a RedisError). Streams
+        already open ride out outages themselves."""
         log.warning("Redis unavailable during %s: %s", request.url.path, type(exc).__name__)
         await refund(request)
         message = "the job store (Redis) is unreachable; retry shortly"

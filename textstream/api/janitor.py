@@ -16,9 +16,8 @@ import asyncio
 import logging
 import time
 
-from redis.exceptions import RedisError
-
 from textstream.api.deps import Services
+from textstream.connections import UNREACHABLE
 from textstream.jobqueue import expired_head, trim_records
 from textstream.transport.events import TIMEOUT, EventType
 
@@ -47,6 +46,6 @@ async def run(services: Services, interval: float) -> None:
     while True:
         try:
             await sweep(services)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except UNREACHABLE as exc:
             log.warning("queue housekeeping skipped: %s", type(exc).__name__)
         await asyncio.sleep(interval)

@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.deps import Services, authorize, services_of
+from textstream.connections import UNREACHABLE
 from textstream.jobqueue import queue_length
 from textstream.metrics import render
 from textstream.registry import WorkerInfo, live_workers
@@ -88,10 +88,12 @@ async def workers_or_none(services: Services) -> tuple[bool, list[WorkerInfo]]:
     try:
         async with asyncio.timeout(services.settings.redis_timeout):
             await services.redis.ping()
+            if services.jobs.client is not services.redis:
+                await services.jobs.client.ping()  # the streams' own Redis, or cluster
             return True, await live_workers(
                 services.redis, services.settings.worker_heartbeat_seconds
             )
-    except (RedisError, TimeoutError, OSError):
+    except UNREACHABLE:
         return False, []
 
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 import anyio
 from fastapi import Request
 from fastapi.responses import Response
-from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
 from textstream.api.deps import services_of
@@ -19,6 +18,7 @@ from textstream.api.errors import JobNotFoundError
 from textstream.api.security import Caller
 from textstream.api.status import JobStatus, summarize
 from textstream.api.submit import CancelPolicy, Submission, queue_hooks
+from textstream.connections import UNREACHABLE
 from textstream.transport.sse import Relay, collect_events
 
 
@@ -43,7 +43,7 @@ async def release_slot(request: Request, slot: str | None) -> None:
     if slot is None:
         return
     caller: Caller = request.state.caller
-    with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
+    with anyio.CancelScope(shield=True), contextlib.suppress(*UNREACHABLE):
         await services_of(request).guard.close_stream(caller, slot)
 
 

@@ -12,14 +12,10 @@ import contextlib
 import logging
 import time
 import unicodedata
-import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from textstream import keys
 from textstream.api.cache import cache_key, cached_job, claim, forget, served_model
 from textstream.api.deps import Services, tenant_of
 from textstream.api.errors import (
@@ -30,6 +26,7 @@ from textstream.api.errors import (
 )
 from textstream.api.protocol import GenerationRequest, Prompt
 from textstream.api.security import Caller
+from textstream.connections import UNREACHABLE
 from textstream.job import CompletionJob
 from textstream.jobqueue import queue_length, queue_position
 from textstream.registry import live_workers
@@ -80,7 +77,7 @@ async def submit(
     try:
         submission = await start_job(services, tenant_of(services, caller), prompt, request, policy)
     except BaseException:
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*UNREACHABLE):
             await services.guard.close_stream(caller, slot)
         raise
     submission.slot = slot
@@ -131,18 +128,20 @@ async def start_job(
     """Answer from the response cache, or queue a new job."""
     settings = services.settings
     params = request.sampling(settings.default_max_new_tokens)
-    now = time.time()
-    job = CompletionJob(
-        job_id=uuid.uuid4().hex,
-        prompt=prompt.text,
-        messages=prompt.messages,
-        prompt_format=request.prompt_format,
-        params=params,
-        enqueued_at=now,
-        deadline=now + settings.job_timeout,
-    )
+    job_id = ""
     try:
         async with asyncio.timeout(settings.enqueue_timeout):
+            job_id = await services.jobs.new_job_id()
+            now = time.time()
+            job = CompletionJob(
+                job_id=job_id,
+                prompt=prompt.text,
+                messages=prompt.messages,
+                prompt_format=request.prompt_format,
+                params=params,
+                enqueued_at=now,
+                deadline=now + settings.job_timeout,
+            )
             waiting = await queue_length(services.redis)
             if waiting >= settings.max_queued_jobs:  # refused before writing anything
                 raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
@@ -156,8 +155,8 @@ async def start_job(
                 if followed is not None:
                     return followed
             await queue_job(services, job, tenant, key, policy, waiting + 1)
-    except (RedisError, TimeoutError, OSError) as exc:
-        log.warning("job=%s could not be queued: %s", job.job_id, type(exc).__name__)
+    except UNREACHABLE as exc:
+        log.warning("job=%s could not be queued: %s", job_id, type(exc).__name__)
         raise QueueUnavailableError("the job queue (Redis) is unreachable; retry shortly") from exc
     log.info("job=%s queued max_new_tokens=%d", job.job_id, params.max_new_tokens)
     return Submission(job.job_id, job.deadline)
@@ -178,7 +177,7 @@ async def cache_key_for(
 
 
 async def follow_cached(services: Services, key: str, policy: CancelPolicy) -> Submission | None:
-    job_id = await cached_job(services.redis, key)
+    job_id = await cached_job(services.redis, services.jobs, key)
     if job_id is None:
         return None
     await track(services, job_id, policy)
@@ -234,7 +233,7 @@ async def admitted(services: Services, job: CompletionJob) -> bool:
     except BaseException:
         # Unknown whether it was queued: a job with no stream would be skipped by
         # its worker, so remove the stream rather than leave a job nobody can name.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*UNREACHABLE):
             await services.queue.withdraw(job.job_id)
             await services.jobs.discard(job.job_id)
         raise
@@ -242,10 +241,10 @@ async def admitted(services: Services, job: CompletionJob) -> bool:
 
 async def job_deadline(services: Services, job_id: str) -> float | None:
     """The job's deadline, from its first (`queued`) event. Raises if there is no job."""
-    first = await services.redis.xrange(keys.job_events(job_id), count=1)
-    if not first:
+    first = await services.jobs.first_event_id(job_id)
+    if first is None:
         raise JobNotFoundError(job_id)
-    return entry_seconds(first[0][0].decode()) + services.settings.job_timeout
+    return entry_seconds(first) + services.settings.job_timeout
 
 
 async def check_access(

@@ -15,25 +15,57 @@ state hash (keys.job_state), so the rules hold atomically, whoever writes:
   and a worker presumed dead that is in fact alive is refused ("stolen") instead of
   doubling tokens;
 - each write returns the job's cancel flag, so checking it costs no round trip;
-- each write refreshes both keys' TTL, so a job disappears `JOB_TTL` after its last
-  event on every path.
+- a worker's events carry ids it chose, so a write sent twice lands once;
+- the keys' TTLs are refreshed every few seconds and by the last event, so a job
+  disappears `JOB_TTL` after its last event on every path.
+
+This module is the API's side (JobEvents) and what both sides share; a worker
+writes through writer.py. The streams may live on a Redis Cluster: every script
+touches only the keys it is given, all of one job, in one slot (keys.job_tag).
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import redis
-import redis.asyncio as aioredis
-
 from textstream import keys
 from textstream.config import Settings
+from textstream.connections import StreamsClient
 from textstream.transport.mux import ReadMux, id_key
+from textstream.transport.placement import Placement
+from textstream.transport.scripts import (
+    APPEND_SCRIPT,
+    CANCEL_SCRIPT,
+    CREATE_SCRIPT,
+    TERMINAL_EVENTS,
+    TRACK_SCRIPT,
+    EventType,
+    append_args,
+    new_event,
+)
+
+__all__ = [
+    "CANCELLED",
+    "REDIS_LOST",
+    "START_ID",
+    "TERMINAL_EVENTS",
+    "TIMEOUT",
+    "CancelOutcome",
+    "EventType",
+    "JobAccess",
+    "JobEvent",
+    "JobEvents",
+    "JobVanishedError",
+    "WriteOutcome",
+    "entry_seconds",
+    "error_data",
+    "parse_entry",
+    "stream_maxlen",
+]
 
 START_ID = "0-0"
 
@@ -45,18 +77,6 @@ def stream_maxlen(settings: Settings) -> int:
     """MAXLEN of a job's stream: room for every token event and the rest, so a
     reader that starts late still reads the whole job."""
     return settings.max_new_tokens_limit + EXTRA_EVENTS
-
-
-class EventType(StrEnum):
-    QUEUED = "queued"
-    STARTED = "started"
-    RESUMED = "resumed"
-    TOKEN = "token"
-    DONE = "done"
-    ERROR = "error"
-
-
-TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR})
 
 
 class WriteOutcome(StrEnum):
@@ -72,96 +92,6 @@ class CancelOutcome(StrEnum):
     FINISHED = "finished"  # it had already ended
     SHARED = "shared"  # other readers still follow it: left running
     UNKNOWN = "unknown"
-
-
-# A job that ends in error must not stay in the response cache: both scripts drop
-# the job's cache entry (named in its state hash) if it still points at this job.
-# The cache key is read from the state hash rather than passed in KEYS, so these
-# scripts assume a single Redis (not Redis Cluster).
-FORGET_CACHE = """
-local function forget_cache(job_id)
-  local cache_key = redis.call('HGET', KEYS[2], 'cache_key')
-  if cache_key and redis.call('GET', cache_key) == job_id then redis.call('DEL', cache_key) end
-end
-"""
-
-# KEYS: stream, state. ARGV: event, data, ids, maxlen, ttl, terminal, owner, claim, seq, job.
-# `seq` makes a worker's retried write idempotent: a write whose reply was lost is
-# recognised by its owner:seq and not appended twice.
-APPEND_SCRIPT = (
-    FORGET_CACHE
-    + """
-local seq = ''
-if ARGV[9] ~= '' then
-  seq = ARGV[7] .. ':' .. ARGV[9]
-  if redis.call('HGET', KEYS[2], 'seq') == seq then return {'', 'ok'} end
-end
-if redis.call('HGET', KEYS[2], 'terminal') then return {'', 'closed'} end
-if ARGV[8] == '1' then
-  redis.call('HSET', KEYS[2], 'owner', ARGV[7])
-elseif ARGV[7] ~= '' and redis.call('HGET', KEYS[2], 'owner') ~= ARGV[7] then
-  return {'', 'stolen'}
-end
-local id
-if ARGV[3] ~= '' then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*',
-                  'event', ARGV[1], 'data', ARGV[2], 'ids', ARGV[3])
-else
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[1], 'data', ARGV[2])
-end
-if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'terminal', ARGV[1]) end
-if ARGV[1] == 'error' then forget_cache(ARGV[10]) end
-if seq ~= '' then redis.call('HSET', KEYS[2], 'seq', seq) end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-if redis.call('HGET', KEYS[2], 'cancel') then return {id, 'cancel'} end
-return {id, 'ok'}
-"""
-)
-
-# KEYS: stream, state. ARGV: data of the `cancelled` error event, maxlen, ttl, job,
-# release. With release=1 the caller is a reader leaving (a client disconnecting
-# from /completion): the job is cancelled only when no other such reader is left
-# (identical requests share one job through the response cache), and never when it
-# is `pinned` (created by POST /jobs, which only DELETE cancels).
-CANCEL_SCRIPT = (
-    FORGET_CACHE
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'unknown' end
-if redis.call('HGET', KEYS[2], 'terminal') then return 'finished' end
-if ARGV[5] == '1' then
-  if redis.call('HGET', KEYS[2], 'pinned') then return 'shared' end
-  if redis.call('HINCRBY', KEYS[2], 'readers', -1) > 0 then return 'shared' end
-end
-local now = redis.call('TIME')
-redis.call('HSET', KEYS[2], 'cancel', now[1] * 1000 + math.floor(now[2] / 1000))
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-if redis.call('HGET', KEYS[2], 'owner') then return 'cancelling' end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', 'error', 'data', ARGV[1])
-redis.call('HSET', KEYS[2], 'terminal', 'error')
-forget_cache(ARGV[4])
-return 'cancelled'
-"""
-)
-
-
-# KEYS: stream, state. ARGV: data of the `queued` event, maxlen, ttl, tenant, shared,
-# reader, pinned, cache key. A job's first write: its `queued` event and its state
-# (whose job it is, who may cancel it) in one step, so no reader ever sees a job
-# without an owner. Returns '' if the job already exists (ids are never reused).
-CREATE_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return '' end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
-                      'event', 'queued', 'data', ARGV[1])
-redis.call('HSET', KEYS[2], 'tenant', ARGV[4])
-if ARGV[5] == '1' then redis.call('HSET', KEYS[2], 'shared', '1') end
-if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'readers', '1') end
-if ARGV[7] == '1' then redis.call('HSET', KEYS[2], 'pinned', '1') end
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 'cache_key', ARGV[8]) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return id
-"""
 
 
 class JobVanishedError(LookupError):
@@ -213,32 +143,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def append_args(
-    event: EventType,
-    data: dict[str, Any],
-    *,
-    token_ids: Sequence[int] = (),
-    maxlen: int,
-    ttl: int,
-    owner: str = "",
-    claim: bool = False,
-    seq: int | None = None,
-    job_id: str = "",
-) -> list[str | int]:
-    return [
-        event.value,
-        json.dumps(data, ensure_ascii=False),
-        ",".join(map(str, token_ids)),
-        maxlen,
-        ttl,
-        "1" if event in TERMINAL_EVENTS else "0",
-        owner,
-        "1" if claim else "0",
-        "" if seq is None else str(seq),
-        job_id,
-    ]
-
-
 def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -> JobEvent:
     """A stream entry, its fields as redis-py's dict or as Redis's flat list."""
     if isinstance(fields, list):
@@ -254,126 +158,41 @@ def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -
     )
 
 
-class EventWriter:
-    """Appends one job's events for one worker attempt (`owner`): synchronous, one
-    round trip per event, used from ModelQ's worker threads.
-
-    Each write reports the job's state. When tokens produce no text for a while
-    (held-back bytes, special tokens), `should_stop` reads the state itself at most
-    every `poll_seconds`, so a cancel is never missed for long.
-
-    A write that fails on the connection is retried for up to `grace` seconds
-    (Redis restarting, a failover); its sequence number keeps the retry from
-    appending the same event twice.
-    """
-
-    def __init__(
-        self,
-        client: redis.Redis,
-        job_id: str,
-        *,
-        owner: str,
-        ttl: int,
-        maxlen: int,
-        poll_seconds: float = 0.05,
-        grace: float = 0.0,
-    ) -> None:
-        self._client = client
-        self.job_id = job_id
-        self._keys = [keys.job_events(job_id), keys.job_state(job_id)]
-        self._script = client.register_script(APPEND_SCRIPT)
-        self.owner = owner
-        self._ttl = ttl
-        self._maxlen = maxlen
-        self._poll_seconds = poll_seconds
-        self._checked_at = time.monotonic()
-        self._grace = grace
-        self._seq = 0
-        self.outcome = WriteOutcome.OK
-
-    def refresh(self) -> WriteOutcome:
-        """Read the job's state without writing (what a write would have reported)."""
-        terminal, owner, cancel = self._client.hmget(self._keys[1], "terminal", "owner", "cancel")
-        if terminal:
-            self.outcome = WriteOutcome.CLOSED
-        elif owner is not None and _text(owner) != self.owner:
-            self.outcome = WriteOutcome.STOLEN
-        elif cancel:
-            self.outcome = WriteOutcome.CANCEL
-        self._checked_at = time.monotonic()
-        return self.outcome
-
-    def history(self) -> list[JobEvent]:
-        """Every event the job has so far (a takeover resumes from these)."""
-        return [parse_entry(i, f) for i, f in self._client.xrange(self._keys[0])]
-
-    def write(
-        self,
-        event: EventType,
-        data: dict[str, Any],
-        token_ids: Sequence[int] = (),
-        *,
-        claim: bool = False,
-    ) -> WriteOutcome:
-        self._seq += 1
-        args = append_args(
-            event,
-            data,
-            token_ids=token_ids,
-            maxlen=self._maxlen,
-            ttl=self._ttl,
-            owner=self.owner,
-            claim=claim,
-            seq=self._seq,
-            job_id=self.job_id,
-        )
-        give_up = time.monotonic() + self._grace
-        while True:
-            try:
-                _entry_id, outcome = self._script(keys=self._keys, args=args)
-                break
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() >= give_up:
-                    raise
-                time.sleep(0.25)
-        self.outcome = WriteOutcome(_text(outcome))
-        self._checked_at = time.monotonic()
-        return self.outcome
-
-    @property
-    def should_stop(self) -> bool:
-        if (
-            self.outcome is WriteOutcome.OK
-            and time.monotonic() - self._checked_at > self._poll_seconds
-        ):
-            self.refresh()
-        return self.outcome is not WriteOutcome.OK
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self.outcome is WriteOutcome.CANCEL
-
-    @property
-    def lost_job(self) -> bool:
-        """The job ended elsewhere (closed) or another worker owns it (stolen)."""
-        return self.outcome in (WriteOutcome.CLOSED, WriteOutcome.STOLEN)
+#: Drops a job's response-cache entry (key, job id) on the queue's Redis.
+ForgetCache = Callable[[str, str], Awaitable[object]]
 
 
 class JobEvents:
-    """The API's side of job streams (asyncio): append, cancel, read, look up."""
+    """The API's side of job streams (asyncio): create, append, cancel, read, look
+    up. `client` is the streams role: one Redis, or a Redis Cluster."""
 
-    def __init__(self, client: aioredis.Redis, *, ttl: int, maxlen: int) -> None:
+    def __init__(
+        self,
+        client: StreamsClient,
+        *,
+        ttl: int,
+        maxlen: int,
+        forget_cache: ForgetCache | None = None,
+    ) -> None:
         self.client = client
         self._ttl = ttl
         self._maxlen = maxlen
+        self._forget_cache = forget_cache
         self._append = client.register_script(APPEND_SCRIPT)
         self._cancel = client.register_script(CANCEL_SCRIPT)
         self._create = client.register_script(CREATE_SCRIPT)
-        #: Blocking reads of all this process's relays share one XREAD (mux.py).
+        self._track = client.register_script(TRACK_SCRIPT)
+        self.placement = Placement(client)
+        #: Blocking reads of all this process's relays share one XREAD per node (mux.py).
         self.mux = ReadMux(client)
 
     async def close(self) -> None:
         await self.mux.close()
+
+    async def new_job_id(self) -> str:
+        """A fresh job id; on a cluster, one whose stream lands on a master chosen at
+        random (placement.py)."""
+        return await self.placement.new_job_id()
 
     async def create(
         self,
@@ -416,36 +235,51 @@ class JobEvents:
 
     async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
         """Write as no worker (the `queued` event, a timeout): refused once ended."""
-        args = append_args(event, data, maxlen=self._maxlen, ttl=self._ttl, job_id=job_id)
-        _entry_id, outcome = await self._append(
+        args = append_args([new_event(event, data)], maxlen=self._maxlen, ttl=self._ttl)
+        reply = await self._append(
             keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args
         )
-        return WriteOutcome(_text(outcome))
+        if len(reply) > 2 and reply[2]:
+            await self._forget(_text(reply[2]), job_id)
+        return WriteOutcome(_text(reply[0]))
 
     async def cancel(self, job_id: str, *, release: bool = False) -> CancelOutcome:
         """Cancel the job (DELETE), or with `release` drop one reader's claim on it
         and cancel only if it was the last (a /completion client leaving)."""
-        outcome = await self._cancel(
+        outcome, cache_key = await self._cancel(
             keys=[keys.job_events(job_id), keys.job_state(job_id)],
-            args=[json.dumps(CANCELLED), self._maxlen, self._ttl, job_id, "1" if release else "0"],
+            args=[json.dumps(CANCELLED), self._maxlen, self._ttl, "1" if release else "0"],
         )
+        if cache_key:
+            await self._forget(_text(cache_key), job_id)
         return CancelOutcome(_text(outcome))
 
-    async def track(
-        self, job_id: str, *, reader: bool, pinned: bool = False, cache_key: str | None = None
-    ) -> None:
+    async def _forget(self, cache_key: str, job_id: str) -> None:
+        """A job that ended in error must not answer from the response cache."""
+        if self._forget_cache is not None:
+            await self._forget_cache(cache_key, job_id)
+
+    async def track(self, job_id: str, *, reader: bool, pinned: bool = False) -> None:
         """Record who depends on a job: a `reader` whose leaving may cancel it
-        (/completion), `pinned` (POST /jobs: only DELETE cancels), its cache entry."""
-        state = keys.job_state(job_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            if reader:
-                pipe.hincrby(state, "readers", 1)
-            if pinned:
-                pipe.hset(state, "pinned", 1)
-            if cache_key:
-                pipe.hset(state, "cache_key", cache_key)
-            pipe.expire(state, self._ttl)
-            await pipe.execute()
+        (/completion), `pinned` (POST /jobs: only DELETE cancels)."""
+        await self._track(
+            keys=[keys.job_state(job_id)],
+            args=[self._ttl, "1" if reader else "0", "1" if pinned else "0"],
+        )
+
+    async def first_event_id(self, job_id: str) -> str | None:
+        """The id of the job's first (`queued`) event: when it was created."""
+        first = await self.client.xrange(keys.job_events(job_id), count=1)
+        return _text(first[0][0]) if first else None
+
+    async def usable(self, job_id: str) -> bool:
+        """The job can answer a request (the response cache): its stream is there
+        and it did not end in error."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.job_events(job_id))
+            pipe.hget(keys.job_state(job_id), "terminal")
+            exists, terminal = await pipe.execute()
+        return bool(exists) and terminal != b"error"
 
     async def has_event_at_or_after(self, job_id: str, entry_id: str) -> bool:
         """Whether the stream's last entry is at or after `entry_id`: a reader may

@@ -13,6 +13,24 @@ another connection), and the loop re-issues the read with the new stream in it.
 Where the Redis user may not run CLIENT commands (a restricted ACL), the loop
 blocks for SHORT_BLOCK_MS at a time instead, which bounds that wait.
 
+On a Redis Cluster a multi-key command must keep to one slot (CROSSSLOT
+otherwise), and a blocking read holds its connection. So the multiplexer keeps
+one such loop (a *lane*) per slot that has waiting readers, each on its own
+connection to the master that owns the slot, woken by CLIENT UNBLOCK sent to that
+same master. New jobs' streams are put in one slot per master (placement.py), so
+that is one XREAD per master. A lane whose read fails (MOVED after a reshard, its
+master killed) fails its readers with that error; they retry within
+REDIS_GRACE_SECONDS (transport/sse.py), through the cluster client, which follows
+the redirection or re-reads the cluster's map after the failover, and the next
+blocking read goes to a lane on the slot's new master. Lanes idle for a while
+close their connection.
+
+After a read that returned entries, a lane waits GATHER_MS before the next one:
+the relays it served come back with their next id meanwhile (no CLIENT UNBLOCK to
+take them in), and the next read returns more entries for the same cost. An
+XREAD's cost grows with its number of streams, so at 64 streams this cuts Redis's
+CPU per relayed token severalfold, for at most GATHER_MS of added latency.
+
 Non-blocking reads (a relay's first read, the re-read after a job ended) do not
 come here: they answer at once on the shared client.
 """
@@ -22,11 +40,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from textstream.connections import UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -50,44 +74,128 @@ class _Waiter:
     )
 
 
+#: Sends CLIENT UNBLOCK for a connection id to the lane's Redis; truthy if woken.
+Unblock = Callable[[int], Awaitable[Any]]
+
+
 class ReadMux:
-    """Multiplexes blocking stream reads onto one connection of its own."""
+    """Multiplexes blocking stream reads: one lane (one XREAD loop on a connection of
+    its own) for a single Redis, one per slot with waiting readers on a cluster."""
 
     #: How long one XREAD blocks when nothing arrives (readers time out on their own).
     BLOCK_MS = 1000
     #: Used instead when CLIENT UNBLOCK is not allowed: bounds a new reader's wait.
     SHORT_BLOCK_MS = 50
+    #: Pause after a read that returned entries, to gather more for the next read.
+    GATHER_MS = 5
+    #: A cluster lane with no readers for this long closes its connection.
+    IDLE_SECONDS = 30.0
 
-    def __init__(self, client: aioredis.Redis, *, count: int = 512) -> None:
+    def __init__(self, client: aioredis.Redis | AsyncRedisCluster, *, count: int = 512) -> None:
+        self._client = client
+        self._count = count
+        self._lanes: dict[int, _Lane] = {}  # by slot; slot -1 for a single Redis
+        self.refused_unblock = False
+
+    @property
+    def wakes_reads(self) -> bool:
+        """False once CLIENT commands were refused: reads then block SHORT_BLOCK_MS."""
+        return not self.refused_unblock
+
+    async def read(self, key: str, last_id: str, block_ms: int) -> list[Entry]:
+        """Entries of stream `key` after `last_id`, waiting up to `block_ms`; [] if none."""
+        lane = await self._lane_for(key)
+        return await lane.read(key, last_id, block_ms)
+
+    async def close(self) -> None:
+        lanes, self._lanes = list(self._lanes.values()), {}
+        for lane in lanes:
+            await lane.close()
+
+    async def _lane_for(self, key: str) -> _Lane:
+        client = self._client
+        if not isinstance(client, AsyncRedisCluster):
+            lane = self._lanes.get(-1)
+            if lane is None:
+                lane = self._lanes[-1] = self._single_lane(client)
+            return lane
+        await client.initialize()  # a no-op unless a failure reset the cluster's map
+        slot = client.keyslot(key)
+        node = client.get_node_from_key(key)
+        lane = self._lanes.get(slot)
+        if lane is not None and (lane.closed or lane.name != node.name):
+            if not lane.closed:  # the slot moved: its readers retry on the new owner
+                lane.fail(RedisConnectionError(f"slot {slot} moved to {node.name}"))
+                await lane.close()
+            lane = None
+        if lane is None:
+            lane = self._lanes[slot] = self._cluster_lane(node, slot)
+        return lane
+
+    def _single_lane(self, client: aioredis.Redis) -> _Lane:
         # A client of the same class and settings, on a single connection whose id
         # CLIENT UNBLOCK can name; `client` (the shared pool) sends the unblocks.
-        self._client = client
         kwargs = dict(client.connection_pool.connection_kwargs)
-        # The XREAD blocks up to BLOCK_MS: the read timeout must leave it that room.
-        kwargs["socket_timeout"] = (kwargs.get("socket_timeout") or 5.0) + self.BLOCK_MS / 1000
-        self._reader = type(client)(
+        kwargs["socket_timeout"] = _read_timeout(kwargs.get("socket_timeout"))
+        reader = type(client)(
             connection_pool=type(client.connection_pool)(**kwargs),
             single_connection_client=True,
         )
+        return _Lane(self, reader, client.client_unblock, name="redis")
+
+    def _cluster_lane(self, node: ClusterNode, slot: int) -> _Lane:
+        kwargs = dict(node.connection_kwargs)
+        kwargs["socket_timeout"] = _read_timeout(kwargs.get("socket_timeout"))
+        pool = aioredis.ConnectionPool(connection_class=node.connection_class, **kwargs)
+        reader = aioredis.Redis(connection_pool=pool, single_connection_client=True)
+
+        async def unblock(client_id: int) -> Any:
+            return await node.execute_command("CLIENT UNBLOCK", client_id)
+
+        def idle() -> None:
+            if self._lanes.get(slot) is lane:
+                del self._lanes[slot]
+
+        lane = _Lane(self, reader, unblock, name=node.name, on_idle=idle)
+        return lane
+
+
+def _read_timeout(socket_timeout: float | None) -> float:
+    """The lane's XREAD blocks up to BLOCK_MS: its read timeout must leave it that room."""
+    return (socket_timeout or 5.0) + ReadMux.BLOCK_MS / 1000
+
+
+class _Lane:
+    """One blocking XREAD loop on a connection of its own, for the streams of one
+    Redis (or of one cluster slot, on its master)."""
+
+    def __init__(
+        self,
+        mux: ReadMux,
+        reader: aioredis.Redis,
+        unblock: Unblock,
+        *,
+        name: str,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._mux = mux
+        self._reader = reader
         self._reader.set_response_callback("XREAD", lambda response, **_: response)
-        self._count = count
+        self._send_unblock = unblock
+        self._on_idle = on_idle
         self._waiters: dict[str, list[_Waiter]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._reading: set[str] = set()  # the streams of the XREAD in flight
         self._cycle = 0
         self._reader_id: int | None = None
-        self._can_unblock = True
+        self.can_unblock = True
         self._unblocking = False
         self._unblocker: asyncio.Task[None] | None = None
-
-    @property
-    def wakes_reads(self) -> bool:
-        """False once CLIENT commands were refused: reads then block SHORT_BLOCK_MS."""
-        return self._can_unblock
+        self.closed = False
 
     async def read(self, key: str, last_id: str, block_ms: int) -> list[Entry]:
-        """Entries of stream `key` after `last_id`, waiting up to `block_ms`; [] if none."""
         waiter = _Waiter(key, last_id)
         self._waiters.setdefault(key, []).append(waiter)
         self._start()
@@ -101,17 +209,27 @@ class ReadMux:
             self._forget(waiter)
 
     async def close(self) -> None:
-        if self._task is not None:
+        self.closed = True
+        if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._reader.close(close_connection_pool=True)
+        with contextlib.suppress(*UNREACHABLE):
+            await self._reader.close(close_connection_pool=True)
+
+    def fail(self, exc: Exception) -> None:
+        """End every waiting read with `exc` (its relay retries)."""
+        for waiting in list(self._waiters.values()):
+            for waiter in waiting:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
+        self._waiters.clear()
 
     # -- the loop --------------------------------------------------------------------
 
     def _start(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="stream-read-mux")
+            self._task = asyncio.create_task(self._run(), name=f"stream-read-{self.name}")
 
     def _forget(self, waiter: _Waiter) -> None:
         waiting = self._waiters.get(waiter.key)
@@ -125,7 +243,7 @@ class ReadMux:
         self._wake.set()
         if key in self._reading or not self._reading or self._unblocking:
             return
-        if self._can_unblock and self._reader_id is not None:
+        if self.can_unblock and self._reader_id is not None:
             self._unblocking = True
             self._unblocker = asyncio.create_task(self._unblock(self._cycle, self._reader_id))
 
@@ -134,29 +252,30 @@ class ReadMux:
         finds nothing to wake, so retry briefly for as long as that read lasts."""
         try:
             for _ in range(50):
-                if self._cycle != cycle or await self._client.client_unblock(reader_id):
+                if self._cycle != cycle or await self._send_unblock(reader_id):
                     return
                 await asyncio.sleep(0.002)
         except ResponseError as exc:  # e.g. NOPERM: fall back to short blocks
             log.warning(
                 "CLIENT UNBLOCK not allowed (%s); stream reads poll every %d ms",
                 exc,
-                self.SHORT_BLOCK_MS,
+                ReadMux.SHORT_BLOCK_MS,
             )
-            self._can_unblock = False
-        except RedisError:
+            self.can_unblock = False
+            self._mux.refused_unblock = True
+        except UNREACHABLE:
             pass  # the loop sees the outage itself
         finally:
             self._unblocking = False
 
     async def _run(self) -> None:
-        while True:
+        while not self.closed:
             if not self._waiters:
-                self._wake.clear()
-                await self._wake.wait()
+                if not await self._idle():
+                    return
                 continue
             try:
-                if self._can_unblock and self._reader_id is None:
+                if self.can_unblock and self._reader_id is None:
                     self._reader_id = await self._reader_client_id()
                 # No await between choosing the streams and sending the read: a
                 # reader arriving after this point is not in it, and unblocks it.
@@ -165,12 +284,12 @@ class ReadMux:
                 self._reading = set(streams)
                 reply: Any = await self._reader.xread(
                     streams,  # type: ignore[arg-type]
-                    count=self._count,
-                    block=self.BLOCK_MS if self._can_unblock else self.SHORT_BLOCK_MS,
+                    count=self._mux._count,
+                    block=ReadMux.BLOCK_MS if self.can_unblock else ReadMux.SHORT_BLOCK_MS,
                 )
-            except RedisError as exc:
+            except UNREACHABLE as exc:
                 self._reader_id = None  # a new connection gets a new id
-                self._fail_all(exc)
+                self.fail(exc)
                 await asyncio.sleep(0.1)
                 continue
             finally:
@@ -179,12 +298,32 @@ class ReadMux:
             for raw_key, entries in reply or ():
                 key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
                 self._deliver(key, entries)
+            if reply:
+                await asyncio.sleep(ReadMux.GATHER_MS / 1000)
+
+    async def _idle(self) -> bool:
+        """Wait for a reader; False when a cluster lane stayed idle long enough to go."""
+        self._wake.clear()
+        if self._on_idle is None:
+            await self._wake.wait()
+            return True
+        try:
+            async with asyncio.timeout(ReadMux.IDLE_SECONDS):
+                await self._wake.wait()
+            return True
+        except TimeoutError:
+            if self._waiters:
+                return True
+            self._on_idle()
+            await self.close()
+            return False
 
     async def _reader_client_id(self) -> int | None:
         try:
             return int(await self._reader.client_id())
         except ResponseError:
-            self._can_unblock = False
+            self.can_unblock = False
+            self._mux.refused_unblock = True
             return None
 
     def _deliver(self, key: str, entries: list[Entry]) -> None:
@@ -194,13 +333,6 @@ class ReadMux:
             if mine and not waiter.future.done():
                 waiter.future.set_result(mine)
                 self._forget(waiter)
-
-    def _fail_all(self, exc: Exception) -> None:
-        for waiting in list(self._waiters.values()):
-            for waiter in waiting:
-                if not waiter.future.done():
-                    waiter.future.set_exception(exc)
-        self._waiters.clear()
 
 
 def _oldest(waiting: list[_Waiter]) -> str:

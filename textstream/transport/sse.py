@@ -8,7 +8,9 @@ the same cancellation would abort it too.
 
 After the headers are sent, a failure is an `error` event that ends the stream,
 never a half-closed socket. Redis may vanish for up to REDIS_GRACE_SECONDS: the
-reader retries from the last id it relayed, so nothing is lost or repeated.
+reader retries from the last id it relayed, so nothing is lost or repeated. On a
+Redis Cluster the same grace covers a failover, a slot moving (MOVED, ASK,
+TRYAGAIN) and the cluster's own errors (CLUSTERDOWN, "cannot be connected").
 
 While a job waits in the queue, the reader sends a `queued` event every
 QUEUE_STATUS_SECONDS with its position and the number of live workers (0 says
@@ -27,11 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 from sse_starlette.sse import AppStatus
 
 from textstream.config import Settings
+from textstream.connections import REDIS_ERRORS
 from textstream.transport.events import (
     REDIS_LOST,
     START_ID,
@@ -159,7 +161,7 @@ class Relay:
                 log.warning("job=%s: its stream vanished (Redis lost its data)", self.job_id)
                 yield [status_event(EventType.ERROR, JOB_LOST)]
                 return
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.settings.redis_grace_seconds:
                     log.warning("job=%s stream gave up on Redis: %s", self.job_id, exc)
@@ -178,7 +180,7 @@ async def release(relay: Relay) -> None:
             if outcome is CancelOutcome.CANCELLED and relay.queue is not None:
                 await relay.queue.withdraw(relay.job_id)
             log.info("job=%s client disconnected; %s", relay.job_id, outcome.value)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("job=%s could not request cancel: %s", relay.job_id, exc)
 
 

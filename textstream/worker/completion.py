@@ -28,6 +28,7 @@ from typing import Any
 import redis
 
 from textstream.config import Settings
+from textstream.connections import REDIS_ERRORS, SyncStreamsClient
 from textstream.engines.base import Engine, PromptTooLongError
 from textstream.job import CompletionJob
 from textstream.logs import redact
@@ -37,11 +38,11 @@ from textstream.transport.events import (
     CANCELLED,
     TIMEOUT,
     EventType,
-    EventWriter,
     JobEvent,
     error_data,
     stream_maxlen,
 )
+from textstream.transport.writer import EventWriter, StreamFlusher
 from textstream.worker.detokenize import IncrementalDetokenizer
 from textstream.worker.stops import StopMatcher
 
@@ -103,7 +104,11 @@ class TokenPublisher:
 
 
 class CompletionRunner:
-    """Runs jobs on one engine; shared by all of a worker process's ModelQ threads."""
+    """Runs jobs on one engine; shared by all of a worker process's ModelQ threads.
+
+    `client` is the queue's Redis (metrics); `streams` the job streams' (the same
+    Redis by default, or a Redis Cluster); `flusher` gathers tokens when
+    STREAM_FLUSH_MS > 0."""
 
     def __init__(
         self,
@@ -111,9 +116,13 @@ class CompletionRunner:
         client: redis.Redis,
         settings: Settings,
         heartbeat: WorkerHeartbeat,
+        streams: SyncStreamsClient | None = None,
+        flusher: StreamFlusher | None = None,
     ) -> None:
         self._engine = engine
         self._client = client
+        self._streams = client if streams is None else streams
+        self._flusher = flusher
         self._settings = settings
         self._heartbeat = heartbeat
         #: Set when the process is stopping: a job claimed after this is left in
@@ -126,12 +135,13 @@ class CompletionRunner:
             log.info("job=%s claimed while draining; leaving it for another worker", job.job_id)
             self._never.wait()  # the process exits around us; ModelQ requeues the job
         writer = EventWriter(
-            self._client,
+            self._streams,
             job.job_id,
             owner=f"{self._heartbeat.info.worker_id}/{uuid.uuid4().hex[:8]}",
             ttl=self._settings.job_ttl,
             maxlen=stream_maxlen(self._settings),
             grace=self._settings.redis_grace_seconds,
+            flusher=self._flusher,
         )
         self._heartbeat.job_started()
         timings = JobTimings(enqueued_at=job.enqueued_at or time.time())
@@ -139,7 +149,7 @@ class CompletionRunner:
             result = self._generate(job, writer, timings)
         except PromptTooLongError as exc:
             result = self._fail(job, writer, error_data("prompt_too_long", str(exc)))
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             # The stream itself is unreachable: nothing can be told to the client.
             log.error("job=%s lost Redis while generating: %s", job.job_id, exc)
             return {"status": "error", "error": "redis_unavailable"}
@@ -173,7 +183,7 @@ class CompletionRunner:
     ) -> dict[str, Any]:
         try:
             writer.write(EventType.ERROR, data)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.error("job=%s could not publish its error: %s", job.job_id, exc)
         return {"status": "error", "error": data["error"]["type"]}
 

@@ -17,12 +17,13 @@ import time
 
 from textstream import keys
 from textstream.config import get_settings
-from textstream.connections import sync_client
+from textstream.connections import sync_client, sync_streams_client
 from textstream.engines import load_engine
 from textstream.jobqueue import WorkerModelQ, create_worker_modelq, new_server_id
 from textstream.logs import configure_logging
 from textstream.registry import WorkerHeartbeat, WorkerInfo
 from textstream.sources import ModelLoadError
+from textstream.transport.writer import StreamFlusher
 from textstream.worker.completion import CompletionRunner
 from textstream.worker.supervisor import EXIT_MODEL_LOAD_FAILED, Supervisor
 
@@ -66,7 +67,9 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
         ),
         settings.worker_heartbeat_seconds,
     )
-    runner = CompletionRunner(engine, client, settings, heartbeat)
+    streams = client if settings.streams_shared else sync_streams_client(settings)
+    flusher = StreamFlusher(streams, settings.stream_flush_ms) if settings.stream_flush_ms else None
+    runner = CompletionRunner(engine, client, settings, heartbeat, streams, flusher)
     mq = create_worker_modelq(settings, server_id, runner.run)
     mq.start_workers(concurrency)
     heartbeat.start()

@@ -1,0 +1,386 @@
+"""A worker's side of a job stream: one job's events for one attempt (EventWriter),
+and the thread that sends gathered tokens (StreamFlusher).
+
+Cost per token. Every write is one APPEND_SCRIPT call, which reads the job's state
+once (is it over, is it still ours, was it cancelled) and adds the events; it
+refreshes the keys' TTLs only every TTL_REFRESH_SECONDS (and with the job's claim
+and its last event), not on every token. With STREAM_FLUSH_MS > 0 a job's tokens
+ready within that window go in one call, and the writers of one worker process
+whose windows end together share one round trip per Redis node.
+
+Ids chosen here. A worker picks each event's stream id itself, ascending
+(`<ms>-<n>`, from its clock, above the last id it has seen), instead of letting
+Redis pick ('*'). So the same write sent twice lands once (the script skips an id
+already in the stream): a write whose reply was lost is simply sent again.
+
+Failover. Replication is asynchronous: a master can acknowledge a write and die
+before its replica has it. The promoted replica then holds the stream up to some
+earlier entry, and state changes made in that window are lost with it: this
+attempt's last few events, its claim, or a cancel request made in those last
+milliseconds (the job then runs on, as if the cancel came too late). Replicas
+apply the stream in order, so what is lost is always a tail. The writer keeps the
+events it wrote (at most a stream's MAXLEN), and before it writes again after an
+error, or once its job's slot is served by another node, it reads the stream's
+last id and first writes again, with their own ids, the events the stream lacks
+(and its claim, if that was lost). Readers that already saw those ids skip them;
+nothing is lost or doubled. (A job created in that window, before any worker
+wrote to it, is lost as a whole: its readers end with `redis_unavailable`.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterError,
+    ConnectionError,
+    ReadOnlyError,
+    RedisClusterException,
+    TimeoutError,
+    TryAgainError,
+)
+
+from textstream import keys
+from textstream.connections import SyncStreamsClient
+from textstream.transport.events import JobEvent, WriteOutcome, parse_entry
+from textstream.transport.mux import id_key
+from textstream.transport.scripts import APPEND_SCRIPT, EventType, NewEvent, append_args, new_event
+
+log = logging.getLogger(__name__)
+
+#: Errors after which a write is retried (within REDIS_GRACE_SECONDS): Redis
+#: restarting, a cluster failing over (CLUSTERDOWN, no reachable node, a slot not
+#: covered yet), a slot being migrated (TRYAGAIN), a demoted master (READONLY).
+TRANSIENT = (
+    ConnectionError,
+    TimeoutError,
+    ClusterError,
+    TryAgainError,
+    ReadOnlyError,
+    RedisClusterException,
+)
+
+#: The longest a job's keys go without a TTL refresh while it runs.
+TTL_REFRESH_SECONDS = 60.0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class EventWriter:
+    """Appends one job's events for one worker attempt (`owner`): used from ModelQ's
+    worker threads, synchronously (a write returns once Redis has it), except
+    tokens when a `flusher` gathers them (they go within STREAM_FLUSH_MS).
+
+    Each write reports the job's state. When tokens produce no text for a while
+    (held-back bytes, special tokens), `should_stop` reads the state itself at most
+    every `poll_seconds`, so a cancel is never missed for long.
+
+    A write that fails on the connection is retried for up to `grace` seconds
+    (Redis restarting, a failover); its ids keep the retry from appending the same
+    event twice.
+    """
+
+    def __init__(
+        self,
+        client: SyncStreamsClient,
+        job_id: str,
+        *,
+        owner: str,
+        ttl: int,
+        maxlen: int,
+        poll_seconds: float = 0.05,
+        grace: float = 0.0,
+        flusher: StreamFlusher | None = None,
+    ) -> None:
+        self._client = client
+        self.job_id = job_id
+        self._keys = [keys.job_events(job_id), keys.job_state(job_id)]
+        self._script = client.register_script(APPEND_SCRIPT)
+        self.owner = owner
+        self._ttl = ttl
+        self._refresh_every = min(TTL_REFRESH_SECONDS, ttl / 4)
+        self._refreshed_at = -float("inf")
+        self._maxlen = maxlen
+        self._poll_seconds = poll_seconds
+        self._checked_at = time.monotonic()
+        self._grace = grace
+        self._flusher = flusher
+        self._lock = threading.Lock()  # guards _pending, _claim_pending, _last_id
+        self._send_lock = threading.Lock()  # one batch in flight, in order
+        self._pending: list[NewEvent] = []
+        self._claim_pending = False
+        self._written: list[NewEvent] = []  # acknowledged, for a replay after a failover
+        self._claim_id: str | None = None
+        self._last_id: tuple[int, int] | None = None  # the stream's last id, as we know it
+        self._node: str | None = None  # the cluster node our last write went to
+        self.failure: BaseException | None = None  # a gathered send that gave up
+        self.outcome = WriteOutcome.OK
+
+    # -- reading -------------------------------------------------------------------
+
+    def refresh(self) -> WriteOutcome:
+        """Read the job's state without writing (what a write would have reported)."""
+        terminal, owner, cancel = self._client.hmget(self._keys[1], "terminal", "owner", "cancel")
+        if terminal:
+            self.outcome = WriteOutcome.CLOSED
+        elif owner is not None and _text(owner) != self.owner:
+            self.outcome = WriteOutcome.STOLEN
+        elif cancel:
+            self.outcome = WriteOutcome.CANCEL
+        self._checked_at = time.monotonic()
+        return self.outcome
+
+    def history(self) -> list[JobEvent]:
+        """Every event the job has so far (a takeover resumes from these)."""
+        events = [parse_entry(i, f) for i, f in self._client.xrange(self._keys[0])]
+        with self._lock:
+            self._seen(events[-1].id if events else None)
+        return events
+
+    @property
+    def should_stop(self) -> bool:
+        if (
+            self.outcome is WriteOutcome.OK
+            and time.monotonic() - self._checked_at > self._poll_seconds
+        ):
+            self.refresh()
+        return self.outcome is not WriteOutcome.OK
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.outcome is WriteOutcome.CANCEL
+
+    @property
+    def lost_job(self) -> bool:
+        """The job ended elsewhere (closed) or another worker owns it (stolen)."""
+        return self.outcome in (WriteOutcome.CLOSED, WriteOutcome.STOLEN)
+
+    # -- writing -------------------------------------------------------------------
+
+    def write(
+        self,
+        event: EventType,
+        data: dict[str, Any],
+        token_ids: Sequence[int] = (),
+        *,
+        claim: bool = False,
+    ) -> WriteOutcome:
+        """Append an event; returns the job's state as of the latest write Redis
+        answered. A gathered token returns at once, before it is sent."""
+        if self.failure is not None:
+            raise self.failure
+        if self._last_id is None:
+            self._seen(self._top())
+        with self._lock:
+            self._pending.append(new_event(event, data, token_ids, self._next_id()))
+            self._claim_pending = self._claim_pending or claim
+        if self._flusher is not None and event is EventType.TOKEN and not claim:
+            self._flusher.schedule(self)
+            return self.outcome
+        return self.flush()
+
+    def flush(self) -> WriteOutcome:
+        """Send what is pending now (in the calling thread)."""
+        with self._send_lock:
+            batch, claim = self._take()
+            if batch:
+                self._send(batch, claim)
+        if self.failure is not None:
+            raise self.failure
+        return self.outcome
+
+    def _take(self) -> tuple[list[NewEvent], bool]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            claim, self._claim_pending = self._claim_pending, False
+        return batch, claim
+
+    def _next_id(self) -> str:
+        """An id above every id this writer has seen, from this host's clock."""
+        now = time.time_ns() // 1_000_000
+        ms, seq = self._last_id or (0, 0)
+        self._last_id = (now, 0) if now > ms else (ms, seq + 1)
+        return f"{self._last_id[0]}-{self._last_id[1]}"
+
+    def _seen(self, entry_id: str | None) -> None:
+        if entry_id is not None and id_key(entry_id) > (self._last_id or (0, -1)):
+            self._last_id = id_key(entry_id)
+        elif self._last_id is None:
+            self._last_id = (0, 0)
+
+    def _top(self) -> str | None:
+        last = self._client.xrevrange(self._keys[0], count=1)
+        return _text(last[0][0]) if last else None
+
+    def call_args(self, batch: list[NewEvent], claim: bool) -> list[str | int]:
+        terminal = any(e.terminal for e in batch)
+        refresh = claim or terminal or time.monotonic() - self._refreshed_at >= self._refresh_every
+        if refresh:
+            self._refreshed_at = time.monotonic()
+        ttl = self._ttl if refresh else None
+        return append_args(batch, maxlen=self._maxlen, ttl=ttl, owner=self.owner, claim=claim)
+
+    def _send(self, batch: list[NewEvent], claim: bool) -> None:
+        """Send one batch (the caller holds the send lock): retried within the grace
+        period; after an error or a change of node, first restore what a failover
+        may have lost. A send that gives up is raised, and kept in `failure`."""
+        give_up = time.monotonic() + self._grace
+        resync = False
+        while True:
+            try:
+                node = self.node()
+                if resync or (self._node is not None and node != self._node):
+                    batch, claim = self._unwritten(batch, claim)
+                    resync = False
+                if not batch:
+                    return
+                reply = self._script(keys=self._keys, args=self.call_args(batch, claim))
+                break
+            except TRANSIENT as exc:
+                resync = True
+                if time.monotonic() >= give_up:
+                    self.failure = exc
+                    raise
+                time.sleep(0.25)
+        self.accept(batch, claim, reply, node)
+
+    def accept(self, batch: list[NewEvent], claim: bool, reply: list[Any], node: str) -> None:
+        """Take in APPEND_SCRIPT's answer to `batch`."""
+        outcome = WriteOutcome(_text(reply[0]))
+        if outcome in (WriteOutcome.OK, WriteOutcome.CANCEL):
+            self._written += batch
+            if claim:
+                self._claim_id = batch[0].id
+            with self._lock:
+                self._seen(_text(reply[1]))
+            self._node = node
+        self.outcome = outcome
+        self._checked_at = time.monotonic()
+
+    def node(self) -> str:
+        """The cluster node serving this job's slot ("" on one Redis)."""
+        if isinstance(self._client, RedisCluster):
+            return str(self._client.get_node_from_key(self._keys[0]).name)
+        return ""
+
+    def _unwritten(self, batch: list[NewEvent], claim: bool) -> tuple[list[NewEvent], bool]:
+        """`batch`, preceded by this attempt's acknowledged events that the stream no
+        longer has (a failover lost its tail), with the claim if that went too."""
+        top = self._top()
+        if top is None:  # the job is gone (Redis lost everything): nothing to restore
+            return batch, claim
+        last = id_key(top)
+        lost = [e for e in self._written if id_key(e.id) > last]
+        if not lost:
+            return batch, claim
+        log.warning(
+            "job=%s: the stream lost %d acknowledged event(s) (a failover); writing them again",
+            self.job_id,
+            len(lost),
+        )
+        self._written = self._written[: len(self._written) - len(lost)]
+        claim_lost = self._claim_id is not None and id_key(self._claim_id) > last
+        return lost + batch, claim or claim_lost
+
+
+class StreamFlusher:
+    """Sends gathered tokens for every EventWriter of a worker process: a writer's
+    tokens are due STREAM_FLUSH_MS after the first of them, and all writers due
+    together go in one pipeline per Redis node (one round trip). A writer whose
+    batch fails there is sent again on its own, with its retries."""
+
+    def __init__(self, client: SyncStreamsClient, flush_ms: int) -> None:
+        self._client = client
+        self._window = flush_ms / 1000
+        self._due: dict[EventWriter, float] = {}
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="stream-flusher", daemon=True)
+        self._thread.start()
+
+    def schedule(self, writer: EventWriter) -> None:
+        with self._cond:
+            if writer not in self._due:
+                self._due[writer] = time.monotonic() + self._window
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due:
+                    self._cond.wait()
+                now = time.monotonic()
+                soonest = min(self._due.values())
+                if soonest > now:
+                    self._cond.wait(soonest - now)
+                    continue
+                ready = [w for w, due in self._due.items() if due <= now]
+                for writer in ready:
+                    del self._due[writer]
+            try:
+                self._send_together(ready)
+            except Exception:  # never let the thread die: writers retry on their own
+                log.exception("stream flusher: a round failed")
+
+    def _send_together(self, writers: list[EventWriter]) -> None:
+        taken: list[tuple[EventWriter, list[NewEvent], bool]] = []
+        for writer in writers:
+            if not writer._send_lock.acquire(blocking=False):
+                self.schedule(writer)  # it is sending now; what it has not taken waits
+                continue
+            batch, claim = writer._take()
+            if batch:
+                taken.append((writer, batch, claim))
+            else:
+                writer._send_lock.release()
+        try:
+            for group in self._by_node(taken).values():
+                self._pipeline(group)
+        finally:
+            for writer, _, _ in taken:
+                writer._send_lock.release()
+
+    def _by_node(
+        self, taken: list[tuple[EventWriter, list[NewEvent], bool]]
+    ) -> dict[str, list[tuple[EventWriter, list[NewEvent], bool]]]:
+        groups: dict[str, list[tuple[EventWriter, list[NewEvent], bool]]] = {}
+        for item in taken:
+            try:
+                node = item[0].node()
+            except TRANSIENT:
+                node = "?"
+            groups.setdefault(node, []).append(item)
+        return groups
+
+    def _pipeline(self, group: list[tuple[EventWriter, list[NewEvent], bool]]) -> None:
+        """One round trip for the group; whatever fails there goes again on its own."""
+        replies: list[Any] = [None] * len(group)
+        node = "?"
+        try:
+            node = group[0][0].node()
+            if all(writer._node in (None, node) for writer, _, _ in group) and node != "?":
+                client: Any = self._client
+                if isinstance(client, RedisCluster):
+                    client = client.get_redis_connection(client.get_node(node_name=node))
+                pipe = client.pipeline(transaction=False)
+                for writer, batch, claim in group:
+                    writer._script(
+                        keys=writer._keys, args=writer.call_args(batch, claim), client=pipe
+                    )
+                replies = pipe.execute(raise_on_error=False)
+        except TRANSIENT:
+            pass
+        for (writer, batch, claim), reply in zip(group, replies, strict=True):
+            try:
+                if isinstance(reply, list):
+                    writer.accept(batch, claim, reply, node)
+                else:
+                    writer._send(batch, claim)
+            except Exception as exc:  # kept in writer.failure, raised on its next write
+                writer.failure = writer.failure or exc
