@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,14 +210,49 @@ def local_service(
 ) -> Iterator[str]:
     """Redis, `workers` worker processes and one API, all local; yields the API's
     base URL once the workers are up, and stops everything on the way out."""
+    with local_stack(workdir, model, workers, concurrency, env=env) as (base, _urls):
+        yield base
+
+
+@contextmanager
+def local_stack(
+    workdir: Path,
+    model: str,
+    workers: int = 1,
+    concurrency: int = 1,
+    *,
+    streams_cluster: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[str, dict[str, list[str]]]]:
+    """As `local_service`, and also yields the Redis URLs by role: "streams" (the
+    job streams: one Redis, or a cluster's masters) and, when the streams are on a
+    cluster, "queue" (the queue's own Redis) and "replicas"."""
+    from bench.redis_cluster import LocalRedisCluster
+
     redis_proc, url = start_redis(workdir)
-    settings = service_env(url, model, **{"LOG_LEVEL": "WARNING", **env})
+    urls = {"streams": [url]}
+    extra = dict(env or {})
+    cluster = None
+    if streams_cluster:
+        cluster = LocalRedisCluster(workdir / "cluster").start()
+        extra.update(STREAMS_REDIS_URL=cluster.url, STREAMS_REDIS_CLUSTER="true")
+        masters = cluster.masters_ports()
+        urls = {
+            "streams": [f"redis://127.0.0.1:{port}/0" for port in masters],
+            "queue": [url],
+            "replicas": [
+                f"redis://127.0.0.1:{n.port}/0" for n in cluster.nodes if n.port not in masters
+            ],
+        }
+    settings = service_env(url, model, **{"LOG_LEVEL": "WARNING", **extra})
     runner = start_workers(settings, workdir, workers, name="bench-worker", concurrency=concurrency)
     api, base = start_api(settings, workdir, name="bench-api", log_level="warning")
     try:
         wait_for_workers(base, workers, seconds=300, proc=runner)
-        yield base
+        yield base, urls
     finally:
         runner.stop()
         api.stop()
         redis_proc.terminate()
+        if cluster is not None:
+            cluster.stop()
