@@ -25,6 +25,21 @@ class Settings(BaseSettings):
     # --- model (worker side) -----------------------------------------------------
     model_id: str = "openai-community/gpt2"
     model_fallback: str = ""
+    #: Name the workers announce and clients pick with `model` (vLLM's
+    #: --served-model-name); empty: the model's own name.
+    served_model_name: str = ""
+    #: The model a request that names none goes to; empty: the one being served.
+    default_model: str = ""
+    #: auto: a `<think>...</think>` block opening a completion streams apart from
+    #: the answer (`thinking` events; `reasoning_content` in chat); off: raw text.
+    thinking: Literal["auto", "off"] = "auto"
+    #: For MODEL_ID=openai:<url>#<model>: the upstream's key, and how long one of its
+    #: reads may take.
+    upstream_api_key: str = ""
+    upstream_timeout: float = Field(120.0, gt=0)
+    #: How long an upstream that fails (429, 5xx, unreachable) is retried before the
+    #: job ends with `upstream_error` (never past the job's deadline).
+    upstream_retry_seconds: float = Field(30.0, ge=0)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     prompt_format: Literal["auto", "raw", "chat"] = "auto"

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.deps import Services, authorize, services_of
+from textstream.api.models import all_models
 from textstream.jobqueue import queue_length
 from textstream.metrics import render
 from textstream.registry import WorkerInfo, live_workers
@@ -161,5 +162,8 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format, the same from every API process (figures live in Redis)."""
     services = services_of(request)
     _, live = await workers_or_none(services)
-    body = await render(services.redis, live, await queue_length(services.redis))
+    queues = {
+        model: await queue_length(services.redis, model) for model in await all_models(services)
+    }
+    body = await render(services.redis, live, queues)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -146,14 +146,14 @@ return 'cancelled'
 
 
 # KEYS: stream, state. ARGV: data of the `queued` event, maxlen, ttl, tenant, shared,
-# reader, pinned, cache key. A job's first write: its `queued` event and its state
+# reader, pinned, cache key, model. A job's first write: its `queued` event and its state
 # (whose job it is, who may cancel it) in one step, so no reader ever sees a job
 # without an owner. Returns '' if the job already exists (ids are never reused).
 CREATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return '' end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
                       'event', 'queued', 'data', ARGV[1])
-redis.call('HSET', KEYS[2], 'tenant', ARGV[4])
+redis.call('HSET', KEYS[2], 'tenant', ARGV[4], 'model', ARGV[9])
 if ARGV[5] == '1' then redis.call('HSET', KEYS[2], 'shared', '1') end
 if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'readers', '1') end
 if ARGV[7] == '1' then redis.call('HSET', KEYS[2], 'pinned', '1') end
@@ -177,6 +177,7 @@ class JobAccess:
     exists: bool
     tenant: str | None
     shared: bool
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +382,7 @@ class JobEvents:
         data: dict[str, Any],
         *,
         tenant: str,
+        model: str = "",
         shared: bool = False,
         reader: bool = False,
         pinned: bool = False,
@@ -398,6 +400,7 @@ class JobEvents:
                 "1" if reader else "0",
                 "1" if pinned else "0",
                 cache_key or "",
+                model,
             ],
         )
         return bool(entry_id)
@@ -410,9 +413,14 @@ class JobEvents:
     async def access(self, job_id: str) -> JobAccess:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.exists(keys.job_events(job_id))
-            pipe.hmget(keys.job_state(job_id), "tenant", "shared")
-            exists, (tenant, shared) = await pipe.execute()
-        return JobAccess(bool(exists), None if tenant is None else _text(tenant), bool(shared))
+            pipe.hmget(keys.job_state(job_id), "tenant", "shared", "model")
+            exists, (tenant, shared, model) = await pipe.execute()
+        return JobAccess(
+            bool(exists),
+            None if tenant is None else _text(tenant),
+            bool(shared),
+            "" if model is None else _text(model),
+        )
 
     async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
         """Write as no worker (the `queued` event, a timeout): refused once ended."""
@@ -456,8 +464,10 @@ class JobEvents:
     async def exists(self, job_id: str) -> bool:
         return bool(await self.client.exists(keys.job_events(job_id)))
 
-    async def history(self, job_id: str) -> list[JobEvent]:
-        return [parse_entry(i, f) for i, f in await self.client.xrange(keys.job_events(job_id))]
+    async def history(self, job_id: str, until: str = "+") -> list[JobEvent]:
+        """The job's events, all of them or up to (and including) id `until`."""
+        entries = await self.client.xrange(keys.job_events(job_id), max=until)
+        return [parse_entry(i, f) for i, f in entries]
 
     async def read_batches(
         self, job_id: str, *, after: str = START_ID, block_ms: int = 5000

@@ -100,6 +100,14 @@ class ReadMux:
         finally:
             self._forget(waiter)
 
+    def interrupt(self) -> None:
+        """Hand every waiting reader an empty read now (the process is stopping:
+        each relay then sees it at once, instead of when its wait times out)."""
+        for waiting in list(self._waiters.values()):
+            for waiter in waiting:
+                if not waiter.future.done():
+                    waiter.future.set_result([])
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -45,6 +45,8 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
     except ModelLoadError as exc:
         log.error("worker cannot start: %s", exc)
         return EXIT_MODEL_LOAD_FAILED
+    if settings.served_model_name:
+        engine.name = settings.served_model_name  # what clients name in `model`
     batching = concurrency > 1 and settings.batching == "auto" and engine.start_batching()
 
     server_id = new_server_id()
@@ -67,7 +69,7 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
         settings.worker_heartbeat_seconds,
     )
     runner = CompletionRunner(engine, client, settings, heartbeat)
-    mq = create_worker_modelq(settings, server_id, runner.run)
+    mq = create_worker_modelq(settings, server_id, engine.name, runner.run)
     mq.start_workers(concurrency)
     heartbeat.start()
     log.info(

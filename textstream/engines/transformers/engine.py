@@ -88,8 +88,10 @@ class TransformersEngine:
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]:
         return encode_prompt(self.tokenizer, prompt, prompt_format, self.prompt_format)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+    def encode_chat(
+        self, messages: list[dict[str, str]], continue_final: bool = False
+    ) -> list[int]:
+        return encode_chat(self.tokenizer, messages, continue_final)
 
     def decode(self, ids: list[int]) -> str:
         return str(
