@@ -46,15 +46,19 @@ def _load_from(source: ModelSource, settings: Settings, online: bool) -> Transfo
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     model.to(device)
     model.eval()
-    return TransformersEngine(
+    engine = TransformersEngine(
         model,
         tokenizer,
         name=source.name,
         device=device,
         prompt_format=settings.prompt_format,
-        load_seconds=time.perf_counter() - started,
         source=source.spec,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        compile_decode=settings.compile,
     )
+    engine.warm_up()
+    engine.load_seconds = time.perf_counter() - started
+    return engine
 
 
 def load_transformers(settings: Settings) -> TransformersEngine:
