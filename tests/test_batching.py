@@ -302,6 +302,19 @@ def test_rows_left_full_of_nan_do_not_poison_the_next_requests(alone, batched):
     assert staggered(batched, jobs) == expected
 
 
+def test_int8_weights_keep_the_batch_contract(tiny_model_dir):
+    # QUANTIZE=int8 computes differently from float32, but alike alone and batched.
+    alone8 = load(tiny_model_dir, batching=False, quantize="int8")
+    batched8 = load(tiny_model_dir, batching=True, quantize="int8")
+    assert alone8.model.dtype == torch.bfloat16
+    jobs = [(prompt, greedy(30 + 10 * i), 0) for i, prompt in enumerate(PROMPTS)]
+    expected = [ids(alone8, prompt, params) for prompt, params, _ in jobs]
+    assert staggered(batched8, jobs) == expected
+    assert ids(alone8, "The capital of France is", greedy(3)) == ids(
+        load(tiny_model_dir, batching=False), "The capital of France is", greedy(3)
+    )
+
+
 # --- one request never hurts its batch-mates ------------------------------------------
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textstream.config import Settings
 from textstream.engines.transformers.engine import TransformersEngine
+from textstream.engines.transformers.quantize import quantize_int8
 from textstream.sources import ModelLoadError, ModelSource, hub_reachable
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def _load_from(source: ModelSource, settings: Settings, online: bool) -> Transfo
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     model.to(device)
     model.eval()
+    if settings.quantize == "int8":
+        quantize_int8(model, device)
     engine = TransformersEngine(
         model,
         tokenizer,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from textstream.engines.transformers.kvcache import SlotCache
+from textstream.engines.transformers.quantize import prefilling
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,16 @@ class Passes:
         width = max(offsets) + width_in
         cache.reserve(rows, width)
         last = torch.tensor([len(chunk) - 1 for chunk in chunks], device=self.device)
-        return _forward(
-            self.model,
-            cache,
-            tokens,
-            columns.clamp(max=self.context_length - 1),  # pads may run past the window
-            columns,
-            self._mask(columns, width),
-            last.unsqueeze(1),  # (R, 1): per-row position of the logits to keep
-        )
+        with prefilling():
+            return _forward(
+                self.model,
+                cache,
+                tokens,
+                columns.clamp(max=self.context_length - 1),  # pads may run past the window
+                columns,
+                self._mask(columns, width),
+                last.unsqueeze(1),  # (R, 1): per-row position of the logits to keep
+            )
 
     def decode(self, cache: SlotCache, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """Rows 0..R-1 of `cache` take one token each: row r's `tokens[r]` at position
