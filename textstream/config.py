@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     #: torch.compile the decode step: off, background (serve eagerly until it is
     #: compiled), start (compile before serving).
     compile: Literal["off", "background", "start"] = "off"
+    #: Where converted copies of GGUF models are kept (loaded instead of converting
+    #: again); empty: convert at every start.
+    model_cache_dir: str = "~/.cache/textstream"
 
     # --- request limits ----------------------------------------------------------
     default_max_new_tokens: int = Field(20, ge=1)
