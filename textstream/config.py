@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     #: auto: a worker with --concurrency > 1 runs its jobs as one continuous batch
     #: (batching.py); off: each ModelQ thread runs its own decode loop.
     batching: Literal["auto", "off"] = "auto"
+    #: Most prompt tokens (rows x padded length) one prefill pass takes; longer
+    #: prompts are prefilled in chunks, a decode step for the running streams between.
+    prefill_chunk_tokens: int = Field(256, ge=16)
+    #: int8: weight-only int8 linear layers on CPU (faster decode; greedy output can
+    #: differ from float32's); none: weights in DTYPE.
+    quantize: Literal["none", "int8"] = "none"
+    #: torch.compile the decode step: off, background (serve eagerly until it is
+    #: compiled), start (compile before serving).
+    compile: Literal["off", "background", "start"] = "off"
+    #: Where converted copies of GGUF models are kept (loaded instead of converting
+    #: again); empty: convert at every start.
+    model_cache_dir: str = "~/.cache/textstream"
 
     # --- request limits ----------------------------------------------------------
     default_max_new_tokens: int = Field(20, ge=1)
