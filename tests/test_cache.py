@@ -133,7 +133,12 @@ def test_a_shared_job_keeps_running_when_one_reader_leaves(make_service, slow_mo
 def test_openai_requests_share_the_cache(make_service):
     svc = make_service(**CACHED)
     client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="x", max_retries=0)
-    args = {"model": "m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    args = {
+        "model": "tiny-gpt2",
+        "prompt": "The capital of France is",
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     first = client.completions.with_raw_response.create(**args)
     again = client.completions.with_raw_response.create(**args)
     assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"

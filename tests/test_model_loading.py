@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import threading
 
 import httpx
 import pytest
@@ -11,6 +14,7 @@ from conftest import Service
 from helpers import REPO, Proc, service_env, stream
 
 from textstream.config import Settings
+from textstream.engines.transformers import model_cache
 from textstream.engines.transformers.loading import load_transformers
 from textstream.sources import ModelLoadError, ModelSource
 
@@ -60,3 +64,83 @@ def test_service_serves_the_fallback_model(redis_url, tiny_model_dir, tmp_path):
         assert svc.workers is not None and "serving the FALLBACK model" in svc.workers.output()
     finally:
         svc.stop()
+
+
+# --- converted copies of GGUF models (engines/transformers/model_cache.py) -----------
+
+
+def _saved_copy(tiny_model_dir, gguf, cache_dir):
+    """Put the tiny GPT-2 where the converted copy of `gguf` belongs, as a first
+    start would have written it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = model_cache.copy_dir(gguf, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model_cache.write(model, AutoTokenizer.from_pretrained(tiny_model_dir), folder)
+    return folder
+
+
+def test_a_gguf_file_with_a_converted_copy_loads_from_the_copy(tiny_model_dir, tmp_path, caplog):
+    # Not a real GGUF file: converting it would fail, so loading proves the copy served.
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not a gguf file")
+    folder = _saved_copy(tiny_model_dir, gguf, tmp_path / "cache")
+    settings = Settings(
+        model_id=str(gguf), model_fallback="", device="cpu", model_cache_dir=str(tmp_path / "cache")
+    )
+    with caplog.at_level(logging.INFO):
+        engine = load_transformers(settings)
+    assert engine.name == "tiny" and engine.source == str(gguf)
+    assert engine.decode(engine.encode_prompt("Hello", "raw")) == "Hello"
+    assert f"tokenizer from the converted copy {folder}" in caplog.text
+    # One line per stage, each with its time.
+    assert re.search(r"loading tiny: weights from the converted copy in \d+\.\ds", caplog.text)
+    assert re.search(r"loading tiny: warm-up in \d+\.\ds", caplog.text)
+
+
+def test_a_changed_gguf_file_gets_a_new_copy(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"one")
+    first = model_cache.copy_dir(gguf, tmp_path)
+    gguf.write_bytes(b"other")  # a new file at the same path: size and mtime change
+    os.utime(gguf, ns=(1, 1))
+    assert model_cache.copy_dir(gguf, tmp_path) != first
+    assert model_cache.copy_dir(gguf, tmp_path).parent == first.parent == tmp_path / "converted"
+
+
+def test_a_damaged_copy_is_discarded_and_the_file_converted_again(tiny_model_dir, tmp_path):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not a gguf file")
+    folder = _saved_copy(tiny_model_dir, gguf, tmp_path)
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    settings = Settings(
+        model_id=str(gguf), model_fallback="", device="cpu", model_cache_dir=str(tmp_path)
+    )
+    # Converting this file fails too, but the broken copy is gone: the next good
+    # conversion writes a fresh one.
+    with pytest.raises(ModelLoadError):
+        load_transformers(settings)
+    assert not folder.exists() and model_cache.find(gguf, tmp_path) is None
+
+
+def test_workers_writing_the_same_copy_at_once_leave_one_complete_copy(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"x")
+    folder = model_cache.copy_dir(gguf, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(model_cache.write(model, tokenizer, folder)))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [True, True, True]
+    assert model_cache.find(gguf, tmp_path) == folder
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left
+    assert AutoModelForCausalLM.from_pretrained(folder).config.n_layer == 2

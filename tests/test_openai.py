@@ -21,7 +21,9 @@ def test_models_lists_the_served_model(client, tiny_model_dir):
 
 
 def test_completion_non_streaming(client, tiny_model_dir):
-    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0)
+    result = client.completions.create(
+        model="tiny-gpt2", prompt=PROMPT, max_tokens=5, temperature=0
+    )
     choice = result.choices[0]
     assert TRAINED[PROMPT].startswith(choice.text) and choice.text.startswith(" Paris.")
     assert choice.finish_reason == "length"
@@ -31,10 +33,12 @@ def test_completion_non_streaming(client, tiny_model_dir):
 
 
 def test_completion_streaming_with_usage_matches_non_streaming(client):
-    whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=40, temperature=0)
+    whole = client.completions.create(
+        model="tiny-gpt2", prompt=PROMPT, max_tokens=40, temperature=0
+    )
     chunks = list(
         client.completions.create(
-            model="m",
+            model="tiny-gpt2",
             prompt=PROMPT,
             max_tokens=40,
             temperature=0,
@@ -57,14 +61,18 @@ def test_completion_streaming_with_usage_matches_non_streaming(client):
 def test_chat_completion_streaming_and_not(client):
     messages = [{"role": "user", "content": "Hi"}]
     whole = client.chat.completions.create(
-        model="m", messages=messages, max_tokens=15, temperature=0
+        model="tiny-gpt2", messages=messages, max_tokens=15, temperature=0
     )
     assert whole.object == "chat.completion"
     message = whole.choices[0].message
     assert message.role == "assistant" and isinstance(message.content, str)
     chunks = list(
         client.chat.completions.create(
-            model="m", messages=messages, max_completion_tokens=15, temperature=0, stream=True
+            model="tiny-gpt2",
+            messages=messages,
+            max_completion_tokens=15,
+            temperature=0,
+            stream=True,
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -75,7 +83,7 @@ def test_chat_completion_streaming_and_not(client):
 
 def test_stop_string_is_cut_and_never_half_streamed(client, service):
     kwargs = {
-        "model": "m",
+        "model": "tiny-gpt2",
         "prompt": PROMPT,
         "max_tokens": 40,
         "temperature": 0,
@@ -95,7 +103,7 @@ def test_stop_string_is_cut_and_never_half_streamed(client, service):
 
 def test_penalties_and_extra_fields_are_accepted(client):
     # Untrained text: greedy output repeats itself, which is what penalties act on.
-    common = {"model": "m", "prompt": "Hello", "max_tokens": 30, "temperature": 0}
+    common = {"model": "tiny-gpt2", "prompt": "Hello", "max_tokens": 30, "temperature": 0}
     plain = client.completions.create(**common, extra_body={"ignore_eos": True})
     penalized = client.completions.create(
         **common,
@@ -122,7 +130,7 @@ def test_penalties_and_extra_fields_are_accepted(client):
     ],
 )
 def test_invalid_requests_raise_openai_errors(client, kwargs, param):
-    args = {"model": "m", "prompt": PROMPT, "max_tokens": 5, **kwargs}
+    args = {"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 5, **kwargs}
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(**args)
     assert caught.value.status_code == 400
@@ -131,10 +139,10 @@ def test_invalid_requests_raise_openai_errors(client, kwargs, param):
 
 def test_chat_refuses_tools_and_empty_messages(client):
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", messages=[])
+        client.chat.completions.create(model="tiny-gpt2", messages=[])
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(
-            model="m",
+            model="tiny-gpt2",
             messages=[{"role": "user", "content": "x"}],
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )
@@ -151,22 +159,28 @@ def test_non_streaming_native_completion(service):
 
 def test_completions_take_the_prompt_as_raw_text_with_openais_defaults(client, service):
     # 16 tokens unless told otherwise, as OpenAI's completions.
-    result = client.completions.create(model="m", prompt="Hello", extra_body={"ignore_eos": True})
+    result = client.completions.create(
+        model="tiny-gpt2", prompt="Hello", extra_body={"ignore_eos": True}
+    )
     assert result.usage.completion_tokens == 16
     assert result.usage.prompt_tokens == 1  # "Hello" is one GPT-2 token: no template around it
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model="m", prompt="Hello", max_tokens=10**6)
+        client.completions.create(model="tiny-gpt2", prompt="Hello", max_tokens=10**6)
     assert caught.value.body["param"] == "max_tokens"  # the name the client sent
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "x"}], max_completion_tokens=10**6
+            model="tiny-gpt2",
+            messages=[{"role": "user", "content": "x"}],
+            max_completion_tokens=10**6,
         )
     assert caught.value.body["param"] == "max_completion_tokens"
 
 
 def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
     def tokenize(**body):
-        response = httpx.post(service.base + "/tokenize", json={"model": "m", **body}, timeout=10)
+        response = httpx.post(
+            service.base + "/tokenize", json={"model": "tiny-gpt2", **body}, timeout=10
+        )
         return response
 
     wait_for(lambda: tokenize(prompt="x").status_code == 200, 30, "the API's tokenizer")
@@ -176,7 +190,9 @@ def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
     chat = tokenize(messages=[{"role": "user", "content": "Hi"}]).json()
     layout = httpx.post(service.base + "/tokenize", json={"prompt": "User: Hi\nAssistant:"})
     assert chat["tokens"] == layout.json()["tokens"]  # the worker's chat layout for GPT-2
-    detok = httpx.post(service.base + "/detokenize", json={"model": "m", "tokens": [15496, 995]})
+    detok = httpx.post(
+        service.base + "/detokenize", json={"model": "tiny-gpt2", "tokens": [15496, 995]}
+    )
     assert detok.json() == {"prompt": "Hello world"}
     assert httpx.post(service.base + "/detokenize", json={"tokens": [10**9]}).status_code == 422
     assert tokenize().status_code == 422  # neither prompt nor messages

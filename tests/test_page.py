@@ -1,82 +1,503 @@
-"""The page at `/`, in a real browser: Debian's Chromium driven by Playwright."""
+"""The chat page at `/`, in a real browser: Debian's Chromium driven by Playwright.
+
+Two services serve the whole module: a tiny GPT-2 trained on a few chat turns (so
+that its answers are known: markdown, a code block, raw HTML), behind an API key;
+and the fake engine (a fixed text at a set rate: long answers to stop, reload or
+cut mid-way), open. A relay in front of the fake service drops a stream mid-answer.
+What no service sends yet (a `thinking` event, several models) is answered with
+Playwright's routing.
+"""
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+import redis
+import torch
+from helpers import service_env, start_api, start_workers, wait_for_workers
+from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playwright
+from tiny_models import build_tiny_gpt2
 
 from bench.cluster import chromium_options
 
+KEY = "s3cret-key"
+
+
+def layout(*turns: str) -> str:
+    """The prompt the worker builds for GPT-2 (no chat template of its own): one
+    `Role: content` line per message, then `Assistant:` (DEFAULT_CHAT_TEMPLATE)."""
+    roles = ("User", "Assistant")
+    return "".join(f"{roles[i % 2]}: {turn}\n" for i, turn in enumerate(turns)) + "Assistant:"
+
+
+FRANCE, PARIS = "Capital of France?", "**Paris**."
+GERMANY, BERLIN = "And of Germany?", "**Berlin**."
+CODE, CODE_LINE = "Some code?", "print('" + "-" * 96 + "')"
+HTML = "Some HTML?"
+HTML_ANSWER = "<script>x=1</script><img src=x onerror=x=2>"
+
+#: What the page's tiny model learns (the page sends no system prompt by default).
+#: The second turn starts with the first one, which there goes on with "\n" where
+#: alone it ends: the first turn is taught twice (the same token sequence under two
+#: keys) so that greedy decoding ends it.
+LESSONS = {
+    layout(FRANCE): " " + PARIS,
+    layout(FRANCE) + " **": PARIS.removeprefix("**"),
+    layout(FRANCE, PARIS, GERMANY): " " + BERLIN,
+    layout(CODE): f" ```python\n{CODE_LINE}\n```",
+    layout(HTML): " " + HTML_ANSWER,
+}
+
+
+@contextmanager
+def running_service(workdir: Path, redis_url: str, model: str, **env: str) -> Iterator[str]:
+    """One API and one worker on a Redis database of this module's own."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    settings = service_env(redis_url, model, **env)
+    workers = start_workers(settings, workdir)
+    api, base = start_api(settings, workdir)
+    try:
+        wait_for_workers(base, 1, proc=workers)
+        yield base
+    finally:
+        workers.stop()
+        api.stop()
+        client.flushdb()
+        client.close()
+
+
+def database(redis_url: str, number: int) -> str:
+    return f"{redis_url.rsplit('/', 1)[0]}/{number}"
+
 
 @pytest.fixture(scope="module")
-def browser():
+def chat_base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = tmp_path_factory.mktemp("models") / "chat-gpt2"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 busy cores, one thread trains several times faster
+    try:
+        model = build_tiny_gpt2(path, steps=120, trained=LESSONS)
+    finally:
+        torch.set_num_threads(threads)
+    workdir = tmp_path_factory.mktemp("chat-svc")
+    db = database(redis_url, 14)
+    with running_service(workdir, db, str(model), API_KEYS=KEY, TORCH_THREADS="1") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def fake_base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("fake-svc")
+    with running_service(workdir, database(redis_url, 13), "fake:25") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(**chromium_options())
         yield browser
         browser.close()
 
 
-def answer_length(page: Page) -> int:
-    return int(page.evaluate("document.getElementById('answer').textContent.length"))
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    """A fresh profile (empty localStorage) per test."""
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+    yield context
+    context.close()
 
 
-def test_page_streams_an_answer_and_stops_it(
-    browser: Browser, make_service, slow_model_dir, tmp_path
-):
-    svc = make_service(model=slow_model_dir)
-    page = browser.new_page()
-    page.goto(svc.base + "/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('slow-gpt2')")
-    assert page.is_hidden("#key-label")  # the API is open: no key field
+@pytest.fixture
+def chat(context: BrowserContext, chat_base: str) -> Page:
+    """The page on the key-protected chat service, with the key already entered."""
+    context.add_init_script(f"sessionStorage.setItem('textstream-key', {json.dumps(KEY)})")
+    page = context.new_page()
+    open_page(page, chat_base, "chat-gpt2")
+    return page
 
-    page.fill("#prompt", "Once upon a time")
-    page.fill("#max_tokens", "800")
+
+def open_page(page: Page, base: str, model: str) -> None:
+    page.goto(base + "/")
+    page.wait_for_function(f"document.getElementById('model').textContent.includes({model!r})")
+
+
+def finished_answers(page: Page) -> int:
+    return int(page.evaluate("document.querySelectorAll('.msg.assistant:not(.streaming)').length"))
+
+
+def ask(page: Page, text: str) -> str:
+    """Send `text`, wait for the answer to end, return its text as shown."""
+    before = finished_answers(page)
+    page.fill("#prompt", text)
     page.click("#send")
     page.wait_for_function(
-        "document.getElementById('answer').textContent.length > 20", timeout=30_000
+        f"document.querySelectorAll('.msg.assistant:not(.streaming)').length > {before}"
     )
-    first = answer_length(page)
-    page.wait_for_function(f"document.getElementById('answer').textContent.length > {first + 20}")
-    assert page.text_content("#status") == "generating"
-    assert page.text_content("#ttft").endswith(" ms")
-    assert float(page.text_content("#rate")) > 0
-    page.screenshot(path=str(tmp_path / "page.png"))
+    return answer(page, -1).text_content() or ""
 
-    page.click("#stop")
-    page.wait_for_function(
-        "document.getElementById('status').textContent === 'stopped'", timeout=10_000
+
+def answer(page: Page, index: int) -> Any:
+    return page.locator(".msg.assistant .answer").nth(index)
+
+
+def set_max_tokens(page: Page, value: int) -> None:
+    page.click("#settings-toggle")
+    page.fill("#max_tokens", str(value))
+    page.click("#settings-toggle")
+
+
+def is_job_post(request: Any) -> bool:
+    return bool(request.method == "POST" and request.url.endswith("/jobs"))
+
+
+# -- conversations --------------------------------------------------------------------
+
+
+def test_a_second_turn_carries_the_first_and_its_answer(chat: Page):
+    with chat.expect_request(is_job_post) as first:
+        assert ask(chat, FRANCE) == "Paris."
+    assert first.value.post_data_json["messages"] == [{"role": "user", "content": FRANCE}]
+    assert chat.text_content("#status") == "done (stop)"
+    assert chat.text_content("#ttft").endswith(" ms")  # type: ignore[union-attr]
+    assert answer(chat, 0).locator("strong").text_content() == "Paris"  # markdown, rendered
+
+    with chat.expect_request(is_job_post) as second:
+        assert ask(chat, GERMANY) == "Berlin."
+    body = second.value.post_data_json
+    assert body["messages"] == [
+        {"role": "user", "content": FRANCE},
+        {"role": "assistant", "content": PARIS},
+        {"role": "user", "content": GERMANY},
+    ]
+    assert "model" not in body  # one model: the API takes no `model` field
+    assert body["temperature"] == 0 and body["top_p"] == 1
+    assert chat.locator(".msg.user").all_text_contents() == [FRANCE, GERMANY]
+    assert "chat-gpt2" in (chat.locator(".msg.assistant .msg-stats").nth(1).text_content() or "")
+
+
+def test_regenerate_asks_the_last_turn_again(chat: Page):
+    ask(chat, FRANCE)
+    with chat.expect_request(is_job_post) as again:
+        chat.click(".msg.assistant .regenerate")
+        chat.wait_for_function("document.getElementById('status').textContent === 'done (stop)'")
+    assert again.value.post_data_json["messages"] == [{"role": "user", "content": FRANCE}]
+    assert chat.locator(".msg.assistant").count() == 1
+    assert answer(chat, 0).text_content() == "Paris."
+
+    chat.click(".msg.assistant .copy")  # the whole answer, as the model wrote it
+    assert chat.evaluate("navigator.clipboard.readText()") == PARIS
+
+
+def test_a_code_block_is_rendered_as_pre_code_with_a_copy_button(chat: Page):
+    ask(chat, CODE)
+    code = answer(chat, -1).locator("pre > code")
+    assert code.text_content() == CODE_LINE
+    assert code.get_attribute("class") == "language-python"
+    assert code.evaluate("c => getComputedStyle(c).fontFamily").lower().find("mono") >= 0
+    chat.click(".copy-code")
+    assert chat.evaluate("navigator.clipboard.readText()") == CODE_LINE
+
+
+def test_html_in_an_answer_is_shown_as_text_and_never_run(chat: Page):
+    shown = ask(chat, HTML)
+    assert shown == HTML_ANSWER
+    reply = answer(chat, -1)
+    assert reply.locator("img, script").count() == 0
+    assert chat.evaluate("typeof window.x") == "undefined"
+    assert chat.title() == "textstream"
+    chat.reload()  # and drawn again from localStorage, still as text
+    chat.wait_for_selector(".msg.assistant .answer")
+    assert answer(chat, -1).text_content() == HTML_ANSWER
+    assert chat.evaluate("typeof window.x") == "undefined"
+
+
+def test_markdown_is_built_as_elements_with_safe_links(fake_base: str, context: BrowserContext):
+    page = context.new_page()
+    page.goto(fake_base + "/")
+    source = (
+        "# Title\n\nSome *em*, **strong**, `x < y` and [a link](https://example.com/a).\n"
+        "[bad](javascript:alert(1)) and [data](data:text/html,hi) stay text.\n\n"
+        "- one\n- two\n  1. nested\n\n```\n<b>not bold</b>\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |"
     )
-    stopped_at = answer_length(page)
-    page.wait_for_timeout(1000)
-    assert answer_length(page) == stopped_at  # the stream really ended
+    html = page.evaluate(
+        "s => { const d = document.createElement('div'); d.append(textstream.markdown(s));"
+        " return d.innerHTML; }",
+        source,
+    )
+    assert html.startswith("<h1>Title</h1><p>Some <em>em</em>, <strong>strong</strong>")
+    assert "<code>x &lt; y</code>" in html
+    assert (
+        '<a href="https://example.com/a" target="_blank" rel="noopener noreferrer nofollow">'
+        in html
+    )
+    assert html.count("<a ") == 1
+    assert "[bad](javascript:alert(1)) and [data](data:text/html,hi) stay text." in html
+    assert "<ul><li><p>one</p></li><li><p>two</p><ol><li><p>nested</p></li></ol></li></ul>" in html
+    assert "<pre><code>&lt;b&gt;not bold&lt;/b&gt;</code></pre>" in html
+    assert "<th>a</th><th>b</th>" in html and "<td>1</td><td>2</td>" in html
+
+
+# -- chats kept in the browser -----------------------------------------------------------
+
+
+def test_reload_keeps_the_chat_and_new_chat_starts_an_empty_one(chat: Page):
+    ask(chat, FRANCE)
+    chat.reload()
+    chat.wait_for_selector(".msg.assistant .answer strong")
+    assert chat.locator(".msg.user").all_text_contents() == [FRANCE]
+    assert answer(chat, 0).text_content() == "Paris."
+    assert chat.text_content("#chat-title") == FRANCE
+
+    chat.click("#new-chat")
+    assert chat.locator(".msg").count() == 0 and chat.is_visible("#empty")
+    assert chat.locator("#chats li").count() == 2
+    assert chat.locator("#chats li.current").text_content() == "New chat×"
+    chat.reload()  # the new, empty chat is the current one after a reload too
+    chat.wait_for_selector("#chats li")
+    assert chat.locator(".msg").count() == 0 and chat.locator("#chats li").count() == 2
+
+    chat.click(f"#chats li .open[title='{FRANCE}']")
+    assert answer(chat, 0).text_content() == "Paris."
+    chat.click("#chats li.current .delete")
+    assert chat.locator("#chats li").count() == 1 and chat.locator(".msg").count() == 0
+
+
+# -- streams: stop, resume ---------------------------------------------------------------
+
+
+def test_stop_ends_a_running_answer(fake_base: str, context: BrowserContext):
+    page = context.new_page()
+    open_page(page, fake_base, "fake")
+    assert page.is_hidden("#key-label")  # the API is open: no key field
+    set_max_tokens(page, 400)
+    page.fill("#prompt", "Tell me a long story")
+    page.click("#send")
+    page.wait_for_function(
+        "(document.querySelector('.msg.assistant .answer')?.textContent.length ?? 0) > 30"
+    )
+    assert page.text_content("#status") == "generating"
+    assert float(page.text_content("#rate") or 0) > 0
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+    stopped_at = len(answer(page, 0).text_content() or "")
+    page.wait_for_timeout(600)
+    assert len(answer(page, 0).text_content() or "") == stopped_at  # the stream really ended
+    assert page.text_content(".msg.assistant .note") == "Stopped."
     assert page.is_enabled("#send") and page.is_disabled("#stop")
 
 
-def test_page_fits_a_phone_width_window(browser: Browser, service):
-    page = browser.new_page(viewport={"width": 375, "height": 740})
-    page.goto(service.base + "/")
-    overflow = page.evaluate(
-        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-    )
-    assert overflow <= 0
-    send, stop = page.locator("#send").bounding_box(), page.locator("#stop").bounding_box()
-    assert send and stop and send["x"] + send["width"] <= 375 and stop["x"] + stop["width"] <= 375
-
-
-def test_page_works_with_an_api_key(browser: Browser, make_service):
-    svc = make_service(API_KEYS="s3cret-key")
-    page = browser.new_page()
-    page.goto(svc.base + "/")
-    page.wait_for_selector("#key-label", state="visible")
-
-    page.fill("#prompt", "The capital of France is")
-    page.click("#send")
-    page.wait_for_function("document.getElementById('status').className === 'error'")
-    assert "API key" in page.text_content("#status")
-
-    page.fill("#key", "s3cret-key")
+def test_a_reload_mid_answer_resumes_without_repeating_text(
+    fake_base: str, context: BrowserContext
+):
+    page = context.new_page()
+    open_page(page, fake_base, "fake")
+    set_max_tokens(page, 60)
+    page.fill("#prompt", "Tell me a story")
     page.click("#send")
     page.wait_for_function(
-        "document.getElementById('status').textContent.startsWith('done')", timeout=30_000
+        "(document.querySelector('.msg.assistant .answer')?.textContent.length ?? 0) > 30"
     )
-    assert page.text_content("#answer").startswith(" Paris.")
+    partial = len(answer(page, 0).text_content() or "")
+    page.reload()
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+    stored = page.evaluate("JSON.parse(localStorage.getItem('textstream-chats'))")
+    reply = stored[0]["messages"][1]
+    job = httpx.get(f"{fake_base}/jobs/{reply['job']['id']}").json()
+    assert job["status"] == "done" and reply["stats"]["tokens"] == 60
+    assert reply["content"] == job["text"]  # every piece once, in order
+    assert answer(page, 0).text_content() == job["text"].strip()
+    assert partial < len(job["text"].strip())  # the reload came mid-answer
+
+
+def sse(*events: tuple[str, str, dict[str, Any]]) -> str:
+    return "".join(
+        f"id: {eid}\nevent: {name}\ndata: {json.dumps(data)}\n\n" for eid, name, data in events
+    )
+
+
+def canned_job(page: Page, stream: str) -> None:
+    """POST /jobs and its event stream answered by the test, with `stream`."""
+
+    def create(route: Route) -> None:
+        reply = {"id": "a" * 32, "events_url": "/jobs/canned/events"}
+        route.fulfill(
+            status=202, json={**reply, "status_url": "/jobs/canned", "events_token": None}
+        )
+
+    def events(route: Route) -> None:
+        route.fulfill(status=200, body=stream, headers={"Content-Type": "text/event-stream"})
+
+    page.route("**/jobs", create)
+    page.route("**/jobs/canned/events*", events)
+
+
+class CuttingRelay:
+    """A relay between the page and the API's event stream, on a port of its own:
+    it ends the first connection after `cut_after` token events (as a dropped
+    network would), and when the browser reconnects it asks the API to resume one
+    event earlier than the browser's Last-Event-ID, so that one event comes twice."""
+
+    def __init__(self, api_base: str, cut_after: int) -> None:
+        self.api_base, self.cut_after = api_base, cut_after
+        self.last_event_ids: list[str | None] = []  # as each connection arrived
+        self.sent_ids: list[str] = []
+        self.cut_at = ""  # the last id the first connection carried
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # the response ends when the socket closes
+
+            def do_GET(self) -> None:
+                relay.relay(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def relay(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        asked = handler.headers.get("Last-Event-ID")
+        self.last_event_ids.append(asked)
+        first = len(self.last_event_ids) == 1
+        headers = {}
+        if asked:
+            headers["Last-Event-ID"] = self.sent_ids[self.sent_ids.index(asked) - 1]
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Access-Control-Allow-Origin", "*")
+        handler.end_headers()
+        handler.wfile.write(b"retry: 100\n\n")
+        tokens = 0
+        url = self.api_base + handler.path
+        with httpx.stream("GET", url, headers=headers, timeout=30) as response:
+            for line in response.iter_lines():
+                handler.wfile.write(line.encode() + b"\n")
+                handler.wfile.flush()
+                if line.startswith("id: "):
+                    self.sent_ids.append(line[4:])
+                tokens += line == "event: token"
+                if first and line == "" and tokens >= self.cut_after:
+                    self.cut_at = self.sent_ids[-1]
+                    return  # drop the connection mid-answer
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_dropped_stream_resumes_from_the_last_event_without_duplicates(
+    fake_base: str, context: BrowserContext
+):
+    relay = CuttingRelay(fake_base, cut_after=5)
+    page = context.new_page()
+
+    def create(route: Route) -> None:  # the real job, followed through the relay
+        response = route.fetch()
+        reply = response.json()
+        route.fulfill(
+            response=response, json={**reply, "events_url": relay.base + reply["events_url"]}
+        )
+
+    page.route("**/jobs", create)
+    open_page(page, fake_base, "fake")
+    set_max_tokens(page, 20)
+    try:
+        shown = ask(page, "Tell me a story")
+    finally:
+        relay.close()
+    stored = page.evaluate("JSON.parse(localStorage.getItem('textstream-chats'))")
+    reply = stored[0]["messages"][1]
+    job = httpx.get(f"{fake_base}/jobs/{reply['job']['id']}").json()
+    assert len(relay.last_event_ids) == 2 and relay.last_event_ids[0] is None
+    assert relay.last_event_ids[1] == relay.cut_at  # the browser said where it was
+    assert reply["content"] == job["text"]  # the replayed token was dropped
+    assert shown == job["text"].strip() and reply["stats"]["tokens"] == 20
+
+
+def test_thinking_is_shown_folded_above_the_answer(fake_base: str, context: BrowserContext):
+    page = context.new_page()
+    open_page(page, fake_base, "fake")
+    done = {"finish_reason": "stop", "model": "m", "usage": {"completion_tokens": 3}}
+    stream = sse(
+        ("1-0", "thinking", {"text": "The user greets me."}),
+        ("1-1", "token", {"text": " Hi"}),
+        ("1-2", "done", done),
+    )
+    canned_job(page, stream)
+    ask(page, "Hi")
+    thinking = page.locator(".msg.assistant details.thinking")
+    assert thinking.is_visible() and thinking.get_attribute("open") is None
+    assert page.text_content(".thinking-body") == "The user greets me."
+    assert answer(page, 0).text_content() == "Hi"
+
+
+def test_several_models_bring_a_picker_and_a_model_field(fake_base: str, context: BrowserContext):
+    page = context.new_page()
+    health = {"status": "ok", "model": ["m1", "m2"], "models": ["m1", "m2"], "auth": False}
+    page.route("**/health", lambda route: route.fulfill(json=health))
+    canned_job(page, sse(("1-0", "done", {"finish_reason": "stop", "model": "m2"})))
+    page.goto(fake_base + "/")
+    page.wait_for_selector("#model-picker", state="visible")
+    page.select_option("#model-picker", "m2")
+    with page.expect_request(is_job_post) as posted:
+        ask(page, "Hi")
+    assert posted.value.post_data_json["model"] == "m2"
+
+
+# -- phone, keys ----------------------------------------------------------------------------
+
+
+def test_the_page_fits_a_phone_width_window(chat_base: str, browser: Browser):
+    context = browser.new_context(viewport={"width": 375, "height": 740})
+    context.add_init_script(f"sessionStorage.setItem('textstream-key', {json.dumps(KEY)})")
+    page = context.new_page()
+    open_page(page, chat_base, "chat-gpt2")
+    ask(page, CODE)  # a code line far wider than the phone
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    pre = page.locator("pre").first
+    assert pre.evaluate("p => p.scrollWidth > p.clientWidth")  # it scrolls inside itself
+    for selector in ("#send", "#stop", "#prompt", "#settings-toggle", "#open-sidebar"):
+        box = page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, selector
+    page.click("#open-sidebar")
+    page.wait_for_selector("#new-chat", state="visible")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.click("#new-chat")
+    page.wait_for_selector("#new-chat", state="hidden")  # the list closes again
+    assert page.locator(".msg").count() == 0
+    context.close()
+
+
+def test_a_key_protected_server_works_once_the_key_is_entered(
+    chat_base: str, context: BrowserContext
+):
+    page = context.new_page()
+    open_page(page, chat_base, "chat-gpt2")
+    page.wait_for_selector("#key-label", state="visible")
+
+    page.fill("#prompt", FRANCE)
+    page.click("#send")
+    page.wait_for_function("document.getElementById('status').className === 'error'")
+    assert "API key" in (page.text_content("#status") or "")
+    assert page.input_value("#prompt") == FRANCE  # nothing was queued: the turn comes back
+    assert page.locator(".msg").count() == 0
+
+    page.fill("#key", KEY)
+    page.click("#send")
+    page.wait_for_function("document.getElementById('status').textContent === 'done (stop)'")
+    assert answer(page, 0).text_content() == "Paris."
+    page.reload()  # the key is kept for the tab
+    page.wait_for_selector(".msg.assistant")
+    assert page.input_value("#key") == KEY

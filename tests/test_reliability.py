@@ -9,7 +9,7 @@ import time
 
 import httpx
 import redis
-from helpers import stream, wait_for, wait_for_workers
+from helpers import queued, stream, wait_for, wait_for_workers
 from test_jobs import create, read_some
 from tiny_models import TRAINED
 
@@ -30,7 +30,7 @@ def test_queue_full_gets_429_and_enqueues_nothing(make_service, isolated_redis_u
     assert response.headers["retry-after"] == "2"
     assert response.json()["error"]["type"] == "queue_full"
     assert httpx.get(svc.base + "/completion/Hi", timeout=5).status_code == 429
-    assert redis.Redis.from_url(isolated_redis_url).llen("ml_tasks") == 2
+    assert queued(redis.Redis.from_url(isolated_redis_url)) == 2
 
 
 def test_waiting_job_reports_its_position_and_no_workers(make_service):
@@ -63,8 +63,8 @@ def test_cancelled_queued_job_is_never_generated(make_service, isolated_redis_ur
     assert stream(svc.base, f"/jobs/{job_id}/events").last.data["error"]["type"] == "cancelled"
     worker = make_service(workers=1)
     client = redis.Redis.from_url(isolated_redis_url)
-    wait_for(lambda: client.llen("ml_tasks") == 0, 30, "the worker to claim the job")
-    wait_for(lambda: not client.scard("processing_tasks"), 10, "the claim to finish")
+    wait_for(lambda: queued(client) == 0, 30, "the worker to claim the job")
+    wait_for(lambda: not queued(client, "processing_tasks"), 10, "the claim to finish")
     assert "started" not in job_history(isolated_redis_url, job_id)
     assert worker.workers is not None and job_id not in worker.workers.output().split("done")[0]
 

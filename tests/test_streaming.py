@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
-from helpers import stream
+from helpers import queued, stream
 from tiny_models import TRAINED, reference_completion
 
 from textstream import keys
@@ -109,7 +109,7 @@ def test_question_may_contain_slashes_and_unicode(service):
 
 
 def test_bad_parameters_get_422_and_queue_nothing(service, redis_client):
-    before = redis_client.llen("ml_tasks")
+    before = queued(redis_client)
     for path, params in [
         ("/completion/Hello", {"max_new_tokens": 0}),
         ("/completion/Hello", {"max_new_tokens": 10**6}),
@@ -123,7 +123,7 @@ def test_bad_parameters_get_422_and_queue_nothing(service, redis_client):
         response = httpx.get(service.base + path, params=params, timeout=10)
         assert response.status_code == 422, (path, params, response.text)
         assert "detail" in response.json() or "error" in response.json()
-    assert redis_client.llen("ml_tasks") == before
+    assert queued(redis_client) == before
 
 
 def test_health_reports_redis_and_the_loaded_model(service, tiny_model_dir):

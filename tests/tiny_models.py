@@ -24,11 +24,13 @@ TRAINED = {
 }
 
 
-def build_tiny_gpt2(path: Path, steps: int = 150) -> Path:
+def build_tiny_gpt2(path: Path, steps: int = 150, trained: dict[str, str] = TRAINED) -> Path:
+    """Train on `trained` (prompt -> continuation, each followed by end-of-text) and
+    save the model and tokenizer to `path`."""
     torch.manual_seed(0)
     tokenizer = gpt2_tokenizer()
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=1024))
-    sequences = [[*tokenizer.encode(p + c), tokenizer.eos_token_id] for p, c in TRAINED.items()]
+    sequences = [[*tokenizer.encode(p + c), tokenizer.eos_token_id] for p, c in trained.items()]
     width = max(map(len, sequences))
     ids = torch.full((len(sequences), width), tokenizer.eos_token_id)  # (B, T)
     labels = torch.full((len(sequences), width), -100)  # padding is not learned

@@ -33,6 +33,21 @@ class Settings(BaseSettings):
     # --- model (worker side) -----------------------------------------------------
     model_id: str = "openai-community/gpt2"
     model_fallback: str = ""
+    #: Name the workers announce and clients pick with `model` (vLLM's
+    #: --served-model-name); empty: the model's own name.
+    served_model_name: str = ""
+    #: The model a request that names none goes to; empty: the one being served.
+    default_model: str = ""
+    #: auto: a `<think>...</think>` block opening a completion streams apart from
+    #: the answer (`thinking` events; `reasoning_content` in chat); off: raw text.
+    thinking: Literal["auto", "off"] = "auto"
+    #: For MODEL_ID=openai:<url>#<model>: the upstream's key, and how long one of its
+    #: reads may take.
+    upstream_api_key: str = ""
+    upstream_timeout: float = Field(120.0, gt=0)
+    #: How long an upstream that fails (429, 5xx, unreachable) is retried before the
+    #: job ends with `upstream_error` (never past the job's deadline).
+    upstream_retry_seconds: float = Field(30.0, ge=0)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     prompt_format: Literal["auto", "raw", "chat"] = "auto"
@@ -40,6 +55,18 @@ class Settings(BaseSettings):
     #: auto: a worker with --concurrency > 1 runs its jobs as one continuous batch
     #: (batching.py); off: each ModelQ thread runs its own decode loop.
     batching: Literal["auto", "off"] = "auto"
+    #: Most prompt tokens (rows x padded length) one prefill pass takes; longer
+    #: prompts are prefilled in chunks, a decode step for the running streams between.
+    prefill_chunk_tokens: int = Field(256, ge=16)
+    #: int8: weight-only int8 linear layers on CPU (faster decode; greedy output can
+    #: differ from float32's); none: weights in DTYPE.
+    quantize: Literal["none", "int8"] = "none"
+    #: torch.compile the decode step: off, background (serve eagerly until it is
+    #: compiled), start (compile before serving).
+    compile: Literal["off", "background", "start"] = "off"
+    #: Where converted copies of GGUF models are kept (loaded instead of converting
+    #: again); empty: convert at every start.
+    model_cache_dir: str = "~/.cache/textstream"
 
     # --- request limits ----------------------------------------------------------
     default_max_new_tokens: int = Field(20, ge=1)

@@ -99,10 +99,14 @@ class CompletionJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: str
+    #: The served model it is for: it waits on that model's queue.
+    model: str = ""
     prompt: str
     #: Chat requests carry messages (the worker applies the chat template); `prompt`
     #: is then empty.
     messages: list[dict[str, str]] | None = None
+    #: Continue the last (assistant) message instead of starting a new one.
+    continue_final: bool = False
     prompt_format: PromptFormat = "auto"
     params: SamplingParams = SamplingParams()
     enqueued_at: float = 0.0

@@ -82,13 +82,59 @@ def tune_for_takeover(mq: ModelQ, settings: Settings) -> None:
     _RedisWithRetry.RETRY_DELAY = 1
 
 
+class ScopedRedis:
+    """A Redis client (or pipeline, or script) that renames ModelQ's fixed key names
+    to one model's (keys.queue_scope): ModelQ, which knows one queue, then serves
+    that model's. Every other key (a task's own `task:{id}`, a worker's in-flight
+    list) passes as is. ModelQ passes its fixed names as positional arguments, or
+    as a script's `keys`; those are the only places renamed."""
+
+    def __init__(self, target: Any, names: dict[str, str]) -> None:
+        self._target = target
+        self._names = names
+
+    def _renamed(self, values: Any) -> list[Any]:
+        return [self._names.get(v, v) if isinstance(v, str) else v for v in values]
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if "keys" in kwargs:
+                kwargs["keys"] = self._renamed(kwargs["keys"])
+            result = attr(*self._renamed(args), **kwargs)
+            if name in ("pipeline", "register_script"):
+                return ScopedRedis(result, self._names)
+            return result
+
+        return call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # a registered script
+        if "keys" in kwargs:
+            kwargs["keys"] = self._renamed(kwargs["keys"])
+        return self._target(*args, **kwargs)
+
+    def __enter__(self) -> ScopedRedis:
+        self._target.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._target.__exit__(*exc)
+
+
 def create_worker_modelq(
-    settings: Settings, server_id: str, run_job: Callable[[CompletionJob], dict[str, Any]]
+    settings: Settings,
+    server_id: str,
+    model: str,
+    run_job: Callable[[CompletionJob], dict[str, Any]],
 ) -> WorkerModelQ:
-    """The worker's ModelQ instance with the completion task registered on it."""
+    """The worker's ModelQ instance, on `model`'s queue, with the task registered."""
     quiet_modelq_logging()
+    client = sync_client(settings, blocking_reads=True)
     mq = WorkerModelQ(
-        redis_client=sync_client(settings, blocking_reads=True),
+        redis_client=ScopedRedis(client, keys.queue_scope(model)),
         server_id=server_id,
         task_ttl=settings.job_ttl,  # its claim and requeue rewrite task:{id} with this TTL
     )
@@ -279,33 +325,40 @@ class JobQueue:
         return [tuple(args) for args, _options in recorder.command_stack]
 
     async def submit(self, job: CompletionJob) -> int | None:
-        """Queue the job; its 1-based place in the queue, or None when
+        """Queue the job on its model's queue; its 1-based place there, or None when
         MAX_QUEUED_JOBS are already waiting (then nothing was written)."""
-        commands = self._recorded_enqueue(job)
+        scope = keys.queue_scope(job.model)
+        commands = [
+            (name, scope.get(key, key), *rest) for name, key, *rest in self._recorded_enqueue(job)
+        ]
         args: list[Any] = [self._settings.max_queued_jobs, len(commands)]
         for name, _key, *rest in commands:
             args += [name, len(rest), *rest]
         waiting = await self._admit(
-            keys=[keys.MODELQ_QUEUE, *(command[1] for command in commands)], args=args
+            keys=[scope[keys.MODELQ_QUEUE], *(command[1] for command in commands)], args=args
         )
         return None if int(waiting) < 0 else int(waiting) + 1
 
-    async def withdraw(self, job_id: str) -> bool:
-        """Take a job no worker has claimed off the queue; False if none had it."""
+    async def withdraw(self, job_id: str, model: str) -> bool:
+        """Take a job no worker has claimed off its queue; False if none had it."""
         removed = await self._withdraw(
-            keys=[keys.MODELQ_QUEUE, keys.MODELQ_QUEUED_INDEX, keys.modelq_task(job_id)],
+            keys=[
+                keys.queue_key(model, keys.MODELQ_QUEUE),
+                keys.queue_key(model, keys.MODELQ_QUEUED_INDEX),
+                keys.modelq_task(job_id),
+            ],
             args=[job_id],
         )
         return int(removed) > 0
 
 
-async def queue_length(client: aioredis.Redis) -> int:
-    return int(await client.llen(keys.MODELQ_QUEUE))
+async def queue_length(client: aioredis.Redis, model: str) -> int:
+    return int(await client.llen(keys.queue_key(model, keys.MODELQ_QUEUE)))
 
 
-async def queue_position(client: aioredis.Redis, job_id: str) -> int | None:
-    """1-based place of a job in ModelQ's queue; None once a worker has claimed it."""
-    rank = await client.zrank(keys.MODELQ_QUEUED_INDEX, job_id)
+async def queue_position(client: aioredis.Redis, model: str, job_id: str) -> int | None:
+    """1-based place of a job in its model's queue; None once a worker claimed it."""
+    rank = await client.zrank(keys.queue_key(model, keys.MODELQ_QUEUED_INDEX), job_id)
     return None if rank is None else int(rank) + 1
 
 
@@ -327,30 +380,31 @@ def expiry_of(entry: bytes | str, job_ttl: int) -> tuple[str, float] | None:
         return None
 
 
-async def expired_head(client: aioredis.Redis, job_ttl: int, now: float) -> str | None:
-    """The job at the head of the queue (the oldest), if it has expired: no worker
-    claimed it in time, and its prompt must not wait there for one."""
-    entry = await client.lindex(keys.MODELQ_QUEUE, 0)
+async def expired_head(client: aioredis.Redis, model: str, job_ttl: int, now: float) -> str | None:
+    """The job at the head of a model's queue (the oldest), if it has expired: no
+    worker claimed it in time, and its prompt must not wait there for one."""
+    entry = await client.lindex(keys.queue_key(model, keys.MODELQ_QUEUE), 0)
     expiry = None if entry is None else expiry_of(entry, job_ttl)
     if expiry is None or expiry[1] > now:
         return None
     return expiry[0]
 
 
-async def trim_records(client: aioredis.Redis, job_ttl: int, now: float) -> None:
+async def trim_records(client: aioredis.Redis, model: str, job_ttl: int, now: float) -> None:
     """Trim what ModelQ never trims: the `task_history` sorted set (one member per
     task, forever; written by ModelQ versions before ours stopped it), queued-index
     ids whose tasks are long gone (a claim skipped as a duplicate leaks one), and
     in-flight heartbeats no worker refreshed for JOB_TTL."""
-    cutoff = now - job_ttl
+    cutoff, scope = now - job_ttl, keys.queue_scope(model)
     async with client.pipeline(transaction=False) as pipe:
-        pipe.zremrangebyscore(MODELQ_TASK_HISTORY, "-inf", cutoff)
-        pipe.zremrangebyscore(keys.MODELQ_QUEUED_INDEX, "-inf", cutoff)
-        pipe.hgetall(MODELQ_TASK_HEARTBEATS)
+        pipe.zremrangebyscore(MODELQ_TASK_HISTORY, "-inf", cutoff)  # ModelQ's, unscoped
+        pipe.zremrangebyscore(scope[MODELQ_TASK_HISTORY], "-inf", cutoff)
+        pipe.zremrangebyscore(scope[keys.MODELQ_QUEUED_INDEX], "-inf", cutoff)
+        pipe.hgetall(scope[MODELQ_TASK_HEARTBEATS])
         *_, beats = await pipe.execute()
     stale = [task for task, beat in (beats or {}).items() if _float(beat) < cutoff]
     if stale:
-        await client.hdel(MODELQ_TASK_HEARTBEATS, *stale)
+        await client.hdel(scope[MODELQ_TASK_HEARTBEATS], *stale)
 
 
 def _float(value: bytes | str) -> float:

@@ -4,8 +4,9 @@ Two roles (config.py): the job streams and their state hashes (`job_events`,
 `job_state`) live on STREAMS_REDIS_URL, which may be a Redis Cluster; every other
 key lives on REDIS_URL. By default both are the same Redis.
 
-ModelQ owns its own keys (`ml_tasks`, `task:{id}`, `servers`, `inflight:*`, ...);
-they are fixed by the library and are not repeated here.
+ModelQ fixes its own key names (`ml_tasks`, `servers`, `task:{id}`, ...). The
+per-queue ones are scoped to a model here (`queue_key`): jobqueue.py hands
+ModelQ a client that renames them, so each served model has a queue of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,29 @@ MODELQ_QUEUE = "ml_tasks"
 MODELQ_QUEUED_INDEX = "queued_requests"
 #: ModelQ's registry of worker servers (hash server_id -> JSON).
 MODELQ_SERVERS = "servers"
+#: Every fixed name ModelQ uses for one queue's state: its list, indexes, custody
+#: registry, in-flight heartbeats, server registry. Each model gets its own set, so
+#: a job waits only for its model's workers, and a worker's sweeps (requeueing a
+#: dead worker's jobs) only ever touch its own model's jobs.
+MODELQ_QUEUE_NAMES = (
+    MODELQ_QUEUE,
+    MODELQ_QUEUED_INDEX,
+    MODELQ_SERVERS,
+    "processing_tasks",
+    "inflight_lists",
+    "task_heartbeats",
+    "delayed_tasks",
+    "task_history",
+)
+
+
+def queue_key(model: str, name: str) -> str:
+    """ModelQ's key `name` (one of MODELQ_QUEUE_NAMES) for the queue of `model`."""
+    return f"{PREFIX}:queue:{model}:{name}"
+
+
+def queue_scope(model: str) -> dict[str, str]:
+    return {name: queue_key(model, name) for name in MODELQ_QUEUE_NAMES}
 
 
 def modelq_task(task_id: str) -> str:
@@ -27,9 +51,10 @@ def modelq_task(task_id: str) -> str:
     return f"task:{task_id}"
 
 
-#: Name of the model the workers serve, kept by their heartbeats: the response
-#: cache keys on it even while no worker is running.
-SERVED_MODEL = f"{PREFIX}:served-model"
+#: Hash: every model a worker has served -> JSON of how (source, window, format,
+#: last seen), kept by the heartbeats: requests may name a model whose workers are
+#: all down for now, and wait for them.
+MODELS = f"{PREFIX}:models"
 
 #: Sorted set of worker ids scored by their last heartbeat (unix seconds).
 WORKERS = f"{PREFIX}:workers"
@@ -85,6 +110,6 @@ METRICS_REQUESTS = f"{PREFIX}:metrics:requests"
 METRICS_COUNTERS = f"{PREFIX}:metrics:counters"
 
 
-def metrics_histogram(name: str) -> str:
+def metrics_histogram(name: str, model: str) -> str:
     """Hash: bucket upper bound -> count (not cumulative), plus `sum` and `count`."""
-    return f"{PREFIX}:metrics:hist:{name}"
+    return f"{PREFIX}:metrics:hist:{name}:{model}"

@@ -117,20 +117,24 @@ class JobTimings:
         return obs
 
 
-def record_job(client: redis.Redis, timings: JobTimings, success: bool) -> None:
+def record_job(client: redis.Redis, timings: JobTimings, success: bool, model: str) -> None:
     """Add one finished job to the shared histograms and counters (one round trip)."""
     pipe = client.pipeline(transaction=False)
     for name, values in timings.observations(time.time()).items():
         bounds = HISTOGRAMS[name][1]
         buckets = Counter(bisect.bisect_left(bounds, v) for v in values)
-        key = keys.metrics_histogram(name)
+        key = keys.metrics_histogram(name, model)
         for index, count in buckets.items():
             pipe.hincrby(key, str(index), count)
         pipe.hincrbyfloat(key, "sum", sum(values))
         pipe.hincrby(key, "count", len(values))
-    pipe.hincrby(keys.METRICS_COUNTERS, "generation_tokens", timings.completion_tokens)
-    pipe.hincrby(keys.METRICS_COUNTERS, "prompt_tokens", timings.prompt_tokens)
-    pipe.hincrby(keys.METRICS_COUNTERS, "request_success" if success else "request_failure", 1)
+    outcome = "request_success" if success else "request_failure"
+    for name, amount in (
+        ("generation_tokens", timings.completion_tokens),
+        ("prompt_tokens", timings.prompt_tokens),
+        (outcome, 1),
+    ):
+        pipe.hincrby(keys.METRICS_COUNTERS, f"{name}|{model}", amount)
     pipe.execute()
 
 
@@ -143,7 +147,8 @@ def _decode(mapping: dict[Any, Any]) -> dict[str, str]:
 
 
 class Snapshot(Collector):
-    """Metric families built from one read of Redis (prometheus-client renders them)."""
+    """Metric families built from one read of Redis (prometheus-client renders them).
+    Job figures carry a `model` label; so do the queue and worker gauges."""
 
     def __init__(self, data: dict[str, Any]) -> None:
         self._data = data
@@ -159,36 +164,48 @@ class Snapshot(Collector):
             method, _, route = request_line.partition(" ")
             requests.add_metric([method, route, status], float(value))
         yield requests
-        counters = self._data["counters"]
+        counters: dict[str, str] = self._data["counters"]
         for name, doc in COUNTERS.items():
-            yield CounterMetricFamily(PREFIX + name, doc, value=float(counters.get(name, 0)))
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model"])
+            for label, value in counters.items():
+                counter, _, model = label.partition("|")
+                if counter == name and model:
+                    family.add_metric([model], float(value))
+            yield family
         for name, (doc, bounds) in HISTOGRAMS.items():
-            yield self._histogram(name, doc, bounds, self._data["histograms"][name])
+            histogram = HistogramMetricFamily(PREFIX + name, doc, labels=["model"])
+            for model, raw in self._data["histograms"][name].items():
+                buckets, total = self._buckets(bounds, raw)
+                histogram.add_metric([model], buckets, total)
+            yield histogram
         yield from self._gauges()
 
     @staticmethod
-    def _histogram(
-        name: str, doc: str, bounds: list[float], raw: dict[str, str]
-    ) -> HistogramMetricFamily:
+    def _buckets(bounds: list[float], raw: dict[str, str]) -> tuple[list[tuple[str, int]], float]:
         cumulative, running = [], 0
         for index, bound in enumerate([*bounds, float("inf")]):
             running += int(raw.get(str(index), 0))
             cumulative.append(("+Inf" if bound == float("inf") else str(bound), running))
-        return HistogramMetricFamily(
-            PREFIX + name, doc, buckets=cumulative, sum_value=float(raw.get("sum", 0))
-        )
+        return cumulative, float(raw.get("sum", 0))
 
     def _gauges(self) -> Iterable[Any]:
         workers: list[WorkerInfo] = self._data["workers"]
-        yield GaugeMetricFamily(
-            PREFIX + "num_requests_waiting", "Jobs in the queue.", value=self._data["queue"]
+        waiting = GaugeMetricFamily(
+            PREFIX + "num_requests_waiting", "Jobs in the queue.", labels=["model"]
         )
-        yield GaugeMetricFamily(
-            PREFIX + "num_requests_running",
-            "Jobs being generated.",
-            value=sum(w.busy for w in workers),
+        for model, length in self._data["queues"].items():
+            waiting.add_metric([model], length)
+        yield waiting
+        running = GaugeMetricFamily(
+            PREFIX + "num_requests_running", "Jobs being generated.", labels=["model"]
         )
-        yield GaugeMetricFamily(PREFIX + "workers", "Live worker processes.", value=len(workers))
+        live = GaugeMetricFamily(PREFIX + "workers", "Live worker processes.", labels=["model"])
+        for model in sorted({w.model for w in workers}):
+            mine = [w for w in workers if w.model == model]
+            running.add_metric([model], sum(w.busy for w in mine))
+            live.add_metric([model], len(mine))
+        yield running
+        yield live
         load = GaugeMetricFamily(
             PREFIX + "model_load_seconds", "Model load time per worker.", labels=["worker", "model"]
         )
@@ -204,21 +221,26 @@ class Snapshot(Collector):
         yield rate
 
 
-async def render(client: aioredis.Redis, workers: list[WorkerInfo], queue: int) -> bytes:
+async def render(
+    client: aioredis.Redis, workers: list[WorkerInfo], queues: dict[str, int]
+) -> bytes:
+    """`queues`: each known model's waiting jobs; its models are the labels."""
+    models = sorted(queues)
     async with client.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.METRICS_REQUESTS)
         pipe.hgetall(keys.METRICS_COUNTERS)
         for name in HISTOGRAMS:
-            pipe.hgetall(keys.metrics_histogram(name))
+            for model in models:
+                pipe.hgetall(keys.metrics_histogram(name, model))
         results = await pipe.execute()
+    raw = iter(results[2:])
+    histograms = {name: {model: _decode(next(raw)) for model in models} for name in HISTOGRAMS}
     data = {
         "requests": _decode(results[0]),
         "counters": _decode(results[1]),
-        "histograms": {
-            name: _decode(raw) for name, raw in zip(HISTOGRAMS, results[2:], strict=True)
-        },
+        "histograms": histograms,
         "workers": workers,
-        "queue": queue,
+        "queues": queues,
     }
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Snapshot(data))

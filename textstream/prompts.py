@@ -8,19 +8,32 @@ from typing import Any
 
 from textstream.job import PromptFormat
 
-#: Plain prompt layout for chat requests to models without a chat template (GPT-2).
+#: Plain prompt layout for chat requests to models without a chat template (GPT-2):
+#: "Role: content" lines, then "Assistant:". A content that already starts with a
+#: space gets no second one, so an answer the model began as "Assistant:" + " Paris"
+#: lays out the same when sent back as a message to continue.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{{ message['role'] | capitalize }}:"
+    "{% if not message['content'].startswith(' ') %} {% endif %}{{ message['content'] }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, str]], continue_final: bool = False
+) -> list[int]:
+    """Messages in the model's chat template, ending with the generation prompt; or,
+    with `continue_final`, ending inside the last (assistant) message so that the
+    model continues it (vLLM's `continue_final_message`)."""
     template = None if tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
     encoded = tokenizer.apply_chat_template(
-        messages, chat_template=template, add_generation_prompt=True, tokenize=True
+        messages,
+        chat_template=template,
+        add_generation_prompt=not continue_final,
+        continue_final_message=continue_final,
+        tokenize=True,
     )
     if hasattr(encoded, "keys"):
         encoded = encoded["input_ids"]

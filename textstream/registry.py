@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 #: A worker is considered gone after this many missed heartbeats.
 MISSED_HEARTBEATS = 3
-#: How long the served model's name outlives the last worker (for the cache key).
-SERVED_MODEL_TTL = 7 * 86400
+#: How long a model stays known after its last worker's last heartbeat.
+KNOWN_MODEL_SECONDS = 7 * 86400
 
 
 @dataclass
@@ -48,6 +48,41 @@ class WorkerInfo:
     last_tokens_per_s: float = 0.0
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = field(default_factory=time.time)
+
+    def model_record(self) -> dict[str, object]:
+        return {
+            "source": self.model_source,
+            "context_length": self.context_length,
+            "prompt_format": self.prompt_format,
+            "seen_at": self.heartbeat_at,
+        }
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model some worker served within KNOWN_MODEL_SECONDS."""
+
+    name: str
+    source: str
+    context_length: int
+    prompt_format: str
+    seen_at: float
+
+
+async def known_models(client: aioredis.Redis) -> dict[str, KnownModel]:
+    """Every model served lately, live or not (the ones long gone are pruned)."""
+    raw = await client.hgetall(keys.MODELS)
+    cutoff, known, stale = time.time() - KNOWN_MODEL_SECONDS, {}, []
+    for name, body in raw.items():
+        record = json.loads(body)
+        model = KnownModel(name=name.decode(), **record)
+        if model.seen_at < cutoff:
+            stale.append(name)
+        else:
+            known[model.name] = model
+    if stale:
+        await client.hdel(keys.MODELS, *stale)
+    return known
 
 
 class WorkerHeartbeat:
@@ -83,7 +118,7 @@ class WorkerHeartbeat:
         pipe = self._client.pipeline(transaction=True)
         pipe.set(keys.worker_info(self.info.worker_id), body, ex=ttl)
         pipe.zadd(keys.WORKERS, {self.info.worker_id: self.info.heartbeat_at})
-        pipe.set(keys.SERVED_MODEL, self.info.model, ex=SERVED_MODEL_TTL)
+        pipe.hset(keys.MODELS, self.info.model, json.dumps(self.info.model_record()))
         pipe.execute()
 
     def _run(self) -> None:

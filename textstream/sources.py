@@ -16,6 +16,8 @@ from textstream.resources import package_dir
 PACKAGE_SCHEME = "package:"
 #: `MODEL_ID=fake` or `fake:<tokens per second>`: engines/fake.py, no model at all.
 FAKE_SCHEME = "fake"
+#: `MODEL_ID=openai:<base url>#<model>`: engines/openai.py, an upstream server.
+OPENAI_SCHEME = "openai:"
 
 
 class ModelLoadError(RuntimeError):
@@ -25,6 +27,30 @@ class ModelLoadError(RuntimeError):
 def is_fake(model_id: str) -> bool:
     """`fake` or `fake:<rate>`: the worker runs FakeEngine, and there is no tokenizer."""
     return model_id.split(":", 1)[0] == FAKE_SCHEME
+
+
+def has_local_tokenizer(model_id: str) -> bool:
+    """Whether the API can load this model's tokenizer (the fake engine has none; an
+    upstream's is the upstream's)."""
+    return not (is_fake(model_id) or model_id.startswith(OPENAI_SCHEME))
+
+
+@dataclass(frozen=True)
+class OpenAISource:
+    """An OpenAI-compatible server and, optionally, which of its models."""
+
+    spec: str
+    base_url: str
+    model: str
+
+    @classmethod
+    def parse(cls, spec: str) -> OpenAISource | None:
+        if not spec.startswith(OPENAI_SCHEME):
+            return None
+        url, _, model = spec[len(OPENAI_SCHEME) :].partition("#")
+        if not url.startswith(("http://", "https://")):
+            raise ModelLoadError(f"{spec!r}: expected openai:http(s)://host[:port]/v1#model")
+        return cls(spec=spec, base_url=url, model=model)
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,21 @@ class ModelSource:
         if self.gguf_file:
             return self.gguf_file.removesuffix(".gguf")
         return self.spec if not self.is_local else Path(self.path).name
+
+
+def served_name(spec: str) -> str:
+    """The name a worker loading `spec` announces (without loading it): how the API
+    routes requests that name no model before any worker has announced one."""
+    if is_fake(spec):
+        _, _, rate = spec.partition(":")
+        return f"fake-{float(rate) if rate else 50.0:g}tps"
+    upstream = OpenAISource.parse(spec)
+    if upstream is not None:
+        return upstream.model
+    try:
+        return ModelSource.parse(spec).name
+    except ModelLoadError:
+        return spec
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

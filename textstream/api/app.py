@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -47,7 +47,7 @@ def docs_are_open(settings: Settings) -> bool:
     return not settings.api_key_list
 
 
-def hook_shutdown_signals() -> None:
+def hook_shutdown_signals(on_signal: Callable[[], object]) -> None:
     """Let open streams see SIGTERM/SIGINT as soon as the server does: chain a marker
     in front of the handlers the server (uvicorn) installed before starting us."""
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -55,6 +55,7 @@ def hook_shutdown_signals() -> None:
 
         def handler(signum: int, frame: Any, previous: Any = previous) -> None:
             mark_shutting_down()
+            on_signal()
             if callable(previous):
                 previous(signum, frame)
 
@@ -64,8 +65,6 @@ def hook_shutdown_signals() -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    if threading.current_thread() is threading.main_thread():
-        hook_shutdown_signals()
     client = async_client(settings)
     streams = client if settings.streams_shared else async_streams_client(settings)
 
@@ -75,6 +74,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     jobs = JobEvents(
         streams, ttl=settings.job_ttl, maxlen=stream_maxlen(settings), forget_cache=forget_cached
     )
+    if threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        hook_shutdown_signals(lambda: loop.call_soon_threadsafe(jobs.mux.interrupt))
     prompt_tokens = PromptTokens()
     guard = Guard(settings, client)
     app.state.services = Services(

@@ -24,34 +24,24 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from textstream import keys
-from textstream.job import PromptFormat, SamplingParams
+from textstream.job import CompletionJob
 from textstream.transport.events import JobEvents
 
 
-def cache_key(
-    model: str,
-    prompt: str,
-    messages: list[dict[str, str]] | None,
-    prompt_format: PromptFormat,
-    params: SamplingParams,
-    tenant: str = "",
-) -> str:
-    """`tenant`: whose cache (the caller's identity; "" for a shared cache)."""
+def cache_key(job: CompletionJob, tenant: str = "") -> str:
+    """What makes two jobs the same answer: the tenant (the caller's identity; ""
+    for a shared cache), the model, what to complete and how to sample."""
     identity: dict[str, Any] = {
         "tenant": tenant,
-        "model": model,
-        "prompt": prompt,
-        "messages": messages,
-        "prompt_format": prompt_format,
-        "params": params.model_dump(mode="json"),
+        "model": job.model,
+        "prompt": job.prompt,
+        "messages": job.messages,
+        "continue_final": job.continue_final,
+        "prompt_format": job.prompt_format,
+        "params": job.params.model_dump(mode="json"),
     }
     encoded = json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()
     return keys.cache_entry(hashlib.sha256(encoded).hexdigest())
-
-
-async def served_model(client: aioredis.Redis) -> str | None:
-    name = await client.get(keys.SERVED_MODEL)
-    return None if name is None else bytes(name).decode()
 
 
 async def cached_job(client: aioredis.Redis, jobs: JobEvents, key: str) -> str | None:

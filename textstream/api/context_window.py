@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from textstream.job import PromptFormat
 from textstream.prompts import encode_chat, encode_prompt
 from textstream.registry import WorkerInfo, live_workers
-from textstream.sources import ModelSource, hub_reachable, is_fake
+from textstream.sources import ModelSource, has_local_tokenizer, hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +37,26 @@ def load_tokenizer(spec: str) -> Any:
 
 
 class PromptTokens:
-    """Counts prompt tokens with the tokenizer of the model live workers serve."""
+    """Counts prompt tokens with the tokenizer of each model live workers serve."""
 
     def __init__(self) -> None:
         self._tokenizers: dict[str, Any] = {}
         self._failed: set[str] = set()
-        self._worker: WorkerInfo | None = None
+        self._workers: dict[str, WorkerInfo] = {}  # model -> a live worker serving it
 
     async def watch(self, client: aioredis.Redis, interval: float) -> None:
-        """Run for the app's lifetime: notice the served model, load its tokenizer."""
+        """Run for the app's lifetime: notice served models, load their tokenizers."""
         while True:
             try:
                 workers = await live_workers(client, interval)
-                self._worker = workers[0] if workers else None
-                source = self._worker.model_source if self._worker else ""
-                if is_fake(source):
-                    source = ""  # the fake engine has no tokenizer (and no window to check)
-                if source and source not in self._tokenizers and source not in self._failed:
-                    await self._load(source)
+                self._workers = {w.model: w for w in reversed(workers)}
+                for worker in self._workers.values():
+                    source = worker.model_source
+                    # The fake engine has no tokenizer; an upstream's is its own.
+                    if not has_local_tokenizer(source):
+                        continue
+                    if source not in self._tokenizers and source not in self._failed:
+                        await self._load(source)
             except RedisError:
                 pass  # /health reports Redis; try again next round
             await asyncio.sleep(max(interval, 1.0))
@@ -67,22 +69,26 @@ class PromptTokens:
             self._failed.add(source)
             log.warning("cannot load the tokenizer of %s (%s); workers will check", source, exc)
 
-    def current(self) -> tuple[Any, WorkerInfo] | None:
-        """The served model's tokenizer and the worker that announced it, once the
-        tokenizer is loaded (None before, or when it cannot be: a fake engine, a
+    def current(self, model: str) -> tuple[Any, WorkerInfo] | None:
+        """The model's tokenizer and a worker serving it, once the tokenizer is
+        loaded (None before, or when it cannot be: a fake engine, an upstream, a
         path only the worker's host has)."""
-        worker = self._worker
+        worker = self._workers.get(model)
         tokenizer = self._tokenizers.get(worker.model_source) if worker else None
         return None if worker is None or tokenizer is None else (tokenizer, worker)
 
     async def count(
-        self, prompt: str, prompt_format: PromptFormat, messages: list[dict[str, str]] | None = None
+        self,
+        model: str,
+        prompt: str,
+        prompt_format: PromptFormat,
+        messages: list[dict[str, str]] | None = None,
     ) -> tuple[int, int] | None:
         """(prompt tokens, context window), or None when no tokenizer is available."""
-        worker = self._worker
-        tokenizer = self._tokenizers.get(worker.model_source) if worker else None
-        if worker is None or tokenizer is None or not worker.context_length:
+        current = self.current(model)
+        if current is None or not current[1].context_length:
             return None
+        tokenizer, worker = current
         default: Any = worker.prompt_format
         if messages is not None:
             ids = await asyncio.to_thread(encode_chat, tokenizer, messages)

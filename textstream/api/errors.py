@@ -135,6 +135,7 @@ JOB_ERROR_STATUS = {
 OPENAI_TYPES = {
     "invalid_request": "invalid_request_error",
     "not_found": "invalid_request_error",
+    "model_not_found": "invalid_request_error",
     "queue_full": "rate_limit_error",
     "queue_unavailable": "server_error",
     "redis_unavailable": "server_error",

@@ -17,6 +17,7 @@ import logging
 import time
 
 from textstream.api.deps import Services
+from textstream.api.models import all_models
 from textstream.connections import UNREACHABLE
 from textstream.jobqueue import expired_head, trim_records
 from textstream.transport.events import TIMEOUT, EventType
@@ -28,15 +29,16 @@ BATCH = 100
 
 
 async def sweep(services: Services) -> int:
-    """One round; returns how many expired jobs it took off the queue."""
+    """One round; returns how many expired jobs it took off the queues."""
     ttl, now, removed = services.settings.job_ttl, time.time(), 0
-    while removed < BATCH:
-        job_id = await expired_head(services.redis, ttl, now)
-        if job_id is None or not await services.queue.withdraw(job_id):
-            break
-        removed += 1
-        await services.jobs.append(job_id, EventType.ERROR, TIMEOUT)
-    await trim_records(services.redis, ttl, now)
+    for model in await all_models(services):
+        while removed < BATCH:
+            job_id = await expired_head(services.redis, model, ttl, now)
+            if job_id is None or not await services.queue.withdraw(job_id, model):
+                break
+            removed += 1
+            await services.jobs.append(job_id, EventType.ERROR, TIMEOUT)
+        await trim_records(services.redis, model, ttl, now)
     if removed:
         log.info("took %d expired job(s) off the queue", removed)
     return removed

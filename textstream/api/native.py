@@ -50,6 +50,11 @@ EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 JobId = Annotated[str, Path(description="a job id, as returned by POST /jobs or X-Job-Id")]
 
 
+def splits(request: Request) -> bool:
+    """Whether a think block streams apart from the answer (THINKING)."""
+    return services_of(request).settings.thinking == "auto"
+
+
 def path_text(request: Request) -> str:
     """The raw path must be UTF-8 once percent-decoded (Starlette would replace bad bytes)."""
     try:
@@ -71,10 +76,11 @@ async def completion(
     job = await submit(
         services_of(request), request.state.caller, Prompt("question", question), params, policy
     )
-    relay = relay_for(request, job.job_id, job.deadline, policy)
+    relay = relay_for(request, job.job_id, job.model, job.deadline, policy)
     headers = job_headers(job)
     if params.stream:
-        return await sse_response(request, stream_job_events(relay), headers, job.slot)
+        events = stream_job_events(relay, split_thinking=splits(request))
+        return await sse_response(request, events, headers, job.slot)
     status = await completed_job(request, relay, job.slot)
     if status is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
@@ -84,6 +90,7 @@ async def completion(
         "id": job.job_id,
         "model": status.model,
         "text": status.text,
+        **({"thinking": status.thinking} if status.thinking else {}),
         "finish_reason": status.finish_reason,
         "usage": status.usage,
     }
@@ -130,14 +137,14 @@ async def job_events(
     services = services_of(request)
     field = "Last-Event-ID" if last_event_id_header else "last_event_id"
     after = checked_event_id(last_event_id_header or last_event_id or START_ID, field)
-    await check_access(services, request.state.caller, checked_job_id(job_id))
+    access = await check_access(services, request.state.caller, checked_job_id(job_id))
     deadline = await job_deadline(services, job_id)
     if after != START_ID and not await services.jobs.has_event_at_or_after(job_id, after):
         raise BadEventIdError(field, f"{field} {after} is later than the job's last event")
     slot = await services.guard.open_stream(request.state.caller)
-    relay = relay_for(request, job_id, deadline, CancelPolicy.EXPLICIT)
+    relay = relay_for(request, job_id, access.model, deadline, CancelPolicy.EXPLICIT)
     response: EventSourceResponse = await sse_response(
-        request, stream_job_events(relay, after), {"X-Job-Id": job_id}, slot
+        request, stream_job_events(relay, after, splits(request)), {"X-Job-Id": job_id}, slot
     )
     return response
 
@@ -150,7 +157,7 @@ async def job_status(request: Request, job_id: JobId) -> JobStatus:
     history = await services.jobs.history(job_id)
     if not history:
         raise JobNotFoundError(job_id)
-    return summarize(job_id, history)
+    return summarize(job_id, history, splits(request))
 
 
 @router.delete("/jobs/{job_id}", status_code=202)
@@ -158,12 +165,12 @@ async def cancel_job(request: Request, job_id: JobId) -> dict[str, str]:
     """Cancel a queued or running job. A queued job ends at once and is never
     generated; a running one stops within one decode step."""
     services = services_of(request)
-    await check_access(services, request.state.caller, checked_job_id(job_id), own=True)
+    access = await check_access(services, request.state.caller, checked_job_id(job_id), own=True)
     outcome = await services.jobs.cancel(job_id)
     if outcome is CancelOutcome.UNKNOWN:
         raise JobNotFoundError(job_id)
     if outcome is CancelOutcome.FINISHED:
         raise JobFinishedError()
     if outcome is CancelOutcome.CANCELLED:
-        await services.queue.withdraw(job_id)  # never claimed: off the queue now
+        await services.queue.withdraw(job_id, access.model)  # never claimed: off the queue
     return {"id": job_id, "status": outcome.value}

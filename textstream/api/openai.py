@@ -22,7 +22,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
-from textstream.api.cache import served_model
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import job_error_response, openai_error_body
 from textstream.api.protocol import (
@@ -37,6 +36,7 @@ from textstream.api.submit import CancelPolicy, submit
 from textstream.registry import live_workers
 from textstream.transport.events import EventType, JobEvent
 from textstream.transport.sse import relay_events
+from textstream.transport.thinking import ThinkSplitter
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
@@ -64,7 +64,11 @@ class ChunkShape:
             **extra,
         }
 
-    def chunk(self, text: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, reasoning: bool = False
+    ) -> dict[str, Any]:
+        """One streamed piece; with `reasoning`, chat sends it as
+        `delta.reasoning_content` (as vLLM and DeepSeek do)."""
         if not self.chat:
             choice = {
                 "index": 0,
@@ -73,7 +77,9 @@ class ChunkShape:
                 "finish_reason": finish_reason,
             }
             return self._object("text_completion", [choice])
-        delta: dict[str, Any] = {} if text is None else {"content": text}
+        delta: dict[str, Any] = {}
+        if text is not None:
+            delta["reasoning_content" if reasoning else "content"] = text
         if not self._sent_role:
             delta["role"], self._sent_role = "assistant", True
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -83,9 +89,13 @@ class ChunkShape:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return self._object(kind, [], usage=with_total(usage))
 
-    def whole(self, text: str, finish_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
+    def whole(
+        self, text: str, finish_reason: str | None, usage: dict[str, int], thinking: str = ""
+    ) -> dict[str, Any]:
         if self.chat:
-            message = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["reasoning_content"] = thinking
             choice = {
                 "index": 0,
                 "message": message,
@@ -107,16 +117,31 @@ def data(payload: dict[str, Any] | str) -> ServerSentEvent:
 
 
 class ChunkStream:
-    """Job events -> OpenAI stream lines."""
+    """Job events -> OpenAI stream lines. Chat splits a leading think block into
+    `reasoning_content` (with THINKING=auto); completions stay raw text, as vLLM's."""
 
-    def __init__(self, shape: ChunkShape, include_usage: bool) -> None:
+    def __init__(self, shape: ChunkShape, include_usage: bool, split_thinking: bool) -> None:
         self.shape = shape
         self.include_usage = include_usage
+        self.splitter = ThinkSplitter() if split_thinking and shape.chat else None
+
+    def catch_up(self, events: list[JobEvent]) -> None:
+        return None  # OpenAI streams are not resumed
+
+    def _pieces(self, pieces: Iterable[tuple[str, str]]) -> Iterable[ServerSentEvent]:
+        for kind, text in pieces:
+            yield data(self.shape.chunk(text, reasoning=kind == "thinking"))
 
     def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]:
         if event.event == EventType.TOKEN:
-            yield data(self.shape.chunk(event.data["text"]))
+            text = event.data["text"]
+            if self.splitter is None:
+                yield data(self.shape.chunk(text))
+            else:
+                yield from self._pieces(self.splitter.feed(text))
         elif event.event == EventType.DONE:
+            if self.splitter is not None:
+                yield from self._pieces(self.splitter.flush())
             yield data(self.shape.chunk(None, event.data["finish_reason"]))
             if self.include_usage:
                 yield data(self.shape.usage_chunk(event.data["usage"]))
@@ -134,23 +159,21 @@ async def answer(
     body.refuse_unsupported()
     policy = CancelPolicy.ON_DISCONNECT
     job = await submit(services, request.state.caller, prompt, generation, policy)
-    relay = relay_for(request, job.job_id, job.deadline, policy)
-    model = await served_model(services.redis) or body.model
-    shape = ChunkShape(prompt.messages is not None, job.job_id, model)
+    relay = relay_for(request, job.job_id, job.model, job.deadline, policy)
+    shape = ChunkShape(prompt.messages is not None, job.job_id, job.model)
     headers = job_headers(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = ChunkStream(shape, include_usage)
-        return await sse_response(request, relay_events(relay, chunks.convert), headers, job.slot)
-    status = await completed_job(request, relay, job.slot)
+        chunks = ChunkStream(shape, include_usage, services.settings.thinking == "auto")
+        return await sse_response(request, relay_events(relay, chunks), headers, job.slot)
+    status = await completed_job(request, relay, job.slot, split_thinking=shape.chat)
     if status is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     if status.status != "done" or status.usage is None:
         return job_error_response(request, status.error, headers)
     shape.model = status.model or shape.model
-    return JSONResponse(
-        shape.whole(status.text, status.finish_reason, status.usage), headers=headers
-    )
+    whole = shape.whole(status.text, status.finish_reason, status.usage, status.thinking or "")
+    return JSONResponse(whole, headers=headers)
 
 
 @router.post("/completions")
@@ -166,7 +189,12 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
     """As OpenAI's: without a limit, the answer runs until the model stops (here,
     at the latest at MAX_NEW_TOKENS_LIMIT or the context window)."""
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    prompt = Prompt("messages", messages=body.as_messages(), max_tokens_field=field)
+    prompt = Prompt(
+        "messages",
+        messages=body.as_messages(),
+        max_tokens_field=field,
+        continue_final=body.continue_final_message,
+    )
     limit = body.max_completion_tokens or body.max_tokens
     generation = body.generation(limit or services_of(request).settings.max_new_tokens_limit)
     return await answer(request, body, generation, prompt)
@@ -174,16 +202,21 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
 
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
+    """Every model live workers serve, with its context window (as vLLM's)."""
     services = services_of(request)
     workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
-    names = sorted({w.model for w in workers}) or [
-        m for m in [await served_model(services.redis)] if m
-    ]
+    windows = {w.model: w.context_length for w in workers}
     created = int(time.time())
     return {
         "object": "list",
         "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "textstream"}
-            for name in names
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "textstream",
+                "max_model_len": windows[name],
+            }
+            for name in sorted(windows)
         ],
     }

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.deps import Services, authorize, services_of
+from textstream.api.models import all_models
 from textstream.connections import UNREACHABLE
 from textstream.jobqueue import queue_length
 from textstream.metrics import render
@@ -163,5 +164,8 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format, the same from every API process (figures live in Redis)."""
     services = services_of(request)
     _, live = await workers_or_none(services)
-    body = await render(services.redis, live, await queue_length(services.redis))
+    queues = {
+        model: await queue_length(services.redis, model) for model in await all_models(services)
+    }
+    body = await render(services.redis, live, queues)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -35,6 +35,8 @@ class Prompt:
     messages: list[dict[str, str]] | None = None
     #: The name the client used for the token limit (`max_tokens` on /v1).
     max_tokens_field: str = "max_new_tokens"
+    #: Continue the last (assistant) message (vLLM's `continue_final_message`).
+    continue_final: bool = False
 
     @property
     def checked_text(self) -> str:
@@ -97,6 +99,7 @@ class GenerationRequest(Body):
 
     model_config = ConfigDict(allow_inf_nan=False)
 
+    model: str | None = Field(None, description="a served model (default: the one served)")
     max_new_tokens: MaxNewTokens | None = Field(None, description="default DEFAULT_MAX_NEW_TOKENS")
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
@@ -117,7 +120,7 @@ class GenerationRequest(Body):
 
     def sampling(self, default_max_new_tokens: int) -> SamplingParams:
         fields = self.model_dump(
-            exclude={"prompt_format", "prompt", "messages", "use_cache", "stream"}
+            exclude={"model", "prompt_format", "prompt", "messages", "use_cache", "stream"}
         )
         fields["max_new_tokens"] = self.max_new_tokens or default_max_new_tokens
         fields["stop"] = normalize_stop(self.stop)
@@ -193,6 +196,7 @@ class OpenAISampling(Body):
     ) -> GenerationRequest:
         try:
             return GenerationRequest(
+                model=self.model,
                 max_new_tokens=max_tokens,
                 prompt_format=prompt_format,
                 temperature=self.temperature,
@@ -243,6 +247,10 @@ class ChatRequest(OpenAISampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+    #: vLLM's: continue the final (assistant) message rather than answer it. How a
+    #: relaying textstream worker resumes a chat after a takeover.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
     def as_messages(self) -> list[dict[str, str]]:
         return [m.as_dict() for m in self.messages]
@@ -255,3 +263,10 @@ class ChatRequest(OpenAISampling):
             raise InvalidInputError("tools", "tools are not supported")
         if self.response_format and self.response_format.get("type") != "text":
             raise InvalidInputError("response_format", "only text responses are supported")
+        if self.continue_final_message and (
+            self.add_generation_prompt or self.messages[-1].role != "assistant"
+        ):
+            raise InvalidInputError(
+                "continue_final_message",
+                "needs add_generation_prompt=false and an assistant message last",
+            )

@@ -26,7 +26,9 @@ def job_headers(submission: Submission) -> dict[str, str]:
     return {"X-Job-Id": submission.job_id, "X-Cache": "hit" if submission.shared else "miss"}
 
 
-def relay_for(request: Request, job_id: str, deadline: float | None, policy: CancelPolicy) -> Relay:
+def relay_for(
+    request: Request, job_id: str, model: str, deadline: float | None, policy: CancelPolicy
+) -> Relay:
     """A relay of the job's stream; the client leaving cancels it under ON_DISCONNECT."""
     services = services_of(request)
     return Relay(
@@ -35,7 +37,7 @@ def relay_for(request: Request, job_id: str, deadline: float | None, policy: Can
         job_id,
         deadline,
         cancel_on_disconnect=policy is CancelPolicy.ON_DISCONNECT,
-        queue=queue_hooks(services),
+        queue=queue_hooks(services, model),
     )
 
 
@@ -68,7 +70,9 @@ async def sse_response(
     return response
 
 
-async def completed_job(request: Request, relay: Relay, slot: str | None) -> JobStatus | None:
+async def completed_job(
+    request: Request, relay: Relay, slot: str | None, split_thinking: bool = True
+) -> JobStatus | None:
     """Wait for the job to end (non-streaming answers); None if the client left."""
     try:
         events = await collect_events(relay, request.is_disconnected)
@@ -78,4 +82,5 @@ async def completed_job(request: Request, relay: Relay, slot: str | None) -> Job
         return None
     if not events:
         raise JobNotFoundError(relay.job_id)
-    return summarize(relay.job_id, events)
+    split = split_thinking and services_of(request).settings.thinking == "auto"
+    return summarize(relay.job_id, events, split)

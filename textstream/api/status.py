@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from textstream.transport.events import EventType, JobEvent, entry_seconds
+from textstream.transport.thinking import ThinkSplitter
 
 JobStatusName = Literal["queued", "running", "done", "error", "cancelled"]
 
@@ -18,6 +19,8 @@ class JobStatus(BaseModel):
     id: str
     status: JobStatusName
     text: str
+    #: Reasoning the model wrote in a `<think>` block before its answer, if any.
+    thinking: str | None = None
     created_at: float
     finish_reason: str | None = None
     model: str | None = None
@@ -28,7 +31,9 @@ class JobStatus(BaseModel):
     last_event_id: str
 
 
-def summarize(job_id: str, history: list[JobEvent]) -> JobStatus:
+def summarize(job_id: str, history: list[JobEvent], split_thinking: bool = True) -> JobStatus:
+    """With `split_thinking`, a `<think>` block opening the text is `thinking`,
+    apart from `text` (as the streams split it: transport/thinking.py)."""
     status: JobStatusName = "queued"
     summary: dict[str, Any] = {}
     for event in history:
@@ -41,10 +46,19 @@ def summarize(job_id: str, history: list[JobEvent]) -> JobStatus:
             summary["error"] = event.data.get("error")
             cancelled = (summary["error"] or {}).get("type") == "cancelled"
             status = "cancelled" if cancelled else "error"
+    raw = "".join(e.data["text"] for e in history if e.event == EventType.TOKEN)
+    text, thinking = raw, None
+    if split_thinking:
+        splitter = ThinkSplitter()
+        pieces = splitter.feed(raw) + (splitter.flush() if status != "running" else [])
+        text = "".join(t for kind, t in pieces if kind == "answer")
+        thought = "".join(t for kind, t in pieces if kind == "thinking")
+        thinking = thought or None
     return JobStatus(
         id=job_id,
         status=status,
-        text="".join(e.data["text"] for e in history if e.event == EventType.TOKEN),
+        text=text,
+        thinking=thinking,
         created_at=entry_seconds(history[0].id),
         takeovers=sum(e.event == EventType.RESUMED for e in history),
         last_event_id=history[-1].id,

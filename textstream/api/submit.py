@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from textstream.api.cache import cache_key, cached_job, claim, forget, served_model
+from textstream.api.cache import cache_key, cached_job, claim, forget
 from textstream.api.deps import Services, tenant_of
 from textstream.api.errors import (
     InvalidInputError,
@@ -24,13 +24,14 @@ from textstream.api.errors import (
     QueueFullError,
     QueueUnavailableError,
 )
+from textstream.api.models import resolve_model
 from textstream.api.protocol import GenerationRequest, Prompt
 from textstream.api.security import Caller
 from textstream.connections import UNREACHABLE
 from textstream.job import CompletionJob
 from textstream.jobqueue import queue_length, queue_position
 from textstream.registry import live_workers
-from textstream.transport.events import entry_seconds
+from textstream.transport.events import JobAccess, entry_seconds
 from textstream.transport.sse import QueueHooks
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class CancelPolicy(StrEnum):
 class Submission:
     job_id: str
     deadline: float | None
+    #: The served model it went to.
+    model: str
     #: Answered by an existing job (cache hit, or an identical request in flight).
     shared: bool = False
     #: The stream slot this request holds (MAX_STREAMS_PER_KEY) until its answer ends.
@@ -70,12 +73,14 @@ async def submit(
     gives back what the steps before it took, so it leaves nothing behind."""
     check_prompt(prompt.checked_text, services, prompt.field)
     check_request(request, services, prompt.max_tokens_field)
-    await check_context_window(services, prompt, request)
+    model = await resolve_model(services, request.model)
+    await check_context_window(services, prompt, request, model)
     slot = None
     if policy is CancelPolicy.ON_DISCONNECT:
         slot = await services.guard.open_stream(caller)
     try:
-        submission = await start_job(services, tenant_of(services, caller), prompt, request, policy)
+        tenant = tenant_of(services, caller)
+        submission = await start_job(services, tenant, model, prompt, request, policy)
     except BaseException:
         with contextlib.suppress(*UNREACHABLE):
             await services.guard.close_stream(caller, slot)
@@ -106,10 +111,10 @@ def check_request(request: GenerationRequest, services: Services, field: str) ->
 
 
 async def check_context_window(
-    services: Services, prompt: Prompt, request: GenerationRequest
+    services: Services, prompt: Prompt, request: GenerationRequest, model: str
 ) -> None:
     counted = await services.prompt_tokens.count(
-        prompt.text, request.prompt_format, prompt.messages
+        model, prompt.text, request.prompt_format, prompt.messages
     )
     if counted is not None and counted[0] >= counted[1]:
         raise InvalidInputError(
@@ -121,6 +126,7 @@ async def check_context_window(
 async def start_job(
     services: Services,
     tenant: str,
+    model: str,
     prompt: Prompt,
     request: GenerationRequest,
     policy: CancelPolicy,
@@ -135,31 +141,33 @@ async def start_job(
             now = time.time()
             job = CompletionJob(
                 job_id=job_id,
+                model=model,
                 prompt=prompt.text,
                 messages=prompt.messages,
+                continue_final=prompt.continue_final,
                 prompt_format=request.prompt_format,
                 params=params,
                 enqueued_at=now,
                 deadline=now + settings.job_timeout,
             )
-            waiting = await queue_length(services.redis)
+            waiting = await queue_length(services.redis, model)
             if waiting >= settings.max_queued_jobs:  # refused before writing anything
                 raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
             key = await cache_key_for(services, job, tenant, request.use_cache)
             if key:
-                followed = await follow_cached(services, key, policy)
+                followed = await follow_cached(services, key, model, policy)
                 if followed is None and not await claim(
                     services.redis, key, job.job_id, settings.cache_ttl
                 ):
-                    followed = await follow_cached(services, key, policy)
+                    followed = await follow_cached(services, key, model, policy)
                 if followed is not None:
                     return followed
             await queue_job(services, job, tenant, key, policy, waiting + 1)
     except UNREACHABLE as exc:
         log.warning("job=%s could not be queued: %s", job_id, type(exc).__name__)
         raise QueueUnavailableError("the job queue (Redis) is unreachable; retry shortly") from exc
-    log.info("job=%s queued max_new_tokens=%d", job.job_id, params.max_new_tokens)
-    return Submission(job.job_id, job.deadline)
+    log.info("job=%s queued model=%s max_new_tokens=%d", job.job_id, model, params.max_new_tokens)
+    return Submission(job.job_id, job.deadline, model)
 
 
 async def cache_key_for(
@@ -169,20 +177,19 @@ async def cache_key_for(
     per tenant unless CACHE_SCOPE=global: one key never gets another's job."""
     if not (use_cache and services.settings.cache_ttl and job.params.deterministic):
         return None
-    model = await served_model(services.redis)
-    if model is None:
-        return None  # no worker has ever announced a model: nothing can be cached yet
     scope = "" if services.settings.cache_scope == "global" else tenant
-    return cache_key(model, job.prompt, job.messages, job.prompt_format, job.params, scope)
+    return cache_key(job, scope)
 
 
-async def follow_cached(services: Services, key: str, policy: CancelPolicy) -> Submission | None:
+async def follow_cached(
+    services: Services, key: str, model: str, policy: CancelPolicy
+) -> Submission | None:
     job_id = await cached_job(services.redis, services.jobs, key)
     if job_id is None:
         return None
     await track(services, job_id, policy)
     log.info("job=%s answered from the response cache", job_id)
-    return Submission(job_id, await job_deadline(services, job_id), shared=True)
+    return Submission(job_id, await job_deadline(services, job_id), model, shared=True)
 
 
 async def track(services: Services, job_id: str, policy: CancelPolicy) -> None:
@@ -212,6 +219,7 @@ async def queue_job(
         job.job_id,
         {"job_id": job.job_id, "position": position},
         tenant=tenant,
+        model=job.model,
         shared=bool(key) and services.settings.cache_scope == "global",
         reader=policy is CancelPolicy.ON_DISCONNECT,
         pinned=policy is CancelPolicy.EXPLICIT,
@@ -234,7 +242,7 @@ async def admitted(services: Services, job: CompletionJob) -> bool:
         # Unknown whether it was queued: a job with no stream would be skipped by
         # its worker, so remove the stream rather than leave a job nobody can name.
         with contextlib.suppress(*UNREACHABLE):
-            await services.queue.withdraw(job.job_id)
+            await services.queue.withdraw(job.job_id, job.model)
             await services.jobs.discard(job.job_id)
         raise
 
@@ -249,7 +257,7 @@ async def job_deadline(services: Services, job_id: str) -> float | None:
 
 async def check_access(
     services: Services, caller: Caller, job_id: str, *, own: bool = False
-) -> None:
+) -> JobAccess:
     """Raise JobNotFoundError unless `caller` may see the job: its creator, anyone
     when the API is open, anyone for a job shared through a global cache (reading
     only: `own` asks for its creator, as DELETE does). Another key's job answers
@@ -258,19 +266,23 @@ async def check_access(
     if not access.exists:
         raise JobNotFoundError(job_id)
     if not services.guard.enabled:
-        return
+        return access
     mine = access.tenant == caller.identity
     if not (mine or (access.shared and not own)):
         raise JobNotFoundError(job_id)
+    return access
 
 
-def queue_hooks(services: Services) -> QueueHooks:
-    """What a relay may ask of the queue: a waiting job's position and the live
-    workers, and taking a job that ended unclaimed off the queue."""
+def queue_hooks(services: Services, model: str) -> QueueHooks:
+    """What a relay may ask of its job's queue: the job's position and the live
+    workers of its model, and taking a job that ended unclaimed off the queue."""
 
     async def report(job_id: str) -> dict[str, Any]:
-        position = await queue_position(services.redis, job_id)
+        position = await queue_position(services.redis, model, job_id)
         workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
-        return {"position": position, "workers": len(workers)}
+        return {"position": position, "workers": sum(w.model == model for w in workers)}
 
-    return QueueHooks(report=report, withdraw=services.queue.withdraw)
+    async def withdraw(job_id: str) -> bool:
+        return await services.queue.withdraw(job_id, model)
+
+    return QueueHooks(report=report, withdraw=withdraw)

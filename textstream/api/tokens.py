@@ -19,6 +19,7 @@ from pydantic import Field
 from textstream import __version__
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import InvalidInputError, ServiceError
+from textstream.api.models import resolve_model
 from textstream.api.protocol import Body, ChatMessage
 from textstream.prompts import DEFAULT_CHAT_TEMPLATE
 
@@ -51,8 +52,9 @@ class DetokenizeRequest(Body):
     tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1 << 20)]
 
 
-def tokenizer_of(request: Request) -> tuple[Any, int]:
-    current = services_of(request).prompt_tokens.current()
+async def tokenizer_of(request: Request, model: str | None) -> tuple[Any, int]:
+    services = services_of(request)
+    current = services.prompt_tokens.current(await resolve_model(services, model))
     if current is None:
         raise TokenizerUnavailableError()
     tokenizer, worker = current
@@ -83,7 +85,7 @@ async def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
         and len(body.prompt) > services_of(request).settings.max_prompt_chars
     ):
         raise InvalidInputError("prompt", "the prompt is over MAX_PROMPT_CHARS")
-    tokenizer, window = tokenizer_of(request)
+    tokenizer, window = await tokenizer_of(request, body.model)
     ids = await asyncio.to_thread(encode, tokenizer, body)
     strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": window, "tokens": ids, "token_strs": strs}
@@ -91,7 +93,7 @@ async def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
 
 @router.post("/detokenize")
 async def detokenize(request: Request, body: DetokenizeRequest) -> dict[str, str]:
-    tokenizer, _ = tokenizer_of(request)
+    tokenizer, _ = await tokenizer_of(request, body.model)
     if body.tokens and max(body.tokens) >= len(tokenizer):
         raise InvalidInputError("tokens", f"token ids must be below {len(tokenizer)}")
     return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}

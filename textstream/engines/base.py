@@ -1,8 +1,14 @@
 """What a worker needs from an engine, declared once (as TGI's `Model(ABC)`).
 
 Every backend fills this in, in its own module: `transformers/` (the built-in
-decode loop and its continuous batch) and `fake.py` (no model, for benchmarks).
-The worker (worker/completion.py) sees only this interface.
+decode loop and its continuous batch), `openai.py` (an OpenAI-compatible server
+upstream: vLLM, llama.cpp, Ollama, a hosted API) and `fake.py` (no model, for
+benchmarks). The worker (worker/completion.py) sees only these interfaces.
+
+There are two kinds. An `Engine` generates token ids, which the worker turns
+into text (and which let a takeover continue from exactly the ids published). A
+`TextEngine` yields text pieces (an upstream server has no ids to give); a
+takeover continues from the text already published.
 
 `generate` yields one `Step` per generated token id. It stops on an end-of-text id
 (finish_reason "stop"), after `params.max_new_tokens` or at the context window
@@ -15,9 +21,10 @@ is the caller's to reduce.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeGuard
 
-from textstream.job import PromptFormat, SamplingParams, Step
+from textstream.job import CompletionJob, PromptFormat, SamplingParams, Step
 
 
 class PromptTooLongError(ValueError):
@@ -62,7 +69,9 @@ class Engine(Protocol):
 
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def encode_chat(
+        self, messages: list[dict[str, str]], continue_final: bool = False
+    ) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -73,3 +82,54 @@ class Engine(Protocol):
         should_stop: Callable[[], bool] = ...,
         generated: int = 0,
     ) -> Generator[Step]: ...
+
+
+@dataclass
+class TextStep:
+    """A piece of text from a TextEngine; the last one has `finish_reason`, and
+    `usage` when the engine knows it ({"prompt_tokens", "completion_tokens"})."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+
+
+class UpstreamError(RuntimeError):
+    """The engine's upstream refused or failed for good (retries are the engine's):
+    the job ends with an `upstream_error` event."""
+
+
+class TextEngine(Protocol):
+    produces_text: Literal[True]
+    name: str
+    source: str
+    context_length: int
+    prompt_format: PromptFormat
+    load_seconds: float
+
+    @property
+    def device(self) -> object: ...
+
+    @property
+    def peak_batch(self) -> int: ...
+
+    def start_batching(self) -> bool: ...
+
+    def generate_text(
+        self,
+        job: CompletionJob,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        resume_text: str = "",
+    ) -> Generator[TextStep]:
+        """Text of the completion after `resume_text` (what earlier attempts
+        published), piece by piece, closing its upstream request as soon as
+        `should_stop()` is true between two pieces."""
+        ...
+
+
+AnyEngine = Engine | TextEngine
+
+
+def is_text_engine(engine: Any) -> TypeGuard[TextEngine]:
+    return bool(getattr(engine, "produces_text", False))

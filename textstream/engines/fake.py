@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Generator
 
 from textstream.job import PromptFormat, SamplingParams, Step
+from textstream.sources import served_name
 
 WORDS = [
     "The",
@@ -77,7 +78,7 @@ class FakeEngine:
         _, _, rate = spec.partition(":")
         self.rate = float(rate) if rate else 50.0
         self.tokenizer = FakeTokenizer()
-        self.name = f"fake-{self.rate:g}tps"
+        self.name = served_name(spec)
         self.source = spec
         self.device = "cpu"
         self.prompt_format: PromptFormat = "raw"
@@ -91,7 +92,9 @@ class FakeEngine:
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]:
         return self.tokenizer.encode(prompt)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, str]], continue_final: bool = False
+    ) -> list[int]:
         return self.tokenizer.encode(" ".join(m["content"] for m in messages))
 
     def decode(self, ids: list[int]) -> str:

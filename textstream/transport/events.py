@@ -107,6 +107,7 @@ class JobAccess:
     exists: bool
     tenant: str | None
     shared: bool
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +201,7 @@ class JobEvents:
         data: dict[str, Any],
         *,
         tenant: str,
+        model: str = "",
         shared: bool = False,
         reader: bool = False,
         pinned: bool = False,
@@ -217,6 +219,7 @@ class JobEvents:
                 "1" if reader else "0",
                 "1" if pinned else "0",
                 cache_key or "",
+                model,
             ],
         )
         return bool(entry_id)
@@ -229,9 +232,14 @@ class JobEvents:
     async def access(self, job_id: str) -> JobAccess:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.exists(keys.job_events(job_id))
-            pipe.hmget(keys.job_state(job_id), "tenant", "shared")
-            exists, (tenant, shared) = await pipe.execute()
-        return JobAccess(bool(exists), None if tenant is None else _text(tenant), bool(shared))
+            pipe.hmget(keys.job_state(job_id), "tenant", "shared", "model")
+            exists, (tenant, shared, model) = await pipe.execute()
+        return JobAccess(
+            bool(exists),
+            None if tenant is None else _text(tenant),
+            bool(shared),
+            "" if model is None else _text(model),
+        )
 
     async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
         """Write as no worker (the `queued` event, a timeout): refused once ended."""
@@ -290,8 +298,10 @@ class JobEvents:
     async def exists(self, job_id: str) -> bool:
         return bool(await self.client.exists(keys.job_events(job_id)))
 
-    async def history(self, job_id: str) -> list[JobEvent]:
-        return [parse_entry(i, f) for i, f in await self.client.xrange(keys.job_events(job_id))]
+    async def history(self, job_id: str, until: str = "+") -> list[JobEvent]:
+        """The job's events, all of them or up to (and including) id `until`."""
+        entries = await self.client.xrange(keys.job_events(job_id), max=until)
+        return [parse_entry(i, f) for i, f in entries]
 
     async def read_batches(
         self, job_id: str, *, after: str = START_ID, block_ms: int = 5000

@@ -107,6 +107,12 @@ class ReadMux:
         lane = await self._lane_for(key)
         return await lane.read(key, last_id, block_ms)
 
+    def interrupt(self) -> None:
+        """Hand every waiting reader an empty read now (the process is stopping:
+        each relay then sees it at once, instead of when its wait times out)."""
+        for lane in list(self._lanes.values()):
+            lane.interrupt()
+
     async def close(self) -> None:
         lanes, self._lanes = list(self._lanes.values()), {}
         for lane in lanes:
@@ -207,6 +213,14 @@ class _Lane:
             return []
         finally:
             self._forget(waiter)
+
+    def interrupt(self) -> None:
+        """Hand every waiting reader an empty read now (the process is stopping:
+        each relay then sees it at once, instead of when its wait times out)."""
+        for waiting in list(self._waiters.values()):
+            for waiter in waiting:
+                if not waiter.future.done():
+                    waiter.future.set_result([])
 
     async def close(self) -> None:
         self.closed = True

@@ -106,14 +106,14 @@ return {'cancelled', redis.call('HGET', KEYS[2], 'cache_key') or ''}
 
 
 # KEYS: stream, state. ARGV: data of the `queued` event, maxlen, ttl, tenant, shared,
-# reader, pinned, cache key. A job's first write: its `queued` event and its state
+# reader, pinned, cache key, model. A job's first write: its `queued` event and its state
 # (whose job it is, who may cancel it) in one step, so no reader ever sees a job
 # without an owner. Returns '' if the job already exists (ids are never reused).
 CREATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return '' end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
                       'event', 'queued', 'data', ARGV[1])
-redis.call('HSET', KEYS[2], 'tenant', ARGV[4])
+redis.call('HSET', KEYS[2], 'tenant', ARGV[4], 'model', ARGV[9])
 if ARGV[5] == '1' then redis.call('HSET', KEYS[2], 'shared', '1') end
 if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'readers', '1') end
 if ARGV[7] == '1' then redis.call('HSET', KEYS[2], 'pinned', '1') end

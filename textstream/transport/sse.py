@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from sse_starlette import ServerSentEvent
@@ -37,6 +37,7 @@ from textstream.connections import REDIS_ERRORS
 from textstream.transport.events import (
     REDIS_LOST,
     START_ID,
+    TERMINAL_EVENTS,
     TIMEOUT,
     CancelOutcome,
     EventType,
@@ -46,6 +47,7 @@ from textstream.transport.events import (
     WriteOutcome,
     error_data,
 )
+from textstream.transport.thinking import ThinkSplitter
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,51 @@ def to_sse(event: JobEvent) -> ServerSentEvent:
     """Stored events keep their stream id; status events (empty id) carry none."""
     text = event.raw or json.dumps(event.data, ensure_ascii=False)
     return ServerSentEvent(data=text, event=event.event, id=event.id or None)
+
+
+class Converter(Protocol):
+    """Turns a job's events into what one kind of client reads."""
+
+    def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]: ...
+
+    def catch_up(self, events: list[JobEvent]) -> None:
+        """Events the client already has (it resumes after them): take their state."""
+        ...
+
+
+class NativeEvents:
+    """The native stream: each stored event as it is, except that with
+    `split_thinking` a `<think>` block at the start of the text comes as `thinking`
+    events (thinking.py). A piece that splits in two gives two events; only the
+    last carries the stored event's id, and an event whose text is all held back
+    gives none, so a client resuming from its last id never misses held text."""
+
+    def __init__(self, split_thinking: bool) -> None:
+        self._splitter = ThinkSplitter() if split_thinking else None
+
+    def catch_up(self, events: list[JobEvent]) -> None:
+        for event in events:
+            if self._splitter is not None and event.event == EventType.TOKEN:
+                self._splitter.feed(event.data["text"])
+
+    def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]:
+        splitter = self._splitter
+        if splitter is None or event.event not in (EventType.TOKEN, *TERMINAL_EVENTS):
+            return [to_sse(event)]
+        if event.event == EventType.TOKEN:
+            pieces = splitter.feed(event.data["text"])
+            if pieces == [("answer", event.data["text"])]:
+                return [to_sse(event)]  # the common case: forwarded as stored
+            out = [split_event(kind, text) for kind, text in pieces]
+            if out:
+                out[-1].id = event.id
+            return out
+        return [*(split_event(kind, text) for kind, text in splitter.flush()), to_sse(event)]
+
+
+def split_event(kind: str, text: str) -> ServerSentEvent:
+    name = "thinking" if kind == "thinking" else EventType.TOKEN.value
+    return ServerSentEvent(data=json.dumps({"text": text}, ensure_ascii=False), event=name)
 
 
 def status_event(name: EventType, data: dict[str, Any]) -> JobEvent:
@@ -185,7 +232,7 @@ async def release(relay: Relay) -> None:
 
 
 async def relay_events(
-    relay: Relay, convert: Callable[[JobEvent], Iterable[ServerSentEvent]], after: str = START_ID
+    relay: Relay, converter: Converter, after: str = START_ID
 ) -> AsyncIterator[bytes]:
     """One job's events, each turned into SSE events by `convert`, to the terminal
     one. Owns the cleanup: a client leaving mid-stream releases the job.
@@ -195,9 +242,11 @@ async def relay_events(
     thousand streams on one process) catches up in fewer, larger writes."""
     finished = False
     try:
+        if after != START_ID:
+            converter.catch_up(await relay.jobs.history(relay.job_id, until=after))
         async for batch in relay.batches(after):
             finished = batch[-1].terminal
-            chunk = b"".join(sse.encode() for event in batch for sse in convert(event))
+            chunk = b"".join(sse.encode() for e in batch for sse in converter.convert(e))
             if chunk:
                 yield chunk
     except BaseException:  # CancelledError / GeneratorExit: the client went away
@@ -206,9 +255,11 @@ async def relay_events(
         raise
 
 
-async def stream_job_events(relay: Relay, after: str = START_ID) -> AsyncIterator[bytes]:
-    """The native SSE stream: each job event as it is."""
-    async for chunk in relay_events(relay, lambda event: [to_sse(event)], after):
+async def stream_job_events(
+    relay: Relay, after: str = START_ID, split_thinking: bool = True
+) -> AsyncIterator[bytes]:
+    """The native SSE stream (NativeEvents)."""
+    async for chunk in relay_events(relay, NativeEvents(split_thinking), after):
         yield chunk
 
 

@@ -23,13 +23,20 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from textstream.config import Settings
 from textstream.connections import REDIS_ERRORS, SyncStreamsClient
-from textstream.engines.base import Engine, PromptTooLongError
+from textstream.engines.base import (
+    AnyEngine,
+    Engine,
+    PromptTooLongError,
+    TextEngine,
+    UpstreamError,
+    is_text_engine,
+)
 from textstream.job import CompletionJob
 from textstream.logs import redact
 from textstream.metrics import JobTimings, record_job
@@ -60,7 +67,7 @@ class TokenPublisher:
     def __init__(
         self,
         writer: EventWriter,
-        detokenizer: IncrementalDetokenizer,
+        detokenizer: IncrementalDetokenizer | None,
         stops: StopMatcher,
         skip_chars: int = 0,
         on_token: Callable[[], None] = lambda: None,
@@ -71,6 +78,10 @@ class TokenPublisher:
         self._stops = stops
         self._skip = skip_chars  # already delivered by the worker we took over from
         self._pending: list[int] = []  # ids whose text is not yet fully released
+        #: Pieces a text engine gave (its stand-in for a token count).
+        self.pieces = 0
+        #: The text this attempt released (for LOG_PROMPTS).
+        self.released = ""
 
     @property
     def stopped(self) -> bool:
@@ -78,11 +89,18 @@ class TokenPublisher:
 
     @property
     def ids(self) -> list[int]:
-        return self._detokenizer.ids
+        return self._detokenizer.ids if self._detokenizer is not None else []
 
     def add(self, token_id: int) -> None:
+        assert self._detokenizer is not None
         self._pending.append(token_id)
         piece = self._detokenizer.add(token_id)
+        if piece:
+            self._release(self._stops.feed(piece))
+
+    def add_text(self, piece: str) -> None:
+        """A piece from a text engine: no ids, already whole characters."""
+        self.pieces += 1
         if piece:
             self._release(self._stops.feed(piece))
 
@@ -96,6 +114,7 @@ class TokenPublisher:
             text, self._skip = text[skipped:], self._skip - skipped
         if not text:
             return
+        self.released += text
         complete = not self._stops.held
         self._writer.write(EventType.TOKEN, {"text": text}, self._pending if complete else ())
         self._on_token()
@@ -112,7 +131,7 @@ class CompletionRunner:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: AnyEngine,
         client: redis.Redis,
         settings: Settings,
         heartbeat: WorkerHeartbeat,
@@ -173,7 +192,7 @@ class CompletionRunner:
             )
         self._heartbeat.info.peak_batch = self._engine.peak_batch
         try:
-            record_job(self._client, timings, success=result["status"] == "done")
+            record_job(self._client, timings, result["status"] == "done", self._engine.name)
             self._heartbeat.beat()  # /workers and /metrics see the new rate at once
         except redis.RedisError as exc:
             log.warning("could not record metrics: %s", exc)
@@ -188,46 +207,57 @@ class CompletionRunner:
         return {"status": "error", "error": data["error"]["type"]}
 
     def _start(
-        self, job: CompletionJob, writer: EventWriter, history: list[JobEvent]
-    ) -> tuple[list[int], int]:
-        """Claim the job (`started`, or `resumed` after a takeover); return the ids
-        published by earlier attempts, and how many characters past their text the
-        client has already received."""
-        tokens = [event for event in history if event.event == EventType.TOKEN]
-        published = [i for event in tokens for i in event.token_ids]
-        delivered = sum(len(event.data["text"]) for event in tokens)
-        skip_chars = max(0, delivered - len(self._engine.decode(published)))
+        self, job: CompletionJob, writer: EventWriter, history: list[JobEvent], published: int
+    ) -> bool:
+        """Claim the job (`started`, or `resumed` after a takeover, after `published`
+        tokens); False if it may not go on (cancelled, or no longer ours)."""
         resumed = any(e.event in (EventType.STARTED, EventType.RESUMED) for e in history)
         data: dict[str, Any] = {"worker": self._heartbeat.info.worker_id}
         if resumed:
-            data["completion_tokens"] = len(published)
-            log.warning("job=%s taken over after %d tokens", job.job_id, len(published))
+            data["completion_tokens"] = published
+            log.warning("job=%s taken over after %d tokens", job.job_id, published)
         else:
             data["queue_seconds"] = (
                 round(time.time() - job.enqueued_at, 4) if job.enqueued_at else None
             )
         writer.write(EventType.RESUMED if resumed else EventType.STARTED, data, claim=True)
-        return published, skip_chars
+        return not (writer.cancel_requested or writer.lost_job)
 
     def _generate(
         self, job: CompletionJob, writer: EventWriter, timings: JobTimings
     ) -> dict[str, Any]:
-        engine, started = self._engine, time.perf_counter()
         history = writer.history()
         if any(event.terminal for event in history):
             return {"status": "skipped"}  # cancelled or timed out before it ran
         if job.expired(time.time()):
             return self._fail(job, writer, TIMEOUT)
+        if is_text_engine(self._engine):
+            return self._run_text(self._engine, job, writer, timings, history)
+        return self._run_tokens(cast(Engine, self._engine), job, writer, timings, history)
+
+    def _should_stop(self, job: CompletionJob, writer: EventWriter) -> Callable[[], bool]:
+        return lambda: writer.should_stop or job.expired(time.time())
+
+    def _run_tokens(
+        self,
+        engine: Engine,
+        job: CompletionJob,
+        writer: EventWriter,
+        timings: JobTimings,
+        history: list[JobEvent],
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
         prompt_ids = (
-            engine.encode_chat(job.messages)
+            engine.encode_chat(job.messages, job.continue_final)
             if job.messages
             else engine.encode_prompt(job.prompt, job.prompt_format)
         )
-        published, skip_chars = self._start(job, writer, history)
-        if writer.cancel_requested:
-            return self._fail(job, writer, CANCELLED)
-        if writer.lost_job:
-            return {"status": writer.outcome.value}
+        tokens = [event for event in history if event.event == EventType.TOKEN]
+        published = [i for event in tokens for i in event.token_ids]
+        delivered = sum(len(event.data["text"]) for event in tokens)
+        skip_chars = max(0, delivered - len(engine.decode(published)))
+        if not self._start(job, writer, history, len(published)):
+            return self._stopped_at_start(job, writer)
 
         publisher = TokenPublisher(
             writer,
@@ -240,10 +270,7 @@ class CompletionRunner:
         params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
         finish_reason: str | None = "length" if remaining <= 0 else None
         steps = engine.generate(
-            prompt_ids + published,
-            params,
-            lambda: writer.should_stop or job.expired(time.time()),
-            generated=len(published),
+            prompt_ids + published, params, self._should_stop(job, writer), len(published)
         )
         for step in steps if remaining > 0 else ():
             publisher.add(step.token_id)
@@ -251,31 +278,90 @@ class CompletionRunner:
             if publisher.stopped:
                 break
         steps.close()  # a stop string matched: free its batch slot now, not at GC
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(publisher.ids)}
+        return self._finish(job, writer, publisher, finish_reason, usage, timings, started)
+
+    def _run_text(
+        self,
+        engine: TextEngine,
+        job: CompletionJob,
+        writer: EventWriter,
+        timings: JobTimings,
+        history: list[JobEvent],
+    ) -> dict[str, Any]:
+        """A text engine continues after all the text already published (no ids,
+        nothing held back to regenerate)."""
+        started = time.perf_counter()
+        tokens = [event for event in history if event.event == EventType.TOKEN]
+        delivered = "".join(event.data["text"] for event in tokens)
+        if not self._start(job, writer, history, len(tokens)):
+            return self._stopped_at_start(job, writer)
+        publisher = TokenPublisher(
+            writer, None, StopMatcher(job.params.stop), on_token=timings.token
+        )
+        remaining = job.params.max_new_tokens - len(tokens)
+        params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
+        finish_reason: str | None = "length" if remaining <= 0 else None
+        upstream: dict[str, int] | None = None
+        steps = engine.generate_text(job, params, self._should_stop(job, writer), delivered)
+        try:
+            for step in steps if remaining > 0 else ():
+                publisher.add_text(step.text)
+                upstream = step.usage or upstream
+                finish_reason = "stop" if publisher.stopped else step.finish_reason or finish_reason
+                if publisher.stopped:
+                    break
+        except UpstreamError as exc:
+            log.warning("job=%s upstream failed: %s", job.job_id, exc)
+            return self._fail(job, writer, error_data("upstream_error", str(exc)[:500]))
+        finally:
+            steps.close()  # closes the upstream stream: the upstream stops generating
+        # The upstream counts tokens; after a takeover, its prompt held the text
+        # published before, which the completion counts instead.
+        before = len(tokens)
+        usage = {
+            "prompt_tokens": max(0, (upstream or {}).get("prompt_tokens", 0) - before),
+            "completion_tokens": before
+            + (upstream or {}).get("completion_tokens", publisher.pieces),
+        }
+        return self._finish(job, writer, publisher, finish_reason, usage, timings, started)
+
+    def _stopped_at_start(self, job: CompletionJob, writer: EventWriter) -> dict[str, Any]:
+        if writer.cancel_requested:
+            return self._fail(job, writer, CANCELLED)
+        return {"status": writer.outcome.value}
+
+    def _finish(
+        self,
+        job: CompletionJob,
+        writer: EventWriter,
+        publisher: TokenPublisher,
+        finish_reason: str | None,
+        usage: dict[str, int],
+        timings: JobTimings,
+        started: float,
+    ) -> dict[str, Any]:
+        """End the job as its generation ended: done, cancelled, taken away, timed out."""
         if finish_reason is not None and not writer.should_stop:
             publisher.flush()
-
         if writer.lost_job:
             log.warning("job=%s stopped: %s", job.job_id, writer.outcome.value)
             return {"status": writer.outcome.value}
         if writer.cancel_requested:
-            log.info("job=%s cancelled after %d tokens", job.job_id, len(publisher.ids))
+            log.info("job=%s cancelled after %d tokens", job.job_id, usage["completion_tokens"])
             return self._fail(job, writer, CANCELLED)
         if finish_reason is None:  # stopped between steps: the deadline passed
             return self._fail(job, writer, TIMEOUT)
-
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(publisher.ids)}
-        timings.prompt_tokens, timings.completion_tokens = (
-            usage["prompt_tokens"],
-            usage["completion_tokens"],
-        )
-        writer.write(
-            EventType.DONE, {"finish_reason": finish_reason, "model": engine.name, "usage": usage}
-        )
-        self._log_done(job, finish_reason, usage, time.perf_counter() - started, publisher.ids)
+        timings.prompt_tokens = usage["prompt_tokens"]
+        timings.completion_tokens = usage["completion_tokens"]
+        data = {"finish_reason": finish_reason, "model": self._engine.name, "usage": usage}
+        writer.write(EventType.DONE, data)
+        seconds = time.perf_counter() - started
+        self._log_done(job, finish_reason, usage, seconds, publisher.released)
         return {"status": "done", "finish_reason": finish_reason, "usage": usage}
 
     def _log_done(
-        self, job: CompletionJob, finish: str, usage: dict[str, int], seconds: float, ids: list[int]
+        self, job: CompletionJob, finish: str, usage: dict[str, int], seconds: float, text: str
     ) -> None:
         log.info(
             "job=%s done finish=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f "
@@ -287,5 +373,5 @@ class CompletionRunner:
             seconds,
             usage["completion_tokens"] / seconds if seconds else 0.0,
             redact(job.prompt, self._settings),
-            redact(self._engine.decode(ids), self._settings),
+            redact(text, self._settings),
         )

@@ -46,6 +46,8 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
     except ModelLoadError as exc:
         log.error("worker cannot start: %s", exc)
         return EXIT_MODEL_LOAD_FAILED
+    if settings.served_model_name:
+        engine.name = settings.served_model_name  # what clients name in `model`
     batching = concurrency > 1 and settings.batching == "auto" and engine.start_batching()
 
     server_id = new_server_id()
@@ -70,7 +72,7 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
     streams = client if settings.streams_shared else sync_streams_client(settings)
     flusher = StreamFlusher(streams, settings.stream_flush_ms) if settings.stream_flush_ms else None
     runner = CompletionRunner(engine, client, settings, heartbeat, streams, flusher)
-    mq = create_worker_modelq(settings, server_id, runner.run)
+    mq = create_worker_modelq(settings, server_id, engine.name, runner.run)
     mq.start_workers(concurrency)
     heartbeat.start()
     log.info(

@@ -3,30 +3,33 @@
 Each of the worker's ModelQ threads (its `--concurrency`, the batch slots) still
 runs one job and iterates `engine.generate()`, but with batching on that call
 hands the request to the `Batcher`'s own thread and reads its tokens back from a
-queue. The batcher thread runs the decode loop for every running request at once:
+queue. The batcher thread runs every request's forward passes (passes.py):
 
     loop:
         drop requests whose reader left (cancelled, stop string, deadline)
-        prefill each request that arrived (alone: B=1), sample its first token,
-        and merge its KV cache into the batch's
-        one forward pass for the whole batch, one new token per request
+        prefill: the waiting prompts, together, one chunk each (one pass)
+        decode: one pass for every running request, one new token each
         hand each token to its request's queue; drop the ones that finished
 
+Prefill. Requests that arrive together are prefilled together: the prompts
+waiting at a step form a group, padded into one forward pass, as many as fit
+PREFILL_CHUNK_TOKENS (rows x padded length). A longer prompt goes in chunks of
+that many tokens, one chunk per loop, so the running streams get a token between
+any two chunks instead of waiting for a whole long prefill. A request whose last
+chunk is done samples its first token and moves to the decode batch; prompts
+that arrive meanwhile form the next group.
+
+Each request's KV cache is one row of a `SlotCache` (kvcache.py): the prefill
+group's, then the decode batch's (its row is copied over once). Rows need no
+alignment, since each has its own positions and mask row, so a request's logits
+are the same as when it runs alone, up to float rounding. A request that leaves
+frees its row; the batch's last row moves into its place.
+
 Requests join and leave between any two steps; each keeps its own sampling
-parameters, random generator, penalty history, token budget and stop ids.
-
-The batch's KV cache is a plain transformers `DynamicCache` of shape
-(B, heads, L, head_dim) per layer. Sequences of different lengths are aligned
-to the right: a shorter one has zero keys on its left, masked out by the
-attention mask (B, L), and each row gets its own position ids, so a request's
-logits are the same as when it runs alone, up to float rounding. Left columns
-that no remaining row uses are trimmed when requests leave.
-
-Prefill is not chunked: a long prompt joining delays the running streams by its
-prefill time. Prompts in this service are bounded by MAX_PROMPT_CHARS.
-
-Sampling is sampling.py's, the same as the one-request loop's: the engine sets up
-each request's `Sequence` and hands it here.
+parameters, random generator, penalty history, token budget and stop ids
+(sampling.py's `Sequence`, the same as the one-request loop's). One request's
+failure ends that request alone (`_isolated`): its sampling, or its prefill, whose
+group is then prefilled again one request at a time.
 """
 
 from __future__ import annotations
@@ -37,25 +40,15 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from textstream.engines.transformers.kvcache import SlotCache
+from textstream.engines.transformers.passes import Passes
 from textstream.engines.transformers.sampling import Sequence
 from textstream.job import Step
 
 log = logging.getLogger(__name__)
-
-
-def supports_batching(model: Any, device: torch.device, probe_token: int) -> bool:
-    """Only caches made of plain full-attention layers can be padded and merged."""
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([[probe_token]], device=device), use_cache=True)
-    cache = out.past_key_values
-    return isinstance(cache, DynamicCache) and all(
-        type(layer) is DynamicLayer for layer in cache.layers
-    )
 
 
 @dataclass(eq=False)
@@ -64,25 +57,35 @@ class _Request:
     #: Steps for the reader; an exception if the batch failed.
     out: queue.SimpleQueue[Step | BaseException] = field(default_factory=queue.SimpleQueue)
     produced: int = 0
-    #: Positions in the cache that hold this request's tokens (its next position id).
+    #: Tokens of this request in its cache row (its next position id).
     length: int = 0
     last_token: int = 0
     finished: bool = False
     #: Set by the reader: it stopped reading (cancel, stop string, deadline).
     left: bool = False
+    #: Prefilled alone: its group's batched prefill failed once.
+    solo: bool = False
+
+    @property
+    def gone(self) -> bool:
+        return self.finished or self.left
 
 
 class Batcher:
     """The running batch of one model, driven by a daemon thread of its own."""
 
-    def __init__(self, model: Any, device: torch.device) -> None:
-        self._model = model
-        self._device = device
+    def __init__(self, passes: Passes, prefill_tokens: int) -> None:
+        self._passes = passes
+        self._prefill_tokens = max(1, prefill_tokens)
         self._arrived: deque[_Request] = deque()
         self._wake = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        #: The prefill group: row i of `_group_cache` is `_group[i]`'s.
+        self._group: list[_Request] = []
+        self._group_cache: SlotCache = passes.new_cache()
+        #: The decode batch: row i of `_cache` is `_running[i]`'s.
         self._running: list[_Request] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (B, L): 1 where a row has a token
+        self._cache: SlotCache = passes.new_cache()
         #: Most requests ever decoded in one step (reported in /workers).
         self.peak = 0
         self.steps = 0
@@ -113,15 +116,17 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._arrived and not self._running:
+                while not (self._arrived or self._waiting or self._group or self._running):
                     self._wake.wait()
-                arrived = list(self._arrived)
+                self._waiting.extend(self._arrived)
                 self._arrived.clear()
             with torch.inference_mode():
-                self._drop_finished()
-                for request in arrived:
-                    if not request.left:
-                        self._isolated(request, self._prefill, "prefill")
+                self._running = _compact(self._cache, self._running)
+                self._group = _compact(self._group_cache, self._group)
+                if not self._group:
+                    self._form_group()
+                if self._group:
+                    self._prefill_chunk()
                 try:
                     self._decode()
                 except Exception as exc:  # e.g. out of memory: the whole step failed
@@ -130,7 +135,7 @@ class Batcher:
                     )
                     for request in self._running:
                         request.out.put(exc)
-                    self._running, self._cache, self._mask = [], None, None
+                    self._running, self._cache = [], self._passes.new_cache()
 
     def _isolated(self, request: _Request, work: Callable[[_Request], None], what: str) -> None:
         """Run one request's own work (its prefill, its sampling): if it fails, that
@@ -152,49 +157,82 @@ class Batcher:
         request.out.put(Step(token, finish))
         request.last_token, request.finished = token, finish is not None
 
-    def _prefill(self, request: _Request) -> None:
-        """Run the prompt alone, emit its first token, and merge it into the batch."""
-        ids = torch.tensor([request.sequence.prompt_ids], device=self._device)  # (1, T)
-        out = self._model(input_ids=ids, use_cache=True)
-        request.length = ids.shape[1]
-        self._emit(request, out.logits[0, -1, :])
-        if request.finished:
-            return
-        self._merge(out.past_key_values, request.length)
-        self._running.append(request)
+    # -- prefill ------------------------------------------------------------------
 
-    def _merge(self, cache: DynamicCache, length: int) -> None:
-        """Add one sequence's cache (1, H, length, D) per layer as the batch's last row,
-        padding on the left whichever side is shorter."""
-        ones = torch.ones((1, length), dtype=torch.long, device=self._device)
-        if self._cache is None or self._mask is None:
-            self._cache, self._mask = cache, ones
+    def _form_group(self) -> None:
+        """Take waiting requests, in arrival order, while their first chunks fit
+        PREFILL_CHUNK_TOKENS padded together (at least one). A request whose
+        group failed before is prefilled alone."""
+        budget, width = self._prefill_tokens, 0
+        group: list[_Request] = []
+        while self._waiting:
+            request = self._waiting[0]
+            if request.left:
+                self._waiting.popleft()
+                continue
+            grown = max(width, min(len(request.sequence.prompt_ids), budget))
+            if group and (request.solo or group[0].solo or (len(group) + 1) * grown > budget):
+                break
+            group.append(self._waiting.popleft())
+            width = grown
+        if not group:
             return
-        width = max(self._mask.shape[1], length)
-        for layer, new in zip(self._cache.layers, cache.layers, strict=True):
-            layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(new.keys, width)])
-            layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(new.values, width)])
-        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(ones, width)])
+        longest = max(len(r.sequence.prompt_ids) for r in group)
+        self._group_cache.reserve(len(group), longest)
+        for row, request in enumerate(group):
+            request.length = 0
+            self._group_cache.clear(row)  # stale values of an earlier group
+        self._group = group
+
+    def _prefill_chunk(self) -> None:
+        """One pass for the group: each row's next chunk (they all advance together).
+        Rows whose prompt is done sample their first token and join the batch."""
+        group, offset = self._group, self._group[0].length
+        remaining = max(len(r.sequence.prompt_ids) for r in group) - offset
+        size = min(remaining, max(1, self._prefill_tokens // len(group)))
+        chunks = [r.sequence.prompt_ids[offset : offset + size] for r in group]
+        try:
+            logits = self._passes.prefill(self._group_cache, chunks, [offset] * len(group))
+        except Exception as exc:
+            self._prefill_failed(exc)
+            return
+        done: set[int] = set()
+        for row, (request, chunk) in enumerate(zip(group, chunks, strict=True)):
+            request.length = offset + len(chunk)
+            if request.left or request.length < len(request.sequence.prompt_ids):
+                continue
+            done.add(row)
+            self._emit(request, logits[row])
+            if not request.finished:
+                self._cache.take(self._group_cache, row, len(self._running), request.length)
+                self._running.append(request)
+        self._group = _compact(self._group_cache, group, lambda row, r: row in done or r.gone)
+
+    def _prefill_failed(self, exc: Exception) -> None:
+        """A group's pass raised: a lone request ends with the error; a group goes
+        back to the front of the queue, each to be prefilled alone, so that only the
+        request that fails ends."""
+        group, self._group = self._group, []
+        if len(group) == 1:
+            log.warning("prefill failed for one request: %s", type(exc).__name__)
+            group[0].out.put(exc)
+            group[0].finished = True
+            return
+        log.warning("prefill of %d requests failed (%s); again one at a time", len(group), exc)
+        for request in reversed(group):
+            request.solo = True
+            self._waiting.appendleft(request)
+
+    # -- decode -------------------------------------------------------------------
 
     def _decode(self) -> None:
         """One forward pass for every running request: (B, 1) in, (B, V) out."""
-        running = self._running
-        if not running or self._cache is None or self._mask is None:
+        running = self._running = _compact(self._cache, self._running)
+        if not running:
             return
-        device = self._device
-        tokens = torch.tensor([[r.last_token] for r in running], device=device)
-        positions = torch.tensor([[r.length] for r in running], device=device)
-        self._mask = torch.cat(
-            [self._mask, torch.ones((len(running), 1), dtype=torch.long, device=device)], dim=1
+        logits = self._passes.decode(
+            self._cache, [r.last_token for r in running], [r.length for r in running]
         )
-        out = self._model(
-            input_ids=tokens,
-            attention_mask=self._mask,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1, :]  # (B, V)
         self.peak, self.steps = max(self.peak, len(running)), self.steps + 1
         # Plain greedy rows (the common case) share one argmax and one device sync.
         plain = [i for i, r in enumerate(running) if r.sequence.plain_greedy]
@@ -205,32 +243,22 @@ class Batcher:
                 self._hand_over(request, greedy[i])
             else:
                 self._emit(request, logits[i])
-        self._drop_finished()
-
-    def _drop_finished(self) -> None:
-        """Remove finished and abandoned rows; trim left columns no row uses."""
-        keep = [i for i, r in enumerate(self._running) if not (r.finished or r.left)]
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[i] for i in keep]
-        if not keep or self._cache is None or self._mask is None:
-            self._running, self._cache, self._mask = [], None, None
-            return
-        rows = torch.tensor(keep, device=self._device)
-        mask = self._mask.index_select(0, rows)
-        start = int(mask.any(dim=0).nonzero()[0])  # first column some row still uses
-        self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, rows)[:, :, start:, :]
-            layer.values = layer.values.index_select(0, rows)[:, :, start:, :]
 
 
-def _pad_left(tensor: torch.Tensor, width: int) -> Any:
-    """Zero-pad dimension 2 (KV: (B, H, L, D)) or 1 (mask: (B, L)) on the left to `width`."""
-    dim = 2 if tensor.dim() == 4 else 1
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+def _compact(
+    cache: SlotCache,
+    rows: list[_Request],
+    drop: Callable[[int, _Request], bool] = lambda row, request: request.gone,
+) -> list[_Request]:
+    """Drop the rows `drop` names (by default finished and abandoned requests); the
+    last rows move into their places."""
+    dropped = [drop(row, request) for row, request in enumerate(rows)]
+    kept = len(rows) - sum(dropped)
+    if kept == len(rows):
+        return rows
+    holes = [row for row in range(kept) if dropped[row]]
+    movers = [row for row in range(kept, len(rows)) if not dropped[row]]
+    for hole, mover in zip(holes, movers, strict=True):
+        cache.move(mover, hole)
+        rows[hole] = rows[mover]
+    return rows[:kept]

@@ -5,7 +5,11 @@ The decode loop is written out (nanoGPT style) rather than calling
 stop (cancellation, deadlines) between any two tokens, and no thread hand-off sits
 between a token and its publication. `start_batching()` switches generate() to a
 shared continuous batch (batching.py): one forward pass per step for every running
-request. Sampling (sampling.py) is the same in both loops.
+request. Both loops run the same forward passes (passes.py: chunked prefill, a
+decode step that may be compiled) on the same kind of preallocated KV cache
+(kvcache.py), so a request alone is a batch of one; sampling (sampling.py) is
+the same in both. A model whose cache cannot live in slots (sliding-window or
+recurrent layers) gets transformers' own cache, one request at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from textstream.engines.transformers.batching import Batcher, supports_batching
+from textstream.engines.transformers.batching import Batcher
+from textstream.engines.transformers.passes import Passes, supports_slots
 from textstream.engines.transformers.sampling import Sequence, start_sequence
 from textstream.job import PromptFormat, SamplingParams, Step
 from textstream.prompts import encode_chat, encode_prompt
@@ -38,6 +43,8 @@ class TransformersEngine:
         prompt_format: PromptFormat = "auto",
         load_seconds: float = 0.0,
         source: str = "",
+        prefill_chunk_tokens: int = 256,
+        compile_decode: str = "off",
     ) -> None:
         self.model = model
         self.source = source
@@ -52,18 +59,32 @@ class TransformersEngine:
         )
         self.context_length = int(window or 2048)
         self.stop_ids = self._stop_ids(model, tokenizer)
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        head = model.get_output_embeddings()  # nn.Linear, or quantize.Int8Linear
+        self.vocab_size = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.compile_decode = compile_decode
+        self.passes = Passes(model, device, self.context_length) if supports_slots(model) else None
         self.batcher: Batcher | None = None
+
+    def warm_up(self) -> None:
+        """One short generation, so the first request does not pay for first-call
+        set-up (thread pools, kernel selection); then start compiling the decode
+        step if COMPILE asks for it (passes.py)."""
+        params = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+        for _ in self.generate([self.tokenizer.eos_token_id or 0] * 4, params):
+            pass
+        if self.passes is not None and self.compile_decode != "off":
+            self.passes.compile_decode(background=self.compile_decode == "background")
 
     def start_batching(self) -> bool:
         """Serve concurrent generate() calls from one running batch (batching.py).
 
         Returns False, and stays one-request-at-a-time, for a model whose KV cache
-        cannot be padded and merged (sliding-window or recurrent layers)."""
-        if not supports_batching(self.model, self.device, self.tokenizer.eos_token_id or 0):
+        cannot live in slots (sliding-window or recurrent layers)."""
+        if self.passes is None:
             log.warning("model %s cannot be batched here; serving one request at a time", self.name)
             return False
-        self.batcher = Batcher(self.model, self.device)
+        self.batcher = Batcher(self.passes, self.prefill_chunk_tokens)
         return True
 
     @property
@@ -88,8 +109,10 @@ class TransformersEngine:
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]:
         return encode_prompt(self.tokenizer, prompt, prompt_format, self.prompt_format)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+    def encode_chat(
+        self, messages: list[dict[str, str]], continue_final: bool = False
+    ) -> list[int]:
+        return encode_chat(self.tokenizer, messages, continue_final)
 
     def decode(self, ids: list[int]) -> str:
         return str(
@@ -123,14 +146,35 @@ class TransformersEngine:
         sequence = self.start(prompt_ids, params, generated)
         if self.batcher is not None:
             return self.batcher.generate(sequence, should_stop)
-        alone: Generator[Step] = self._generate_alone(sequence, should_stop)
+        loop = self._generate_alone if self.passes is not None else self._generate_plain
+        alone: Generator[Step] = loop(sequence, should_stop)
         return alone
 
     @torch.inference_mode()  # type: ignore[untyped-decorator]  # torch wraps generators per step
     def _generate_alone(
         self, sequence: Sequence, should_stop: Callable[[], bool]
     ) -> Generator[Step]:
-        """The one-request KV-cached decode loop."""
+        """The one-request decode loop: a batch of one, without the batcher thread."""
+        assert self.passes is not None
+        prompt, chunk = sequence.prompt_ids, max(1, self.prefill_chunk_tokens)
+        cache = self.passes.new_cache(1, len(prompt) + 1)
+        for start in range(0, len(prompt), chunk):
+            logits = self.passes.prefill(cache, [prompt[start : start + chunk]], [start])
+        length = len(prompt)
+        for produced in range(1, sequence.budget + 1):
+            token = sequence.choose(logits[0])  # logits: (1, V)
+            finish = sequence.finish_reason(token, produced)
+            yield Step(token, finish)
+            if finish is not None or should_stop():
+                return
+            logits = self.passes.decode(cache, [token], [length])
+            length += 1
+
+    @torch.inference_mode()  # type: ignore[untyped-decorator]  # torch wraps generators per step
+    def _generate_plain(
+        self, sequence: Sequence, should_stop: Callable[[], bool]
+    ) -> Generator[Step]:
+        """transformers' own KV cache, for models the slot cache cannot hold."""
         input_ids = torch.tensor([sequence.prompt_ids], device=self.device)  # (1, T)
         past = None
         for produced in range(1, sequence.budget + 1):

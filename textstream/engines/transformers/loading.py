@@ -1,17 +1,30 @@
 """Loading a Hugging Face causal LM (hub id, directory, .gguf, package file) onto a
-device, with MODEL_FALLBACK when MODEL_ID cannot be loaded."""
+device, with MODEL_FALLBACK when MODEL_ID cannot be loaded.
+
+Each stage logs one line with its elapsed time (probing the Hub, tokenizer,
+weights, writing the converted copy, warm-up), so a slow start says where its
+time goes; progress bars are off, since they garble a log. A GGUF file is
+converted once and then loaded from its converted copy (model_cache.py).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textstream.config import Settings
+from textstream.engines.transformers import model_cache
 from textstream.engines.transformers.engine import TransformersEngine
+from textstream.engines.transformers.quantize import quantize_int8
 from textstream.sources import ModelLoadError, ModelSource, hub_reachable
 
 log = logging.getLogger(__name__)
@@ -31,30 +44,93 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@contextmanager
+def stage(model: str, what: str) -> Iterator[None]:
+    """Log one line when a loading stage ends: what it did and how long it took."""
+    started = time.perf_counter()
+    yield
+    log.info("loading %s: %s in %.1fs", model, what, time.perf_counter() - started)
+
+
+def quiet_progress_bars() -> None:
+    """No progress bars in a worker's log: transformers' and the Hub client's are
+    switched off; the GGUF converter calls tqdm directly, so its name is rebound."""
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # the gguf package is missing: nothing to convert, no bar
+        return
+    if hasattr(gguf_utils, "tqdm"):
+        gguf_utils.tqdm = partial(gguf_utils.tqdm, disable=True)
+
+
+def _load_gguf(source: ModelSource, settings: Settings, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Tokenizer and model of a GGUF file: from its converted copy when there is one,
+    otherwise converted (float32) and then cached for the next start."""
+    assert source.gguf_file is not None
+    gguf = Path(source.path) / source.gguf_file
+    cached = model_cache.find(gguf, settings.model_cache_dir)
+    if cached is not None:
+        try:
+            with stage(source.name, f"tokenizer from the converted copy {cached}"):
+                tokenizer = AutoTokenizer.from_pretrained(cached)
+            with stage(source.name, "weights from the converted copy"):
+                model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+            return tokenizer, model
+        except Exception as exc:  # a damaged copy: convert again and replace it
+            log.warning("converted copy %s cannot be loaded (%s); converting again", cached, exc)
+            model_cache.discard(cached)
+    log.info("loading %s: converting the GGUF file (first start only)", source.name)
+    with stage(source.name, "tokenizer converted from GGUF"):
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    with stage(source.name, "weights dequantized from GGUF"):
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=torch.float32
+        )
+    folder = model_cache.copy_dir(gguf, settings.model_cache_dir)
+    with stage(source.name, f"converted copy written to {folder}"):
+        model_cache.write(model, tokenizer, folder)
+    return tokenizer, model.to(dtype)
+
+
 def _load_from(source: ModelSource, settings: Settings, online: bool) -> TransformersEngine:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if settings.torch_threads and device.type == "cpu":
         torch.set_num_threads(settings.torch_threads)
-    kwargs: dict[str, Any] = {}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
-    if not source.is_local and not online:
-        kwargs["local_files_only"] = True  # use the local cache only; fail fast
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
-    model.to(device)
-    model.eval()
-    return TransformersEngine(
+    if source.gguf_file and settings.model_cache_dir:
+        tokenizer, model = _load_gguf(source, settings, dtype)
+    else:
+        kwargs: dict[str, Any] = {}
+        if source.gguf_file:
+            kwargs["gguf_file"] = source.gguf_file
+        if not source.is_local and not online:
+            kwargs["local_files_only"] = True  # use the local cache only; fail fast
+        with stage(source.name, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        with stage(source.name, f"weights ({dtype})"):
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    with stage(source.name, f"moved to {device}"):
+        model.to(device)
+        model.eval()
+    if settings.quantize == "int8":
+        with stage(source.name, "weights quantized to int8"):
+            quantize_int8(model, device)
+    engine = TransformersEngine(
         model,
         tokenizer,
         name=source.name,
         device=device,
         prompt_format=settings.prompt_format,
-        load_seconds=time.perf_counter() - started,
         source=source.spec,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        compile_decode=settings.compile,
     )
+    with stage(source.name, "warm-up"):
+        engine.warm_up()
+    engine.load_seconds = time.perf_counter() - started
+    return engine
 
 
 def load_transformers(settings: Settings) -> TransformersEngine:
@@ -62,14 +138,21 @@ def load_transformers(settings: Settings) -> TransformersEngine:
 
     Raises ModelLoadError (with both reasons) when nothing could be loaded.
     """
+    quiet_progress_bars()
     specs = [settings.model_id] + ([settings.model_fallback] if settings.model_fallback else [])
     online: bool | None = None
     failures: list[str] = []
     for index, spec in enumerate(specs):
+        if index > 0:
+            log.warning(
+                "MODEL_ID %r could not be loaded; loading MODEL_FALLBACK %r", specs[0], spec
+            )
         try:
             source = ModelSource.parse(spec)
             if not source.is_local and online is None:
-                online = hub_reachable()
+                with stage(spec, "probed the Hugging Face Hub"):
+                    online = hub_reachable()
+                log.info("the Hugging Face Hub is %s", "reachable" if online else "unreachable")
             engine = _load_from(source, settings, bool(online))
         except Exception as exc:  # any loader failure: report it, try the fallback
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

@@ -1,0 +1,148 @@
+"""textstream in front of an engine users already run: the upstream here is a real
+OpenAI-compatible server, a second textstream deployment's /v1 (its own Redis and
+worker), and the relaying workers stream from it through the `openai` SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+from conftest import Service
+from helpers import stream, wait_for
+
+from bench.cluster import service_env, start_redis
+
+PROMPT = "Once upon a time"
+LONG = {"max_new_tokens": 1000, "ignore_eos": True, "prompt_format": "raw"}
+
+
+@pytest.fixture(scope="module")
+def upstream(slow_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    workdir = tmp_path_factory.mktemp("upstream")
+    proc, url = start_redis(workdir)
+    svc = Service(workdir, service_env(url, str(slow_model_dir)), workers=1, concurrency=2)
+    yield svc, redis.Redis.from_url(url)
+    svc.stop()
+    proc.terminate()
+
+
+@pytest.fixture(scope="module")
+def relay(upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Two relaying worker processes, each streaming from the upstream."""
+    up, _ = upstream
+    workdir = tmp_path_factory.mktemp("relay")
+    proc, url = start_redis(workdir)
+    env = service_env(
+        url, f"openai:{up.base}/v1#slow-gpt2", JOB_TIMEOUT="40", UPSTREAM_RETRY_SECONDS="4"
+    )
+    svc = Service(workdir, env, workers=2, concurrency=2)
+    yield svc, redis.Redis.from_url(url)
+    svc.stop()
+    proc.terminate()
+
+
+def upstream_jobs(client: redis.Redis) -> list[list[bytes]]:
+    """Each upstream job's event names, newest last."""
+    streams = sorted(client.keys("textstream:job:*:events"), key=lambda k: client.xrange(k)[0][0])
+    return [[f[b"event"] for _, f in client.xrange(k)] for k in streams]
+
+
+def test_completions_and_chat_through_the_relay_match_the_upstream(upstream, relay):
+    up, _ = upstream
+    rel, _ = relay
+    for client_base in (up.base, rel.base):
+        assert httpx.get(client_base + "/v1/models").json()["data"][0]["id"] == "slow-gpt2"
+    direct = openai.OpenAI(base_url=f"{up.base}/v1", api_key="x", max_retries=0)
+    relayed = openai.OpenAI(base_url=f"{rel.base}/v1", api_key="x", max_retries=0)
+    args = {"model": "slow-gpt2", "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    want = direct.completions.create(**args).choices[0].text
+    got = relayed.completions.create(**args).choices[0].text
+    assert got == want and len(want) > 20
+    pieces = [
+        c.choices[0].text for c in relayed.completions.create(**args, stream=True) if c.choices
+    ]
+    assert "".join(pieces) == want
+    chat = {"model": "slow-gpt2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}
+    assert (
+        relayed.chat.completions.create(**chat, temperature=0).choices[0].message.content
+        == direct.chat.completions.create(**chat, temperature=0).choices[0].message.content
+    )
+    native = stream(rel.base, f"/completion/{PROMPT}", max_new_tokens=40, prompt_format="raw")
+    assert native.text == want and native.last.data["usage"]["completion_tokens"] == 40
+
+
+def test_cancelling_a_relayed_stream_cancels_the_upstream_job(upstream, relay):
+    _, up_redis = upstream
+    rel, _ = relay
+    with httpx.stream("GET", rel.base + f"/completion/{PROMPT}", params=LONG, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: token"):
+                break  # the client leaves
+    wait_for(lambda: upstream_jobs(up_redis)[-1][-1] == b"error", 15, "the upstream job to end")
+    up_job = [k for k in up_redis.keys("textstream:job:*:events")]
+    newest = max(up_job, key=lambda k: up_redis.xrange(k)[0][0])
+    assert b'"cancelled"' in up_redis.xrange(newest)[-1][1][b"data"]
+
+
+def test_a_killed_relaying_worker_is_taken_over_with_identical_text(upstream, relay):
+    up, _ = upstream
+    rel, rel_redis = relay
+    params = {"max_new_tokens": 600, "ignore_eos": True, "prompt_format": "raw"}
+    reference = stream(up.base, f"/completion/{PROMPT}", 60, **params)
+    result: dict[str, Any] = {}
+    reader = threading.Thread(
+        target=lambda: result.update(r=stream(rel.base, f"/completion/{PROMPT}", 90, **params))
+    )
+    reader.start()
+
+    def running_worker() -> int | None:
+        for worker in httpx.get(rel.base + "/workers").json()["workers"]:
+            if worker["busy"]:
+                return int(worker["pid"])
+        return None
+
+    wait_for(lambda: running_worker() is not None, 30, "a relaying worker to take the job")
+    wait_for(
+        lambda: (
+            sum(
+                f[b"event"] == b"token"
+                for k in rel_redis.keys("textstream:job:*:events")
+                for _, f in rel_redis.xrange(k)
+            )
+            > 50
+        ),
+        30,
+        "tokens",
+    )
+    os.kill(running_worker() or 0, signal.SIGKILL)
+    reader.join(90)
+    relayed = result["r"]
+    assert relayed.last.event == "done", relayed.events[-3:]
+    assert relayed.of("resumed")  # another worker continued
+    assert relayed.text == reference.text  # nothing lost, nothing doubled
+
+
+def test_the_upstream_going_away_ends_the_stream_with_a_clear_event(upstream, relay):
+    up, _ = upstream
+    rel, _ = relay
+    result: dict[str, Any] = {}
+    reader = threading.Thread(
+        target=lambda: result.update(r=stream(rel.base, f"/completion/{PROMPT}", 90, **LONG))
+    )
+    reader.start()
+    time.sleep(3)
+    up.api.stop(signal.SIGKILL)  # the upstream API dies mid-stream, and stays dead
+    reader.join(90)
+    ended = result["r"]
+    assert ended.last.event == "error"
+    assert ended.last.data["error"]["type"] == "upstream_error"
+    assert ended.of("token")  # what came before it was delivered

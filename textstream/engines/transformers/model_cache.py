@@ -1,0 +1,98 @@
+"""A converted copy of each GGUF model on disk, so that only the first start pays
+for converting it.
+
+transformers turns a .gguf file into a float model at every load: on 2 cores,
+SmolLM2-135M's weights take ~30 s to dequantize and its tokenizer ~20 s to
+rebuild from the GGUF vocabulary, where the same model saved with
+`save_pretrained` (safetensors, tokenizer.json) loads in under a second. The
+first load of a GGUF file therefore saves what it converted under
+MODEL_CACHE_DIR, in a folder named after the file and a hash of its identity
+(resolved path, size, modification time, transformers' version: a new file or
+a new converter makes a new copy); later starts load that folder instead.
+
+The copy is float32, the values transformers dequantized, so a model loaded from
+it computes exactly what the GGUF load does (the DTYPE setting casts after
+loading, either way). It is written to a temporary folder beside its final
+name and renamed into place: two workers converting at once both finish, one
+rename wins, and nobody ever reads a half-written copy.
+
+Imports nothing heavy, so a process without torch can find a copy (`find`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Files a complete copy has (tokenizer files vary with the tokenizer).
+_REQUIRED = ("config.json", "model.safetensors")
+
+
+def copy_dir(gguf_path: Path, cache_dir: str | Path) -> Path:
+    """Where the converted copy of `gguf_path` lives (whether or not it exists yet)."""
+    import transformers
+
+    resolved = gguf_path.resolve()
+    stat = resolved.stat()
+    identity = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / "converted" / f"{resolved.stem}-{digest}"
+
+
+def find(gguf_path: Path, cache_dir: str | Path) -> Path | None:
+    """The converted copy of `gguf_path`, if a complete one exists."""
+    return _complete(copy_dir(gguf_path, cache_dir))
+
+
+def write(model: Any, tokenizer: Any, folder: Path) -> bool:
+    """Save `model` (float32, dequantized from GGUF) and `tokenizer` as `folder`,
+    atomically. Returns False, and leaves nothing behind, if it could not."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    quantizer = getattr(model, "hf_quantizer", None)
+    quantization = getattr(model.config, "quantization_config", None)
+    try:
+        # The weights are plain float tensors once dequantized, but transformers
+        # refuses to save a model that still names a GGUF quantizer: detach it
+        # for the save (nothing at inference time reads either).
+        model.hf_quantizer = None
+        if quantization is not None:
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if _complete(folder) is None:
+                raise
+            # Another worker renamed its own copy into place first: keep that one.
+        return True
+    except Exception as exc:  # read-only or full disk: serve anyway, convert next time
+        log.warning("could not cache the converted model in %s: %s", folder, exc)
+        return False
+    finally:
+        model.hf_quantizer = quantizer
+        if quantization is not None:
+            model.config.quantization_config = quantization
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _complete(folder: Path) -> Path | None:
+    return folder if all((folder / name).is_file() for name in _REQUIRED) else None
+
+
+def discard(folder: Path) -> None:
+    """Remove a copy that failed to load (it is rebuilt at the next conversion)."""
+    trash = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.broken"
+    try:
+        folder.rename(trash)  # atomic: a concurrent reader sees it whole or not at all
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
