@@ -210,6 +210,7 @@ def local_service(
 ) -> Iterator[str]:
     """Redis, `workers` worker processes and one API, all local; yields the API's
     base URL once the workers are up, and stops everything on the way out."""
+    workdir.mkdir(parents=True, exist_ok=True)
     redis_proc, url = start_redis(workdir)
     settings = service_env(url, model, **{"LOG_LEVEL": "WARNING", **env})
     runner = start_workers(settings, workdir, workers, name="bench-worker", concurrency=concurrency)
