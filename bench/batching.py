@@ -1,7 +1,8 @@
 """Benchmark: continuous batching versus one request at a time, in one process.
 
     python -m bench.batching [--model DIR|ID|package:...] [--device cpu|cuda]
-                             [--levels 1,8,32,64] [--tokens 64]
+                             [--levels 1,8,32,64] [--tokens 64] [--rounds 1]
+                             [--quantize none|int8] [--compile off|start]
 
 For each level N, N threads each generate --tokens greedy tokens (ignore_eos)
 from one loaded model at once, as a worker's N ModelQ threads do:
@@ -9,7 +10,11 @@ from one loaded model at once, as a worker's N ModelQ threads do:
 - `threads`: batching off; the N threads each run their own decode loop on the
   shared model (what `--concurrency N` does with BATCHING=off).
 - `batched`: the engine's continuous batch (BATCHING=on): one forward pass per
-  step for every running request.
+  step for every running request; the prompts waiting at a step are prefilled
+  together, in one pass (PREFILL_CHUNK_TOKENS allowing).
+
+With --rounds R the modes take turns R times and each figure is the median
+(TTFT: the median of the rounds' medians), so a busy machine slows all alike.
 
 Reports aggregate tokens/s (all tokens / wall time), per-stream tokens/s and
 time to first token, and the speed-up of N streams over one. No Redis, no HTTP:
@@ -68,6 +73,23 @@ def run_level(engine: TransformersEngine, streams: int, tokens: int) -> dict[str
     }
 
 
+def load(args: argparse.Namespace, model: str) -> TransformersEngine:
+    return load_transformers(
+        Settings(
+            model_id=model,
+            model_fallback="",
+            device=args.device,
+            torch_threads=args.threads,
+            quantize=args.quantize,
+            compile=args.compile,
+        )
+    )
+
+
+def median_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -77,20 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,8,32,64")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument("--compile", default="off", choices=["off", "start"])
     args = parser.parse_args(argv)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     model = args.model or str(gpt2_small(RESULTS / "gpt2-small-random"))
-    engine = load_transformers(
-        Settings(model_id=model, model_fallback="", device=args.device, torch_threads=args.threads)
-    )
+    engine = load(args, model)
+    prompt_tokens = len(engine.encode_prompt(PROMPT, "raw"))
+    engines = {"threads": engine, "batched": load(args, model)}
+    if not engines["batched"].start_batching():
+        del engines["batched"]
     levels = [int(level) for level in args.levels.split(",")]
-    results: dict[str, list[dict[str, float]]] = {}
-    for mode in ("threads", "batched"):
-        if mode == "batched" and not engine.start_batching():
-            break
-        run_level(engine, 1, 8)  # warm-up
-        results[mode] = [run_level(engine, n, args.tokens) for n in levels]
+    for each in engines.values():
+        run_level(each, 1, 8)  # warm-up
+    rounds: dict[str, list[list[dict[str, float]]]] = {mode: [] for mode in engines}
+    for _ in range(args.rounds):
+        for mode, each in engines.items():
+            rounds[mode].append([run_level(each, n, args.tokens) for n in levels])
+    results = {
+        mode: [median_row([r[i] for r in runs]) for i in range(len(levels))]
+        for mode, runs in rounds.items()
+    }
 
     report: dict[str, Any] = {
         "model": model,
@@ -99,10 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {platform.processor() or '?'}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}",
         "tokens": args.tokens,
+        "prompt_tokens": prompt_tokens,
+        "rounds": args.rounds,
+        "quantize": args.quantize,
+        "compile": args.compile,
         "results": results,
+        "each_round": rounds,
     }
     (RESULTS / f"batching-{engine.device.type}.json").write_text(json.dumps(report, indent=2))
-    print(f"model {model}, {args.tokens} tokens per stream, device {report['gpu'] or 'cpu'}")
+    print(
+        f"model {model}, {prompt_tokens}-token prompt, {args.tokens} tokens per stream, "
+        f"device {report['gpu'] or 'cpu'}, median of {args.rounds} round(s)"
+    )
     print(f"{'mode':9}{'streams':>8}{'tokens/s':>10}{'x one':>7}{'per stream':>12}{'TTFT p50':>10}")
     for mode, rows in results.items():
         for row in rows:
