@@ -303,6 +303,15 @@ class JobEvents:
         entries = await self.client.xrange(keys.job_events(job_id), max=until)
         return [parse_entry(i, f) for i, f in entries]
 
+    async def _after(self, stream: str, last_id: str, count: int = 512) -> list[Any]:
+        """What a non-blocking XREAD of `stream` after `last_id` returns, read with
+        XRANGE: a cluster client must ask a node for XREAD's keys (COMMAND GETKEYS),
+        and redis-py 4.6 keeps asking the node it first used, dead or alive, while
+        XRANGE's key is where the client knows without asking."""
+        entries = await self.client.xrange(stream, min=last_id, count=count + 1)
+        after = [(i, f) for i, f in entries if _text(i) != last_id][:count]
+        return [(stream, after)] if after else []
+
     async def read_batches(
         self, job_id: str, *, after: str = START_ID, block_ms: int = 5000
     ) -> AsyncIterator[list[JobEvent] | None]:
@@ -315,7 +324,7 @@ class JobEvents:
         last_id, block = after, None  # the first read does not block
         while True:
             if block is None:
-                response = await self.client.xread({stream: last_id}, count=512)
+                response = await self._after(stream, last_id)
             else:
                 entries = await self.mux.read(stream, last_id, block)
                 response = [(stream, entries)] if entries else []
@@ -336,7 +345,7 @@ class JobEvents:
                 # above may have been read late, after the job ran to its end: read
                 # once more without blocking before concluding there is nothing after
                 # `last_id` (as when resuming after the end).
-                response = await self.client.xread({stream: last_id}, count=512)
+                response = await self._after(stream, last_id)
                 if not response:
                     return
             block = block_ms

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,12 +91,20 @@ class ReadMux:
     GATHER_MS = 5
     #: A cluster lane with no readers for this long closes its connection.
     IDLE_SECONDS = 30.0
+    #: Least time between two re-reads of a cluster's slot map after lane failures.
+    MAP_REFRESH_SECONDS = 0.5
 
     def __init__(self, client: aioredis.Redis | AsyncRedisCluster, *, count: int = 512) -> None:
         self._client = client
         self._count = count
         self._lanes: dict[int, _Lane] = {}  # by slot; slot -1 for a single Redis
         self.refused_unblock = False
+        # A lane's reads go to its node directly, not through the cluster client, so
+        # the client never sees them fail: a failed lane marks the slot map stale,
+        # and the next read re-reads it (at most every MAP_REFRESH_SECONDS) until a
+        # failover has promoted the dead master's replica.
+        self._map_stale = False
+        self._map_read_at = 0.0
 
     @property
     def wakes_reads(self) -> bool:
@@ -126,6 +135,7 @@ class ReadMux:
                 lane = self._lanes[-1] = self._single_lane(client)
             return lane
         await client.initialize()  # a no-op unless a failure reset the cluster's map
+        await self._refresh_map(client)
         slot = client.keyslot(key)
         node = client.get_node_from_key(key)
         lane = self._lanes.get(slot)
@@ -137,6 +147,19 @@ class ReadMux:
         if lane is None:
             lane = self._lanes[slot] = self._cluster_lane(node, slot)
         return lane
+
+    def lane_failed(self) -> None:
+        self._map_stale = True
+
+    async def _refresh_map(self, client: AsyncRedisCluster) -> None:
+        now = time.monotonic()
+        if not self._map_stale or now - self._map_read_at < self.MAP_REFRESH_SECONDS:
+            return
+        self._map_stale, self._map_read_at = False, now
+        try:
+            await client.nodes_manager.initialize()
+        except UNREACHABLE:
+            self._map_stale = True  # no node answered: try again on the next read
 
     def _single_lane(self, client: aioredis.Redis) -> _Lane:
         # A client of the same class and settings, on a single connection whose id
@@ -303,6 +326,7 @@ class _Lane:
                 )
             except UNREACHABLE as exc:
                 self._reader_id = None  # a new connection gets a new id
+                self._mux.lane_failed()
                 self.fail(exc)
                 await asyncio.sleep(0.1)
                 continue
