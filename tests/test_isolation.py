@@ -214,6 +214,31 @@ def test_the_queue_bound_holds_under_a_burst_and_cancelled_jobs_stop_counting(ma
     assert [post_job(svc.base, {}).status_code for _ in range(6)] == [202] * 5 + [429]
 
 
+def test_a_saturated_api_answers_429_not_503_and_writes_nothing(make_service):
+    """The API process, not Redis, is the bottleneck: requests beyond MAX_SUBMITTING
+    that wait ADMISSION_WAIT_SECONDS for a turn get 429 `server_busy`; the one in
+    hand completes once Redis takes writes again."""
+    svc = make_service(
+        workers=0,
+        MAX_SUBMITTING="1",
+        ADMISSION_WAIT_SECONDS="0.3",
+        ENQUEUE_TIMEOUT="10",
+        DEFAULT_MODEL="tiny-gpt2",  # no Redis write before the turn (live_workers prunes)
+    )
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    assert post_job(svc.base, {}).status_code == 202
+    # Redis holds every write for 2 s: the request whose turn it is stalls in hand.
+    client.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda n: post_job(svc.base, {}, prompt=f"p{n}"), range(4)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [202, 429, 429, 429], (codes, [a.elapsed.total_seconds() for a in answers])
+    for refused in (a for a in answers if a.status_code == 429):
+        assert refused.json()["error"]["type"] == "server_busy"
+        assert refused.headers["Retry-After"]
+    assert queued(client) == 2 and len(client.keys("textstream:job:*:events")) == 2
+
+
 def test_an_unclaimed_job_leaves_the_queue_at_its_deadline(make_service):
     svc = make_service(workers=0, JOB_TIMEOUT="1", HOUSEKEEPING_SECONDS="0.5")
     client = redis.Redis.from_url(svc.env["REDIS_URL"])
@@ -259,11 +284,12 @@ def own_redis(tmp_path: Path):
     state["proc"].wait(10)
 
 
-def sample_request(path: str, method: str) -> dict[str, Any]:
+def sample_request(path: str, method: str, model: str = "fake-50tps") -> dict[str, Any]:
+    """A valid body for `method path` (`model`: the served name of MODEL_ID=fake:50)."""
     if path == "/v1/completions":
-        return {"json": {"model": "m", "prompt": "hi"}}
+        return {"json": {"model": model, "prompt": "hi"}}
     if path == "/v1/chat/completions":
-        return {"json": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+        return {"json": {"model": model, "messages": [{"role": "user", "content": "hi"}]}}
     if path == "/jobs" and method == "POST":
         return {"json": {"prompt": "hi"}}
     return {}
@@ -289,7 +315,9 @@ def test_every_route_that_needs_redis_answers_503_while_it_is_away(own_redis, tm
                     **sample_request(path, method.upper()),
                 )
                 if path in ("/health", "/version"):  # answered without Redis
-                    assert response.status_code == 200 and response.json()["redis"] is False
+                    assert response.status_code == 200
+                    if path == "/health":  # ... and it says Redis is away
+                        assert response.json()["redis"] is False
                     continue
                 assert response.status_code == 503, (method, path, response.text)
                 assert response.headers["retry-after"]

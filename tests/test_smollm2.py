@@ -21,8 +21,10 @@ def test_smollm2_answers_the_capital_of_france(redis_url, tmp_path):
         assert response.last.data["finish_reason"] == "stop"
         # The chat endpoint applies SmolLM2's own chat template.
         client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="x", max_retries=0)
+        (served,) = [m.id for m in client.models.list().data]
+        assert served == "SmolLM2-135M-Instruct.Q4_1"
         chat = client.chat.completions.create(
-            model="SmolLM2",
+            model=served,
             temperature=0,
             max_tokens=12,
             messages=[{"role": "user", "content": "What is the capital of France?"}],

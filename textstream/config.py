@@ -84,7 +84,11 @@ class Settings(BaseSettings):
     #: job); global: identical requests share answers across keys.
     cache_scope: Literal["caller", "global"] = "caller"
     housekeeping_seconds: float = Field(30.0, gt=0, description="API queue housekeeping period")
-    enqueue_timeout: float = Field(2.0, gt=0)
+    enqueue_timeout: float = Field(5.0, gt=0)
+    #: Submissions one API process works on at once (the Redis steps of queueing a
+    #: job); a burst beyond it waits its turn, up to ADMISSION_WAIT_SECONDS, then 429.
+    max_submitting: int = Field(32, ge=1)
+    admission_wait_seconds: float = Field(10.0, gt=0)
     sse_ping_seconds: int = Field(15, ge=1)
     read_block_ms: int = Field(5000, ge=10, description="XREAD BLOCK per call")
 

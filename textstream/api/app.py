@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from textstream import __version__
 from textstream.api import janitor, native, openai, operator, tokens
@@ -31,7 +32,7 @@ from textstream.api.limits import BodyLimit
 from textstream.api.requestlog import RequestLog
 from textstream.api.security import Guard
 from textstream.config import Settings, get_settings
-from textstream.connections import async_client, async_streams_client
+from textstream.connections import UNREACHABLE, StreamsClient, async_client, async_streams_client
 from textstream.jobqueue import JobQueue
 from textstream.logs import configure_logging
 from textstream.transport.events import JobEvents, stream_maxlen
@@ -62,6 +63,18 @@ def hook_shutdown_signals(on_signal: Callable[[], object]) -> None:
         signal.signal(sig, handler)
 
 
+async def warm_streams(streams: StreamsClient, seconds: float) -> None:
+    """Read a cluster's slot map now, not under the first burst of requests (each of
+    which would otherwise wait for it). A cluster that is away is not an error here:
+    requests answer 503 until it is back."""
+    if isinstance(streams, AsyncRedisCluster):
+        try:
+            async with asyncio.timeout(seconds):
+                await streams.initialize()
+        except UNREACHABLE as exc:
+            log.warning("the streams' Redis Cluster is not reachable yet: %s", type(exc).__name__)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -80,8 +93,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     prompt_tokens = PromptTokens()
     guard = Guard(settings, client)
     app.state.services = Services(
-        settings, client, jobs, JobQueue(client, settings), prompt_tokens, guard
+        settings,
+        client,
+        jobs,
+        JobQueue(client, settings),
+        prompt_tokens,
+        guard,
+        asyncio.Semaphore(settings.max_submitting),
     )
+    await warm_streams(streams, settings.redis_timeout)
     if not guard.enabled:
         log.warning("API_KEYS is empty: the API is open to anyone who can reach it")
     watcher = asyncio.create_task(prompt_tokens.watch(client, settings.worker_heartbeat_seconds))

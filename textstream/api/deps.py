@@ -3,6 +3,7 @@ on `app.state`) and who is calling (`authorize`, a FastAPI dependency)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -25,6 +26,8 @@ class Services:
     queue: JobQueue
     prompt_tokens: PromptTokens
     guard: Guard
+    #: Bounds the submissions in hand at once (MAX_SUBMITTING): see submit.admitted_turn.
+    submitting: asyncio.Semaphore
 
 
 def services_of(request: Request) -> Services:

@@ -87,6 +87,18 @@ class QueueFullError(ServiceError):
         return {"Retry-After": RETRY_AFTER}
 
 
+class ServerBusyError(ServiceError):
+    """This API process has more submissions in hand than it can take in time
+    (MAX_SUBMITTING, waited ADMISSION_WAIT_SECONDS): the process is the bottleneck,
+    not Redis, so 429 and not 503."""
+
+    status, error_type = 429, "server_busy"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": RETRY_AFTER}
+
+
 class QueueUnavailableError(ServiceError):
     """Redis (and so the queue) could not take the job in time."""
 
@@ -137,6 +149,7 @@ OPENAI_TYPES = {
     "not_found": "invalid_request_error",
     "model_not_found": "invalid_request_error",
     "queue_full": "rate_limit_error",
+    "server_busy": "rate_limit_error",
     "queue_unavailable": "server_error",
     "redis_unavailable": "server_error",
     "internal_error": "server_error",

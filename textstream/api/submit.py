@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import unicodedata
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -23,6 +24,7 @@ from textstream.api.errors import (
     JobNotFoundError,
     QueueFullError,
     QueueUnavailableError,
+    ServerBusyError,
 )
 from textstream.api.models import resolve_model
 from textstream.api.protocol import GenerationRequest, Prompt
@@ -80,13 +82,37 @@ async def submit(
         slot = await services.guard.open_stream(caller)
     try:
         tenant = tenant_of(services, caller)
-        submission = await start_job(services, tenant, model, prompt, request, policy)
+        async with submission_turn(services):
+            submission = await start_job(services, tenant, model, prompt, request, policy)
     except BaseException:
         with contextlib.suppress(*UNREACHABLE):
             await services.guard.close_stream(caller, slot)
         raise
     submission.slot = slot
     return submission
+
+
+@contextlib.asynccontextmanager
+async def submission_turn(services: Services) -> AsyncIterator[None]:
+    """Take a turn at queueing (at most MAX_SUBMITTING at once per API process).
+
+    A burst of a thousand requests at one process would otherwise start a thousand
+    enqueues at once, each waiting on the same event loop: most would pass
+    ENQUEUE_TIMEOUT and be answered 503, blaming a Redis that is fine. Waiting for a
+    turn keeps each enqueue short, so ENQUEUE_TIMEOUT keeps meaning "Redis did not
+    answer"; a request that waits ADMISSION_WAIT_SECONDS for its turn is answered
+    429 (this process is saturated: retry, or another replica), with nothing written."""
+    gate = services.submitting
+    try:
+        async with asyncio.timeout(services.settings.admission_wait_seconds):
+            await gate.acquire()
+    except TimeoutError:
+        log.warning("submission refused: this API process is saturated")
+        raise ServerBusyError("this API process is saturated; retry shortly") from None
+    try:
+        yield
+    finally:
+        gate.release()
 
 
 def check_prompt(text: str, services: Services, field: str) -> None:
