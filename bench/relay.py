@@ -34,7 +34,11 @@ import redis.asyncio as aioredis
 from bench.cluster import service_env, start_api, start_redis
 from bench.serving import RESULTS, run_level, summarize
 from textstream import keys
+from textstream.sources import served_name
 from textstream.transport.scripts import APPEND_SCRIPT, EventType, append_args, new_event
+
+#: ModelQ's list of the served model's queue (the API's MODEL_ID is "fake").
+QUEUE = keys.queue_key(served_name("fake"), keys.MODELQ_QUEUE)
 
 
 async def write_events(url: str, streams: int, tokens: int, rate: float) -> None:
@@ -46,7 +50,7 @@ async def write_events(url: str, streams: int, tokens: int, rate: float) -> None
     ended, tick = 0, time.monotonic()
     while ended < streams:
         pipe = client.pipeline(transaction=False)
-        for raw in await client.lpop(keys.MODELQ_QUEUE, 1000) or []:
+        for raw in await client.lpop(QUEUE, 1000) or []:
             job_id = json.loads(raw)["task_id"]
             running[job_id] = 0
             await _append(script, pipe, job_id, EventType.STARTED, {"worker": "synthetic"}, True)

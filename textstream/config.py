@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     enqueue_timeout: float = Field(5.0, gt=0)
     #: Submissions one API process works on at once (the Redis steps of queueing a
     #: job); a burst beyond it waits its turn, up to ADMISSION_WAIT_SECONDS, then 429.
-    max_submitting: int = Field(32, ge=1)
+    max_submitting: int = Field(256, ge=1)
     admission_wait_seconds: float = Field(10.0, gt=0)
     sse_ping_seconds: int = Field(15, ge=1)
     read_block_ms: int = Field(5000, ge=10, description="XREAD BLOCK per call")
