@@ -95,7 +95,9 @@ async def one(client: httpx.AsyncClient, model: str, tokens: int) -> dict[str, A
 
 
 async def level(base: str, model: str, streams: int, tokens: int, seconds: float) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=streams + 4)
+    # No keep-alive: llama-server closes a connection after a streamed answer, and
+    # a reused one fails. Both sides are read the same way.
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=0)
     results: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         await one(client, model, 4)  # warm the path
