@@ -11,6 +11,9 @@ WORKERS ?= 1
 # Batch slots per worker process (continuous batching when > 1).
 CONCURRENCY ?= 4
 PYTEST_ARGS ?=
+# Two pytest processes, each taking whole test files (module fixtures stay shared);
+# PYTEST_PARALLEL= runs the suite in one process.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: help install install-dev run worker api redis test lint format typecheck bench clean
 
@@ -62,7 +65,7 @@ redis: install .env
 	$(PY) -m textstream.devredis
 
 test: install-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 lint: install-dev
 	$(VENV)/bin/ruff format --check .
