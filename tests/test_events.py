@@ -195,14 +195,20 @@ def stream_events(client: redis.Redis, job_id: str) -> list[tuple[bytes, bytes]]
     return [(i, f[b"data"]) for i, f in client.xrange(keys.job_events(job_id))]
 
 
-def test_a_write_sent_again_after_a_lost_reply_lands_once(redis_client):
-    job_id = "resend" + "0" * 26
-    fresh_job(redis_client, job_id)
-    writer = EventWriter(redis_client, job_id, owner="w/1", ttl=60, maxlen=100)
+def started_writer(client: redis.Redis, job_id: str, owner: str, tokens: int) -> EventWriter:
+    """A fresh job that `owner` has claimed and written `tokens` tokens to."""
+    fresh_job(client, job_id)
+    writer = EventWriter(client, job_id, owner=owner, ttl=60, maxlen=100)
     writer.history()
     writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
-    for i in range(3):
+    for i in range(tokens):
         writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+    return writer
+
+
+def test_a_write_sent_again_after_a_lost_reply_lands_once(redis_client):
+    job_id = "resend" + "0" * 26
+    writer = started_writer(redis_client, job_id, "w/1", tokens=3)
     before = stream_events(redis_client, job_id)
     # The same batch again, as after a reply lost on the way back: nothing doubles.
     writer._send(writer._written[-2:], claim=False)
@@ -216,12 +222,7 @@ def test_events_a_failover_lost_are_written_again_with_their_own_ids(redis_clien
     master acknowledged, and the claim with them. Before its next write the writer
     restores them, under the ids readers already saw, so nothing is lost or doubled."""
     job_id = "failover" + "0" * 24
-    fresh_job(redis_client, job_id)
-    writer = EventWriter(redis_client, job_id, owner="w/2", ttl=60, maxlen=100)
-    writer.history()
-    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
-    for i in range(5):
-        writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+    writer = started_writer(redis_client, job_id, "w/2", tokens=5)
     whole = stream_events(redis_client, job_id)
     # What the promoted replica holds: the stream up to its first entry (the claim
     # and 5 tokens lost), and a state from before the claim.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,20 @@ def sample_request(path: str, method: str, model: str = "fake-50tps") -> dict[st
     return {}
 
 
+def every_route(
+    base: str, schema: dict[str, Any], job_id: str, headers: dict[str, str]
+) -> Iterator[tuple[str, str, httpx.Response]]:
+    """Call every route in the OpenAPI `schema` once, with a valid body; yield
+    (path, METHOD, response)."""
+    for path, methods in schema["paths"].items():
+        concrete = path.replace("{job_id}", job_id).replace("{question}", "hi")
+        for method in (m.upper() for m in methods):
+            response = httpx.request(
+                method, base + concrete, headers=headers, timeout=15, **sample_request(path, method)
+            )
+            yield path, method, response
+
+
 def test_every_route_that_needs_redis_answers_503_while_it_is_away(own_redis, tmp_path):
     url, state, restart = own_redis
     env = service_env(url, "fake:50", RATE_LIMIT="1000", **KEYS)
@@ -304,29 +319,20 @@ def test_every_route_that_needs_redis_answers_503_while_it_is_away(own_redis, tm
         job_id = post_job(svc.base, K1).json()["id"]
         state["proc"].kill()
         state["proc"].wait(10)
-        for path, methods in schema["paths"].items():
-            concrete = path.replace("{job_id}", job_id).replace("{question}", "hi")
-            for method in methods:
-                response = httpx.request(
-                    method.upper(),
-                    svc.base + concrete,
-                    headers=K1,
-                    timeout=15,
-                    **sample_request(path, method.upper()),
-                )
-                if path in ("/health", "/version"):  # answered without Redis
-                    assert response.status_code == 200
-                    if path == "/health":  # ... and it says Redis is away
-                        assert response.json()["redis"] is False
-                    continue
-                assert response.status_code == 503, (method, path, response.text)
-                assert response.headers["retry-after"]
-                error = response.json()["error"]
-                assert error["message"]
-                if path.startswith("/v1/"):
-                    assert error["type"] == "server_error" and error["code"]
-                else:
-                    assert error["type"] in ("redis_unavailable", "queue_unavailable")
+        for path, method, response in every_route(svc.base, schema, job_id, K1):
+            if path in ("/health", "/version"):  # answered without Redis
+                assert response.status_code == 200
+                if path == "/health":  # ... and it says Redis is away
+                    assert response.json()["redis"] is False
+                continue
+            assert response.status_code == 503, (method, path, response.text)
+            assert response.headers["retry-after"]
+            error = response.json()["error"]
+            assert error["message"]
+            if path.startswith("/v1/"):
+                assert error["type"] == "server_error" and error["code"]
+            else:
+                assert error["type"] in ("redis_unavailable", "queue_unavailable")
         restart()  # back, and empty: the API recovers by itself
         wait_for(lambda: post_job(svc.base, K1).status_code == 202, 20, "the API to recover")
     finally:
