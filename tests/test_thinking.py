@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import httpx
@@ -18,27 +19,12 @@ from textstream.transport.thinking import ThinkSplitter
 
 
 def split(pieces: list[str]) -> tuple[str, str]:
-    splitter, thinking, answer = ThinkSplitter(), "", ""
-    for piece in pieces:
-        for kind, text in splitter.feed(piece):
-            thinking, answer = (
-                (thinking + text, answer)
-                if kind == "thinking"
-                else (
-                    thinking,
-                    answer + text,
-                )
-            )
-    for kind, text in splitter.flush():
-        thinking, answer = (
-            (thinking + text, answer)
-            if kind == "thinking"
-            else (
-                thinking,
-                answer + text,
-            )
-        )
-    return thinking, answer
+    """What the splitter makes of `pieces`: (thinking, answer)."""
+    splitter, parts = ThinkSplitter(), {"thinking": "", "answer": ""}
+    fed = [splitter.feed(piece) for piece in pieces]
+    for kind, text in itertools.chain(*fed, splitter.flush()):
+        parts["thinking" if kind == "thinking" else "answer"] += text
+    return parts["thinking"], parts["answer"]
 
 
 def test_a_think_block_splits_wherever_the_pieces_break():

@@ -42,7 +42,9 @@ class Decoder(Protocol):
     ) -> str: ...
 
 
-class Engine(Protocol):
+class ServedModel(Protocol):
+    """What every engine tells the worker about the model it serves."""
+
     #: The model's name as clients see it (`model` in `done` events and /v1/models).
     name: str
     #: How it was named when loaded (MODEL_ID or the fallback).
@@ -56,16 +58,20 @@ class Engine(Protocol):
     def device(self) -> object: ...
 
     @property
-    def tokenizer(self) -> Decoder: ...
-
-    @property
     def peak_batch(self) -> int:
         """Most requests decoded in one step so far (0 without batching)."""
         ...
 
     def start_batching(self) -> bool:
-        """Serve concurrent generate() calls as one batch; False if it cannot."""
+        """Serve concurrent generate calls as one batch; False if it cannot."""
         ...
+
+
+class Engine(ServedModel, Protocol):
+    """Generates token ids (the worker detokenizes them)."""
+
+    @property
+    def tokenizer(self) -> Decoder: ...
 
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]: ...
 
@@ -99,21 +105,10 @@ class UpstreamError(RuntimeError):
     the job ends with an `upstream_error` event."""
 
 
-class TextEngine(Protocol):
+class TextEngine(ServedModel, Protocol):
+    """Generates text (an upstream server detokenizes)."""
+
     produces_text: Literal[True]
-    name: str
-    source: str
-    context_length: int
-    prompt_format: PromptFormat
-    load_seconds: float
-
-    @property
-    def device(self) -> object: ...
-
-    @property
-    def peak_batch(self) -> int: ...
-
-    def start_batching(self) -> bool: ...
 
     def generate_text(
         self,
