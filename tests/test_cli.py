@@ -114,8 +114,13 @@ def test_installed_command_reports_its_version(installed):
     assert out.stdout.strip() == f"textstream {__version__}"
 
 
-def test_serve_starts_redis_streams_and_ctrl_c_stops_everything_in_time(
-    installed, slow_model_dir, tmp_path
+@pytest.mark.parametrize(
+    "to_group",
+    [True, False],
+    ids=["ctrl-c-to-every-process", "sigterm-to-serve-alone"],  # a terminal; docker stop
+)
+def test_serve_starts_redis_streams_and_a_stop_signal_ends_everything_in_time(
+    installed, slow_model_dir, tmp_path, to_group
 ):
     grace = 3
     redis_port = free_port()
@@ -150,21 +155,24 @@ def test_serve_starts_redis_streams_and_ctrl_c_stops_everything_in_time(
             "tokens in flight",
         )
         stopping = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
+        if to_group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(grace + 10)
         took = time.monotonic() - stopping
         reader.join(10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert took <= grace + 5, took
+    output = log.read_text(errors="replace")
+    assert took <= grace + 5, (took, output[-6000:])
     assert proc.returncode == 0
     interrupted = result["r"]
     assert interrupted.last.event == "error"
     assert interrupted.last.data["error"]["type"] == "shutdown"
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()  # the Redis it started
-    output = log.read_text(errors="replace")
     assert "terminate called" not in output and "unhealthy" not in output
     lines = [line for line in output.splitlines() if line.strip()]
     assert all(line.startswith("{") or "Loading weights" in line for line in lines), [

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     from textstream.config import get_settings
     from textstream.devredis import LocalRedis, LocalRedisError
     from textstream.logs import configure_logging
+    from textstream.transport.sse import STOPPING
 
     settings = get_settings()
     configure_logging(settings)
@@ -104,16 +106,40 @@ def serve(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "textstream", "worker"]
     command += ["--workers", str(args.workers), "--concurrency", str(args.concurrency)]
     workers = subprocess.Popen(command)
+    # The workers start draining the moment the API starts stopping, not after it
+    # has stopped: a SIGTERM sent to this process alone (docker stop, systemd)
+    # reaches them at once, and the two stops overlap.
+    stopper = threading.Thread(
+        target=stop_workers_on_shutdown,
+        args=(workers, settings.worker_shutdown_grace + 5),
+        name="stop-workers",
+        daemon=True,
+    )
+    stopper.start()
+    # Once stopped, uvicorn raises again the signal it stopped for. SIGTERM's default
+    # action would end this process right there, before the `finally` below stops
+    # the workers and the Redis (orphaning both): leave through it instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         run_api(args.host, args.port)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: the same clean stop
     finally:
         log.info("API stopped; stopping the workers")
-        stop_workers(workers, settings.worker_shutdown_grace + 5)
+        STOPPING.set()  # also when the API could not start at all
+        stopper.join()
         log.info("workers stopped")
         if redis.started:
             redis.stop()
             log.info("the local Redis stopped")
     return 0
+
+
+def stop_workers_on_shutdown(workers: subprocess.Popen[bytes], seconds: float) -> None:
+    from textstream.transport.sse import STOPPING
+
+    STOPPING.wait()
+    stop_workers(workers, seconds)
 
 
 def stop_workers(workers: subprocess.Popen[bytes], seconds: float) -> None:

@@ -12,7 +12,10 @@ requests are not checked here and the worker refuses the prompt instead, with a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,6 +37,37 @@ def load_tokenizer(spec: str) -> Any:
     if not source.is_local and not hub_reachable():
         kwargs["local_files_only"] = True
     return AutoTokenizer.from_pretrained(source.path, **kwargs)
+
+
+async def in_daemon_thread(work: Callable[[], Any]) -> Any:
+    """`work()` in a thread of its own that does not hold the process's exit.
+
+    asyncio.to_thread's executor is joined when the loop closes (and again at
+    interpreter exit): a tokenizer still loading (importing transformers alone takes
+    seconds on a busy host) would keep a stopping API process alive that long."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(value)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        value, error = None, None
+        try:
+            value = work()
+        except BaseException as exc:  # handed to the awaiting task, as to_thread does
+            error = exc
+        # RuntimeError: the loop is closed (the process is stopping; nobody waits).
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=run, name="load-tokenizer", daemon=True).start()
+    return await done
 
 
 class PromptTokens:
@@ -63,7 +97,7 @@ class PromptTokens:
 
     async def _load(self, source: str) -> None:
         try:
-            self._tokenizers[source] = await asyncio.to_thread(load_tokenizer, source)
+            self._tokenizers[source] = await in_daemon_thread(lambda: load_tokenizer(source))
             log.info("loaded the tokenizer of %s to check prompt lengths", source)
         except Exception as exc:
             self._failed.add(source)

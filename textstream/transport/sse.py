@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -64,13 +65,13 @@ SHUTDOWN = error_data(
 )
 
 
-_stopping = False
+#: Set on SIGTERM/SIGINT (api/app.py hooks the server's signal handlers). An Event,
+#: so that `textstream serve` can start stopping its workers at the same moment.
+STOPPING = threading.Event()
 
 
 def mark_shutting_down() -> None:
-    """Called on SIGTERM/SIGINT (api/app.py hooks the server's signal handlers)."""
-    global _stopping
-    _stopping = True
+    STOPPING.set()
 
 
 def shutting_down() -> bool:
@@ -79,7 +80,7 @@ def shutting_down() -> bool:
     (sse-starlette means to do this, but its hook on uvicorn's handler is only
     installed when it is imported before uvicorn captures the signals, which is
     not the case when the app is loaded by uvicorn; so the app hooks them itself.)"""
-    return _stopping or bool(AppStatus.should_exit)
+    return STOPPING.is_set() or bool(AppStatus.should_exit)
 
 
 #: The job's stream vanished under an open reader: Redis lost its data.
