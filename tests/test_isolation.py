@@ -100,8 +100,8 @@ def test_the_response_cache_is_per_key(keyed):
     assert other.headers["x-job-id"] != first.headers["x-job-id"]
 
 
-def test_a_global_cache_shares_answers_but_not_the_right_to_cancel(make_service, slow_model_dir):
-    svc = make_service(model=slow_model_dir, CACHE_TTL="600", CACHE_SCOPE="global", **KEYS)
+def test_a_global_cache_shares_answers_but_not_the_right_to_cancel(make_service):
+    svc = make_service(model="fake:20", CACHE_TTL="600", CACHE_SCOPE="global", **KEYS)
     body = {"max_new_tokens": 5, "ignore_eos": True}
     mine = post_job(svc.base, K1, **body).json()["id"]
     theirs = post_job(svc.base, K2, **body).json()["id"]
@@ -174,8 +174,8 @@ def test_refused_requests_do_not_use_up_the_rate_limit(make_service):
     assert accepted == [202, 202, 202, 429]
 
 
-def test_a_request_past_the_stream_cap_gets_429_and_is_never_run(make_service, slow_model_dir):
-    svc = make_service(model=slow_model_dir, MAX_STREAMS_PER_KEY="1", **KEYS)
+def test_a_request_past_the_stream_cap_gets_429_and_is_never_run(make_service):
+    svc = make_service(model="fake:20", MAX_STREAMS_PER_KEY="1", **KEYS)  # 300 tokens: 15 s
     client = redis.Redis.from_url(svc.env["REDIS_URL"])
     with httpx.stream(
         "GET",

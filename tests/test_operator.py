@@ -100,7 +100,7 @@ KEYS = {"API_KEYS": "key-one,key-two"}
 
 
 def test_api_keys_guard_everything_but_health_and_the_page(make_service):
-    svc = make_service(**KEYS)
+    svc = make_service(model="fake:200", **KEYS)  # the keys are under test, not the model
     assert httpx.get(svc.base + "/health").status_code == 200
     assert httpx.get(svc.base + "/").status_code == 200
     for method, path in [
@@ -124,7 +124,7 @@ def test_api_keys_guard_everything_but_health_and_the_page(make_service):
     client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="key-one", max_retries=0)
     assert (
         client.completions.create(
-            model="tiny-gpt2", prompt="Hi", max_tokens=2
+            model="fake-200tps", prompt="Hi", max_tokens=2
         ).usage.completion_tokens
         == 2
     )
@@ -133,7 +133,7 @@ def test_api_keys_guard_everything_but_health_and_the_page(make_service):
 
 
 def test_event_stream_token_is_scoped_to_its_job_and_expires(make_service):
-    svc = make_service(STREAM_TOKEN_SECONDS="2", **KEYS)
+    svc = make_service(model="fake:200", STREAM_TOKEN_SECONDS="2", **KEYS)
     auth = {"Authorization": "Bearer key-one"}
     first = httpx.post(
         svc.base + "/jobs", json={"prompt": "Hi", "max_new_tokens": 3}, headers=auth
@@ -155,7 +155,7 @@ def test_event_stream_token_is_scoped_to_its_job_and_expires(make_service):
 
 
 def test_rate_limit_gives_429_with_retry_after(make_service):
-    svc = make_service(RATE_LIMIT="3", **KEYS)
+    svc = make_service(workers=0, RATE_LIMIT="3", **KEYS)
     auth = {"Authorization": "Bearer key-one"}
     # 7 quick calls: whichever minute boundary falls between them, one window sees 4.
     codes = [httpx.get(svc.base + "/workers", headers=auth).status_code for _ in range(7)]
@@ -171,8 +171,8 @@ def test_rate_limit_gives_429_with_retry_after(make_service):
     )
 
 
-def test_concurrent_streams_are_capped_per_key(make_service, slow_model_dir):
-    svc = make_service(model=slow_model_dir, MAX_STREAMS_PER_KEY="1", **KEYS)
+def test_concurrent_streams_are_capped_per_key(make_service):
+    svc = make_service(model="fake:20", MAX_STREAMS_PER_KEY="1", **KEYS)  # 300 tokens: 15 s
     auth = {"Authorization": "Bearer key-one"}
     params = {"max_new_tokens": 300, "ignore_eos": "true", "use_cache": "false"}
     with httpx.stream(
@@ -194,7 +194,7 @@ def test_concurrent_streams_are_capped_per_key(make_service, slow_model_dir):
 
 
 def test_cors_is_closed_by_default_and_opens_for_configured_origins(make_service):
-    closed = make_service()
+    closed = make_service(workers=0)
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     assert (
         "access-control-allow-origin"
