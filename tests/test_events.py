@@ -8,6 +8,7 @@ without a write per token."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -255,6 +256,34 @@ def test_gathered_tokens_go_in_one_call_and_the_last_event_flushes_them(redis_cl
     writer.write(EventType.DONE, DONE)  # sent at once, after the token it waited behind
     names = [f[b"event"] for _, f in redis_client.xrange(keys.job_events(job_id))]
     assert names[-2:] == [b"token", b"done"] and len(names) == 9
+
+
+def test_one_call_carries_every_jobs_tokens_and_a_closed_job_refuses_only_its_own(
+    redis_client,
+):
+    flusher = StreamFlusher(redis_client, flush_ms=200)
+    writers = []
+    for n in range(3):
+        job_id = f"many{n}" + "0" * 27
+        fresh_job(redis_client, job_id)
+        writer = EventWriter(
+            redis_client, job_id, owner=f"w/{n}", ttl=60, maxlen=100, flusher=flusher
+        )
+        writer.history()
+        writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+        writers.append(writer)
+    # Another worker ended the middle job meanwhile.
+    redis_client.hset(keys.job_state(writers[1].job_id), "terminal", "error")
+    redis_client.config_resetstat()
+    for i in range(4):
+        for writer in writers:
+            writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+    wait_for(lambda: writers[1].outcome is WriteOutcome.CLOSED, 5, "the window to end")
+    assert redis_client.info("commandstats")["cmdstat_evalsha"]["calls"] == 1  # 12 tokens
+    assert [len(stream_events(redis_client, w.job_id)) for w in writers] == [6, 2, 6]
+    assert [w.outcome for w in writers] == [WriteOutcome.OK, WriteOutcome.CLOSED, WriteOutcome.OK]
+    texts = [json.loads(d)["text"] for _, d in stream_events(redis_client, writers[2].job_id)[2:]]
+    assert texts == [" 0", " 1", " 2", " 3"]
 
 
 def test_ttls_are_refreshed_by_the_claim_and_the_last_event_not_every_token(redis_client):

@@ -45,6 +45,7 @@ from textstream.transport.scripts import (
     TRACK_SCRIPT,
     EventType,
     append_args,
+    job_reply,
     new_event,
 )
 
@@ -244,12 +245,13 @@ class JobEvents:
     async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
         """Write as no worker (the `queued` event, a timeout): refused once ended."""
         args = append_args([new_event(event, data)], maxlen=self._maxlen, ttl=self._ttl)
-        reply = await self._append(
+        (reply,) = await self._append(
             keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args
         )
-        if len(reply) > 2 and reply[2]:
-            await self._forget(_text(reply[2]), job_id)
-        return WriteOutcome(_text(reply[0]))
+        outcome, _, cache_key = job_reply(reply)
+        if cache_key:
+            await self._forget(cache_key, job_id)
+        return WriteOutcome(outcome)
 
     async def cancel(self, job_id: str, *, release: bool = False) -> CancelOutcome:
         """Cancel the job (DELETE), or with `release` drop one reader's claim on it

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 
 class EventType(StrEnum):
     QUEUED = "queued"
@@ -27,58 +29,84 @@ class EventType(StrEnum):
 TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR})
 
 
-# A batch of one writer's events. KEYS: stream, state. ARGV: owner ('' for the API,
-# which writes as no worker), claim ('1': this writer takes the job over), maxlen,
-# ttl ('': leave both TTLs as they are), then 5 per event: id ('*', or the id the
-# writer chose), event, data, ids, terminal ('1'/'0').
+# Batches of events for one or more jobs, in one call: a worker process sends every
+# job's gathered tokens together (writer.StreamFlusher), so the call's own cost
+# (about as much as four XADDs) is paid once per flush, not once per token. On a
+# Redis Cluster the jobs of one call share a slot (placement.py gives one master's
+# new jobs one tag); on one Redis any jobs may share a call.
 #
-# Per batch it reads the state once (HMGET) and adds each event (XADD); the TTLs
-# are refreshed only when asked (a worker asks every few seconds and on its last
+# KEYS: stream, state of each job, in order. ARGV: per job a header of 5 (owner:
+# '' for the API, which writes as no worker; claim: '1' if this writer takes the
+# job over; maxlen; ttl: '' leaves both TTLs as they are; n: its event count), then
+# 5 per event: id ('*', or the id the writer chose), event, data, ids, terminal
+# ('1'/'0').
+#
+# Per job it reads the state once (HMGET) and adds each event (XADD); the TTLs are
+# refreshed only when asked (a worker asks every few seconds and on its last
 # event, writer.py). A worker chooses its entries' ids itself (ascending), so a
 # batch that is sent again after a lost reply, or replayed after a failover lost
 # its tail, writes each event once: an id that is already in the stream is
 # skipped. An id that is not above the stream's last one and is not in it (only
 # if another writer slipped in between) falls back to '*'.
 #
-# Returns {outcome, last id written, cache key of a job this batch ended in error}.
+# Returns one reply per job: {outcome, last id written, cache key of a job this
+# batch ended in error}, or {'error', message} for a job whose stream refused an
+# entry (the other jobs are written all the same).
 APPEND_SCRIPT = """
-local state = redis.call('HMGET', KEYS[2], 'terminal', 'owner', 'cancel')
-if state[1] then return {'closed'} end
-if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[2], 'owner', ARGV[1])
-elseif ARGV[1] ~= '' and state[2] ~= ARGV[1] then
-  return {'stolen', state[2] or ''}
+-- No table and unpack per event: this runs once per token.
+local function add(stream, maxlen, id, event, data, ids)
+  if ids == '' then
+    return redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, id, 'event', event, 'data', data)
+  end
+  return redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, id, 'event', event, 'data', data,
+                     'ids', ids)
 end
-local last, failed = '', false
-for i = 5, #ARGV, 5 do
-  local id = ARGV[i]
-  local entry = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id,
-                 'event', ARGV[i + 1], 'data', ARGV[i + 2]}
-  if ARGV[i + 3] ~= '' then entry[#entry + 1] = 'ids'; entry[#entry + 1] = ARGV[i + 3] end
-  local written = redis.pcall(unpack(entry))
-  if type(written) == 'table' and written.err then
-    if id == '*' then return redis.error_reply(written.err) end
-    if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
-      entry[6] = '*'
-      written = redis.call(unpack(entry))
-    else
-      written = id
+
+local function append(stream, state_key, a)
+  local owner, claim, maxlen, ttl, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+                                       tonumber(ARGV[a + 4])
+  local state = redis.call('HMGET', state_key, 'terminal', 'owner', 'cancel')
+  if state[1] then return {'closed'} end
+  if claim == '1' then
+    redis.call('HSET', state_key, 'owner', owner)
+  elseif owner ~= '' and state[2] ~= owner then
+    return {'stolen', state[2] or ''}
+  end
+  local last, failed = '', false
+  for i = a + 5, a + 4 + 5 * n, 5 do
+    local id, event, data, ids = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local written = add(stream, maxlen, id, event, data, ids)
+    if type(written) == 'table' and written.err then
+      if id == '*' then return {'error', written.err} end
+      if #redis.call('XRANGE', stream, id, id) == 0 then
+        written = add(stream, maxlen, '*', event, data, ids)
+        if type(written) == 'table' and written.err then return {'error', written.err} end
+      else
+        written = id
+      end
+    end
+    last = written
+    if ARGV[i + 4] == '1' then
+      redis.call('HSET', state_key, 'terminal', event)
+      if event == 'error' then failed = true end
     end
   end
-  last = written
-  if ARGV[i + 4] == '1' then
-    redis.call('HSET', KEYS[2], 'terminal', ARGV[i + 1])
-    if ARGV[i + 1] == 'error' then failed = true end
+  if ttl ~= '' then
+    redis.call('EXPIRE', stream, ttl)
+    redis.call('EXPIRE', state_key, ttl)
   end
+  local cache_key = ''
+  if failed then cache_key = redis.call('HGET', state_key, 'cache_key') or '' end
+  if state[3] then return {'cancel', last, cache_key} end
+  return {'ok', last, cache_key}
 end
-if ARGV[4] ~= '' then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
+
+local replies, a = {}, 1
+for k = 1, #KEYS, 2 do
+  replies[#replies + 1] = append(KEYS[k], KEYS[k + 1], a)
+  a = a + 5 + 5 * tonumber(ARGV[a + 4])
 end
-local cache_key = ''
-if failed then cache_key = redis.call('HGET', KEYS[2], 'cache_key') or '' end
-if state[3] then return {'cancel', last, cache_key} end
-return {'ok', last, cache_key}
+return replies
 """
 
 # KEYS: stream, state. ARGV: data of the `cancelled` error event, maxlen, ttl,
@@ -165,8 +193,24 @@ def append_args(
     owner: str = "",
     claim: bool = False,
 ) -> list[str | int]:
-    """ARGV of APPEND_SCRIPT; `ttl` None leaves the keys' TTLs as they are."""
+    """One job's part of APPEND_SCRIPT's ARGV (its KEYS: the job's stream and state);
+    `ttl` None leaves the keys' TTLs as they are. Parts of several jobs are
+    concatenated, in the order of their KEYS."""
     args: list[str | int] = [owner, "1" if claim else "0", maxlen, "" if ttl is None else ttl]
+    args.append(len(events))
     for e in events:
         args += [e.id, e.event.value, e.data, e.ids, "1" if e.terminal else "0"]
     return args
+
+
+def job_reply(reply: Sequence[bytes | str]) -> tuple[str, str, str]:
+    """One job's part of APPEND_SCRIPT's reply as text: (outcome, last id written,
+    cache key). A job whose stream refused an entry raises ResponseError."""
+    outcome, last, cache_key = [_text(part) for part in reply[:3]] + [""] * (3 - len(reply[:3]))
+    if outcome == "error":
+        raise ResponseError(last)
+    return outcome, last, cache_key
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,12 +1,14 @@
 """A worker's side of a job stream: one job's events for one attempt (EventWriter),
 and the thread that sends gathered tokens (StreamFlusher).
 
-Cost per token. Every write is one APPEND_SCRIPT call, which reads the job's state
-once (is it over, is it still ours, was it cancelled) and adds the events; it
+Cost per token. Every write is an APPEND_SCRIPT call, which reads each job's state
+once (is it over, is it still ours, was it cancelled) and adds its events; it
 refreshes the keys' TTLs only every TTL_REFRESH_SECONDS (and with the job's claim
-and its last event), not on every token. With STREAM_FLUSH_MS > 0 a job's tokens
-ready within that window go in one call, and the writers of one worker process
-whose windows end together share one round trip per Redis node.
+and its last event), not on every token. With STREAM_FLUSH_MS > 0 (the default:
+20) a worker process gathers the tokens all its jobs have ready within that
+window and sends them together: one script call per slot (on one Redis, one call
+for every job), one round trip per Redis node. Other events (a claim, the last
+event) go at once, behind the tokens their job has waiting.
 
 Ids chosen here. A worker picks each event's stream id itself, ascending
 (`<ms>-<n>`, from its clock, above the last id it has seen), instead of letting
@@ -49,7 +51,14 @@ from textstream import keys
 from textstream.connections import SyncStreamsClient
 from textstream.transport.events import JobEvent, WriteOutcome, parse_entry
 from textstream.transport.mux import id_key
-from textstream.transport.scripts import APPEND_SCRIPT, EventType, NewEvent, append_args, new_event
+from textstream.transport.scripts import (
+    APPEND_SCRIPT,
+    EventType,
+    NewEvent,
+    append_args,
+    job_reply,
+    new_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +135,16 @@ class EventWriter:
     # -- reading -------------------------------------------------------------------
 
     def refresh(self) -> WriteOutcome:
-        """Read the job's state without writing (what a write would have reported)."""
-        terminal, owner, cancel = self._client.hmget(self._keys[1], "terminal", "owner", "cancel")
+        """Read the job's state without writing (what a write would have reported).
+        While Redis is away the job goes on as it was: the writes wait the outage out
+        (within the grace period) and report, or fail the job, themselves."""
+        try:
+            terminal, owner, cancel = self._client.hmget(
+                self._keys[1], "terminal", "owner", "cancel"
+            )
+        except TRANSIENT:
+            self._checked_at = time.monotonic()
+            return self.outcome
         if terminal:
             self.outcome = WriteOutcome.CLOSED
         elif owner is not None and _text(owner) != self.owner:
@@ -241,7 +258,7 @@ class EventWriter:
                     resync = False
                 if not batch:
                     return
-                reply = self._script(keys=self._keys, args=self.call_args(batch, claim))
+                (reply,) = self._script(keys=self._keys, args=self.call_args(batch, claim))
                 break
             except TRANSIENT as exc:
                 resync = True
@@ -252,14 +269,15 @@ class EventWriter:
         self.accept(batch, claim, reply, node)
 
     def accept(self, batch: list[NewEvent], claim: bool, reply: list[Any], node: str) -> None:
-        """Take in APPEND_SCRIPT's answer to `batch`."""
-        outcome = WriteOutcome(_text(reply[0]))
+        """Take in APPEND_SCRIPT's answer to `batch` (this job's part of it)."""
+        text, last, _ = job_reply(reply)
+        outcome = WriteOutcome(text)
         if outcome in (WriteOutcome.OK, WriteOutcome.CANCEL):
             self._written += batch
             if claim:
                 self._claim_id = batch[0].id
             with self._lock:
-                self._seen(_text(reply[1]))
+                self._seen(last)
             self._node = node
         self.outcome = outcome
         self._checked_at = time.monotonic()
@@ -290,46 +308,50 @@ class EventWriter:
         return lost + batch, claim or claim_lost
 
 
+Taken = tuple[EventWriter, list[NewEvent], bool]  # a writer, its batch, its claim
+
+
 class StreamFlusher:
-    """Sends gathered tokens for every EventWriter of a worker process: a writer's
-    tokens are due STREAM_FLUSH_MS after the first of them, and all writers due
-    together go in one pipeline per Redis node (one round trip). A writer whose
-    batch fails there is sent again on its own, with its retries."""
+    """Sends gathered tokens for every EventWriter of a worker process, together.
+
+    The first token gathered opens a window of STREAM_FLUSH_MS; when it ends, every
+    writer with tokens pending is sent at once: one APPEND_SCRIPT call carries the
+    batches of all jobs that share a slot (all of them, on one Redis), and the calls
+    for one Redis node share one round trip. A token waits at most the window. A
+    writer whose batch fails there is sent again on its own, with its retries."""
 
     def __init__(self, client: SyncStreamsClient, flush_ms: int) -> None:
         self._client = client
         self._window = flush_ms / 1000
-        self._due: dict[EventWriter, float] = {}
+        self._waiting: dict[EventWriter, None] = {}  # an ordered set
+        self._closes_at = 0.0
         self._cond = threading.Condition()
+        self._script = client.register_script(APPEND_SCRIPT)
         self._thread = threading.Thread(target=self._run, name="stream-flusher", daemon=True)
         self._thread.start()
 
     def schedule(self, writer: EventWriter) -> None:
         with self._cond:
-            if writer not in self._due:
-                self._due[writer] = time.monotonic() + self._window
+            if not self._waiting:
+                self._closes_at = time.monotonic() + self._window
                 self._cond.notify()
+            self._waiting[writer] = None
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._due:
+                while not self._waiting:
                     self._cond.wait()
-                now = time.monotonic()
-                soonest = min(self._due.values())
-                if soonest > now:
-                    self._cond.wait(soonest - now)
-                    continue
-                ready = [w for w, due in self._due.items() if due <= now]
-                for writer in ready:
-                    del self._due[writer]
+                while (left := self._closes_at - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                ready, self._waiting = list(self._waiting), {}
             try:
                 self._send_together(ready)
             except Exception:  # never let the thread die: writers retry on their own
                 log.exception("stream flusher: a round failed")
 
     def _send_together(self, writers: list[EventWriter]) -> None:
-        taken: list[tuple[EventWriter, list[NewEvent], bool]] = []
+        taken: list[Taken] = []
         for writer in writers:
             if not writer._send_lock.acquire(blocking=False):
                 self.schedule(writer)  # it is sending now; what it has not taken waits
@@ -346,10 +368,8 @@ class StreamFlusher:
             for writer, _, _ in taken:
                 writer._send_lock.release()
 
-    def _by_node(
-        self, taken: list[tuple[EventWriter, list[NewEvent], bool]]
-    ) -> dict[str, list[tuple[EventWriter, list[NewEvent], bool]]]:
-        groups: dict[str, list[tuple[EventWriter, list[NewEvent], bool]]] = {}
+    def _by_node(self, taken: list[Taken]) -> dict[str, list[Taken]]:
+        groups: dict[str, list[Taken]] = {}
         for item in taken:
             try:
                 node = item[0].node()
@@ -358,22 +378,15 @@ class StreamFlusher:
             groups.setdefault(node, []).append(item)
         return groups
 
-    def _pipeline(self, group: list[tuple[EventWriter, list[NewEvent], bool]]) -> None:
-        """One round trip for the group; whatever fails there goes again on its own."""
+    def _pipeline(self, group: list[Taken]) -> None:
+        """One round trip for the node's jobs, one script call per slot among them;
+        whatever fails there goes again on its own."""
         replies: list[Any] = [None] * len(group)
         node = "?"
         try:
             node = group[0][0].node()
             if all(writer._node in (None, node) for writer, _, _ in group) and node != "?":
-                client: Any = self._client
-                if isinstance(client, RedisCluster):
-                    client = client.get_redis_connection(client.get_node(node_name=node))
-                pipe = client.pipeline(transaction=False)
-                for writer, batch, claim in group:
-                    writer._script(
-                        keys=writer._keys, args=writer.call_args(batch, claim), client=pipe
-                    )
-                replies = pipe.execute(raise_on_error=False)
+                replies = self._call(node, group)
         except TRANSIENT:
             pass
         for (writer, batch, claim), reply in zip(group, replies, strict=True):
@@ -384,3 +397,29 @@ class StreamFlusher:
                     writer._send(batch, claim)
             except Exception as exc:  # kept in writer.failure, raised on its next write
                 writer.failure = writer.failure or exc
+
+    def _call(self, node: str, group: list[Taken]) -> list[Any]:
+        """Each job's part of the replies, in `group`'s order (an exception in
+        place of the parts of a call that failed)."""
+        client: Any = self._client
+        slots: dict[int, list[int]] = {}  # slot -> indexes into group
+        if isinstance(client, RedisCluster):
+            for index, (writer, _, _) in enumerate(group):
+                slots.setdefault(client.keyslot(writer._keys[0]), []).append(index)
+            client = client.get_redis_connection(client.get_node(node_name=node))
+        else:
+            slots[0] = list(range(len(group)))
+        pipe = client.pipeline(transaction=False)
+        for indexes in slots.values():
+            call_keys: list[str] = []
+            call_args: list[str | int] = []
+            for index in indexes:
+                writer, batch, claim = group[index]
+                call_keys += writer._keys
+                call_args += writer.call_args(batch, claim)
+            self._script(keys=call_keys, args=call_args, client=pipe)
+        replies: list[Any] = [None] * len(group)
+        for indexes, reply in zip(slots.values(), pipe.execute(raise_on_error=False), strict=True):
+            for index, part in zip(indexes, reply if isinstance(reply, list) else [], strict=False):
+                replies[index] = part
+        return replies
