@@ -13,6 +13,9 @@ from conftest import Service
 from helpers import free_port, service_env, stream, wait_for
 
 from bench.cluster import start_redis
+from textstream import keys
+from textstream.transport.scripts import EventType
+from textstream.transport.writer import EventWriter, StreamFlusher
 
 PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
 
@@ -106,3 +109,33 @@ def test_redis_down_ends_streams_and_everything_recovers_without_restarts(
         assert svc.workers is not None and svc.workers.alive() and svc.api.alive()
     finally:
         svc.stop()
+
+
+def test_gathered_writers_wait_out_one_outage_together_then_fail_together(own_redis):
+    """Redis goes away for good under a worker process's gathered tokens: its jobs
+    fail once the grace period has passed, all of them, not one grace period after
+    another (which kept a worker's jobs running on for minutes)."""
+    url, state, _ = own_redis
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    flusher = StreamFlusher(client, flush_ms=20)
+    grace, writers = 2.0, []
+    for n in range(4):
+        job_id = f"outage{n}" + "0" * 25
+        client.xadd(keys.job_events(job_id), {"event": "queued", "data": "{}"})
+        writer = EventWriter(
+            client, job_id, owner=f"w/{n}", ttl=60, maxlen=100, grace=grace, flusher=flusher
+        )
+        writer.history()
+        writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+        writers.append(writer)
+    state["proc"].kill()
+    state["proc"].wait(10)
+    lost = time.monotonic()
+    for writer in writers:
+        writer.write(EventType.TOKEN, {"text": " x"}, [1])
+    wait_for(lambda: all(w.failure for w in writers), 4 * grace + 5, "the jobs to fail")
+    took = time.monotonic() - lost
+    assert grace <= took < 2 * grace + 1, took
+    for writer in writers:
+        with pytest.raises(redis.ConnectionError):
+            writer.write(EventType.TOKEN, {"text": " y"}, [2])

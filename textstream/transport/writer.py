@@ -387,8 +387,14 @@ class StreamFlusher:
             node = group[0][0].node()
             if all(writer._node in (None, node) for writer, _, _ in group) and node != "?":
                 replies = self._call(node, group)
-        except TRANSIENT:
-            pass
+        except TRANSIENT as exc:
+            # Wait the outage out once for the whole group (not a grace period per
+            # writer, one after another): past it, every job of the group fails.
+            grace = max(writer._grace for writer, _, _ in group)
+            if not self._answers_within(group[0][0]._keys[1], grace):
+                for writer, _, _ in group:
+                    writer.failure = writer.failure or exc
+                return
         for (writer, batch, claim), reply in zip(group, replies, strict=True):
             try:
                 if isinstance(reply, list):
@@ -397,6 +403,19 @@ class StreamFlusher:
                     writer._send(batch, claim)
             except Exception as exc:  # kept in writer.failure, raised on its next write
                 writer.failure = writer.failure or exc
+
+    def _answers_within(self, key: str, seconds: float) -> bool:
+        """Whether the Redis serving `key` answers within `seconds` (asked through
+        the client, which follows a cluster's failover to the promoted replica)."""
+        give_up = time.monotonic() + seconds
+        while True:
+            try:
+                self._client.exists(key)
+                return True
+            except TRANSIENT:
+                if time.monotonic() >= give_up:
+                    return False
+                time.sleep(0.25)
 
     def _call(self, node: str, group: list[Taken]) -> list[Any]:
         """Each job's part of the replies, in `group`'s order (an exception in
