@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from helpers import wait_for
 
 from textstream import keys
+from textstream.transport import writer as writer_module
 from textstream.transport.events import EventType, JobEvents, WriteOutcome
 from textstream.transport.mux import ReadMux
 from textstream.transport.writer import EventWriter, StreamFlusher
@@ -284,6 +285,33 @@ def test_one_call_carries_every_jobs_tokens_and_a_closed_job_refuses_only_its_ow
     assert [w.outcome for w in writers] == [WriteOutcome.OK, WriteOutcome.CLOSED, WriteOutcome.OK]
     texts = [json.loads(d)["text"] for _, d in stream_events(redis_client, writers[2].job_id)[2:]]
     assert texts == [" 0", " 1", " 2", " 3"]
+
+
+def test_a_big_round_is_split_into_calls_of_bounded_size(redis_client, monkeypatch):
+    """A script holds Redis for everyone while it runs: a round of many events goes
+    in several calls (one round trip), each job whole in one of them."""
+    monkeypatch.setattr(writer_module, "MAX_EVENTS_PER_CALL", 4)
+    flusher = StreamFlusher(redis_client, flush_ms=200)
+    writers = []
+    for n in range(3):
+        job_id = f"split{n}" + "0" * 26
+        fresh_job(redis_client, job_id)
+        writer = EventWriter(
+            redis_client, job_id, owner=f"w/{n}", ttl=60, maxlen=100, flusher=flusher
+        )
+        writer.history()
+        writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+        writers.append(writer)
+    redis_client.config_resetstat()
+    for i in range(3):
+        for writer in writers:
+            writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+    wait_for(
+        lambda: all(len(stream_events(redis_client, w.job_id)) == 5 for w in writers),
+        5,
+        "the window to end",
+    )
+    assert redis_client.info("commandstats")["cmdstat_evalsha"]["calls"] == 3  # 3 + 3 + 3 > 4
 
 
 def test_ttls_are_refreshed_by_the_claim_and_the_last_event_not_every_token(redis_client):

@@ -77,6 +77,11 @@ TRANSIENT = (
 #: The longest a job's keys go without a TTL refresh while it runs.
 TTL_REFRESH_SECONDS = 60.0
 
+#: The most events one gathered script call carries (more jobs go in more calls of
+#: the same round trip): a script holds Redis for all its other clients while it
+#: runs, about 5 µs per event.
+MAX_EVENTS_PER_CALL = 512
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -428,17 +433,30 @@ class StreamFlusher:
             client = client.get_redis_connection(client.get_node(node_name=node))
         else:
             slots[0] = list(range(len(group)))
+        calls: list[list[int]] = []  # indexes into group, one list per script call
+        for indexes in slots.values():  # a call never spans two slots
+            call: list[int] = []
+            events = 0
+            for index in indexes:
+                size = len(group[index][1])
+                if call and events + size > MAX_EVENTS_PER_CALL:
+                    calls.append(call)
+                    call, events = [], 0
+                call.append(index)
+                events += size
+            if call:
+                calls.append(call)
         pipe = client.pipeline(transaction=False)
-        for indexes in slots.values():
+        for call in calls:
             call_keys: list[str] = []
             call_args: list[str | int] = []
-            for index in indexes:
+            for index in call:
                 writer, batch, claim = group[index]
                 call_keys += writer._keys
                 call_args += writer.call_args(batch, claim)
             self._script(keys=call_keys, args=call_args, client=pipe)
         replies: list[Any] = [None] * len(group)
-        for indexes, reply in zip(slots.values(), pipe.execute(raise_on_error=False), strict=True):
-            for index, part in zip(indexes, reply if isinstance(reply, list) else [], strict=False):
+        for call, reply in zip(calls, pipe.execute(raise_on_error=False), strict=True):
+            for index, part in zip(call, reply if isinstance(reply, list) else [], strict=False):
                 replies[index] = part
         return replies
