@@ -259,20 +259,25 @@ def test_gathered_tokens_go_in_one_call_and_the_last_event_flushes_them(redis_cl
     assert names[-2:] == [b"token", b"done"] and len(names) == 9
 
 
-def test_one_call_carries_every_jobs_tokens_and_a_closed_job_refuses_only_its_own(
-    redis_client,
-):
-    flusher = StreamFlusher(redis_client, flush_ms=200)
+def gathering_writers(client: redis.Redis, prefix: str, count: int) -> list[EventWriter]:
+    """`count` fresh jobs, each claimed by its own writer, all gathering into one
+    StreamFlusher with a long (200 ms) window."""
+    flusher = StreamFlusher(client, flush_ms=200)
     writers = []
-    for n in range(3):
-        job_id = f"many{n}" + "0" * 27
-        fresh_job(redis_client, job_id)
-        writer = EventWriter(
-            redis_client, job_id, owner=f"w/{n}", ttl=60, maxlen=100, flusher=flusher
-        )
+    for n in range(count):
+        job_id = f"{prefix}{n}".ljust(32, "0")
+        fresh_job(client, job_id)
+        writer = EventWriter(client, job_id, owner=f"w/{n}", ttl=60, maxlen=100, flusher=flusher)
         writer.history()
         writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
         writers.append(writer)
+    return writers
+
+
+def test_one_call_carries_every_jobs_tokens_and_a_closed_job_refuses_only_its_own(
+    redis_client,
+):
+    writers = gathering_writers(redis_client, "many", 3)
     # Another worker ended the middle job meanwhile.
     redis_client.hset(keys.job_state(writers[1].job_id), "terminal", "error")
     redis_client.config_resetstat()
@@ -291,17 +296,7 @@ def test_a_big_round_is_split_into_calls_of_bounded_size(redis_client, monkeypat
     """A script holds Redis for everyone while it runs: a round of many events goes
     in several calls (one round trip), each job whole in one of them."""
     monkeypatch.setattr(writer_module, "MAX_EVENTS_PER_CALL", 4)
-    flusher = StreamFlusher(redis_client, flush_ms=200)
-    writers = []
-    for n in range(3):
-        job_id = f"split{n}" + "0" * 26
-        fresh_job(redis_client, job_id)
-        writer = EventWriter(
-            redis_client, job_id, owner=f"w/{n}", ttl=60, maxlen=100, flusher=flusher
-        )
-        writer.history()
-        writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
-        writers.append(writer)
+    writers = gathering_writers(redis_client, "split", 3)
     redis_client.config_resetstat()
     for i in range(3):
         for writer in writers:
