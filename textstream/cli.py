@@ -111,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
     # reaches them at once, and the two stops overlap.
     stopper = threading.Thread(
         target=stop_workers_on_shutdown,
-        args=(workers, settings.worker_shutdown_grace + 5),
+        args=(STOPPING, workers, settings.worker_shutdown_grace + 5),
         name="stop-workers",
         daemon=True,
     )
@@ -135,10 +135,10 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def stop_workers_on_shutdown(workers: subprocess.Popen[bytes], seconds: float) -> None:
-    from textstream.transport.sse import STOPPING
-
-    STOPPING.wait()
+def stop_workers_on_shutdown(
+    stopping: threading.Event, workers: subprocess.Popen[bytes], seconds: float
+) -> None:
+    stopping.wait()
     stop_workers(workers, seconds)
 
 

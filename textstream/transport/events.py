@@ -45,6 +45,7 @@ from textstream.transport.scripts import (
     TRACK_SCRIPT,
     EventType,
     append_args,
+    as_text,
     job_reply,
     new_event,
 )
@@ -141,10 +142,6 @@ TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
 REDIS_LOST = error_data("redis_unavailable", "the event store is unreachable; reconnect later")
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -> JobEvent:
     """A stream entry, its fields as redis-py's dict or as Redis's flat list."""
     if isinstance(fields, list):
@@ -152,8 +149,8 @@ def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -
     ids = fields.get(b"ids")
     raw = fields[b"data"].decode()
     return JobEvent(
-        id=_text(raw_id),
-        event=_text(fields[b"event"]),
+        id=as_text(raw_id),
+        event=as_text(fields[b"event"]),
         data=json.loads(raw),
         token_ids=tuple(int(i) for i in ids.split(b",")) if ids else (),
         raw=raw,
@@ -237,9 +234,9 @@ class JobEvents:
             exists, (tenant, shared, model) = await pipe.execute()
         return JobAccess(
             bool(exists),
-            None if tenant is None else _text(tenant),
+            None if tenant is None else as_text(tenant),
             bool(shared),
-            "" if model is None else _text(model),
+            "" if model is None else as_text(model),
         )
 
     async def append(self, job_id: str, event: EventType, data: dict[str, Any]) -> WriteOutcome:
@@ -261,8 +258,8 @@ class JobEvents:
             args=[json.dumps(CANCELLED), self._maxlen, self._ttl, "1" if release else "0"],
         )
         if cache_key:
-            await self._forget(_text(cache_key), job_id)
-        return CancelOutcome(_text(outcome))
+            await self._forget(as_text(cache_key), job_id)
+        return CancelOutcome(as_text(outcome))
 
     async def _forget(self, cache_key: str, job_id: str) -> None:
         """A job that ended in error must not answer from the response cache."""
@@ -280,7 +277,7 @@ class JobEvents:
     async def first_event_id(self, job_id: str) -> str | None:
         """The id of the job's first (`queued`) event: when it was created."""
         first = await self.client.xrange(keys.job_events(job_id), count=1)
-        return _text(first[0][0]) if first else None
+        return as_text(first[0][0]) if first else None
 
     async def usable(self, job_id: str) -> bool:
         """The job can answer a request (the response cache): its stream is there
@@ -311,7 +308,7 @@ class JobEvents:
         and redis-py 4.6 keeps asking the node it first used, dead or alive, while
         XRANGE's key is where the client knows without asking."""
         entries = await self.client.xrange(stream, min=last_id, count=count + 1)
-        after = [(i, f) for i, f in entries if _text(i) != last_id][:count]
+        after = [(i, f) for i, f in entries if as_text(i) != last_id][:count]
         return [(stream, after)] if after else []
 
     async def read_batches(

@@ -52,6 +52,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from textstream.connections import UNREACHABLE
+from textstream.transport.scripts import as_text
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ Entry = tuple[bytes, list[bytes]]
 
 
 def id_key(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
+    ms, _, seq = as_text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -334,8 +334,7 @@ class _Lane:
                 self._reading = set()
                 self._cycle += 1
             for raw_key, entries in reply or ():
-                key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-                self._deliver(key, entries)
+                self._deliver(as_text(raw_key), entries)
             if reply:
                 await asyncio.sleep(ReadMux.GATHER_MS / 1000)
 

@@ -206,11 +206,12 @@ def append_args(
 def job_reply(reply: Sequence[bytes | str]) -> tuple[str, str, str]:
     """One job's part of APPEND_SCRIPT's reply as text: (outcome, last id written,
     cache key). A job whose stream refused an entry raises ResponseError."""
-    outcome, last, cache_key = [_text(part) for part in reply[:3]] + [""] * (3 - len(reply[:3]))
+    outcome, last, cache_key = ([as_text(part) for part in reply] + ["", ""])[:3]
     if outcome == "error":
         raise ResponseError(last)
     return outcome, last, cache_key
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A reply from Redis as text (clients may be set to decode replies, or not)."""
     return value.decode() if isinstance(value, bytes) else value

@@ -56,6 +56,7 @@ from textstream.transport.scripts import (
     EventType,
     NewEvent,
     append_args,
+    as_text,
     job_reply,
     new_event,
 )
@@ -82,9 +83,8 @@ TTL_REFRESH_SECONDS = 60.0
 #: runs, about 5 µs per event.
 MAX_EVENTS_PER_CALL = 512
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+#: Between two tries of a write, or of Redis, during an outage.
+RETRY_PAUSE_SECONDS = 0.25
 
 
 class EventWriter:
@@ -152,7 +152,7 @@ class EventWriter:
             return self.outcome
         if terminal:
             self.outcome = WriteOutcome.CLOSED
-        elif owner is not None and _text(owner) != self.owner:
+        elif owner is not None and as_text(owner) != self.owner:
             self.outcome = WriteOutcome.STOLEN
         elif cancel:
             self.outcome = WriteOutcome.CANCEL
@@ -239,7 +239,7 @@ class EventWriter:
 
     def _top(self) -> str | None:
         last = self._client.xrevrange(self._keys[0], count=1)
-        return _text(last[0][0]) if last else None
+        return as_text(last[0][0]) if last else None
 
     def call_args(self, batch: list[NewEvent], claim: bool) -> list[str | int]:
         terminal = any(e.terminal for e in batch)
@@ -270,7 +270,7 @@ class EventWriter:
                 if time.monotonic() >= give_up:
                     self.failure = exc
                     raise
-                time.sleep(0.25)
+                time.sleep(RETRY_PAUSE_SECONDS)
         self.accept(batch, claim, reply, node)
 
     def accept(self, batch: list[NewEvent], claim: bool, reply: list[Any], node: str) -> None:
@@ -420,7 +420,7 @@ class StreamFlusher:
             except TRANSIENT:
                 if time.monotonic() >= give_up:
                     return False
-                time.sleep(0.25)
+                time.sleep(RETRY_PAUSE_SECONDS)
 
     def _call(self, node: str, group: list[Taken]) -> list[Any]:
         """Each job's part of the replies, in `group`'s order (an exception in
