@@ -35,7 +35,14 @@ def test_env_example_is_valid_settings():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("device", "tpu"), ("dtype", "int3"), ("default_max_new_tokens", 0), ("job_ttl", -1)],
+    [
+        ("device", "tpu"),
+        ("dtype", "int3"),
+        ("default_max_new_tokens", 0),
+        ("job_ttl", -1),
+        # The flush window: whole milliseconds, 0 (off) to a second.
+        *[("stream_flush_ms", v) for v in ("nan", "inf", "1e-300", "-1", "1001", "1e9", "2.5")],
+    ],
 )
 def test_invalid_settings_are_refused_at_start(field, value):
     with pytest.raises(ValidationError):
@@ -45,3 +52,12 @@ def test_invalid_settings_are_refused_at_start(field, value):
 def test_limit_must_cover_the_default():
     with pytest.raises(ValidationError, match="MAX_NEW_TOKENS_LIMIT"):
         Settings(_env_file=None, default_max_new_tokens=50, max_new_tokens_limit=10)
+
+
+def test_the_flush_window_takes_whole_milliseconds_from_the_environment(monkeypatch):
+    for value, expected in (("0", 0), ("20", 20), ("1000", 1000)):
+        monkeypatch.setenv("STREAM_FLUSH_MS", value)
+        assert Settings(_env_file=None).stream_flush_ms == expected
+    monkeypatch.setenv("STREAM_FLUSH_MS", "NaN")
+    with pytest.raises(ValidationError, match="stream_flush_ms"):
+        Settings(_env_file=None)

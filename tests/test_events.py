@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -19,7 +20,7 @@ from helpers import wait_for
 from textstream import keys
 from textstream.transport import writer as writer_module
 from textstream.transport.events import EventType, JobEvents, WriteOutcome
-from textstream.transport.mux import ReadMux
+from textstream.transport.mux import ReadMux, id_key
 from textstream.transport.writer import EventWriter, StreamFlusher
 
 DONE = {"finish_reason": "length", "model": "m", "usage": {}}
@@ -307,6 +308,34 @@ def test_a_big_round_is_split_into_calls_of_bounded_size(redis_client, monkeypat
         "the window to end",
     )
     assert redis_client.info("commandstats")["cmdstat_evalsha"]["calls"] == 3  # 3 + 3 + 3 > 4
+
+
+def test_two_identical_jobs_written_at_once_each_keep_their_own_tokens(redis_client):
+    """Two identical requests (no cache) run at once in one worker: their tokens share
+    the flusher's calls, and each stream gets exactly its own, once, in order."""
+    writers = gathering_writers(redis_client, "twin", 2)
+    go = threading.Barrier(2)
+
+    def generate(writer: EventWriter) -> None:
+        go.wait()
+        for i in range(40):
+            writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+            time.sleep(0.001)
+        writer.write(EventType.DONE, DONE)
+
+    threads = [threading.Thread(target=generate, args=(w,)) for w in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for writer in writers:
+        entries = redis_client.xrange(keys.job_events(writer.job_id))
+        names = [f[b"event"] for _, f in entries]
+        assert names == [b"queued", b"started"] + [b"token"] * 40 + [b"done"]
+        texts = [json.loads(f[b"data"])["text"] for _, f in entries if f[b"event"] == b"token"]
+        assert texts == [f" {i}" for i in range(40)]
+        ids = [id_key(i) for i, _ in entries]
+        assert ids == sorted(set(ids))
 
 
 def test_ttls_are_refreshed_by_the_claim_and_the_last_event_not_every_token(redis_client):

@@ -139,3 +139,30 @@ def test_gathered_writers_wait_out_one_outage_together_then_fail_together(own_re
     for writer in writers:
         with pytest.raises(redis.ConnectionError):
             writer.write(EventType.TOKEN, {"text": " y"}, [2])
+
+
+def test_gathered_writers_find_their_jobs_gone_when_redis_comes_back_empty(own_redis):
+    """Redis restarts without its data under a worker's gathered tokens: the jobs are
+    gone, so the writers stop (their job is lost) and write nothing into the empty
+    Redis: no stream without its `queued` event and its owner."""
+    url, state, restart = own_redis
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    flusher = StreamFlusher(client, flush_ms=20)
+    writers = []
+    for n in range(3):
+        job_id = f"empty{n}".ljust(32, "0")
+        client.xadd(keys.job_events(job_id), {"event": "queued", "data": "{}"})
+        writer = EventWriter(
+            client, job_id, owner=f"w/{n}", ttl=60, maxlen=100, grace=10, flusher=flusher
+        )
+        writer.history()
+        writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+        writers.append(writer)
+    state["proc"].kill()
+    state["proc"].wait(10)
+    for writer in writers:
+        writer.write(EventType.TOKEN, {"text": " x"}, [1])
+    restart(persistent=False)
+    wait_for(lambda: all(w.lost_job for w in writers), 15, "the writers to find their jobs gone")
+    assert all(w.failure is None for w in writers)
+    assert client.keys("textstream:job:*") == []
