@@ -3,15 +3,19 @@ never a sampled-without-seed, cancelled or failed generation."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import httpx
 import openai
 import redis
+import redis.asyncio as aioredis
 from helpers import stream, wait_for
 
 from textstream import keys
+from textstream.api.cache import cached_job, claim
+from textstream.transport.events import JobEvents
 
 CACHED = {"CACHE_TTL": "60"}
 
@@ -143,3 +147,37 @@ def test_openai_requests_share_the_cache(make_service):
     again = client.completions.with_raw_response.create(**args)
     assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"
     assert first.parse().choices[0].text == again.parse().choices[0].text
+
+
+def test_a_claim_whose_job_is_still_being_created_is_followed_not_dropped(redis_url):
+    """The cache entry is claimed before its job's stream is written: a request that
+    reads the entry in between waits for the stream instead of dropping the entry
+    (and starting a second generation of the same answer). An old entry whose job
+    is gone is still dropped at once."""
+    job_id, stale = "creating".ljust(32, "0"), "stale".ljust(32, "0")
+    key = "textstream:test:cache:creating"
+
+    async def scenario() -> tuple[str | None, str | None, float, bytes | None]:
+        client = aioredis.Redis.from_url(redis_url)
+        jobs = JobEvents(client, ttl=60, maxlen=100)
+        await client.delete(key, keys.job_events(job_id))
+        assert await claim(client, key, job_id, 600)
+
+        async def create_later() -> None:
+            await asyncio.sleep(0.3)
+            await client.xadd(keys.job_events(job_id), {"event": "queued", "data": "{}"})
+
+        creator = asyncio.create_task(create_later())
+        found = await cached_job(client, jobs, key, ttl=600, creating=5)
+        await creator
+        await client.set(key, stale, ex=10)  # set 590 s ago, as far as ttl=600 tells
+        started = time.monotonic()
+        gone = await cached_job(client, jobs, key, ttl=600, creating=5)
+        took = time.monotonic() - started
+        left = await client.get(key)
+        await client.close()
+        return found, gone, took, left
+
+    found, gone, took, left = asyncio.run(scenario())
+    assert found == job_id
+    assert gone is None and took < 1 and left is None

@@ -17,8 +17,10 @@ requests racing each other still cause one generation.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -44,15 +46,30 @@ def cache_key(job: CompletionJob, tenant: str = "") -> str:
     return keys.cache_entry(hashlib.sha256(encoded).hexdigest())
 
 
-async def cached_job(client: aioredis.Redis, jobs: JobEvents, key: str) -> str | None:
+async def cached_job(
+    client: aioredis.Redis, jobs: JobEvents, key: str, *, ttl: int, creating: float
+) -> str | None:
     """The job answering `key`, if it can still be used (not failed, not expired).
     The entry is on the queue's Redis (`client`), the job's stream on the streams'
     (`jobs`); an entry whose job failed is dropped here, so a failure is never
-    served even where its worker could not drop the entry itself."""
-    raw = await client.get(key)
+    served even where its worker could not drop the entry itself.
+
+    An entry younger than `creating` seconds (it was set with `ttl`) may belong to a
+    request still creating its job: the entry is claimed before the job's stream is
+    written. Its stream is waited for, up to that age, rather than taken for an
+    expired job (which let an identical request arriving in between start a second
+    generation)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(key)
+        pipe.pttl(key)
+        raw, left_ms = await pipe.execute()
     if raw is None:
         return None
     job_id = bytes(raw).decode()
+    wait_until = time.monotonic() + creating - (ttl - max(left_ms, 0) / 1000)
+    # Polled: the stream appears in Redis, written by another process.
+    while not await jobs.exists(job_id) and time.monotonic() < wait_until:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
     if not await jobs.usable(job_id):
         await forget(client, key, job_id)
         return None

@@ -210,7 +210,14 @@ async def cache_key_for(
 async def follow_cached(
     services: Services, key: str, model: str, policy: CancelPolicy
 ) -> Submission | None:
-    job_id = await cached_job(services.redis, services.jobs, key)
+    settings = services.settings
+    job_id = await cached_job(
+        services.redis,
+        services.jobs,
+        key,
+        ttl=settings.cache_ttl,
+        creating=settings.enqueue_timeout,
+    )
     if job_id is None:
         return None
     await track(services, job_id, policy)
