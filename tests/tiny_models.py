@@ -85,3 +85,38 @@ def reference_completion(
     generated = [int(i) for i in out[0, ids.shape[1] :]]
     text = tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return generated, text
+
+
+def build_tiny_decoder(path: Path, model_type: str = "llama", **shape: int) -> Path:
+    """A random-weight Llama-shaped decoder (llama, qwen2, ...) with GPT-2's tokenizer:
+    for tests of the compact Llama pass (engines/transformers/llama.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.gpt2_offline import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    dims = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        **shape,
+    }
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **dims,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger weights than the init's: logits far apart, no near-ties
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     #: torch.compile the decode step: off, background (serve eagerly until it is
     #: compiled), start (compile before serving).
     compile: Literal["off", "background", "start"] = "off"
+    #: Llama-family models (llama, mistral, qwen2) run a compact forward pass with
+    #: transformers' numbers and a fraction of its per-layer overhead
+    #: (engines/transformers/llama.py); false: transformers' own forward.
+    compact_pass: bool = True
     #: Where converted copies of GGUF models are kept (loaded instead of converting
     #: again); empty: convert at every start.
     model_cache_dir: str = "~/.cache/textstream"

@@ -45,6 +45,7 @@ class TransformersEngine:
         source: str = "",
         prefill_chunk_tokens: int = 256,
         compile_decode: str = "off",
+        compact_pass: bool = True,
     ) -> None:
         self.model = model
         self.source = source
@@ -63,7 +64,11 @@ class TransformersEngine:
         self.vocab_size = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.compile_decode = compile_decode
-        self.passes = Passes(model, device, self.context_length) if supports_slots(model) else None
+        self.passes = (
+            Passes(model, device, self.context_length, compact=compact_pass)
+            if supports_slots(model)
+            else None
+        )
         self.batcher: Batcher | None = None
 
     def warm_up(self) -> None:

@@ -126,6 +126,7 @@ def _load_from(source: ModelSource, settings: Settings, online: bool) -> Transfo
         source=source.spec,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         compile_decode=settings.compile,
+        compact_pass=settings.compact_pass,
     )
     with stage(source.name, "warm-up"):
         engine.warm_up()

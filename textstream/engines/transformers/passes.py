@@ -20,6 +20,7 @@ and `supports_slots` refuses them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from textstream.engines.transformers.kvcache import SlotCache
+from textstream.engines.transformers.llama import compact_pass
 from textstream.engines.transformers.quantize import prefilling
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,9 @@ def _forward(
 class Passes:
     """One model's prefill and decode passes (shared by every decode loop)."""
 
-    def __init__(self, model: Any, device: torch.device, context_length: int) -> None:
+    def __init__(
+        self, model: Any, device: torch.device, context_length: int, *, compact: bool = True
+    ) -> None:
         self.model = model
         self.device = device
         self.context_length = context_length
@@ -87,7 +91,12 @@ class Passes:
         self.num_layers = int(config.num_hidden_layers)
         self.pad_id = int(getattr(config, "pad_token_id", None) or 0)
         self._additive = getattr(model.config, "_attn_implementation", "") == "eager"
-        self._decode: Forward = _forward
+        # Both passes run the compact Llama pass where it fits the model (llama.py:
+        # the same numbers with a fraction of the per-layer overhead), else
+        # transformers' own forward.
+        fast = compact_pass(model) if compact and not self._additive else None
+        self._forward: Forward = fast or functools.partial(_forward, model)
+        self._decode: Forward = self._forward
         #: "eager", "compiling", "compiled" or "failed" (reported in the log).
         self.decode_mode = "eager"
 
@@ -120,8 +129,7 @@ class Passes:
         cache.reserve(rows, width)
         last = torch.tensor([len(chunk) - 1 for chunk in chunks], device=self.device)
         with prefilling():
-            return _forward(
-                self.model,
+            return self._forward(
                 cache,
                 tokens,
                 columns.clamp(max=self.context_length - 1),  # pads may run past the window
@@ -137,7 +145,7 @@ class Passes:
         cache.reserve(rows, width)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (R, 1)
         columns = torch.tensor(lengths, device=self.device).unsqueeze(1)  # (R, 1)
-        return self._decode(self.model, cache, ids, columns, columns, self._mask(columns, width), 1)
+        return self._decode(cache, ids, columns, columns, self._mask(columns, width), 1)
 
     # -- compiling the decode pass ----------------------------------------------------
 
@@ -152,7 +160,7 @@ class Passes:
     def _compile(self) -> None:
         self.decode_mode = "compiling"
         started = time.perf_counter()
-        compiled = torch.compile(_forward, dynamic=True)
+        compiled = torch.compile(self._forward, dynamic=True)
         try:
             with torch.inference_mode():
                 # Both shapes a batch has: one row (sizes of 1 are specialized) and several.
@@ -162,7 +170,7 @@ class Passes:
                     for length in (3, 5):
                         columns = torch.full((rows, 1), length, device=self.device)
                         mask = self._mask(columns, length + 1)
-                        compiled(self.model, cache, ids, columns, columns, mask, 1)
+                        compiled(cache, ids, columns, columns, mask, 1)
         except Exception as exc:  # no C++ compiler, an unsupported op: stay eager
             self.decode_mode = "failed"
             log.warning("compiling the decode step failed; staying eager: %s", exc)

@@ -1,0 +1,253 @@
+"""A compact forward pass for Llama-shaped models (Llama, SmolLM, Mistral, Qwen2), on a
+SlotCache: the same arithmetic as transformers' model code with a fraction of its
+per-layer Python.
+
+On a small CPU, decoding one token of a small model is dominated by overhead, not
+arithmetic: transformers' LlamaForCausalLM runs ~70 tensor operations and as many
+Python calls per layer (module hooks, kwargs plumbing, the Cache interface, mask
+handling), ~20 ms of SmolLM2-135M's ~38 ms decode step on 2 cores (py-spy,
+torch.profiler). This pass runs the same layers in ~20 operations each:
+
+- q, k and v are one matrix product, gate and up another (their weights joined
+  once, the original modules re-pointed at row slices of the joined weight, so
+  nothing is held twice and transformers' own forward still works);
+- the rotary embedding turns q and k in one go (they are adjacent in the joined
+  output), with transformers' own `rotary_emb` for the angles, so every rope
+  scaling type it knows is honoured;
+- keys and values go straight into the slot cache's tensors (kvcache.py), and a
+  one-token query attends through grouped heads without repeating the keys (as
+  transformers does for a single query).
+
+Numerics are transformers' (same dtypes, same order of operations per element,
+RMSNorm in float32): tests/test_llama_pass.py checks logits and greedy tokens
+against transformers' forward. Models this does not recognise exactly keep
+transformers' forward (`compact_pass` returns None).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from textstream.engines.transformers.kvcache import SlotCache
+from textstream.engines.transformers.quantize import Int8Linear
+
+log = logging.getLogger(__name__)
+
+#: transformers model types whose decoder layers this pass reproduces exactly.
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class _Joined(nn.Module):
+    """Several linear layers with the same input, as one (outputs side by side)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.sizes = [_out_features(layer) for layer in layers]
+        if all(isinstance(layer, Int8Linear) for layer in layers):
+            self.inner: nn.Module = _join_int8(layers)  # type: ignore[arg-type]
+        else:
+            self.inner = _join_linear(layers)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+def _out_features(layer: nn.Module) -> int:
+    return int(layer.out_features)  # type: ignore[arg-type]
+
+
+def _join_linear(layers: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    biases = [layer.bias for layer in layers]
+    # On the meta device: no throwaway initialisation of the joined weight.
+    joined = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, device="meta")
+    joined.weight = nn.Parameter(weight, requires_grad=False)
+    if joined.bias is not None:
+        joined.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)  # type: ignore[union-attr]
+    start = 0
+    for layer in layers:  # re-point each at its rows of the joined weight: no copy kept
+        end = start + layer.out_features
+        layer.weight = nn.Parameter(joined.weight[start:end], requires_grad=False)
+        if joined.bias is not None:
+            layer.bias = nn.Parameter(joined.bias[start:end], requires_grad=False)
+        start = end
+    return joined
+
+
+def _join_int8(layers: list[Int8Linear]) -> Int8Linear:
+    joined = Int8Linear.__new__(Int8Linear)
+    nn.Module.__init__(joined)
+    joined.register_buffer("qweight", torch.cat([layer.qweight for layer in layers]))
+    joined.register_buffer("scale", torch.cat([layer.scale for layer in layers]))
+    biases = [layer.bias for layer in layers]
+    joined.register_buffer("bias", None if biases[0] is None else torch.cat(biases))  # type: ignore[arg-type]
+    joined.out_features, joined.in_features = joined.qweight.shape
+    joined._wide = None
+    start = 0
+    for layer in layers:
+        end = start + layer.out_features
+        layer.qweight = joined.qweight[start:end]
+        layer.scale = joined.scale[start:end]
+        if joined.bias is not None:
+            layer.bias = joined.bias[start:end]
+        layer._wide = None
+        start = end
+    return joined
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (float32 inside): for float32 in one fused
+    operation (the same numbers: tests/test_llama_pass.py), else step for step."""
+    dtype = x.dtype
+    if dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x32.to(dtype)  # type: ignore[no-any-return]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb on x (..., d)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+class _Layer:
+    """One decoder layer's parts, joined."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm
+        self.post_norm = layer.post_attention_layernorm
+        self.qkv = _Joined([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.gate_up = _Joined([mlp.gate_proj, mlp.up_proj])
+        self.down = mlp.down_proj
+        self.act = mlp.act_fn
+        self.scaling = float(attn.scaling)
+
+
+class LlamaPass:
+    """`forward(cache, tokens, positions, columns, mask, keep)`: transformers'
+    LlamaForCausalLM forward on a SlotCache, compact. Same contract as
+    passes._forward."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        self.embed = model.model.embed_tokens
+        self.rotary = model.model.rotary_emb
+        self.norm = model.model.norm
+        self.head = model.lm_head
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.layers = [_Layer(layer) for layer in model.model.layers]
+
+    def __call__(
+        self,
+        cache: SlotCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        columns: torch.Tensor,
+        mask: torch.Tensor,
+        keep: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """tokens, positions, columns: (R, n); mask (R, 1, n, width) boolean or
+        additive; keep: 1 (the last token) or (R, 1) per-row indices. Returns (R, V)."""
+        cache.set_plan(columns, mask)
+        rows_count, n = tokens.shape
+        width = mask.shape[-1]
+        if mask.dtype == torch.bool:  # once here, not once per layer inside attention
+            mask = torch.zeros(mask.shape, dtype=self.norm.weight.dtype).masked_fill(
+                ~mask, -torch.inf
+            )
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        group = heads // kv_heads
+        x = self.embed(tokens)  # (R, n, H)
+        cos, sin = self.rotary(x, positions)  # (R, n, d)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # against (R, n, heads, d)
+        cells: torch.Tensor | None = None  # cache cells this pass writes (same every layer)
+        for index, layer in enumerate(self.layers):
+            slot = cache.slot_layers[index]
+            h = _rms_norm(x, layer.input_norm)
+            qkv = layer.qkv(h).view(rows_count, n, heads + 2 * kv_heads, dim)
+            qk = _rotate(qkv[:, :, : heads + kv_heads], cos, sin)
+            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
+            if not slot.is_initialized:
+                slot.lazy_initialization(k.transpose(1, 2), v.transpose(1, 2))
+            assert slot.keys is not None and slot.values is not None
+            if cells is None:
+                cells = _cell_index(slot.keys.shape, columns)
+            # (R, n, kv_heads, d) into each row's columns, one cell per (row, token, head)
+            slot.keys.view(-1, dim).index_copy_(0, cells, k.reshape(-1, dim))
+            slot.values.view(-1, dim).index_copy_(0, cells, v.reshape(-1, dim))
+            keys = slot.keys[:rows_count, :, :width]
+            values = slot.values[:rows_count, :, :width]
+            if n == 1 and group > 1:
+                # One query: its heads, grouped by key head, are the "sequence".
+                query = q.reshape(rows_count, kv_heads, group, dim)
+                out = F.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=mask, scale=layer.scaling
+                )  # (R, kv_heads, group, d)
+                out = out.reshape(rows_count, 1, heads * dim)
+            else:
+                if group > 1:
+                    keys = keys.repeat_interleave(group, dim=1)
+                    values = values.repeat_interleave(group, dim=1)
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), keys, values, attn_mask=mask, scale=layer.scaling
+                )  # (R, heads, n, d)
+                out = out.transpose(1, 2).reshape(rows_count, n, heads * dim)
+            x = x + layer.o_proj(out)
+            h = _rms_norm(x, layer.post_norm)
+            gate, up = layer.gate_up(h).split(layer.gate_up.sizes, dim=-1)
+            x = x + layer.down(layer.act(gate) * up)
+        if isinstance(keep, int):
+            last = x[:, -keep:]
+        else:
+            last = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.head(_rms_norm(last, self.norm))[:, -1, :]  # type: ignore[no-any-return]
+
+
+def _cell_index(shape: torch.Size, columns: torch.Tensor) -> torch.Tensor:
+    """Rows of a (rows * heads * columns, d) view of a cache tensor of `shape` that
+    the pass's tokens fill: row r, token t, head h -> cell (r, h, columns[r, t]),
+    in the order of a (R, n, heads, d) tensor."""
+    _, heads, width, _ = shape
+    row = torch.arange(columns.shape[0], device=columns.device)[:, None, None]
+    head = torch.arange(heads, device=columns.device)[None, None, :]
+    return ((row * heads + head) * width + columns[:, :, None]).reshape(-1)
+
+
+def compact_pass(model: Any) -> LlamaPass | None:
+    """A LlamaPass for `model` where it reproduces transformers' forward exactly, else
+    None (keep transformers' forward)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in MODEL_TYPES:
+        return None
+    try:
+        layers = list(model.model.layers)
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if type(layer.input_layernorm).__name__.endswith("RMSNorm") is False:
+                return None
+            if getattr(mlp, "act_fn", None) is None or not hasattr(mlp, "gate_proj"):
+                return None
+            if getattr(attn, "sliding_window", None):
+                return None
+            if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                return None
+            # Qwen3-style q/k norms, or anything else on the attention module, would be skipped.
+            if any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
+                return None
+    except AttributeError:
+        return None
+    compact = LlamaPass(model)
+    log.info("compact decoder pass for %s (%d layers)", config.model_type, len(layers))
+    return compact
