@@ -39,18 +39,27 @@ def passes_of(engine) -> Passes:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_compact_pass_gives_transformers_logits(decoder_dir, quantize):
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        # Rows of different lengths: prefill padded, each decode step masked.
+        [[5, 6, 7, 8, 9, 10, 11], [300, 301], [42, 43, 44, 45]],
+        # One row: its decode steps see every column (the unmasked kernel).
+        [[5, 6, 7, 8, 9, 10, 11]],
+    ],
+    ids=["rows", "alone"],
+)
+def test_compact_pass_gives_transformers_logits(decoder_dir, quantize, prompts):
     compact = passes_of(load(decoder_dir, batching=False, quantize=quantize))
     native = passes_of(load(decoder_dir, batching=False, quantize=quantize, compact_pass=False))
     assert isinstance(compact._forward, LlamaPass)
     assert not isinstance(native._forward, LlamaPass)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 301], [42, 43, 44, 45]]
     with torch.inference_mode():
         caches = [compact.new_cache(), native.new_cache()]
-        # Rows of different lengths in one prefill (padded), then decode steps where
-        # each row sits at its own position: what a batch does.
+        # One prefill, then decode steps where each row sits at its own position.
         logits = [
-            p.prefill(c, prompts, [0] * 3) for p, c in zip((compact, native), caches, strict=True)
+            p.prefill(c, prompts, [0] * len(prompts))
+            for p, c in zip((compact, native), caches, strict=True)
         ]
         lengths = [len(p) for p in prompts]
         for _ in range(12):
