@@ -2,7 +2,7 @@
 
     python -m bench.batching [--model DIR|ID|package:...] [--device cpu|cuda]
                              [--levels 1,8,32,64] [--tokens 64] [--rounds 1]
-                             [--quantize none|int8] [--compile off|start]
+                             [--quantize none|int8|int4] [--compile off|start]
 
 For each level N, N threads each generate --tokens greedy tokens (ignore_eos)
 from one loaded model at once, as a worker's N ModelQ threads do:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     parser.add_argument("--compile", default="off", choices=["off", "start"])
     args = parser.parse_args(argv)
 

@@ -29,6 +29,7 @@ LONGEST_FIRST = [
     "test_engines.py",
     "test_models.py",
     "test_batching.py",
+    "test_llama_pass.py",
 ]
 
 

@@ -4,7 +4,7 @@ own forward computes, and keeps the batch contract.
 Llama-shaped models (llama, mistral, qwen2) decode through it by default; these tests
 compare it with transformers' forward on the same weights (COMPACT_PASS=false), on
 small random models of each shape it takes: grouped-query and plain attention, q/k/v
-biases (qwen2), float32 and QUANTIZE=int8."""
+biases (qwen2), float32, QUANTIZE=int8 and QUANTIZE=int4."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ import torch
 from test_batching import PROMPTS, greedy, ids, load, staggered
 from tiny_models import build_tiny_decoder
 
-from textstream.engines.transformers.llama import LlamaPass
+from textstream.engines.transformers.llama import INT4_BLOCK, LlamaPass, _SideBySide
 from textstream.engines.transformers.passes import Passes
+from textstream.engines.transformers.quantize import Int4Linear
 
 SHAPES = {
     "llama-gqa": ("llama", {}),
-    "llama-mha": ("llama", {"num_key_value_heads": 4}),
+    # Every joined size a multiple of 64: int4's packed weights join too (in the
+    # others they are called side by side).
+    "llama-mha": ("llama", {"num_key_value_heads": 4, "intermediate_size": 128}),
     "qwen2-bias": ("qwen2", {}),
 }
 
@@ -38,7 +41,7 @@ def passes_of(engine) -> Passes:  # type: ignore[no-untyped-def]
     return engine.passes
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 @pytest.mark.parametrize(
     "prompts",
     [
@@ -54,6 +57,10 @@ def test_compact_pass_gives_transformers_logits(decoder_dir, quantize, prompts):
     native = passes_of(load(decoder_dir, batching=False, quantize=quantize, compact_pass=False))
     assert isinstance(compact._forward, LlamaPass)
     assert not isinstance(native._forward, LlamaPass)
+    if quantize == "int4":  # joined into one product where the packing allows it
+        qkv = compact._forward.layers[0].qkv
+        joinable = all(size % INT4_BLOCK == 0 for size in qkv.sizes)
+        assert isinstance(qkv.inner, Int4Linear if joinable else _SideBySide)
     with torch.inference_mode():
         caches = [compact.new_cache(), native.new_cache()]
         # One prefill, then decode steps where each row sits at its own position.

@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     #: Most prompt tokens (rows x padded length) one prefill pass takes; longer
     #: prompts are prefilled in chunks, a decode step for the running streams between.
     prefill_chunk_tokens: int = Field(256, ge=16)
-    #: int8: weight-only int8 linear layers on CPU (faster decode; greedy output can
-    #: differ from float32's); none: weights in DTYPE.
-    quantize: Literal["none", "int8"] = "none"
+    #: int8 / int4: weight-only int8 / int4 (groups of 32, like GGUF Q4_1) linear
+    #: layers on CPU (faster decode; greedy output can differ from float32's);
+    #: none: weights in DTYPE.
+    quantize: Literal["none", "int8", "int4"] = "none"
     #: torch.compile the decode step: off, background (serve eagerly until it is
     #: compiled), start (compile before serving).
     compile: Literal["off", "background", "start"] = "off"

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from textstream.engines.transformers.kvcache import SlotCache
-from textstream.engines.transformers.quantize import Int8Linear
+from textstream.engines.transformers.quantize import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,40 @@ class _Joined(nn.Module):
     def __init__(self, layers: list[nn.Module]) -> None:
         super().__init__()
         self.sizes = [_out_features(layer) for layer in layers]
-        if all(isinstance(layer, Int8Linear) for layer in layers):
-            self.inner: nn.Module = _join_int8(layers)  # type: ignore[arg-type]
+        kind = _kind(layers)
+        if kind is Int4Linear and all(size % INT4_BLOCK == 0 for size in self.sizes):
+            self.inner: nn.Module = _join_int4(layers)  # type: ignore[arg-type]
+        elif kind is Int4Linear:  # packed blocks would straddle two layers: side by side
+            self.inner = _SideBySide(layers)
+        elif kind is Int8Linear:
+            self.inner = _join_int8(layers)  # type: ignore[arg-type]
         else:
             self.inner = _join_linear(layers)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)  # type: ignore[no-any-return]
+
+
+#: torch packs int4 weights in blocks of this many output channels: packed layers
+#: concatenate into the packing of the concatenation only in whole blocks.
+INT4_BLOCK = 64
+
+
+class _SideBySide(nn.Module):
+    """Layers that cannot be joined, called one after another, outputs concatenated."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in self.layers], dim=-1)
+
+
+def _kind(layers: list[nn.Module]) -> type | None:
+    """The one class of `layers` (Linear, Int8Linear, Int4Linear); None if mixed."""
+    kinds = {type(layer) for layer in layers}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _out_features(layer: nn.Module) -> int:
@@ -96,6 +123,28 @@ def _join_int8(layers: list[Int8Linear]) -> Int8Linear:
         if joined.bias is not None:
             layer.bias = joined.bias[start:end]
         layer._wide = None
+        start = end
+    return joined
+
+
+def _join_int4(layers: list[Int4Linear]) -> Int4Linear:
+    joined = Int4Linear.__new__(Int4Linear)
+    nn.Module.__init__(joined)
+    # Packed rows are output channels, in order; scale_zero is (groups, out, 2).
+    joined.register_buffer("packed", torch.cat([layer.packed for layer in layers]))
+    joined.register_buffer("scale_zero", torch.cat([layer.scale_zero for layer in layers], dim=1))
+    biases = [layer.bias for layer in layers]
+    joined.register_buffer("bias", None if biases[0] is None else torch.cat(biases))  # type: ignore[arg-type]
+    joined.wide = torch.cat([layer.wide for layer in layers])
+    joined.out_features, joined.in_features = joined.wide.shape
+    start = 0
+    for layer in layers:
+        end = start + layer.out_features
+        layer.packed = joined.packed[start:end]
+        layer.scale_zero = joined.scale_zero[:, start:end].contiguous()  # small
+        layer.wide = joined.wide[start:end]
+        if joined.bias is not None:
+            layer.bias = joined.bias[start:end]
         start = end
     return joined
 
@@ -266,6 +315,11 @@ def compact_pass(model: Any) -> LlamaPass | None:
                 return None
             # Qwen3-style q/k norms, or anything else on the attention module, would be skipped.
             if any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
+                return None
+            # Layers joined into one product must be alike (QUANTIZE=int4 leaves a
+            # layer the kernel refuses in int8).
+            joined = ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj])
+            if any(_kind(group) is None for group in joined):
                 return None
     except AttributeError:
         return None

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from textstream.config import Settings
 from textstream.engines.transformers import model_cache
 from textstream.engines.transformers.engine import TransformersEngine
-from textstream.engines.transformers.quantize import quantize_int8
+from textstream.engines.transformers.quantize import quantize_linears
 from textstream.sources import ModelLoadError, ModelSource, hub_reachable
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,9 @@ def _load_from(source: ModelSource, settings: Settings, online: bool) -> Transfo
     with stage(source.name, f"moved to {device}"):
         model.to(device)
         model.eval()
-    if settings.quantize == "int8":
-        with stage(source.name, "weights quantized to int8"):
-            quantize_int8(model, device)
+    if settings.quantize != "none":
+        with stage(source.name, f"weights quantized to {settings.quantize}"):
+            quantize_linears(model, device, settings.quantize)
     engine = TransformersEngine(
         model,
         tokenizer,

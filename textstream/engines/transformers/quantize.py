@@ -1,4 +1,4 @@
-"""QUANTIZE=int8: weight-only int8 for the linear layers, on CPU.
+"""QUANTIZE=int8 / int4: weight-only int8 or int4 for the linear layers, on CPU.
 
 Decoding one token reads every weight once; on a small CPU that memory traffic is
 the cost (float32 SmolLM2-135M: 540 MB per token). bfloat16 would halve it, but
@@ -15,9 +15,18 @@ values (exact in bfloat16, kept as a bfloat16 copy made at the first prefill),
 scaled after: the kernel's cost grows with every row (token), a matrix
 product's barely does.
 
-Greedy output is not float32's: int8 rounding moves logits by a little, and
-where two tokens are nearly tied the choice can change. Hence a setting, off by
-default (BENCHMARKS.md has the comparison).
+QUANTIZE=int4 halves the bytes again with torch's int4 kernel
+(`_weight_int4pack_mm_for_cpu`): 4-bit values in groups of 32 along the input,
+each group with its own scale and offset: the layout of llama.cpp's Q4_1, the
+bundled GGUF's, so a Q4_1 model loses little more than it already lost. It makes
+a decode step's matrix products about 2x faster than int8's here, the difference
+that brings the built-in engine near llama.cpp (BENCHMARKS.md). A layer the
+kernel cannot take (an input size not a multiple of 32, an output size it cannot
+pack, e.g. GPT-2's 50,257-token head) stays int8.
+
+Greedy output is not float32's: int8 rounding moves logits by a little (int4 by
+more), and where two tokens are nearly tied the choice can change. Hence a
+setting, off by default (BENCHMARKS.md has the comparison).
 """
 
 from __future__ import annotations
@@ -78,12 +87,78 @@ class Int8Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def quantize_int8(model: Any, device: torch.device) -> bool:
+class Int4Linear(nn.Module):
+    """y = x @ W^T + bias, W in groups of GROUP inputs: W = (q - 8) * scale + zero,
+    q in 0..15 (packed by torch for its CPU kernel), scale and zero per (group,
+    output) in bfloat16."""
+
+    GROUP = 32
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """weight: (out, in) float, `in` a multiple of GROUP. Raises RuntimeError
+        where torch's packing refuses the shape."""
+        super().__init__()
+        out_features, in_features = weight.shape
+        groups = (
+            weight.detach().float().reshape(out_features, in_features // self.GROUP, self.GROUP)
+        )
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (out, in / GROUP)
+        # The kernel's scale and zero are bfloat16: round them first, then choose q
+        # against the rounded values, so q * scale + zero is the nearest it can do.
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny)
+        scale = scale.to(torch.bfloat16).float()
+        zero = (low + 8 * scale).to(torch.bfloat16).float()
+        q = ((groups - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15)
+        self.register_buffer(
+            "packed",
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.to(torch.int32).reshape(out_features, in_features), 2
+            ),
+        )
+        # (in / GROUP, out, 2): the kernel's layout.
+        self.register_buffer(
+            "scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).to(dtype).contiguous()
+        )
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.out_features, self.in_features = out_features, in_features
+        # The same weights as a bfloat16 matrix, for prefill (see the module's
+        # docstring): made here, while q is at hand (the packed form is torch's own).
+        wide = (q - 8) * scale[..., None] + zero[..., None]
+        self.wide = wide.reshape(out_features, in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, in)
+        if _in_prefill():
+            out = nn.functional.linear(rows, self.wide)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, self.packed, self.GROUP, self.scale_zero
+            )
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def _int4(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """Int4Linear where the kernel takes the shape, else Int8Linear."""
+    if weight.shape[1] % Int4Linear.GROUP == 0:
+        try:
+            return Int4Linear(weight, bias, dtype)
+        except RuntimeError as exc:  # a shape torch's packing refuses
+            log.debug("int4 refused a %s layer (%s); int8 instead", tuple(weight.shape), exc)
+    return Int8Linear(weight, bias, dtype)
+
+
+KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}
+
+
+def quantize_linears(model: Any, device: torch.device, bits: str = "int8") -> bool:
     """Swap the model's linear layers (GPT-2's Conv1D too, and the output head) for
-    Int8Linear, in place. False, with the model untouched, off CPU or where the
-    kernel is missing."""
-    if device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        log.warning("QUANTIZE=int8 is for CPU with torch's int8 kernel; keeping %s", model.dtype)
+    Int8Linear, or with bits="int4" Int4Linear where the shape allows, in place.
+    False, with the model untouched, off CPU or where the kernels are missing."""
+    kernels = ("_weight_int8pack_mm", KERNELS[bits])
+    if device.type != "cpu" or not all(hasattr(torch.ops.aten, k) for k in kernels):
+        log.warning("QUANTIZE=%s is for CPU with torch's kernel; keeping %s", bits, model.dtype)
         return False
     from transformers.pytorch_utils import Conv1D
 
@@ -98,7 +173,15 @@ def quantize_int8(model: Any, device: torch.device) -> bool:
                 weight = child.weight.t()  # Conv1D keeps (in, out)
             else:
                 continue
-            setattr(parent, name, Int8Linear(weight, child.bias, dtype))
+            make = _int4 if bits == "int4" else Int8Linear
+            setattr(parent, name, make(weight, child.bias, dtype))
             swapped += 1
-    log.info("QUANTIZE=int8: %d linear layers hold int8 weights (bfloat16 activations)", swapped)
+    int4 = sum(isinstance(m, Int4Linear) for m in model.modules())
+    log.info(
+        "QUANTIZE=%s: %d linear layers quantized (%d int4, %d int8; bfloat16 activations)",
+        bits,
+        swapped,
+        int4,
+        swapped - int4,
+    )
     return True
