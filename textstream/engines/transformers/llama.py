@@ -27,7 +27,7 @@ transformers' forward (`compact_pass` returns None).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +37,8 @@ from textstream.engines.transformers.kvcache import SlotCache
 from textstream.engines.transformers.quantize import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
+
+Q = TypeVar("Q", Int8Linear, Int4Linear)
 
 #: transformers model types whose decoder layers this pass reproduces exactly.
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -107,45 +109,38 @@ def _join_linear(layers: list[nn.Linear]) -> nn.Linear:
 
 
 def _join_int8(layers: list[Int8Linear]) -> Int8Linear:
-    joined = Int8Linear.__new__(Int8Linear)
-    nn.Module.__init__(joined)
-    joined.register_buffer("qweight", torch.cat([layer.qweight for layer in layers]))
-    joined.register_buffer("scale", torch.cat([layer.scale for layer in layers]))
-    biases = [layer.bias for layer in layers]
-    joined.register_buffer("bias", None if biases[0] is None else torch.cat(biases))  # type: ignore[arg-type]
-    joined.out_features, joined.in_features = joined.qweight.shape
-    joined._wide = None
-    start = 0
+    joined: Int8Linear = _join_buffers(Int8Linear, layers, {"qweight": 0, "scale": 0, "bias": 0})
+    joined._wide = None  # made from the joined rows at the next prefill
     for layer in layers:
-        end = start + layer.out_features
-        layer.qweight = joined.qweight[start:end]
-        layer.scale = joined.scale[start:end]
-        if joined.bias is not None:
-            layer.bias = joined.bias[start:end]
         layer._wide = None
-        start = end
     return joined
 
 
 def _join_int4(layers: list[Int4Linear]) -> Int4Linear:
-    joined = Int4Linear.__new__(Int4Linear)
+    # scale_zero is (groups, out, 2): its output channels are dimension 1.
+    parts = {"packed": 0, "scale_zero": 1, "wide": 0, "bias": 0}
+    return _join_buffers(Int4Linear, layers, parts)
+
+
+def _join_buffers(cls: type[Q], layers: list[Q], parts: dict[str, int]) -> Q:
+    """A `cls` layer whose buffers `parts` (name: dimension of the output channels)
+    are the layers' concatenated; each layer's buffers become views of its channels
+    (copies where a view would not be contiguous: small per-channel tensors)."""
+    joined = cls.__new__(cls)
     nn.Module.__init__(joined)
-    # Packed rows are output channels, in order; scale_zero is (groups, out, 2).
-    joined.register_buffer("packed", torch.cat([layer.packed for layer in layers]))
-    joined.register_buffer("scale_zero", torch.cat([layer.scale_zero for layer in layers], dim=1))
-    biases = [layer.bias for layer in layers]
-    joined.register_buffer("bias", None if biases[0] is None else torch.cat(biases))  # type: ignore[arg-type]
-    joined.wide = torch.cat([layer.wide for layer in layers])
-    joined.out_features, joined.in_features = joined.wide.shape
+    for name, dim in parts.items():
+        values = [getattr(layer, name) for layer in layers]
+        joined.register_buffer(name, None if values[0] is None else torch.cat(values, dim=dim))
+    sizes = [_out_features(layer) for layer in layers]
+    joined.out_features, joined.in_features = sum(sizes), layers[0].in_features
     start = 0
-    for layer in layers:
-        end = start + layer.out_features
-        layer.packed = joined.packed[start:end]
-        layer.scale_zero = joined.scale_zero[:, start:end].contiguous()  # small
-        layer.wide = joined.wide[start:end]
-        if joined.bias is not None:
-            layer.bias = joined.bias[start:end]
-        start = end
+    for layer, size in zip(layers, sizes, strict=True):
+        for name, dim in parts.items():
+            whole = getattr(joined, name)
+            if whole is not None:
+                part = whole.narrow(dim, start, size)
+                setattr(layer, name, part if part.is_contiguous() else part.contiguous())
+        start += size
     return joined
 
 

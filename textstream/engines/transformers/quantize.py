@@ -124,7 +124,9 @@ class Int4Linear(nn.Module):
         # The same weights as a bfloat16 matrix, for prefill (see the module's
         # docstring): made here, while q is at hand (the packed form is torch's own).
         wide = (q - 8) * scale[..., None] + zero[..., None]
-        self.wide = wide.reshape(out_features, in_features).to(dtype)
+        self.register_buffer(
+            "wide", wide.reshape(out_features, in_features).to(dtype), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, in)
