@@ -189,18 +189,3 @@ def test_serve_leaves_a_redis_it_did_not_start_running(installed, redis_url, tmp
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(30)
     assert redis.Redis.from_url(url).ping()
-
-
-def test_serve_leaves_the_api_and_redis_a_core(monkeypatch):
-    # `serve` runs the workers beside the API and Redis: unless TORCH_THREADS says
-    # otherwise, their torch pools leave one core free (shared among the workers).
-    from textstream.cli import _worker_env
-
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert _worker_env(0, 1)["TORCH_THREADS"] == "7"
-    assert _worker_env(0, 3)["TORCH_THREADS"] == "2"
-    assert _worker_env(0, 16)["TORCH_THREADS"] == "1"
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    assert _worker_env(0, 1)["TORCH_THREADS"] == "1"
-    monkeypatch.setenv("TORCH_THREADS", "5")
-    assert _worker_env(5, 2)["TORCH_THREADS"] == "5"  # the operator's choice stands

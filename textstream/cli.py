@@ -88,19 +88,6 @@ def run_workers(workers: int, concurrency: int, gpus: str = "") -> int:
     return run(workers, concurrency, [g.strip() for g in gpus.split(",") if g.strip()])
 
 
-def _worker_env(torch_threads: int, workers: int) -> dict[str, str]:
-    """The workers' environment under `serve`: unless TORCH_THREADS is set, they
-    leave one core to the API and Redis, which run beside them here. A decode step
-    is ~1,000 small parallel operations, each waiting for its slowest thread: with
-    every core in torch's pool, the API's and Redis's work per token stalls them
-    all (2 cores: ~25 tokens/s with one thread, 13–23 with two; BENCHMARKS.md)."""
-    env = dict(os.environ)
-    if not torch_threads:
-        cores = os.cpu_count() or 1
-        env["TORCH_THREADS"] = str(max(1, (cores - 1) // max(1, workers)))
-    return env
-
-
 def serve(args: argparse.Namespace) -> int:
     from textstream.config import get_settings
     from textstream.devredis import LocalRedis, LocalRedisError
@@ -118,7 +105,7 @@ def serve(args: argparse.Namespace) -> int:
         log.info("started a local Redis at %s (stopped again on exit)", settings.redis_url)
     command = [sys.executable, "-m", "textstream", "worker"]
     command += ["--workers", str(args.workers), "--concurrency", str(args.concurrency)]
-    workers = subprocess.Popen(command, env=_worker_env(settings.torch_threads, args.workers))
+    workers = subprocess.Popen(command)
     # The workers start draining the moment the API starts stopping, not after it
     # has stopped: a SIGTERM sent to this process alone (docker stop, systemd)
     # reaches them at once, and the two stops overlap.
