@@ -98,6 +98,21 @@ def test_a_gguf_file_with_a_converted_copy_loads_from_the_copy(tiny_model_dir, t
     assert re.search(r"loading tiny: warm-up in \d+\.\ds", caplog.text)
 
 
+def test_the_api_reads_the_tokenizer_from_the_converted_copy(tiny_model_dir, tmp_path):
+    # The API's context-window tokenizer (api/context_window.py) comes from the copy a
+    # worker on this host wrote, not rebuilt from the GGUF (~20 s of a core for
+    # SmolLM2's). Not a real GGUF file: rebuilding from it would fail.
+    from textstream.api.context_window import load_tokenizer
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not a gguf file")
+    _saved_copy(tiny_model_dir, gguf, tmp_path / "cache")
+    tokenizer = load_tokenizer(str(gguf), str(tmp_path / "cache"))
+    assert tokenizer("The capital of France")["input_ids"] == [464, 3139, 286, 4881]
+    with pytest.raises(ValueError, match="GGUF"):  # no copy here: the GGUF is parsed
+        load_tokenizer(str(gguf), str(tmp_path / "elsewhere"))
+
+
 def test_a_changed_gguf_file_gets_a_new_copy(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"one")

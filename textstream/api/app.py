@@ -90,7 +90,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if threading.current_thread() is threading.main_thread():
         loop = asyncio.get_running_loop()
         hook_shutdown_signals(lambda: loop.call_soon_threadsafe(jobs.mux.interrupt))
-    prompt_tokens = PromptTokens()
+    prompt_tokens = PromptTokens(settings.model_cache_dir)
     guard = Guard(settings, client)
     app.state.services = Services(
         settings,

@@ -16,11 +16,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from textstream.engines.transformers import model_cache
 from textstream.job import PromptFormat
 from textstream.prompts import encode_chat, encode_prompt
 from textstream.registry import WorkerInfo, live_workers
@@ -29,10 +31,18 @@ from textstream.sources import ModelSource, has_local_tokenizer, hub_reachable
 log = logging.getLogger(__name__)
 
 
-def load_tokenizer(spec: str) -> Any:
+def load_tokenizer(spec: str, cache_dir: str = "") -> Any:
     from transformers import AutoTokenizer  # heavy: imported only here, in a thread
 
     source = ModelSource.parse(spec)
+    if source.gguf_file and cache_dir:
+        # A worker on this host has converted the GGUF (model_cache.py): its copy
+        # holds the same tokenizer as tokenizer.json, loaded in about a second.
+        # Rebuilt from the GGUF vocabulary instead it takes ~20 s of a core, taken
+        # from the workers streaming beside this process.
+        copy = model_cache.find(Path(source.path) / source.gguf_file, cache_dir)
+        if copy is not None:
+            return AutoTokenizer.from_pretrained(copy)
     kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if not source.is_local and not hub_reachable():
         kwargs["local_files_only"] = True
@@ -73,7 +83,9 @@ async def in_daemon_thread(work: Callable[[], Any]) -> Any:
 class PromptTokens:
     """Counts prompt tokens with the tokenizer of each model live workers serve."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: str = "") -> None:
+        #: MODEL_CACHE_DIR: where a worker on this host keeps converted GGUF models.
+        self._cache_dir = cache_dir
         self._tokenizers: dict[str, Any] = {}
         self._failed: set[str] = set()
         self._workers: dict[str, WorkerInfo] = {}  # model -> a live worker serving it
@@ -97,7 +109,9 @@ class PromptTokens:
 
     async def _load(self, source: str) -> None:
         try:
-            self._tokenizers[source] = await in_daemon_thread(lambda: load_tokenizer(source))
+            self._tokenizers[source] = await in_daemon_thread(
+                lambda: load_tokenizer(source, self._cache_dir)
+            )
             log.info("loaded the tokenizer of %s to check prompt lengths", source)
         except Exception as exc:
             self._failed.add(source)
