@@ -8,6 +8,7 @@ biases (qwen2), float32, QUANTIZE=int8 and QUANTIZE=int4."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,18 @@ import torch
 from test_batching import PROMPTS, greedy, ids, load, staggered
 from tiny_models import build_tiny_decoder
 
+from textstream.engines.transformers.engine import TransformersEngine
 from textstream.engines.transformers.llama import INT4_BLOCK, LlamaPass, _SideBySide
 from textstream.engines.transformers.passes import Passes
 from textstream.engines.transformers.quantize import Int4Linear
 
 SHAPES = {
     "llama-gqa": ("llama", {}),
-    # Every joined size a multiple of 64: int4's packed weights join too (in the
-    # others they are called side by side).
+    # Every joined size a multiple of 64: int4's packed weights join too (in
+    # llama-gqa they are called side by side).
     "llama-mha": ("llama", {"num_key_value_heads": 4, "intermediate_size": 128}),
-    "qwen2-bias": ("qwen2", {}),
+    # q/k/v biases, joined (int4 too: whole packed blocks).
+    "qwen2-bias": ("qwen2", {"num_key_value_heads": 4, "intermediate_size": 128}),
 }
 
 
@@ -36,6 +39,13 @@ def decoder_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     )
 
 
+@functools.cache
+def loaded(model_dir: Path, quantize: str, compact_pass: bool) -> TransformersEngine:
+    """One engine per model and settings for the module (its passes are stateless:
+    each test makes its own caches)."""
+    return load(model_dir, batching=False, quantize=quantize, compact_pass=compact_pass)
+
+
 def passes_of(engine) -> Passes:  # type: ignore[no-untyped-def]
     assert engine.passes is not None
     return engine.passes
@@ -43,18 +53,20 @@ def passes_of(engine) -> Passes:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 @pytest.mark.parametrize(
-    "prompts",
+    ("prompts", "split"),
     [
         # Rows of different lengths: prefill padded, each decode step masked.
-        [[5, 6, 7, 8, 9, 10, 11], [300, 301], [42, 43, 44, 45]],
+        ([[5, 6, 7, 8, 9, 10, 11], [300, 301], [42, 43, 44, 45]], 0),
         # One row: its decode steps see every column (the unmasked kernel).
-        [[5, 6, 7, 8, 9, 10, 11]],
+        ([[5, 6, 7, 8, 9, 10, 11]], 0),
+        # Prompts prefilled in two chunks, the second after the first's columns.
+        ([[5, 6, 7, 8, 9, 10, 11], [300, 301, 302, 303], [42, 43, 44, 45, 46]], 2),
     ],
-    ids=["rows", "alone"],
+    ids=["rows", "alone", "chunked"],
 )
-def test_compact_pass_gives_transformers_logits(decoder_dir, quantize, prompts):
-    compact = passes_of(load(decoder_dir, batching=False, quantize=quantize))
-    native = passes_of(load(decoder_dir, batching=False, quantize=quantize, compact_pass=False))
+def test_compact_pass_gives_transformers_logits(decoder_dir, quantize, prompts, split):
+    compact = passes_of(loaded(decoder_dir, quantize, compact_pass=True))
+    native = passes_of(loaded(decoder_dir, quantize, compact_pass=False))
     assert isinstance(compact._forward, LlamaPass)
     assert not isinstance(native._forward, LlamaPass)
     if quantize == "int4":  # joined into one product where the packing allows it
@@ -64,10 +76,16 @@ def test_compact_pass_gives_transformers_logits(decoder_dir, quantize, prompts):
     with torch.inference_mode():
         caches = [compact.new_cache(), native.new_cache()]
         # One prefill, then decode steps where each row sits at its own position.
-        logits = [
-            p.prefill(c, prompts, [0] * len(prompts))
-            for p, c in zip((compact, native), caches, strict=True)
-        ]
+        for start, chunks in (
+            (0, [p[:split] for p in prompts]),
+            (split, [p[split:] for p in prompts]),
+        ):
+            if not chunks[0]:
+                continue
+            logits = [
+                p.prefill(c, chunks, [start] * len(chunks))
+                for p, c in zip((compact, native), caches, strict=True)
+            ]
         lengths = [len(p) for p in prompts]
         for _ in range(12):
             torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
@@ -92,6 +110,58 @@ def test_batched_compact_pass_gives_transformers_tokens_alone(decoder_dir):
     assert attn.k_proj.weight.untyped_storage().data_ptr() == joined.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_rows_in_a_batch_get_their_logits_alone(decoder_dir, quantize):
+    # In bfloat16 a row's attention sums over the batch's width (the longest row's
+    # columns, the rest masked), and the kernel's summation order depends on that
+    # width: the same logits up to bfloat16 rounding (seen: at most 0.0625), not
+    # bit for bit, so a near-tie may go another way in a batch (as in vLLM unless
+    # its batch-invariant mode is on). Each row is fed the tokens it picks alone.
+    passes = passes_of(loaded(decoder_dir, quantize, compact_pass=True))
+    prompts = [list(range(40, 66)), [5, 6, 7, 8, 9], [300]]
+    steps = 12
+    with torch.inference_mode():
+        fed: list[list[int]] = []
+        alone: list[list[torch.Tensor]] = []
+        for prompt in prompts:
+            cache = passes.new_cache()
+            logits = [passes.prefill(cache, [prompt], [0])[0]]
+            tokens = [int(logits[0].argmax())]
+            for step in range(steps):
+                logits.append(passes.decode(cache, tokens[-1:], [len(prompt) + step])[0])
+                tokens.append(int(logits[-1].argmax()))
+            fed.append(tokens)
+            alone.append(logits)
+        cache = passes.new_cache(rows=len(prompts))
+        batch = passes.prefill(cache, prompts, [0] * len(prompts))
+        for step in range(steps + 1):
+            for row in range(len(prompts)):
+                torch.testing.assert_close(
+                    batch[row], alone[row][step], rtol=0, atol=0.25, msg=f"row {row} step {step}"
+                )
+            if step < steps:
+                batch = passes.decode(
+                    cache, [t[step] for t in fed], [len(p) + step for p in prompts]
+                )
+
+
 def test_models_the_compact_pass_does_not_know_keep_transformers_forward(tiny_model_dir):
     gpt2 = load(tiny_model_dir, batching=False)
     assert not isinstance(passes_of(gpt2)._forward, LlamaPass)
+
+
+def test_linear_layers_the_pass_does_not_know_keep_transformers_forward(decoder_dir):
+    # A checkpoint loaded already quantized (bitsandbytes, GPTQ...) has linear layers
+    # of its own classes: joining their `.weight` would drop their scales.
+    from torch import nn
+
+    from textstream.engines.transformers.llama import compact_pass
+
+    class Foreign(nn.Linear):
+        pass
+
+    engine = load(decoder_dir, batching=False, compact_pass=False)
+    attn = engine.model.model.layers[1].self_attn
+    foreign = Foreign(attn.v_proj.in_features, attn.v_proj.out_features)
+    attn.v_proj = foreign
+    assert compact_pass(engine.model) is None

@@ -35,12 +35,14 @@ def load_tokenizer(spec: str, cache_dir: str = "") -> Any:
     from transformers import AutoTokenizer  # heavy: imported only here, in a thread
 
     source = ModelSource.parse(spec)
-    if source.gguf_file and cache_dir:
+    copy = None
+    if source.gguf_file and cache_dir and source.is_local:
         # A worker on this host has converted the GGUF (model_cache.py): its copy
         # holds the same tokenizer as tokenizer.json, loaded in about a second.
         # Rebuilt from the GGUF vocabulary instead it takes ~20 s of a core, taken
         # from the workers streaming beside this process.
-        copy = model_cache.find(Path(source.path) / source.gguf_file, cache_dir)
+        with contextlib.suppress(OSError):  # a file gone since: read what is there
+            copy = model_cache.find(Path(source.path) / source.gguf_file, cache_dir)
         if copy is not None:
             return AutoTokenizer.from_pretrained(copy)
     kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}

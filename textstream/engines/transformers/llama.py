@@ -147,7 +147,8 @@ def _join_buffers(cls: type[Q], layers: list[Q], parts: dict[str, int]) -> Q:
 def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     """transformers' LlamaRMSNorm (`norm`: its weight and epsilon): normalised in
     float32, then scaled in the input's dtype; the float32 part as one fused
-    operation (the same numbers: tests/test_llama_pass.py) instead of six."""
+    operation instead of six (the same numbers up to float rounding; SmolLM2's
+    logits come out identical: tests/test_llama_pass.py)."""
     weight, eps = norm
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
@@ -222,18 +223,18 @@ class LlamaPass:
         cache.set_plan(columns, mask)
         rows_count, n = tokens.shape
         width = mask.shape[-1]
+        x = self.embed(tokens)  # (R, n, H)
         attn_mask: torch.Tensor | None = mask
-        if n == 1 and mask.dtype == torch.bool and bool(mask.all()):
+        if n == 1 and _unmasked(mask):
             # Every row sees every column (one request, or all at one length): the
             # unmasked attention kernel, nothing added to the scores.
             attn_mask = None
         elif mask.dtype == torch.bool:  # once here, not once per layer inside attention
-            attn_mask = torch.zeros(
-                mask.shape, dtype=self.norm[0].dtype, device=mask.device
-            ).masked_fill(~mask, -torch.inf)
+            attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill(
+                ~mask, -torch.inf
+            )
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         group = heads // kv_heads
-        x = self.embed(tokens)  # (R, n, H)
         cos, sin = self.rotary(x, positions)  # (R, n, d)
         cos, sin = cos.unsqueeze(2), _signed(sin).unsqueeze(2)  # against (R, n, heads, d)
         cells: torch.Tensor | None = None  # cache cells this pass writes (same every layer)
@@ -280,6 +281,20 @@ class LlamaPass:
         return self.head(_rms_norm(last, self.norm))[:, -1, :]  # type: ignore[no-any-return]
 
 
+def _unmasked(mask: torch.Tensor) -> bool:
+    """Whether a boolean mask lets every query see every column, on CPU only: there
+    SDPA computes the same with or without the mask, so a request alone and in a
+    batch get the same numbers. On a GPU the masked and unmasked kernels differ
+    (and the check would wait for the device); a compiled pass must not branch on
+    data."""
+    return (
+        mask.dtype == torch.bool
+        and mask.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(mask.all())
+    )
+
+
 def _cell_index(shape: torch.Size, columns: torch.Tensor) -> torch.Tensor:
     """Rows of a (rows * heads * columns, d) view of a cache tensor of `shape` that
     the pass's tokens fill: row r, token t, head h -> cell (r, h, columns[r, t]),
@@ -290,11 +305,22 @@ def _cell_index(shape: torch.Size, columns: torch.Tensor) -> torch.Tensor:
     return ((row * heads + head) * width + columns[:, :, None]).reshape(-1)
 
 
+#: The linear layers the pass can join and call (a checkpoint loaded already
+#: quantized, e.g. bitsandbytes or GPTQ, keeps transformers' forward).
+LINEARS = (nn.Linear, Int8Linear, Int4Linear)
+
+
 def compact_pass(model: Any) -> LlamaPass | None:
     """A LlamaPass for `model` where it reproduces transformers' forward exactly, else
     None (keep transformers' forward)."""
     config = model.config
     if getattr(config, "model_type", None) not in MODEL_TYPES:
+        return None
+    # Sliding-window attention (Mistral's config.sliding_window, Qwen2's sliding
+    # layers): the pass attends to every column (supports_slots refuses them too).
+    if getattr(config, "sliding_window", None) and config.model_type == "mistral":
+        return None
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         return None
     try:
         layers = list(model.model.layers)
@@ -302,22 +328,23 @@ def compact_pass(model: Any) -> LlamaPass | None:
             attn, mlp = layer.self_attn, layer.mlp
             if type(layer.input_layernorm).__name__.endswith("RMSNorm") is False:
                 return None
-            if getattr(mlp, "act_fn", None) is None or not hasattr(mlp, "gate_proj"):
-                return None
-            if getattr(attn, "sliding_window", None):
-                return None
-            if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            if getattr(mlp, "act_fn", None) is None or getattr(attn, "sliding_window", None):
                 return None
             # Qwen3-style q/k norms, or anything else on the attention module, would be skipped.
             if any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
                 return None
+            joined = ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj])
+            linears = [*joined[0], attn.o_proj, *joined[1], mlp.down_proj]
+            if not all(type(linear) in LINEARS for linear in linears):
+                return None
             # Layers joined into one product must be alike (QUANTIZE=int4 leaves a
             # layer the kernel refuses in int8).
-            joined = ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj])
             if any(_kind(group) is None for group in joined):
+                log.info("layers of mixed kinds: transformers' forward for %s", config.model_type)
                 return None
-    except AttributeError:
+        compact = LlamaPass(model)
+    except (AttributeError, RuntimeError, TypeError) as exc:
+        log.warning("no compact pass for %s (%s): transformers' forward", config.model_type, exc)
         return None
-    compact = LlamaPass(model)
     log.info("compact decoder pass for %s (%d layers)", config.model_type, len(layers))
     return compact

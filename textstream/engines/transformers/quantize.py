@@ -121,8 +121,12 @@ class Int4Linear(nn.Module):
         )
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.out_features, self.in_features = out_features, in_features
-        # The same weights as a bfloat16 matrix, for prefill (see the module's
-        # docstring): made here, while q is at hand (the packed form is torch's own).
+        # The weights as a bfloat16 matrix, for prefill (see the module's docstring):
+        # the kernel's values rounded to bfloat16 (q * scale + zero is not exact in
+        # it, unlike int8's integers), so a prompt's tokens see weights a rounding
+        # away from a decode step's: the same for a request alone or in a batch.
+        # Made here, while q is at hand (the packed form is torch's own); it holds
+        # 2 bytes a weight, as int8's copy does after its first prefill.
         wide = (q - 8) * scale[..., None] + zero[..., None]
         self.register_buffer(
             "wide", wide.reshape(out_features, in_features).to(dtype), persistent=False
