@@ -76,6 +76,9 @@ def test_nan_and_infinity_are_refused(service):
         ("/completion/a%00b", "question"),  # control characters
         ("/completion/line%0Abreak%1B", "question"),
         ("/completion/%20", "question"),
+        # httpx resolves the dot segment: the request is GET /completion.
+        ("/completion/.", "question"),
+        ("/completion/", "question"),
     ],
 )
 def test_bad_paths_get_422(service, path, field):

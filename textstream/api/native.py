@@ -63,6 +63,16 @@ def path_text(request: Request) -> str:
         raise InvalidInputError("question", "the path is not valid UTF-8") from None
 
 
+@router.get("/completion", include_in_schema=False)
+async def completion_without_question() -> Response:
+    """`/completion` with no question, as clients send `/completion/.` once they
+    resolve the dot segment (RFC 3986; httpx, browsers, curl): a clear 422 rather
+    than Starlette's redirect to `/completion/`."""
+    raise InvalidInputError(
+        "question", "no question after /completion/ (a lone '.' or '..' must be sent as %2E)"
+    )
+
+
 @router.get("/completion/{question:text}", response_class=EventSourceResponse)
 async def completion(
     request: Request,
