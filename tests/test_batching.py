@@ -246,6 +246,22 @@ def test_requests_that_arrive_together_are_prefilled_in_one_pass(alone, batched)
     assert log.prefills() == [1, 4]
 
 
+def test_an_idle_batcher_gathers_a_burst_into_one_prefill(alone, batched):
+    # The burst's threads reach the batcher one by one; an idle batcher waits
+    # `gather_s` after the first (2 ms by default, longer here so that a busy test
+    # machine cannot spread the four starts past it) and prefills them together.
+    assert batched.batcher is not None
+    batched.batcher.gather_s = 0.5
+    log = PassLog(batched)
+    prompts = [batched.encode_prompt(p) for p in PROMPTS]
+    expected = [ids(alone, p, greedy(8)) for p in PROMPTS]
+    threads, results = run_together(batched, [(p, greedy(8)) for p in prompts])
+    for thread in threads:
+        thread.join(60)
+    assert results == expected
+    assert log.prefills() == [4]
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(alone, tiny_model_dir):
     batched = load(tiny_model_dir, batching=True, prefill_chunk_tokens=16)
     long_prompt = "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3  # 79 tokens

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -71,11 +72,16 @@ class _Request:
         return self.finished or self.left
 
 
+#: How long an idle batcher waits after a first arrival for the rest of a burst.
+GATHER_S = 0.002
+
+
 class Batcher:
     """The running batch of one model, driven by a daemon thread of its own."""
 
-    def __init__(self, passes: Passes, prefill_tokens: int) -> None:
+    def __init__(self, passes: Passes, prefill_tokens: int, gather_s: float = GATHER_S) -> None:
         self._passes = passes
+        self.gather_s = gather_s
         self._prefill_tokens = max(1, prefill_tokens)
         self._arrived: deque[_Request] = deque()
         self._wake = threading.Condition()
@@ -116,8 +122,17 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._arrived or self._waiting or self._group or self._running):
-                    self._wake.wait()
+                if not (self._arrived or self._waiting or self._group or self._running):
+                    while not self._arrived:
+                        self._wake.wait()
+                    # Idle until now: requests that arrive together (a burst, a
+                    # client's parallel calls) reach this thread one by one over a
+                    # millisecond or so. Prefilling the first alone would make the
+                    # others wait for its pass and then for their own; gathering
+                    # them first prefills them in one pass.
+                    deadline = time.monotonic() + self.gather_s
+                    while (left := deadline - time.monotonic()) > 0:
+                        self._wake.wait(left)
                 self._waiting.extend(self._arrived)
                 self._arrived.clear()
             with torch.inference_mode():
