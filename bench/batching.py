@@ -3,6 +3,7 @@
     python -m bench.batching [--model DIR|ID|package:...] [--device cpu|cuda]
                              [--levels 1,8,32,64] [--tokens 64] [--rounds 1]
                              [--quantize none|int8|int4] [--compile off|start]
+                             [--invariant] [--gather-ms MS]
 
 For each level N, N threads each generate --tokens greedy tokens (ignore_eos)
 from one loaded model at once, as a worker's N ModelQ threads do:
@@ -12,6 +13,8 @@ from one loaded model at once, as a worker's N ModelQ threads do:
 - `batched`: the engine's continuous batch (BATCHING=on): one forward pass per
   step for every running request; the prompts waiting at a step are prefilled
   together, in one pass (PREFILL_CHUNK_TOKENS allowing).
+- `invariant` (with --invariant): `batched` with BATCH_INVARIANT=true (in
+  bfloat16 on CPU the compact Llama pass attends row by row), to price it.
 
 With --rounds R the modes take turns R times and each figure is the median
 (TTFT: the median of the rounds' medians), so a busy machine slows all alike.
@@ -73,9 +76,10 @@ def run_level(engine: TransformersEngine, streams: int, tokens: int) -> dict[str
     }
 
 
-def load(args: argparse.Namespace, model: str) -> TransformersEngine:
+def load(args: argparse.Namespace, model: str, batch_invariant: bool = False) -> TransformersEngine:
     return load_transformers(
         Settings(
+            batch_invariant=batch_invariant,
             model_id=model,
             model_fallback="",
             device=args.device,
@@ -102,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     parser.add_argument("--compile", default="off", choices=["off", "start"])
+    parser.add_argument(
+        "--invariant", action="store_true", help="also run batched with BATCH_INVARIANT=true"
+    )
+    parser.add_argument(
+        "--gather-ms", type=float, default=None, help="an idle batcher's wait for a burst"
+    )
     args = parser.parse_args(argv)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -109,8 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     engine = load(args, model)
     prompt_tokens = len(engine.encode_prompt(PROMPT, "raw"))
     engines = {"threads": engine, "batched": load(args, model)}
-    if not engines["batched"].start_batching():
-        del engines["batched"]
+    if args.invariant:
+        engines["invariant"] = load(args, model, batch_invariant=True)
+    for mode in ("batched", "invariant"):
+        if mode in engines and not engines[mode].start_batching():
+            del engines[mode]
+        elif mode in engines and args.gather_ms is not None:
+            batcher = engines[mode].batcher
+            assert batcher is not None
+            batcher.gather_s = args.gather_ms / 1000
     levels = [int(level) for level in args.levels.split(",")]
     for each in engines.values():
         run_level(each, 1, 8)  # warm-up

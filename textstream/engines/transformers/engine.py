@@ -46,6 +46,7 @@ class TransformersEngine:
         prefill_chunk_tokens: int = 256,
         compile_decode: str = "off",
         compact_pass: bool = True,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.source = source
@@ -65,7 +66,13 @@ class TransformersEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.compile_decode = compile_decode
         self.passes = (
-            Passes(model, device, self.context_length, compact=compact_pass)
+            Passes(
+                model,
+                device,
+                self.context_length,
+                compact=compact_pass,
+                batch_invariant=batch_invariant,
+            )
             if supports_slots(model)
             else None
         )

@@ -208,6 +208,8 @@ class LlamaPass:
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.layers = [_Layer(layer) for layer in model.model.layers]
+        #: BATCH_INVARIANT: in bfloat16 on CPU, rows attend one by one (_row_spans).
+        self.batch_invariant = False
 
     def __call__(
         self,
@@ -224,17 +226,34 @@ class LlamaPass:
         rows_count, n = tokens.shape
         width = mask.shape[-1]
         x = self.embed(tokens)  # (R, n, H)
+        # BATCH_INVARIANT, in bfloat16 on CPU: rows attend one by one over their
+        # own columns.
+        spans = (
+            _row_spans(columns, keep, mask, x.dtype)
+            if self.batch_invariant and rows_count > 1
+            else None
+        )
         attn_mask: torch.Tensor | None = mask
-        if n == 1 and _unmasked(mask):
-            # Every row sees every column (one request, or all at one length): the
-            # unmasked attention kernel, nothing added to the scores.
+        if n == 1 and (spans is not None or _unmasked(mask)):
+            # Every row sees every column it is given (one request, or all at one
+            # length, or row by row): the unmasked kernel, nothing added to the scores.
             attn_mask = None
         elif mask.dtype == torch.bool:  # once here, not once per layer inside attention
             attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill(
                 ~mask, -torch.inf
             )
+        # Each row's (query count, columns, mask) as it would run alone.
+        row_masks = [
+            (
+                count,
+                columns_seen,
+                None
+                if count == 1 or attn_mask is None
+                else attn_mask[r : r + 1, :, :count, :columns_seen].contiguous(),
+            )
+            for r, (count, columns_seen) in enumerate(spans or [])
+        ]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        group = heads // kv_heads
         cos, sin = self.rotary(x, positions)  # (R, n, d)
         cos, sin = cos.unsqueeze(2), _signed(sin).unsqueeze(2)  # against (R, n, heads, d)
         cells: torch.Tensor | None = None  # cache cells this pass writes (same every layer)
@@ -252,23 +271,32 @@ class LlamaPass:
             # (R, n, kv_heads, d) into each row's columns, one cell per (row, token, head)
             slot.keys.view(-1, dim).index_copy_(0, cells, k.reshape(-1, dim))
             slot.values.view(-1, dim).index_copy_(0, cells, v.reshape(-1, dim))
-            keys = slot.keys[:rows_count, :, :width]
-            values = slot.values[:rows_count, :, :width]
-            if n == 1 and group > 1:
-                # One query: its heads, grouped by key head, are the "sequence".
-                query = q.reshape(rows_count, kv_heads, group, dim)
-                out = F.scaled_dot_product_attention(
-                    query, keys, values, attn_mask=attn_mask, scale=layer.scaling
-                )  # (R, kv_heads, group, d)
-                out = out.reshape(rows_count, 1, heads * dim)
-            else:
-                if group > 1:
-                    keys = keys.repeat_interleave(group, dim=1)
-                    values = values.repeat_interleave(group, dim=1)
-                out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), keys, values, attn_mask=attn_mask, scale=layer.scaling
-                )  # (R, heads, n, d)
-                out = out.transpose(1, 2).reshape(rows_count, n, heads * dim)
+            if not row_masks:
+                out = self._attend(
+                    q,
+                    slot.keys[:rows_count],
+                    slot.values[:rows_count],
+                    attn_mask,
+                    width,
+                    layer.scaling,
+                )
+            else:  # each row alone, over its own columns (see _row_spans)
+                out = torch.cat(
+                    [
+                        F.pad(
+                            self._attend(
+                                q[r : r + 1, :count],
+                                slot.keys[r : r + 1],
+                                slot.values[r : r + 1],
+                                row_mask,
+                                columns_seen,
+                                layer.scaling,
+                            ),
+                            (0, 0, 0, n - count),  # a short row's pad queries: zeros
+                        )
+                        for r, (count, columns_seen, row_mask) in enumerate(row_masks)
+                    ]
+                )
             x = x + layer.o_fn(out)
             h = _rms_norm(x, layer.post_norm)
             gate_up = layer.gate_up_fn(h)
@@ -279,6 +307,35 @@ class LlamaPass:
         else:
             last = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.head(_rms_norm(last, self.norm))[:, -1, :]  # type: ignore[no-any-return]
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        width: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """q (R, n, heads, d) against the first `width` columns of the cache rows
+        keys/values (R, kv_heads, columns, d); returns (R, n, heads * d)."""
+        rows_count, n, heads, dim = q.shape
+        group = heads // self.kv_heads
+        keys, values = keys[:, :, :width], values[:, :, :width]
+        if n == 1 and group > 1:
+            # One query: its heads, grouped by key head, are the "sequence".
+            query = q.reshape(rows_count, self.kv_heads, group, dim)
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=attn_mask, scale=scale
+            )  # (R, kv_heads, group, d)
+            return out.reshape(rows_count, 1, heads * dim)
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=attn_mask, scale=scale
+        )  # (R, heads, n, d)
+        return out.transpose(1, 2).reshape(rows_count, n, heads * dim)
 
 
 def _unmasked(mask: torch.Tensor) -> bool:
@@ -293,6 +350,40 @@ def _unmasked(mask: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and bool(mask.all())
     )
+
+
+def _row_spans(
+    columns: torch.Tensor, keep: int | torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+) -> list[tuple[int, int]] | None:
+    """With BATCH_INVARIANT, for a pass of bfloat16/float16 rows on CPU: each row's
+    (query count, columns it attends to), its own chunk's as if it ran alone, so
+    that each row's attention runs as it does alone (else None: one attention call
+    for the batch).
+
+    The CPU attention kernel's summation order depends on the number of columns it
+    is given: over a batch's width (its longest row's), a shorter row's sums round
+    differently from the same row alone, in bfloat16 visibly (a logit moved by up
+    to 0.06 on a tiny model, enough to flip a near-tie), so a greedy request may
+    pick other tokens in a batch than alone. Attending row by row over each row's
+    own columns gives its numbers alone exactly (the matrix products are already
+    row-independent), at a price: one attention call per row and layer, 10-25 %
+    of an 8-row SmolLM2 int4 step on 2 cores (BENCHMARKS.md), hence opt-in, as vLLM's
+    batch-invariant mode is. In float32 the difference stays at float32 rounding;
+    on a GPU the per-row sizes would wait for the device; a compiled pass must not
+    branch on data."""
+    if (
+        dtype == torch.float32
+        or mask.device.type != "cpu"
+        or mask.dtype != torch.bool
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    rows_count, n = columns.shape
+    # Prefill: keep holds each row's last real token (rows are padded to the
+    # longest chunk); decode: every row has its one token.
+    counts = [n] * rows_count if isinstance(keep, int) else [k + 1 for k in keep[:, 0].tolist()]
+    starts = columns[:, 0].tolist()
+    return [(count, int(start) + count) for count, start in zip(counts, starts, strict=True)]
 
 
 def _cell_index(shape: torch.Size, columns: torch.Tensor) -> torch.Tensor:

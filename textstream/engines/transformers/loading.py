@@ -127,6 +127,7 @@ def _load_from(source: ModelSource, settings: Settings, online: bool) -> Transfo
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         compile_decode=settings.compile,
         compact_pass=settings.compact_pass,
+        batch_invariant=settings.batch_invariant,
     )
     with stage(source.name, "warm-up"):
         engine.warm_up()

@@ -82,7 +82,13 @@ class Passes:
     """One model's prefill and decode passes (shared by every decode loop)."""
 
     def __init__(
-        self, model: Any, device: torch.device, context_length: int, *, compact: bool = True
+        self,
+        model: Any,
+        device: torch.device,
+        context_length: int,
+        *,
+        compact: bool = True,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.device = device
@@ -95,6 +101,8 @@ class Passes:
         # the same numbers with a fraction of the per-layer overhead), else
         # transformers' own forward.
         fast = compact_pass(model) if compact and not self._additive else None
+        if fast is not None:
+            fast.batch_invariant = batch_invariant
         self._forward: Forward = fast or functools.partial(_forward, model)
         self._decode: Forward = self._forward
         #: "eager", "compiling", "compiled" or "failed" (reported in the log).
