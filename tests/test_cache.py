@@ -86,13 +86,14 @@ def test_sampling_without_a_seed_is_never_cached(make_service):
 
 
 def test_use_cache_false_and_cache_ttl_zero_turn_it_off(make_service):
-    svc = make_service(**CACHED)
+    # API policy: a fake-engine worker (no torch to import) serves it.
+    svc = make_service(model="fake:200", **CACHED)
     stream(svc.base, "/completion/Hello", max_new_tokens=3)
     off = stream(svc.base, "/completion/Hello", max_new_tokens=3, use_cache="false")
     assert off.headers["x-cache"] == "miss"
     body = {"prompt": "Hello", "max_new_tokens": 3, "use_cache": False}
     assert httpx.post(svc.base + "/jobs", json=body).status_code == 202
-    disabled = make_service(CACHE_TTL="0")
+    disabled = make_service(model="fake:200", CACHE_TTL="0")
     runs = [stream(disabled.base, "/completion/Hello", max_new_tokens=3) for _ in range(2)]
     assert [r.headers["x-cache"] for r in runs] == ["miss", "miss"]
 

@@ -96,7 +96,7 @@ def test_cancelling_a_relayed_stream_cancels_the_upstream_job(upstream, relay):
 def test_a_killed_relaying_worker_is_taken_over_with_identical_text(upstream, relay):
     up, _ = upstream
     rel, rel_redis = relay
-    params = {"max_new_tokens": 600, "ignore_eos": True, "prompt_format": "raw"}
+    params = {"max_new_tokens": 300, "ignore_eos": True, "prompt_format": "raw"}
     reference = stream(up.base, f"/completion/{PROMPT}", 60, **params)
     result: dict[str, Any] = {}
     reader = threading.Thread(

@@ -39,6 +39,11 @@ def decoder_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     )
 
 
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_decoder(tmp_path_factory.mktemp("models") / "gqa", "llama")
+
+
 @functools.cache
 def loaded(
     model_dir: Path, quantize: str, compact_pass: bool, batch_invariant: bool = False
@@ -67,14 +72,13 @@ def passes_of(engine) -> Passes:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("prompts", "split"),
     [
-        # Rows of different lengths: prefill padded, each decode step masked.
-        ([[5, 6, 7, 8, 9, 10, 11], [300, 301], [42, 43, 44, 45]], 0),
         # One row: its decode steps see every column (the unmasked kernel).
         ([[5, 6, 7, 8, 9, 10, 11]], 0),
-        # Prompts prefilled in two chunks, the second after the first's columns.
-        ([[5, 6, 7, 8, 9, 10, 11], [300, 301, 302, 303], [42, 43, 44, 45, 46]], 2),
+        # Rows of different lengths, prefilled in two chunks (the second after the
+        # first's columns, padded), then each decode step masked.
+        ([[5, 6, 7, 8, 9, 10, 11], [300, 301, 302], [42, 43, 44, 45, 46]], 2),
     ],
-    ids=["rows", "alone", "chunked"],
+    ids=["alone", "rows"],
 )
 def test_compact_pass_gives_transformers_logits(decoder_dir, quantize, invariant, prompts, split):
     compact = passes_of(loaded(decoder_dir, quantize, compact_pass=True, batch_invariant=invariant))
@@ -143,19 +147,13 @@ class ByRows:
         )
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
-def test_batched_compact_pass_gives_the_tokens_of_a_request_alone(decoder_dir, quantize):
-    # Float32: the same tokens as transformers' forward alone; quantized (with
-    # BATCH_INVARIANT): as the compact pass alone (transformers' forward differs
-    # from it by float rounding).
-    alone = load(decoder_dir, batching=False, quantize=quantize, compact_pass=quantize != "none")
-    batched = load(decoder_dir, batching=True, quantize=quantize, batch_invariant=True)
+def test_batched_compact_pass_gives_transformers_tokens_alone(decoder_dir):
+    native = loaded(decoder_dir, "none", compact_pass=False)
+    batched = load(decoder_dir, batching=True)
     assert isinstance(passes_of(batched)._forward, LlamaPass)
     jobs = [(prompt, greedy(12 + 6 * i), 0) for i, prompt in enumerate(PROMPTS)]
-    expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
+    expected = [ids(native, prompt, params) for prompt, params, _ in jobs]
     assert staggered(batched, jobs) == expected
-    if quantize != "none":
-        return
     # The joined q/k/v and gate/up weights are the layers' own memory, not a copy.
     attn = batched.model.model.layers[0].self_attn
     joined = passes_of(batched)._forward.layers[0].qkv.inner.weight  # type: ignore[attr-defined]
@@ -195,6 +193,17 @@ def test_batch_invariant_quantized_rows_get_exactly_their_logits_alone(decoder_d
                 batch = passes.decode(
                     cache, [t[step] for t in fed], [len(p) + step for p in prompts]
                 )
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_batch_invariant_requests_get_their_greedy_tokens_alone(gqa_dir, quantize):
+    # Requests joining a running batch (prefill groups, rows moving as others
+    # leave), against the compact pass alone.
+    alone = loaded(gqa_dir, quantize, compact_pass=True)
+    batched = load(gqa_dir, batching=True, quantize=quantize, batch_invariant=True)
+    jobs = [(prompt, greedy(12 + 6 * i), 0) for i, prompt in enumerate(PROMPTS)]
+    expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
+    assert staggered(batched, jobs) == expected
 
 
 def test_models_the_compact_pass_does_not_know_keep_transformers_forward(tiny_model_dir):
