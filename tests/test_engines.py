@@ -123,7 +123,9 @@ def test_a_killed_relaying_worker_is_taken_over_with_identical_text(upstream, re
         30,
         "tokens",
     )
-    os.kill(running_worker() or 0, signal.SIGKILL)
+    pid = running_worker()
+    assert pid, "the job ended before its worker could be killed"
+    os.kill(pid, signal.SIGKILL)
     reader.join(90)
     relayed = result["r"]
     assert relayed.last.event == "done", relayed.events[-3:]

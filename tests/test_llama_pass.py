@@ -166,18 +166,20 @@ def test_batch_invariant_quantized_rows_get_exactly_their_logits_alone(decoder_d
     # it is given: over a batch's width (its longest row's) a shorter row's logits
     # moved by up to 0.0625, enough to flip near-ties. With BATCH_INVARIANT rows
     # attend one by one over their own columns, so each row's logits are bit for
-    # bit its logits alone: in a prefill group (padded to the longest chunk) and in
-    # decode steps.
+    # bit its logits alone: in a prefill group (padded to the longest chunk, a
+    # second chunk after the first's columns) and in decode steps.
     # Each row is fed the tokens it picks alone.
     passes = passes_of(loaded(decoder_dir, quantize, compact_pass=True, batch_invariant=True))
-    prompts = [list(range(40, 66)), [5, 6, 7, 8, 9], [300]]
-    steps = 12
+    prompts = [list(range(40, 66)), [5, 6, 7, 8, 9], [300]]  # the one-token row last
+    split, steps = 3, 12
     with torch.inference_mode():
         fed: list[list[int]] = []
         alone: list[list[torch.Tensor]] = []
         for prompt in prompts:
             cache = passes.new_cache()
-            logits = [passes.prefill(cache, [prompt], [0])[0]]
+            logits = [passes.prefill(cache, [prompt[:split]], [0])[0]]
+            if prompt[split:]:
+                logits = [passes.prefill(cache, [prompt[split:]], [split])[0]]
             tokens = [int(logits[0].argmax())]
             for step in range(steps):
                 logits.append(passes.decode(cache, tokens[-1:], [len(prompt) + step])[0])
@@ -185,7 +187,9 @@ def test_batch_invariant_quantized_rows_get_exactly_their_logits_alone(decoder_d
             fed.append(tokens)
             alone.append(logits)
         cache = passes.new_cache(rows=len(prompts))
-        batch = passes.prefill(cache, prompts, [0] * len(prompts))
+        first = passes.prefill(cache, [p[:split] for p in prompts], [0] * len(prompts))
+        second = passes.prefill(cache, [p[split:] for p in prompts[:2]], [split, split])
+        batch = torch.cat([second, first[2:]])
         for step in range(steps + 1):
             for row in range(len(prompts)):
                 assert torch.equal(batch[row], alone[row][step]), f"row {row}, step {step}"
@@ -197,8 +201,8 @@ def test_batch_invariant_quantized_rows_get_exactly_their_logits_alone(decoder_d
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_batch_invariant_requests_get_their_greedy_tokens_alone(gqa_dir, quantize):
-    # Requests joining a running batch (prefill groups, rows moving as others
-    # leave), against the compact pass alone.
+    # Requests joining a running batch one after another (their prefills, rows
+    # moving as others leave), against the compact pass alone.
     alone = loaded(gqa_dir, quantize, compact_pass=True)
     batched = load(gqa_dir, batching=True, quantize=quantize, batch_invariant=True)
     jobs = [(prompt, greedy(12 + 6 * i), 0) for i, prompt in enumerate(PROMPTS)]

@@ -108,8 +108,9 @@ def test_killed_worker_is_taken_over_with_identical_greedy_text(make_service, sl
 
 def test_sigterm_lets_the_running_job_finish(make_service, slow_model_dir):
     svc = make_service(workers=1, model=slow_model_dir, WORKER_SHUTDOWN_GRACE="30")
-    job_id = create(svc.base, prompt="Hello", max_new_tokens=80, ignore_eos=True)
+    job_id = create(svc.base, prompt="Hello", max_new_tokens=150, ignore_eos=True)
     read_some(svc.base, job_id, tokens=5)
+    assert httpx.get(f"{svc.base}/jobs/{job_id}", timeout=5).json()["status"] == "running"
     assert svc.workers is not None and svc.workers.popen is not None
     svc.workers.popen.send_signal(signal.SIGTERM)
     response = stream(svc.base, f"/jobs/{job_id}/events")
@@ -119,7 +120,8 @@ def test_sigterm_lets_the_running_job_finish(make_service, slow_model_dir):
 
 def test_sigterm_past_the_grace_leaves_the_job_to_another_worker(make_service, slow_model_dir):
     first = make_service(workers=1, model=slow_model_dir, WORKER_SHUTDOWN_GRACE="0.5")
-    job_id = create(first.base, prompt="Hello", max_new_tokens=150, ignore_eos=True)
+    # Long enough to be running still once the second service is up.
+    job_id = create(first.base, prompt="Hello", max_new_tokens=400, ignore_eos=True)
     read_some(first.base, job_id, tokens=5)
     second = make_service(workers=1, model=slow_model_dir)
     assert first.workers is not None and first.workers.popen is not None
@@ -127,7 +129,7 @@ def test_sigterm_past_the_grace_leaves_the_job_to_another_worker(make_service, s
     assert first.workers.popen.wait(30) == 0
     response = stream(second.base, f"/jobs/{job_id}/events", timeout=120)
     assert response.last.event == "done" and len(response.of("resumed")) == 1
-    assert response.last.data["usage"]["completion_tokens"] == 150
+    assert response.last.data["usage"]["completion_tokens"] == 400
 
 
 def test_generation_error_ends_the_job_and_the_worker_keeps_serving(make_service, tmp_path):

@@ -86,6 +86,12 @@ class TransformersEngine:
         for _ in self.generate([self.tokenizer.eos_token_id or 0] * 4, params):
             pass
         if self.passes is not None and self.compile_decode != "off":
+            if self.passes.batch_invariant:
+                log.warning(
+                    "BATCH_INVARIANT holds for prefill only with COMPILE=%s: a compiled "
+                    "decode step attends the batch in one call",
+                    self.compile_decode,
+                )
             self.passes.compile_decode(background=self.compile_decode == "background")
 
     def start_batching(self) -> bool:

@@ -103,6 +103,8 @@ class Passes:
         fast = compact_pass(model) if compact and not self._additive else None
         if fast is not None:
             fast.batch_invariant = batch_invariant
+        #: Whether the compact pass attends row by row in bfloat16 (BATCH_INVARIANT).
+        self.batch_invariant = fast is not None and batch_invariant
         self._forward: Forward = fast or functools.partial(_forward, model)
         self._decode: Forward = self._forward
         #: "eager", "compiling", "compiled" or "failed" (reported in the log).
