@@ -159,3 +159,27 @@ def test_workers_writing_the_same_copy_at_once_leave_one_complete_copy(tiny_mode
     assert model_cache.find(gguf, tmp_path) == folder
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left
     assert AutoModelForCausalLM.from_pretrained(folder).config.n_layer == 2
+
+
+def test_workers_converting_one_gguf_file_take_turns(tmp_path):
+    # Workers starting together on one host: the first converts while the others
+    # wait for its copy, instead of all converting at once (a minute of CPU each).
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    order: list[str] = []
+    inside = threading.Event()
+
+    def first() -> None:
+        with model_cache.converting(gguf, tmp_path / "cache"):
+            order.append("first converts")
+            inside.set()
+            threading.Event().wait(0.3)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert inside.wait(10)
+    with model_cache.converting(gguf, tmp_path / "cache"):
+        order.append("second goes")
+    thread.join(10)
+    assert order == ["first converts", "first done", "second goes"]

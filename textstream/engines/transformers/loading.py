@@ -69,17 +69,39 @@ def _load_gguf(source: ModelSource, settings: Settings, dtype: torch.dtype) -> t
     otherwise converted (float32) and then cached for the next start."""
     assert source.gguf_file is not None
     gguf = Path(source.path) / source.gguf_file
+    loaded = _from_copy(source, settings, gguf, dtype)
+    if loaded is not None:
+        return loaded
+    with model_cache.converting(gguf, settings.model_cache_dir):
+        # A worker that started beside this one may have converted it meanwhile.
+        loaded = _from_copy(source, settings, gguf, dtype)
+        return loaded if loaded is not None else _convert_gguf(source, settings, gguf, dtype)
+
+
+def _from_copy(
+    source: ModelSource, settings: Settings, gguf: Path, dtype: torch.dtype
+) -> tuple[Any, Any] | None:
+    """Tokenizer and model from the converted copy of `gguf`; None if there is none
+    (or it is damaged: then it is discarded, to be converted again)."""
     cached = model_cache.find(gguf, settings.model_cache_dir)
-    if cached is not None:
-        try:
-            with stage(source.name, f"tokenizer from the converted copy {cached}"):
-                tokenizer = AutoTokenizer.from_pretrained(cached)
-            with stage(source.name, "weights from the converted copy"):
-                model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-            return tokenizer, model
-        except Exception as exc:  # a damaged copy: convert again and replace it
-            log.warning("converted copy %s cannot be loaded (%s); converting again", cached, exc)
-            model_cache.discard(cached)
+    if cached is None:
+        return None
+    try:
+        with stage(source.name, f"tokenizer from the converted copy {cached}"):
+            tokenizer = AutoTokenizer.from_pretrained(cached)
+        with stage(source.name, "weights from the converted copy"):
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        return tokenizer, model
+    except Exception as exc:  # a damaged copy: convert again and replace it
+        log.warning("converted copy %s cannot be loaded (%s); converting again", cached, exc)
+        model_cache.discard(cached)
+        return None
+
+
+def _convert_gguf(
+    source: ModelSource, settings: Settings, gguf: Path, dtype: torch.dtype
+) -> tuple[Any, Any]:
+    assert source.gguf_file is not None
     log.info("loading %s: converting the GGUF file (first start only)", source.name)
     with stage(source.name, "tokenizer converted from GGUF"):
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)

@@ -13,19 +13,24 @@ a new converter makes a new copy); later starts load that folder instead.
 The copy is float32, the values transformers dequantized, so a model loaded from
 it computes exactly what the GGUF load does (the DTYPE setting casts after
 loading, either way). It is written to a temporary folder beside its final
-name and renamed into place: two workers converting at once both finish, one
-rename wins, and nobody ever reads a half-written copy.
+name and renamed into place, so nobody ever reads a half-written copy. Workers
+starting together on one host take turns to convert (`converting`, a file lock):
+the first converts, the others wait and then load its copy, instead of each
+spending a minute of CPU on the same conversion at once.
 
 Imports nothing heavy, so a process without torch can find a copy (`find`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,27 @@ def copy_dir(gguf_path: Path, cache_dir: str | Path) -> Path:
 def find(gguf_path: Path, cache_dir: str | Path) -> Path | None:
     """The converted copy of `gguf_path`, if a complete one exists."""
     return _complete(copy_dir(gguf_path, cache_dir))
+
+
+@contextlib.contextmanager
+def converting(gguf_path: Path, cache_dir: str | Path) -> Iterator[None]:
+    """Held while this process converts `gguf_path`: another process converting the
+    same file waits here, then finds the copy (`find`) instead of converting too.
+    The lock is the kernel's (flock): a converter that dies releases it. Where no
+    lock file can be made (read-only disk), nobody waits."""
+    folder = copy_dir(gguf_path, cache_dir)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(folder.parent / f".{folder.name}.lock", "a")  # noqa: SIM115
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write(model: Any, tokenizer: Any, folder: Path) -> bool:
