@@ -158,6 +158,9 @@ def test_refusals_write_nothing(keyed):
         (422, lambda: post_job(svc.base, K1, max_new_tokens=0)),
         (422, lambda: raw_post(svc.base, K1, '{"prompt": "hi", "stop": ["\\ud800"]}')),
         (422, lambda: httpx.get(svc.base + "/completion/%00", headers=K1)),
+        # `/completion/.` reaches the API as `/completion`: still behind the key.
+        (401, lambda: httpx.get(svc.base + "/completion/.")),
+        (422, lambda: httpx.get(svc.base + "/completion/.", headers=K1)),
         (400, lambda: httpx.get(f"{svc.base}/jobs/{done}/events?last_event_id=x", headers=K1)),
     ]
     for status, call in refusals:
