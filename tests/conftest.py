@@ -3,16 +3,25 @@ real worker and API processes talking to both."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import torch
 from helpers import Proc, service_env, start_api, start_workers, wait_for_workers
 from tiny_models import build_slow_gpt2, build_tiny_gpt2
 
 from bench.cluster import start_redis
+
+# One thread for the torch work of the test process itself (training the tiny models,
+# reference completions): two pytest processes share 2 cores with the services they
+# start, and there two threads each train about half as fast as one (measured: 32 s
+# against 18 s for two tiny GPT-2 built at once). Workers get TORCH_THREADS=1 too
+# (helpers.service_env).
+torch.set_num_threads(1)
 
 #: Test files by how long they take (most first), measured with `--durations`. Under
 #: `make test` two pytest processes take files from the front of this order: the
@@ -75,8 +84,18 @@ def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """Built once per run: under xdist, the first pytest process trains it and the
+    other waits for it (a file lock in the run's shared temporary folder)."""
+    if worker_id == "master":  # one process: nothing to share
+        return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+    shared = tmp_path_factory.getbasetemp().parent / "tiny-gpt2"
+    with open(f"{shared}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "done").exists():
+            build_tiny_gpt2(shared)
+            (shared / "done").touch()
+    return shared
 
 
 class Service:

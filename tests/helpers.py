@@ -9,13 +9,13 @@ from typing import Any
 import httpx
 import redis
 
+from bench import cluster
 from bench.cluster import (
     REPO,
     Proc,
     SSEEvent,
     free_port,
     parse_sse_lines,
-    service_env,
     start_api,
     start_workers,
     wait_for,
@@ -36,6 +36,13 @@ __all__ = [
     "wait_for",
     "wait_for_workers",
 ]
+
+
+def service_env(redis_url: str, model_id: str, **overrides: str) -> dict[str, str]:
+    """bench.cluster.service_env with one torch thread per worker: the test processes
+    and the services they start share 2 cores, where a worker's second thread only
+    competes with another process (a test may still set TORCH_THREADS itself)."""
+    return cluster.service_env(redis_url, model_id, **{"TORCH_THREADS": "1", **overrides})
 
 
 @dataclass

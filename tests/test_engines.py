@@ -17,9 +17,9 @@ import openai
 import pytest
 import redis
 from conftest import Service
-from helpers import stream, wait_for
+from helpers import service_env, stream, wait_for
 
-from bench.cluster import service_env, start_redis
+from bench.cluster import start_redis
 
 PROMPT = "Once upon a time"
 LONG = {"max_new_tokens": 1000, "ignore_eos": True, "prompt_format": "raw"}

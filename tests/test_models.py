@@ -15,10 +15,10 @@ import httpx
 import openai
 import pytest
 import redis
-from helpers import queued, stream, wait_for
+from helpers import queued, service_env, stream, wait_for
 from tiny_models import TRAINED
 
-from bench.cluster import service_env, start_api, start_redis, start_workers, wait_for_workers
+from bench.cluster import start_api, start_redis, start_workers, wait_for_workers
 
 #: Loading SmolLM2 (a GGUF converted at first load) takes a while on 2 cores.
 pytestmark = pytest.mark.timeout(600)

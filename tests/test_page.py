@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import torch
 from helpers import service_env, start_api, start_workers, wait_for_workers
 from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playwright
 from tiny_models import build_tiny_gpt2
@@ -82,15 +81,10 @@ def database(redis_url: str, number: int) -> str:
 @pytest.fixture(scope="module")
 def chat_base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = tmp_path_factory.mktemp("models") / "chat-gpt2"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on 2 busy cores, one thread trains several times faster
-    try:
-        model = build_tiny_gpt2(path, steps=120, trained=LESSONS)
-    finally:
-        torch.set_num_threads(threads)
+    model = build_tiny_gpt2(path, steps=120, trained=LESSONS)
     workdir = tmp_path_factory.mktemp("chat-svc")
     db = database(redis_url, 14)
-    with running_service(workdir, db, str(model), API_KEYS=KEY, TORCH_THREADS="1") as base:
+    with running_service(workdir, db, str(model), API_KEYS=KEY) as base:
         yield base
 
 
