@@ -113,14 +113,40 @@ def test_the_api_reads_the_tokenizer_from_the_converted_copy(tiny_model_dir, tmp
         load_tokenizer(str(gguf), str(tmp_path / "elsewhere"))
 
 
-def test_a_changed_gguf_file_gets_a_new_copy(tmp_path):
+def test_a_changed_gguf_file_gets_a_new_copy_and_a_reinstalled_one_reuses_it(tmp_path):
     gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"one")
+    big = os.urandom(9 << 20)  # beyond both sampled ends
+    gguf.write_bytes(big)
     first = model_cache.copy_dir(gguf, tmp_path)
-    gguf.write_bytes(b"other")  # a new file at the same path: size and mtime change
-    os.utime(gguf, ns=(1, 1))
-    assert model_cache.copy_dir(gguf, tmp_path) != first
-    assert model_cache.copy_dir(gguf, tmp_path).parent == first.parent == tmp_path / "converted"
+    assert first.parent == tmp_path / "converted" and first.name.startswith("model-")
+    # The same file installed elsewhere (a new virtualenv), at another time: same copy.
+    (tmp_path / "venv2").mkdir()
+    again = tmp_path / "venv2" / "model.gguf"
+    again.write_bytes(big)
+    os.utime(again, ns=(1, 1))
+    assert model_cache.copy_dir(again, tmp_path) == first
+    # A changed file, at either end or in its size: a new copy.
+    for changed in (b"x" + big[1:], big[:-1] + b"x", big + b"x"):
+        gguf.write_bytes(changed)
+        assert model_cache.copy_dir(gguf, tmp_path) != first
+    gguf.write_bytes(b"one")
+    small = model_cache.copy_dir(gguf, tmp_path)
+    gguf.write_bytes(b"two")
+    assert model_cache.copy_dir(gguf, tmp_path) != small
+
+
+def test_parsing_a_gguf_once_patches_gguf_only_while_converting():
+    import gguf
+
+    from textstream.engines.transformers.loading import gguf_parsed_once
+
+    before = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    with pytest.raises(RuntimeError), gguf_parsed_once():
+        assert gguf.GGUFReader is not before[0]
+        arch = next(iter(gguf.MODEL_ARCH_NAMES))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        raise RuntimeError("a failed conversion")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
 
 
 def test_a_damaged_copy_is_discarded_and_the_file_converted_again(tiny_model_dir, tmp_path):

@@ -2,13 +2,15 @@
 for converting it.
 
 transformers turns a .gguf file into a float model at every load: on 2 cores,
-SmolLM2-135M's weights take ~30 s to dequantize and its tokenizer ~20 s to
-rebuild from the GGUF vocabulary, where the same model saved with
-`save_pretrained` (safetensors, tokenizer.json) loads in under a second. The
-first load of a GGUF file therefore saves what it converted under
-MODEL_CACHE_DIR, in a folder named after the file and a hash of its identity
-(resolved path, size, modification time, transformers' version: a new file or
-a new converter makes a new copy); later starts load that folder instead.
+SmolLM2-135M took 25 s of a worker's start (15 s since loading.gguf_parsed_once),
+most of it parsing the GGUF metadata in Python, where the same model saved with `save_pretrained`
+(safetensors, tokenizer.json) loads in under a second. The first load of a GGUF
+file therefore saves what it converted under MODEL_CACHE_DIR, in a folder named
+after the file and a hash of its content (its size and its first and last 4 MiB:
+the header and metadata, and the last tensors) and of transformers' version. The
+same file installed again elsewhere (a new virtualenv, another clone) finds the
+copy; a changed file or a new converter makes a new one. Later starts load that
+folder instead.
 
 The copy is float32, the values transformers dequantized, so a model loaded from
 it computes exactly what the GGUF load does (the DTYPE setting casts after
@@ -36,6 +38,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+#: Bytes hashed from each end of a GGUF file to name its copy (copy_dir): milliseconds
+#: to read, where hashing all of a multi-gigabyte file would delay every start.
+_SAMPLED = 4 << 20
+
 #: Files a complete copy has (tokenizer files vary with the tokenizer).
 _REQUIRED = ("config.json", "model.safetensors")
 
@@ -45,10 +51,15 @@ def copy_dir(gguf_path: Path, cache_dir: str | Path) -> Path:
     import transformers
 
     resolved = gguf_path.resolve()
-    stat = resolved.stat()
-    identity = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return Path(cache_dir).expanduser() / "converted" / f"{resolved.stem}-{digest}"
+    digest = hashlib.sha256(f"{transformers.__version__}\0".encode())
+    with open(resolved, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        digest.update(f"{size}\0".encode())
+        digest.update(file.read(_SAMPLED))
+        if size > _SAMPLED:
+            file.seek(max(_SAMPLED, size - _SAMPLED))
+            digest.update(file.read(_SAMPLED))
+    return Path(cache_dir).expanduser() / "converted" / f"{resolved.stem}-{digest.hexdigest()[:16]}"
 
 
 def find(gguf_path: Path, cache_dir: str | Path) -> Path | None:
