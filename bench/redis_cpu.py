@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--cluster", action="store_true", help="job streams on a Redis Cluster")
     parser.add_argument("--env", action="append", default=[], help="NAME=value for the service")
+    parser.add_argument(
+        "--stream-node-max-entries",
+        type=int,
+        default=0,
+        help="set on the streams' Redis (0: leave Redis's default, 100)",
+    )
     args = parser.parse_args(argv)
     extra = dict(item.split("=", 1) for item in args.env)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -135,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             env={"MAX_QUEUED_JOBS": "100000", "CACHE_TTL": "0", **extra},
         )
         with service as (base, urls):
+            if args.stream_node_max_entries:
+                for url in urls["streams"]:
+                    node = redis.Redis.from_url(url)
+                    node.config_set("stream-node-max-entries", args.stream_node_max_entries)
+                    node.close()
             asyncio.run(run_level(base, args.streams, args.streams, 16))  # warm-up
             for run in range(args.runs):
                 report = measure(base, urls, args)
