@@ -84,6 +84,12 @@ def writer_process(url: str, streams: int, tokens: int, rate: float) -> None:
     asyncio.run(write_events(url, streams, tokens, rate))
 
 
+def busy(proc: psutil.Process) -> float:
+    """CPU seconds `proc` has used (user + system)."""
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -106,10 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         writer.start()
+        # Every process on the machine's cores: which one runs out first.
+        procs = {
+            "api": api_cpu,
+            "writer": psutil.Process(writer.pid),
+            "redis": psutil.Process(redis_proc.pid),
+            "client": psutil.Process(),
+        }
         cpu_before, started = api_cpu.cpu_times(), time.perf_counter()
+        before = {name: busy(proc) for name, proc in procs.items()}
         results = asyncio.run(run_level(base, args.streams, args.streams, args.tokens))
         seconds = time.perf_counter() - started
         cpu_after = api_cpu.cpu_times()
+        shares = {
+            name: round((busy(proc) - before[name]) / seconds, 3) for name, proc in procs.items()
+        }
         writer.join(30)
     finally:
         writer.kill()
@@ -128,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "api_cpu_seconds": round(api_seconds, 2),
         "api_cpu_share": round(api_seconds / seconds, 3),
         "api_cpu_ms_per_1000_tokens": round(api_seconds / relayed * 1e6, 1) if relayed else None,
+        "cpu_share_by_process": shares,
     }
     out = RESULTS / "relay.json"
     out.write_text(json.dumps(report, indent=2))
@@ -142,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"API process: {report['api_cpu_share'] * 100:.0f} % of one core, "
         f"{report['api_cpu_ms_per_1000_tokens']} ms CPU per 1000 tokens relayed"
+    )
+    print(
+        f"CPU (share of one core) of {os.cpu_count()}: "
+        + ", ".join(f"{name} {share * 100:.0f} %" for name, share in shares.items())
     )
     print(f"results: {out}")
     return 0
