@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from urllib.parse import quote
 
@@ -33,13 +34,22 @@ BAD_JOBS = [
     ({"prompt": "hi", "seed": -1}, "seed"),
     ({"prompt": "hi", "prompt_format": "yaml"}, "prompt_format"),
     ({"prompt": "hi", "max_token": 5}, "max_token"),  # a typo is refused, not ignored
+    ({"prompt": "hi", "top_k": 2**70}, "top_k"),  # would reach an upstream engine as is
+    ({"prompt": "hi", "model": ""}, "model"),  # no name is not the default model
+    ({"prompt": "hi", "model": "m" * 10_000}, "model"),
+    ({"prompt": "hi", "stop": ["a"] * 5}, "stop"),
+    # A lone surrogate in a field no model reads (a message's `name`), or in a key.
+    ({"messages": [{"role": "user", "content": "x", "name": "\ud800"}]}, "messages.0"),
+    ({"messages": [{"role": "user", "content": "x", "\ud800": 1}]}, "messages.0"),
 ]
 
 
 @pytest.mark.parametrize("body,field", BAD_JOBS, ids=[f for _, f in BAD_JOBS])
 def test_bad_job_bodies_get_422_naming_the_field(service, redis_client, body, field):
     before = queued(redis_client)
-    response = httpx.post(service.base + "/jobs", json=body, timeout=10)
+    # json.dumps escapes a lone surrogate (\ud800), which UTF-8 cannot carry raw.
+    content, headers = json.dumps(body), {"content-type": "application/json"}
+    response = httpx.post(service.base + "/jobs", content=content, headers=headers, timeout=10)
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request" and error["field"] == field and error["message"]
@@ -55,6 +65,59 @@ def test_malformed_json_gets_422(service, content):
     )
     assert response.status_code == 422
     assert response.json()["error"]["type"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "content,content_type,status",
+    [
+        ('{"prompt": "hi"}'.encode("utf-16"), "application/json", 422),  # BOM: not UTF-8
+        ('{"prompt": "hi"}'.encode("utf-16-le"), "application/json", 422),  # NULs
+        ('{"prompt": "hi"}'.encode("utf-32"), None, 422),
+        (b'{"prompt": "caf\xe9"}', "application/json", 422),  # Latin-1
+        (b'{"prompt": "hi"}', "text/plain", 415),
+        (b"prompt=hi", "application/x-www-form-urlencoded", 415),  # curl -d without -H
+        (b'{"prompt": "hi"}', "application/json; charset=latin-1", 415),
+    ],
+)
+def test_a_body_not_json_in_utf8_is_refused_and_queues_nothing(
+    service, redis_client, content, content_type, status
+):
+    before = queued(redis_client)
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(service.base + "/jobs", content=content, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+    assert queued(redis_client) == before
+
+
+def test_json_in_utf8_is_taken_with_or_without_a_content_type(service):
+    for headers in ({}, {"content-type": "application/json; charset=UTF-8"}):
+        body = '{"prompt": "café", "max_new_tokens": 1}'.encode()
+        response = httpx.post(service.base + "/jobs", content=body, headers=headers)
+        assert response.status_code == 202, response.text
+
+
+def test_query_values_not_utf8_are_refused_naming_them(service, redis_client):
+    before = queued(redis_client)
+    for query, field in [("stop=%FF", "stop"), ("model=%ED%A0%80", "model"), ("%FF=1", "query")]:
+        response = httpx.get(f"{service.base}/completion/hi?max_new_tokens=1&{query}")
+        assert response.status_code == 422, (query, response.text)
+        assert response.json()["error"]["field"] == field
+    assert queued(redis_client) == before
+    # A real U+FFFD, correctly encoded, is text like any other.
+    response = stream(service.base, "/completion/%EF%BF%BD", max_new_tokens=1)
+    assert response.status == 200 and response.last.event == "done"
+
+
+def test_a_last_event_id_with_leading_zeros_names_the_same_event(service):
+    job = httpx.post(service.base + "/jobs", json={"prompt": "hi", "max_new_tokens": 3}).json()
+    url = f"/jobs/{job['id']}/events"
+    events = stream(service.base, url).events
+    first = events[0].id
+    ms, seq = first.split("-")
+    for padded in (f"0{ms}-{seq}", f"{ms}-00{seq}"):
+        rest = stream(service.base, url, last_event_id=padded).events
+        assert [e.id for e in rest] == [e.id for e in events[1:]], padded
 
 
 def test_nan_and_infinity_are_refused(service):

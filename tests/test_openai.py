@@ -126,7 +126,11 @@ def test_penalties_and_extra_fields_are_accepted(client):
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ["x" * 101]}, "stop"),
         ({"prompt": ""}, "prompt"),
+        ({"model": ""}, "model"),
+        ({"best_of": 0}, "best_of"),
+        ({"extra_body": {"top_k": 2**70}}, "top_k"),
     ],
 )
 def test_invalid_requests_raise_openai_errors(client, kwargs, param):
@@ -134,7 +138,34 @@ def test_invalid_requests_raise_openai_errors(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(**args)
     assert caught.value.status_code == 400
-    assert caught.value.body["param"] == param and caught.value.body["message"]
+    message = caught.value.body["message"]
+    assert caught.value.body["param"] == param and message
+    assert "pydantic" not in message and "http" not in message  # says what is wrong
+    if param == "stop":
+        assert "stop string" in message
+
+
+def test_a_served_model_can_be_retrieved_by_name(client, tiny_model_dir):
+    assert client.models.retrieve(tiny_model_dir.name).id == tiny_model_dir.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_chat_refuses_functions_and_a_required_tool_choice(client):
+    message = [{"role": "user", "content": "x"}]
+    for extra, param in (
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tiny-gpt2", messages=message, **extra)
+        assert caught.value.body["param"] == param
+    # "none" and "auto" without tools offer nothing: answered as usual.
+    answer = client.chat.completions.create(
+        model="tiny-gpt2", messages=message, max_tokens=1, tool_choice="none"
+    )
+    assert answer.usage.completion_tokens == 1
 
 
 def test_chat_refuses_tools_and_empty_messages(client):

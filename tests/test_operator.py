@@ -119,6 +119,14 @@ def test_api_keys_guard_everything_but_health_and_the_page(make_service):
             assert response.json()["error"]["message"]
     ok = stream(svc.base, "/completion/Hello", max_new_tokens=2)
     assert ok.status == 401
+    # A body that is not even JSON: who is calling is settled before it is parsed.
+    for path in ("/jobs", "/v1/completions", "/v1/chat/completions"):
+        for content in (b"{bad", b"\xff\xfe"):
+            response = httpx.post(
+                svc.base + path, content=content, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 401, (path, content, response.text)
+    assert httpx.head(svc.base + "/health").status_code == 200
     good = {"Authorization": "Bearer key-two"}
     assert httpx.get(svc.base + "/ready", headers=good).status_code == 200
     client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="key-one", max_retries=0)

@@ -31,7 +31,8 @@ MaxNewTokens = Annotated[int, Field(ge=1)]
 #: OpenAI's range. (The native API allowed up to 100 before; past 2 the text is noise.)
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-TopK = Annotated[int, Field(ge=0, description="0 = off")]
+#: Past any vocabulary; the bound keeps a 2**70 from reaching an upstream engine.
+TopK = Annotated[int, Field(ge=0, le=2**31 - 1, description="0 = off")]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off")]

@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 from fastapi import Request
 
 from textstream.api.context_window import PromptTokens
+from textstream.api.errors import InvalidInputError
+from textstream.api.limits import undecodable
 from textstream.api.security import Caller, Guard
 from textstream.config import Settings
 from textstream.jobqueue import JobQueue
@@ -53,6 +55,9 @@ async def authorize(request: Request) -> Caller:
     )
     request.state.refund = await guard.count_request(caller)
     request.state.caller = caller
+    part = undecodable(request.scope)
+    if part is not None:  # the server decoded it with U+FFFD in place of its bytes
+        raise InvalidInputError(part, f"{part} must be valid UTF-8 once percent-decoded")
     return caller
 
 

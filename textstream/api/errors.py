@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from textstream.api.limits import BODY_REFUSAL
 from textstream.transport.events import error_data
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,25 @@ async def refund(request: Request) -> None:
 def add_error_handlers(app: FastAPI) -> None:
     """Every refusal goes through one of these, and takes its rate count back."""
 
+    async def _unauthorized(request: Request) -> JSONResponse | None:
+        """FastAPI parses a JSON body before it runs a route's dependencies, so a
+        body that is not JSON reached its 422 before `authorize` ran: without a key,
+        anyone could have the API parse a megabyte and describe it. Who is calling
+        is settled first; the 401 (or 429) wins."""
+        route = request.scope.get("route")
+        dependant = getattr(route, "dependant", None)
+        if hasattr(request.state, "caller") or dependant is None:
+            return None
+        from textstream.api.deps import authorize
+
+        if not any(d.call is authorize for d in dependant.dependencies):
+            return None
+        try:
+            await authorize(request)
+        except ServiceError as refusal:
+            return await _service(request, refusal)
+        return None
+
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
         await refund(request)
@@ -250,9 +270,18 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        refused = await _unauthorized(request)
+        if refused is not None:
+            return refused
         await refund(request)
+        noted = request.scope.get(BODY_REFUSAL)
+        if noted is not None:  # limits.BodyLimit passed the app an empty body instead
+            status, error_type, why = noted
+            return error_response(request, status, error_type, why, "body")
         errors = exc.errors()
         field = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else ""
+        if errors and errors[0]["type"] == "json_invalid":
+            field = "body"  # its loc holds the character offset, not a field
         message = errors[0]["msg"] if errors else "invalid request"
         detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]
         return error_response(request, 422, "invalid_request", message, field, detail=detail)

@@ -1,17 +1,77 @@
-"""The request body's size limit (MAX_BODY_BYTES), as ASGI middleware.
+"""The request body's size limit (MAX_BODY_BYTES), and its encoding, as ASGI
+middleware.
 
 A body over the limit is answered 413 before the app sees it: by its
 Content-Length when it sends one, else by counting while reading (a chunked
 upload is buffered up to the limit, then replayed to the app). Prompts are
 bounded by MAX_PROMPT_CHARS anyway; this bounds what a client can make the API
 read and parse.
+
+A body the JSON parser must not read is marked here too: one that is not UTF-8
+(422; Python's JSON parser would read UTF-16 or UTF-32 as well), or sent as
+something other than JSON (415). It is not answered here: who is calling is
+settled first (a caller without a key gets its 401), so the app gets an empty
+body instead, fails to parse it, and the validation handler (errors.py) answers
+with the refusal noted in the scope (BODY_REFUSAL). Path and query values that
+are not UTF-8 are refused by `deps.authorize`, after the same check (`undecodable`).
 """
 
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+#: The scope key under which a refused body's (status, error type, message) waits
+#: for the validation handler.
+BODY_REFUSAL = "textstream.body_refusal"
+
+
+def undecodable(scope: Scope) -> str | None:
+    """The name of the first path or query part that is not UTF-8, or None: the
+    server's own decoding would have made it U+FFFD, so a stop string or a model
+    name of "\ufffd" would have been queued."""
+    raw_path = scope.get("raw_path") or scope["path"].encode()
+    if not _utf8(unquote_to_bytes(raw_path)):
+        return "question" if scope["path"].startswith("/completion/") else "path"
+    for pair in scope.get("query_string", b"").split(b"&"):
+        name, _, value = pair.partition(b"=")
+        name, value = (unquote_to_bytes(part.replace(b"+", b" ")) for part in (name, value))
+        if not _utf8(name):
+            return "query"
+        if not _utf8(value):
+            return name.decode()
+    return None
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _body_refusal(body: bytes, content_type: bytes | None) -> tuple[int, str, str] | None:
+    if not body:
+        return None
+    if content_type is not None and not _json_media_type(content_type):
+        why = "the body must be JSON: send Content-Type: application/json"
+        return 415, "unsupported_media_type", why
+    if b"\x00" in body or not _utf8(body):  # a NUL byte: UTF-16 or UTF-32
+        return 422, "invalid_request", "the request body must be JSON in UTF-8"
+    return None
+
+
+def _json_media_type(value: bytes) -> bool:
+    """Whether a Content-Type names JSON in UTF-8 (no charset, or utf-8)."""
+    media, *params = (part.strip().lower() for part in value.decode("latin-1").split(";"))
+    charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
+    is_json = media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+    return is_json and all(c in ("utf-8", "utf8") for c in charsets)
 
 
 class BodyLimit:
@@ -20,7 +80,10 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
@@ -41,6 +104,12 @@ class BodyLimit:
                 return
             if not message.get("more_body", False):
                 break
+
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        refusal = _body_refusal(body, headers.get(b"content-type"))
+        if refusal is not None:
+            scope[BODY_REFUSAL] = refusal
+            messages = [{"type": "http.request", "body": b"", "more_body": False}]
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()

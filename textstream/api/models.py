@@ -22,7 +22,8 @@ class ModelNotFoundError(ServiceError, LookupError):
 
     def __init__(self, model: str, served: list[str]) -> None:
         names = ", ".join(served) or "none yet"
-        super().__init__(f"the model `{model}` does not exist here; served: {names}")
+        shown = model if len(model) <= 100 else model[:100] + "…"  # not a 100 KB echo
+        super().__init__(f"the model `{shown}` does not exist here; served: {names}")
         self.field = "model"
 
 

@@ -126,7 +126,9 @@ def checked_event_id(value: str, field: str) -> str:
     match = EVENT_ID.fullmatch(value)
     if match is None or max(int(match[1]), int(match[2])) >= 2**64:
         raise BadEventIdError(field, f"{field} must be an event id such as 1700000000000-0")
-    return value
+    # As Redis writes it: 0017-0 names the event 17-0, and resuming after it must
+    # not send that event again (ids are compared as text further on).
+    return f"{int(match[1])}-{int(match[2])}"
 
 
 def checked_job_id(job_id: str) -> str:

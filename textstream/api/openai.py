@@ -24,6 +24,7 @@ from sse_starlette import ServerSentEvent
 
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import job_error_response, openai_error_body
+from textstream.api.models import ModelNotFoundError, live_models
 from textstream.api.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -203,20 +204,31 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
     """Every model live workers serve, with its context window (as vLLM's)."""
+    return {"object": "list", "data": await _model_cards(request)}
+
+
+@router.get("/models/{model:path}")
+async def model(request: Request, model: str) -> dict[str, Any]:
+    """One served model (the SDK's `models.retrieve`); 404 if no live worker serves it."""
+    for card in await _model_cards(request):
+        if card["id"] == model:
+            return card
+    services = services_of(request)
+    raise ModelNotFoundError(model, await live_models(services))
+
+
+async def _model_cards(request: Request) -> list[dict[str, Any]]:
     services = services_of(request)
     workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
     windows = {w.model: w.context_length for w in workers}
     created = int(time.time())
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "textstream",
-                "max_model_len": windows[name],
-            }
-            for name in sorted(windows)
-        ],
-    }
+    return [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "textstream",
+            "max_model_len": windows[name],
+        }
+        for name in sorted(windows)
+    ]

@@ -98,7 +98,7 @@ async def workers_or_none(services: Services) -> tuple[bool, list[WorkerInfo]]:
         return False, []
 
 
-@public.get("/health")
+@public.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that send it
 async def health(request: Request) -> JSONResponse:
     """Liveness (always 200, cheap), plus what is known: Redis, live workers' models."""
     services = services_of(request)
@@ -115,7 +115,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/ready")
+@router.api_route("/ready", methods=["GET", "HEAD"])
 async def ready(request: Request) -> JSONResponse:
     """200 only when Redis answers and at least one live worker has its model loaded."""
     redis_ok, workers = await workers_or_none(services_of(request))

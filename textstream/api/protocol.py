@@ -9,7 +9,14 @@ No `from __future__ import annotations`: FastAPI and pydantic read these at run 
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from textstream.api.errors import InvalidInputError
 from textstream.job import (
@@ -24,6 +31,10 @@ from textstream.job import (
     TopP,
     normalize_stop,
 )
+
+#: A model's name as a request gives it: not empty (that is no name, not the
+#: default), and short (a 404 repeats it).
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,20 @@ class Body(BaseModel):
         if _has_surrogate(value):
             raise ValueError("text must be valid Unicode (it holds a lone surrogate)")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode_everywhere(cls, data: Any) -> Any:
+        """The same for what no field takes: key names, and fields a model ignores
+        (a chat message's `name`). The text is not repeated: it cannot be encoded."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if key not in cls.model_fields and (_has_surrogate(key) or _has_surrogate(value)):
+                    raise ValueError(
+                        "text must be valid Unicode (a field name, or a field not used"
+                        " here, holds a lone surrogate)"
+                    )
+        return data
 
 
 def _has_surrogate(value: Any) -> bool:
@@ -99,7 +124,7 @@ class GenerationRequest(Body):
 
     model_config = ConfigDict(allow_inf_nan=False)
 
-    model: str | None = Field(None, description="a served model (default: the one served)")
+    model: ModelName | None = Field(None, description="a served model (default: the one served)")
     max_new_tokens: MaxNewTokens | None = Field(None, description="default DEFAULT_MAX_NEW_TOKENS")
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
@@ -164,7 +189,7 @@ class OpenAISampling(Body):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str
+    model: ModelName
     max_tokens: MaxNewTokens | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
@@ -178,7 +203,7 @@ class OpenAISampling(Body):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     #: vLLM's convention: -1 (or 0) turns top-k off.
-    top_k: int = Field(0, ge=-1, description="extra: 0 or -1 = off")
+    top_k: int = Field(0, ge=-1, le=2**31 - 1, description="extra: 0 or -1 = off")
     repetition_penalty: RepetitionPenalty = Field(1.0, description="extra")
     ignore_eos: bool = Field(False, description="extra")
     use_cache: bool = Field(
@@ -210,8 +235,10 @@ class OpenAISampling(Body):
                 repetition_penalty=self.repetition_penalty,
                 use_cache=self.use_cache,
             )
-        except ValueError as exc:
-            raise InvalidInputError("stop", str(exc).splitlines()[-1]) from None
+        except ValidationError as exc:  # a stop list the native API refuses too
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else "stop"
+            raise InvalidInputError(field, first["msg"].removeprefix("Value error, ")) from None
 
 
 class CompletionRequest(OpenAISampling):
@@ -233,7 +260,7 @@ class CompletionRequest(OpenAISampling):
         for field, value in (
             ("echo", self.echo),
             ("logprobs", self.logprobs is not None),
-            ("best_of", (self.best_of or 1) != 1),
+            ("best_of", self.best_of not in (None, 1)),
             ("suffix", bool(self.suffix)),
         ):
             if value:
@@ -246,6 +273,9 @@ class ChatRequest(OpenAISampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None  # the older form of tools
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
     #: vLLM's: continue the final (assistant) message rather than answer it. How a
     #: relaying textstream worker resumes a chat after a takeover.
@@ -259,8 +289,16 @@ class ChatRequest(OpenAISampling):
         super().refuse_unsupported()
         if self.logprobs or self.top_logprobs:
             raise InvalidInputError("logprobs", "logprobs are not supported")
-        if self.tools:
-            raise InvalidInputError("tools", "tools are not supported")
+        # Refused rather than ignored: a client that offers functions must not take
+        # a plain answer for the model's choice not to call one.
+        for field, value in (
+            ("tools", self.tools),
+            ("functions", self.functions),
+            ("tool_choice", self.tool_choice not in (None, "none", "auto")),
+            ("function_call", self.function_call not in (None, "none", "auto")),
+        ):
+            if value:
+                raise InvalidInputError(field, f"{field} are not supported")
         if self.response_format and self.response_format.get("type") != "text":
             raise InvalidInputError("response_format", "only text responses are supported")
         if self.continue_final_message and (

@@ -123,8 +123,6 @@ def check_prompt(text: str, services: Services, field: str) -> None:
         raise InvalidInputError(
             field, f"the prompt is {len(text)} characters; the limit is {limit}"
         )
-    if "\ufffd" in text and field == "question":
-        raise InvalidInputError(field, "the path is not valid UTF-8")
     for ch in text:
         if ch not in ALLOWED_CONTROLS and unicodedata.category(ch) in ("Cc", "Cs"):
             raise InvalidInputError(field, f"the prompt contains control character U+{ord(ch):04X}")

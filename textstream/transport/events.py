@@ -308,7 +308,7 @@ class JobEvents:
         and redis-py 4.6 keeps asking the node it first used, dead or alive, while
         XRANGE's key is where the client knows without asking."""
         entries = await self.client.xrange(stream, min=last_id, count=count + 1)
-        after = [(i, f) for i, f in entries if as_text(i) != last_id][:count]
+        after = [(i, f) for i, f in entries if id_key(i) > id_key(last_id)][:count]
         return [(stream, after)] if after else []
 
     async def read_batches(
