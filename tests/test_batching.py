@@ -395,7 +395,7 @@ def valid_sampling(draw: st.DrawFn) -> SamplingParams:
         max_new_tokens=draw(st.integers(1, 12)),
         temperature=draw(st.one_of(st.just(0.0), unit, st.floats(0.0, 2.0))),
         top_p=draw(st.one_of(st.just(1.0), unit)),
-        top_k=draw(st.one_of(st.just(0), st.integers(1, 2 * VOCAB), st.just(10**18))),
+        top_k=draw(st.one_of(st.just(0), st.integers(1, 2 * VOCAB), st.just(2**31 - 1))),
         seed=draw(st.one_of(st.none(), st.integers(0, 2**63 - 1))),
         presence_penalty=draw(st.floats(-2.0, 2.0)),
         frequency_penalty=draw(st.floats(-2.0, 2.0)),
