@@ -426,3 +426,7 @@ def test_bodies_that_are_not_json_text_get_422_and_huge_ones_413(service):
     huge = json.dumps({"prompt": "x" * 2_000_000})
     response = httpx.post(service.base + "/jobs", content=huge, headers=headers)
     assert response.status_code == 413 and response.json()["error"]["type"] == "body_too_large"
+    response = httpx.post(service.base + "/v1/completions", content=huge, headers=headers)
+    error = response.json()["error"]  # OpenAI's shape under /v1
+    assert response.status_code == 413 and error["code"] == "body_too_large" and error["message"]
+    assert set(error) == {"message", "type", "param", "code"}

@@ -89,7 +89,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         messages: list[Message] = []
         size = 0
@@ -100,7 +100,7 @@ class BodyLimit:
                 break
             size += len(message.get("body", b""))
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -116,9 +116,15 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        from textstream.api.errors import openai_error_body  # errors.py imports this module
+
         message = f"the request body is over the {self.max_bytes}-byte limit (MAX_BODY_BYTES)"
-        body = json.dumps({"error": {"type": "body_too_large", "message": message}}).encode()
+        if scope["path"].startswith("/v1/"):  # OpenAI's shape, as every /v1 error
+            error = openai_error_body("body_too_large", message)
+        else:
+            error = {"error": {"type": "body_too_large", "message": message}}
+        body = json.dumps(error).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
