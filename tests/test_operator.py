@@ -110,6 +110,7 @@ def test_api_keys_guard_everything_but_health_and_the_page(make_service):
         ("GET", "/ready"),
         ("GET", "/workers"),
         ("GET", "/v1/models"),
+        ("GET", "/v1/models/fake-200tps"),
         ("GET", "/jobs/" + "a" * 32),
     ]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}):
@@ -127,6 +128,12 @@ def test_api_keys_guard_everything_but_health_and_the_page(make_service):
             )
             assert response.status_code == 401, (path, content, response.text)
     assert httpx.head(svc.base + "/health").status_code == 200
+    assert httpx.head(svc.base + "/ready").status_code == 401
+    for key in ("key-one", "key-two"):  # models are the deployment's, seen alike by every key
+        card = httpx.get(
+            svc.base + "/v1/models/fake-200tps", headers={"Authorization": f"Bearer {key}"}
+        )
+        assert card.status_code == 200 and card.json()["id"] == "fake-200tps"
     good = {"Authorization": "Bearer key-two"}
     assert httpx.get(svc.base + "/ready", headers=good).status_code == 200
     client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="key-one", max_retries=0)

@@ -127,7 +127,7 @@ def checked_event_id(value: str, field: str) -> str:
     if match is None or max(int(match[1]), int(match[2])) >= 2**64:
         raise BadEventIdError(field, f"{field} must be an event id such as 1700000000000-0")
     # As Redis writes it: 0017-0 names the event 17-0, and resuming after it must
-    # not send that event again (ids are compared as text further on).
+    # not send that event again.
     return f"{int(match[1])}-{int(match[2])}"
 
 
