@@ -43,6 +43,7 @@ from textstream.config import Settings
 from textstream.engines.transformers.engine import TransformersEngine
 from textstream.engines.transformers.loading import load_transformers
 from textstream.job import SamplingParams
+from textstream.worker.main import on_own_thread
 
 
 def run_level(engine: TransformersEngine, streams: int, tokens: int) -> dict[str, float]:
@@ -77,7 +78,10 @@ def run_level(engine: TransformersEngine, streams: int, tokens: int) -> dict[str
 
 
 def load(args: argparse.Namespace, model: str, batch_invariant: bool = False) -> TransformersEngine:
-    return load_transformers(
+    """As a worker loads it: on a thread that ends (worker/main.py's on_own_thread),
+    so no OpenMP pool stays behind to slow the batcher's."""
+    return on_own_thread(
+        load_transformers,
         Settings(
             batch_invariant=batch_invariant,
             model_id=model,
@@ -86,7 +90,7 @@ def load(args: argparse.Namespace, model: str, batch_invariant: bool = False) ->
             torch_threads=args.threads,
             quantize=args.quantize,
             compile=args.compile,
-        )
+        ),
     )
 
 
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.invariant:
         engines["invariant"] = load(args, model, batch_invariant=True)
     for mode in ("batched", "invariant"):
-        if mode in engines and not engines[mode].start_batching():
+        if mode in engines and not on_own_thread(engines[mode].start_batching):
             del engines[mode]
         elif mode in engines and args.gather_ms is not None:
             batcher = engines[mode].batcher

@@ -159,10 +159,17 @@ def in_process(args: argparse.Namespace, levels: list[int]) -> dict[int, float]:
     from bench import batching
     from textstream.config import Settings
     from textstream.engines.transformers.loading import load_transformers
+    from textstream.worker.main import on_own_thread
 
-    engine = load_transformers(Settings(model_id=args.model, model_fallback="", device=args.device))
-    if args.slots > 1 and args.batching == "auto":
-        engine.start_batching()
+    def prepare() -> Any:  # as a worker does: on a thread that ends (no OpenMP pool left)
+        engine = load_transformers(
+            Settings(model_id=args.model, model_fallback="", device=args.device)
+        )
+        if args.slots > 1 and args.batching == "auto":
+            engine.start_batching()
+        return engine
+
+    engine = on_own_thread(prepare)
     batching.run_level(engine, 1, 8)  # warm-up
     rates = {n: batching.run_level(engine, n, args.tokens)["tokens_per_s"] for n in levels}
     # The batcher's idle thread keeps the model in memory; it no longer uses CPU.

@@ -6,13 +6,16 @@ threads do; the last test goes through a real worker process with four slots."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from helpers import stream, wait_for
+from helpers import REPO, stream, wait_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
@@ -267,9 +270,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(alone, tiny_m
     long_prompt = "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3  # 79 tokens
     expected = [ids(alone, "Hello", greedy(60)), ids(alone, long_prompt, greedy(5))]
     log = PassLog(batched)
+    # The first stream waits in its first decode step until the long prompt has
+    # arrived: on a fast machine it would otherwise finish before that.
+    log.gate.clear()
     threads, results = run_together(batched, [(batched.encode_prompt("Hello"), greedy(60))])
-    wait_for(lambda: ("decode", 1) in log.passes, 10, "the first stream to run")
+    wait_for(lambda: ("prefill", 1) in log.passes, 10, "the first stream to run")
     more, late = run_together(batched, [(batched.encode_prompt(long_prompt), greedy(5))])
+    wait_for(lambda: len(batched.batcher._arrived) == 1, 10, "the long prompt")  # type: ignore[union-attr]
+    log.gate.set()
     for thread in threads + more:
         thread.join(60)
     assert results + late == expected
@@ -431,3 +439,73 @@ def test_valid_parameters_never_change_or_fail_a_greedy_batch_mate(alone, shared
         thread.join(60)
     assert results["greedy"] == expected
     assert isinstance(results["wild"], list) and 1 <= len(results["wild"]) <= wild.max_new_tokens
+
+
+# Run in a fresh process with two torch threads (the test processes use one).
+OPENMP_POOLS = """
+import os, sys, threading, time
+import torch
+torch.set_num_threads(2)
+from textstream.config import Settings
+from textstream.job import SamplingParams
+from textstream.worker.main import on_own_thread, prepare_engine
+
+def threads():
+    # libgomp's pool threads leave a moment after the thread that owned them.
+    seen = []
+    while len(seen) < 5 or len(set(seen[-5:])) > 1:
+        seen.append(len(os.listdir("/proc/self/task")))
+        time.sleep(0.05)
+    return seen[-1]
+
+def run(params, stay):
+    # Generate from a thread that then stays alive until `stay` is set.
+    done = threading.Event()
+    def body():
+        list(engine.generate(engine.encode_prompt("Hello there, how are you"), params))
+        done.set()
+        stay.wait()
+    thread = threading.Thread(target=body)
+    thread.start()
+    assert done.wait(60)
+    return thread
+
+settings = Settings(model_id=sys.argv[1], model_fallback="", device="cpu")
+before = threads()
+engine, batching = on_own_thread(prepare_engine, settings, 4)
+assert batching
+loaded = threads()
+gone = threading.Event()
+gone.set()
+run(SamplingParams(max_new_tokens=8, temperature=0), gone).join()
+warm = threads()
+stay = threading.Event()
+penalized = SamplingParams(max_new_tokens=8, temperature=0.8, seed=1, repetition_penalty=1.3,
+                           frequency_penalty=0.5)
+run(penalized, stay)
+busy = threads()
+stay.set()
+print(before, loaded, warm, busy)
+"""
+
+
+def test_only_the_batcher_thread_keeps_an_openmp_pool(tiny_model_dir):
+    """libgomp gives each thread that starts a parallel region a pool of its own,
+    and stops spinning between regions once the pools hold more threads than the
+    CPUs: every decode step then waits on wake-ups and takes twice as long. So the
+    load must not leave a pool behind (it ran on the main thread), and a request's
+    own thread must not start one (its penalty tensors were filled there): with
+    the batcher's own pool the only one, a request thread adds itself alone."""
+    out = subprocess.run(
+        [sys.executable, "-c", OPENMP_POOLS, str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, loaded, warm, busy = map(int, out.stdout.split()[-4:])
+    assert loaded == before + 1  # the batcher, and no pool left by the load
+    assert warm == loaded + 1  # the batcher's pool thread (2 torch threads)
+    assert busy == warm + 1  # the request's thread, and no pool of its own

@@ -14,11 +14,15 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from textstream import keys
-from textstream.config import get_settings
+from textstream.config import Settings, get_settings
 from textstream.connections import sync_client, sync_streams_client
 from textstream.engines import load_engine
+from textstream.engines.base import AnyEngine
 from textstream.jobqueue import WorkerModelQ, create_worker_modelq, new_server_id
 from textstream.logs import configure_logging
 from textstream.registry import WorkerHeartbeat, WorkerInfo
@@ -28,6 +32,8 @@ from textstream.worker.completion import CompletionRunner
 from textstream.worker.supervisor import EXIT_MODEL_LOAD_FAILED, Supervisor
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
@@ -42,13 +48,10 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
         # Several worker processes share this host's cores (runner.py's share).
         settings = settings.model_copy(update={"torch_threads": cpu_threads})
     try:
-        engine = load_engine(settings)
+        engine, batching = on_own_thread(prepare_engine, settings, concurrency)
     except ModelLoadError as exc:
         log.error("worker cannot start: %s", exc)
         return EXIT_MODEL_LOAD_FAILED
-    if settings.served_model_name:
-        engine.name = settings.served_model_name  # what clients name in `model`
-    batching = concurrency > 1 and settings.batching == "auto" and engine.start_batching()
 
     server_id = new_server_id()
     client = sync_client(settings)
@@ -92,6 +95,31 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
             stop.wait(1.0)
     stop.wait()
     return drain(mq, runner, heartbeat, settings.worker_shutdown_grace)
+
+
+def prepare_engine(settings: Settings, concurrency: int) -> tuple[AnyEngine, bool]:
+    """Load the engine (and warm it up), and start its batch where it has one;
+    returns it and whether it batches."""
+    engine = load_engine(settings)
+    if settings.served_model_name:
+        engine.name = settings.served_model_name  # what clients name in `model`
+    batching = concurrency > 1 and settings.batching == "auto" and engine.start_batching()
+    return engine, batching
+
+
+def on_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on a thread that ends with it (its exception raised here).
+
+    Why: a thread's first OpenMP parallel region (any torch operation big enough to
+    split) gives that thread an OpenMP pool for as long as it lives, and once the
+    pools hold more threads than the host has CPUs, libgomp stops spinning between
+    regions: each of a decode step's ~1,000 regions then waits for a sleeping thread
+    to wake, and a step takes twice as long (BENCHMARKS.md). Loading on the main
+    thread, which lives on, left a pool there beside the batcher's. Run on a thread
+    that ends, the load leaves none: the batcher's (or, without a batch, the one
+    ModelQ thread's) is the only one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="engine-load") as pool:
+        return pool.submit(fn, *args).result()  # leaving `with` ends the thread
 
 
 def drain(

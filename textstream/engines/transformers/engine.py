@@ -61,8 +61,6 @@ class TransformersEngine:
         )
         self.context_length = int(window or 2048)
         self.stop_ids = self._stop_ids(model, tokenizer)
-        head = model.get_output_embeddings()  # nn.Linear, or quantize.Int8Linear
-        self.vocab_size = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.compile_decode = compile_decode
         self.passes = (
@@ -148,7 +146,6 @@ class TransformersEngine:
             params,
             generated,
             context_length=self.context_length,
-            vocab_size=self.vocab_size,
             stop_ids=self.stop_ids,
             device=self.device,
         )

@@ -34,13 +34,26 @@ class Sequence:
     budget: int
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
-    #: (seen, counts), both (V,): kept only when a penalty asks for it.
+    #: Of `prompt_ids`, how many were generated earlier (a job taken over).
+    generated: int = 0
+    #: (seen, counts), both (V,): kept only when a penalty asks for it, and made at
+    #: the first `choose`, on the thread that decodes (see `choose`).
     history: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this sequence's logits (V,): penalties (when `history`
-        is kept), then greedy or sampled; `history` then counts the new token."""
-        if self.history is not None:
+        """The next token from this sequence's logits (V,): penalties (when a penalty
+        is set), then greedy or sampled; the penalty history then counts the token.
+
+        The history is made here rather than in `start_sequence`, which runs on the
+        request's own thread: filling two vocabulary-sized tensors is an OpenMP
+        parallel region, and a thread's first one gives it an OpenMP thread pool
+        for as long as it lives. With more pool threads than CPUs, libgomp stops
+        spinning between regions, and every decode step (about a thousand
+        regions) then waits on a wake-up: twice as slow (BENCHMARKS.md)."""
+        if self.params.penalized:
+            if self.history is None:
+                ids = torch.tensor(self.prompt_ids, device=logits.device)
+                self.history = seen_tokens(ids, self.generated, logits.shape[-1], logits.device)
             logits = penalize(logits, self.params, *self.history)
         token = next_token(logits, self.params, self.generator)
         if self.history is not None:
@@ -57,7 +70,7 @@ class Sequence:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with no penalty: the batch picks these rows with one shared argmax."""
-        return self.params.greedy and self.history is None
+        return self.params.greedy and not self.params.penalized
 
 
 def start_sequence(
@@ -66,7 +79,6 @@ def start_sequence(
     generated: int,
     *,
     context_length: int,
-    vocab_size: int,
     stop_ids: frozenset[int],
     device: torch.device,
 ) -> Sequence:
@@ -82,14 +94,8 @@ def start_sequence(
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    # Kept only when a penalty asks for it: two vocabulary-sized updates per step.
-    history = (
-        seen_tokens(torch.tensor(prompt_ids, device=device), generated, vocab_size, device)
-        if params.penalized
-        else None
-    )
     budget = min(params.max_new_tokens, room)
-    return Sequence(prompt_ids, params, budget, stop_ids, generator, history)
+    return Sequence(prompt_ids, params, budget, stop_ids, generator, generated)
 
 
 def seen_tokens(
