@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -11,9 +14,11 @@ import pytest
 import redis
 from conftest import Service
 from helpers import free_port, service_env, stream, wait_for
+from test_jobs import create
 
 from bench.cluster import start_redis
 from textstream import keys
+from textstream.engines.fake import WORDS
 from textstream.transport.scripts import EventType
 from textstream.transport.writer import EventWriter, StreamFlusher
 
@@ -166,3 +171,48 @@ def test_gathered_writers_find_their_jobs_gone_when_redis_comes_back_empty(own_r
     wait_for(lambda: all(w.lost_job for w in writers), 15, "the writers to find their jobs gone")
     assert all(w.failure is None for w in writers)
     assert client.keys("textstream:job:*") == []
+
+
+def test_a_redis_freeze_past_the_grace_period_ends_jobs_whole_and_clearly(own_redis, tmp_path):
+    """Redis stops answering (SIGSTOP) for longer than REDIS_GRACE_SECONDS under
+    running jobs. A batch of gathered tokens that could not be sent used to be
+    dropped while generation went on (a token missing mid-stream, then `done` with
+    the full count), or the job was left reading as running with no worker. Now
+    every job keeps its tokens whole, in order, and ends with a `redis_unavailable`
+    error once Redis is back."""
+    url, state, _ = own_redis
+    env = service_env(url, "fake:30", REDIS_GRACE_SECONDS="1", REDIS_TIMEOUT="0.5")
+    svc = Service(tmp_path / "svc", env, workers=1, concurrency=3)
+    try:
+        jobs = [
+            create(svc.base, prompt=f"freeze {n}", max_new_tokens=1000, ignore_eos=True)
+            for n in range(3)
+        ]
+        wait_for(lambda: tokens_so_far(url) > 30, 30, "tokens")
+        pid = state["proc"].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(4)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        client = redis.Redis.from_url(url)
+
+        def ended(job_id: str) -> bool:
+            return httpx.get(f"{svc.base}/jobs/{job_id}", timeout=10).json()["status"] != "running"
+
+        wait_for(lambda: all(ended(j) for j in jobs), 30, "every job to end")
+        for job_id in jobs:
+            entries = client.xrange(keys.job_events(job_id))
+            events = [f[b"event"].decode() for _, f in entries]
+            ids = [
+                int(i) for _, f in entries if f[b"event"] == b"token" for i in f[b"ids"].split(b",")
+            ]
+            assert ids == [i % len(WORDS) for i in range(len(ids))]  # no gap, nothing twice
+            assert events[-1] == "error" and events.count("error") == 1, events[-3:]
+            last = json.loads(entries[-1][1][b"data"])
+            assert last["error"]["type"] == "redis_unavailable"
+        # And the service serves again.
+        response = stream(svc.base, "/completion/Hi", max_new_tokens=3, ignore_eos=True)
+        assert response.last.event == "done"
+    finally:
+        svc.stop()

@@ -41,7 +41,8 @@ TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR})
 # 5 per event: id ('*', or the id the writer chose), event, data, ids, terminal
 # ('1'/'0').
 #
-# Per job it reads the state once (HMGET) and adds each event (XADD); the TTLs are
+# Per job it reads the state once (HMGET) and adds each event (XADD), but no token or
+# `done` once a cancel is asked for (the worker ends the job at this reply); the TTLs are
 # refreshed only when asked (a worker asks every few seconds and on its last
 # event, writer.py). A worker chooses its entries' ids itself (ascending), so a
 # batch that is sent again after a lost reply, or replayed after a failover lost
@@ -72,23 +73,29 @@ local function append(stream, state_key, a)
   elseif owner ~= '' and state[2] ~= owner then
     return {'stolen', state[2] or ''}
   end
-  local last, failed = '', false
+  local last, failed, ended = '', false, false
   for i = a + 5, a + 4 + 5 * n, 5 do
     local id, event, data, ids = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    local written = add(stream, maxlen, id, event, data, ids)
-    if type(written) == 'table' and written.err then
-      if id == '*' then return {'error', written.err} end
-      if #redis.call('XRANGE', stream, id, id) == 0 then
-        written = add(stream, maxlen, '*', event, data, ids)
-        if type(written) == 'table' and written.err then return {'error', written.err} end
-      else
-        written = id
+    -- Once a cancel is asked for, neither the tokens generated since nor a `done` are
+    -- wanted (the worker ends the job with `cancelled` at this reply); nothing goes
+    -- after the job's last event.
+    if not ended and not (state[3] and (event == 'token' or event == 'done')) then
+      local written = add(stream, maxlen, id, event, data, ids)
+      if type(written) == 'table' and written.err then
+        if id == '*' then return {'error', written.err} end
+        if #redis.call('XRANGE', stream, id, id) == 0 then
+          written = add(stream, maxlen, '*', event, data, ids)
+          if type(written) == 'table' and written.err then return {'error', written.err} end
+        else
+          written = id
+        end
       end
-    end
-    last = written
-    if ARGV[i + 4] == '1' then
-      redis.call('HSET', state_key, 'terminal', event)
-      if event == 'error' then failed = true end
+      last = written
+      if ARGV[i + 4] == '1' then
+        redis.call('HSET', state_key, 'terminal', event)
+        if event == 'error' then failed = true end
+        ended = true
+      end
     end
   end
   if ttl ~= '' then

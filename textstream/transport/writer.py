@@ -199,14 +199,32 @@ class EventWriter:
         if self.failure is not None:
             raise self.failure
         if self._last_id is None:
-            self._seen(self._top())
-        with self._lock:
-            self._pending.append(new_event(event, data, token_ids, self._next_id()))
-            self._claim_pending = self._claim_pending or claim
+            self._seen(self._top())  # ids above the stream's last one
+        self.enqueue(event, data, token_ids, claim=claim)
         if self._flusher is not None and event is EventType.TOKEN and not claim:
             self._flusher.schedule(self)
             return self.outcome
         return self.flush()
+
+    def enqueue(
+        self,
+        event: EventType,
+        data: dict[str, Any],
+        token_ids: Sequence[int] = (),
+        *,
+        claim: bool = False,
+    ) -> None:
+        """Add an event to what is pending, with its id, without sending it."""
+        with self._lock:
+            # Without the stream's last id (it could not be read), ids come from this
+            # host's clock; the script writes one not above the stream's as '*'.
+            self._pending.append(new_event(event, data, token_ids, self._next_id()))
+            self._claim_pending = self._claim_pending or claim
+
+    def has_pending_end(self) -> bool:
+        """Whether the job's last event (done, error) waits among the unsent ones."""
+        with self._lock:
+            return any(e.terminal for e in self._pending)
 
     def flush(self) -> WriteOutcome:
         """Send what is pending now (in the calling thread)."""
@@ -223,6 +241,20 @@ class EventWriter:
             batch, self._pending = self._pending, []
             claim, self._claim_pending = self._claim_pending, False
         return batch, claim
+
+    def _give_back(self, batch: list[NewEvent], claim: bool, exc: BaseException) -> None:
+        """A batch that could not be sent goes back in front of what is pending, and
+        the writer fails: a later write must never land after a gap (its ids are
+        kept, so a copy of the batch that Redis runs late is skipped)."""
+        with self._lock:
+            self._pending = batch + self._pending
+            self._claim_pending = self._claim_pending or claim
+        self.failure = self.failure or exc
+
+    def recover(self) -> None:
+        """Clear a failure, to try again once Redis is back: the next write sends
+        first what could not be sent."""
+        self.failure = None
 
     def _next_id(self) -> str:
         """An id above every id this writer has seen, from this host's clock."""
@@ -268,7 +300,7 @@ class EventWriter:
             except TRANSIENT as exc:
                 resync = True
                 if time.monotonic() >= give_up:
-                    self.failure = exc
+                    self._give_back(batch, claim, exc)
                     raise
                 time.sleep(RETRY_PAUSE_SECONDS)
         self.accept(batch, claim, reply, node)
@@ -278,11 +310,13 @@ class EventWriter:
         text, last, _ = job_reply(reply)
         outcome = WriteOutcome(text)
         if outcome in (WriteOutcome.OK, WriteOutcome.CANCEL):
+            if outcome is WriteOutcome.CANCEL:  # the script skipped what came after
+                batch = [e for e in batch if last and id_key(e.id) <= id_key(last)]
             self._written += batch
-            if claim:
+            if claim and batch:
                 self._claim_id = batch[0].id
             with self._lock:
-                self._seen(last)
+                self._seen(last or None)  # "": every event skipped (cancelled)
             self._node = node
         self.outcome = outcome
         self._checked_at = time.monotonic()
@@ -397,9 +431,13 @@ class StreamFlusher:
             # writer, one after another): past it, every job of the group fails.
             grace = max(writer._grace for writer, _, _ in group)
             if not self._answers_within(group[0][0]._keys[1], grace):
-                for writer, _, _ in group:
-                    writer.failure = writer.failure or exc
+                for writer, batch, claim in group:
+                    writer._give_back(batch, claim, exc)
                 return
+        except Exception as exc:  # not an outage: these jobs fail, their events kept
+            for writer, batch, claim in group:
+                writer._give_back(batch, claim, exc)
+            return
         for (writer, batch, claim), reply in zip(group, replies, strict=True):
             try:
                 if isinstance(reply, list):

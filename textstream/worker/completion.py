@@ -46,6 +46,7 @@ from textstream.transport.events import (
     TIMEOUT,
     EventType,
     JobEvent,
+    WriteOutcome,
     error_data,
     stream_maxlen,
 )
@@ -169,9 +170,11 @@ class CompletionRunner:
         except PromptTooLongError as exc:
             result = self._fail(job, writer, error_data("prompt_too_long", str(exc)))
         except REDIS_ERRORS as exc:
-            # The stream itself is unreachable: nothing can be told to the client.
+            # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
+            # readers have ended with `redis_unavailable` already. The job ends so too,
+            # once Redis is back, with what it generated before (nothing after a gap).
             log.error("job=%s lost Redis while generating: %s", job.job_id, exc)
-            return {"status": "error", "error": "redis_unavailable"}
+            result = self._end_after_outage(job, writer)
         except Exception as exc:  # e.g. out of memory: end this job, keep serving
             log.exception("job=%s generation failed", job.job_id)
             message = f"{type(exc).__name__}: {exc}"
@@ -203,8 +206,37 @@ class CompletionRunner:
         try:
             writer.write(EventType.ERROR, data)
         except REDIS_ERRORS as exc:
-            log.error("job=%s could not publish its error: %s", job.job_id, exc)
+            log.error("job=%s could not publish its error yet: %s", job.job_id, exc)
+            self._publish_when_back(job, writer)
         return {"status": "error", "error": data["error"]["type"]}
+
+    def _end_after_outage(self, job: CompletionJob, writer: EventWriter) -> dict[str, Any]:
+        """Publish the tokens that could not be sent and a `redis_unavailable` error
+        (unless the job's own end is among them) once the job's Redis answers again:
+        left without an end, the job would read as running, taken over by no one,
+        until JOB_TIMEOUT."""
+        if not writer.has_pending_end():
+            writer.enqueue(
+                EventType.ERROR,
+                error_data("redis_unavailable", "Redis was unreachable; the job was stopped"),
+            )
+        self._publish_when_back(job, writer)
+        return {"status": "error", "error": "redis_unavailable"}
+
+    def _publish_when_back(self, job: CompletionJob, writer: EventWriter) -> None:
+        """Send what the writer holds (given back by a send that failed), retrying
+        until Redis answers, the job's deadline passes, or the worker stops."""
+        while True:
+            writer.recover()
+            try:
+                writer.flush()
+                log.warning("job=%s: its events reached Redis after the outage", job.job_id)
+                return
+            except REDIS_ERRORS as exc:
+                if job.expired(time.time()) or self.draining.is_set():
+                    log.error("job=%s could not publish its end: %s", job.job_id, exc)
+                    return
+                time.sleep(1.0)
 
     def _start(
         self, job: CompletionJob, writer: EventWriter, history: list[JobEvent], published: int
@@ -355,7 +387,10 @@ class CompletionRunner:
         timings.prompt_tokens = usage["prompt_tokens"]
         timings.completion_tokens = usage["completion_tokens"]
         data = {"finish_reason": finish_reason, "model": self._engine.name, "usage": usage}
-        writer.write(EventType.DONE, data)
+        if writer.write(EventType.DONE, data) is WriteOutcome.CANCEL:
+            # A cancel came first: the script wrote neither the last tokens nor `done`.
+            log.info("job=%s cancelled at its end", job.job_id)
+            return self._fail(job, writer, CANCELLED)
         seconds = time.perf_counter() - started
         self._log_done(job, finish_reason, usage, seconds, publisher.released)
         return {"status": "done", "finish_reason": finish_reason, "usage": usage}
