@@ -120,6 +120,27 @@ def test_a_last_event_id_with_leading_zeros_names_the_same_event(service):
         assert [e.id for e in rest] == [e.id for e in events[1:]], padded
 
 
+def test_a_last_event_id_must_be_one_of_the_jobs_events(service):
+    """An id from another job, or one made up between two real ones, would skip
+    events silently: 400, naming it."""
+    jobs = [
+        httpx.post(service.base + "/jobs", json={"prompt": p, "max_new_tokens": 3}).json()["id"]
+        for p in ("one", "two")
+    ]
+    first, second = (stream(service.base, f"/jobs/{j}/events").events for j in jobs)
+    ms, _ = first[1].id.split("-")
+    for foreign in (second[0].id, f"{ms}-7", f"{int(ms) + 1}-0"):
+        answer = httpx.get(
+            f"{service.base}/jobs/{jobs[0]}/events", params={"last_event_id": foreign}, timeout=5
+        )
+        if foreign in {e.id for e in first}:
+            continue  # made up, but happens to be real
+        assert answer.status_code == 400, foreign
+        assert answer.json()["error"]["field"] == "last_event_id"
+    whole = stream(service.base, f"/jobs/{jobs[0]}/events", last_event_id="0-0").events
+    assert [e.id for e in whole] == [e.id for e in first]
+
+
 def test_nan_and_infinity_are_refused(service):
     for value in ("NaN", "Infinity"):
         content = f'{{"prompt": "hi", "temperature": {value}}}'.encode()

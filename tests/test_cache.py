@@ -11,7 +11,7 @@ import httpx
 import openai
 import redis
 import redis.asyncio as aioredis
-from helpers import stream, wait_for
+from helpers import parse_sse_lines, stream, wait_for
 
 from textstream import keys
 from textstream.api.cache import cached_job, claim
@@ -182,3 +182,30 @@ def test_a_claim_whose_job_is_still_being_created_is_followed_not_dropped(redis_
     found, gone, took, left = asyncio.run(scenario())
     assert found == job_id
     assert gone is None and took < 1 and left is None
+
+
+def test_an_eventsource_reconnecting_to_completion_resumes_or_stops(make_service):
+    """A browser EventSource reconnects to the same /completion URL with
+    Last-Event-ID, also after `done`. Answered by the same (cached) job, it gets
+    what follows that event, or 204 at the end, never the whole answer again."""
+    service = make_service(**CACHED)
+    url = "/completion/Resume me"
+    params = {"max_new_tokens": 12, "ignore_eos": "true"}
+    whole = stream(service.base, url, **params)
+    assert whole.last.event == "done"
+    middle = [e for e in whole.events if e.event == "token"][4]
+    rest = read_some_url(service.base, url, params, {"Last-Event-ID": middle.id})
+    ids = [e.id for e in whole.events]
+    assert [e.id for e in rest if e.id] == ids[ids.index(middle.id) + 1 :]
+    at_end = httpx.get(
+        service.base + url, params=params, headers={"Last-Event-ID": whole.last.id}, timeout=10
+    )
+    assert at_end.status_code == 204 and at_end.headers["x-cache"] == "hit"
+    bad = httpx.get(service.base + url, params=params, headers={"Last-Event-ID": "x"}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "Last-Event-ID"
+
+
+def read_some_url(base: str, url: str, params: dict, headers: dict) -> list:
+    with httpx.stream("GET", base + url, params=params, headers=headers, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["x-cache"] == "hit"
+        return parse_sse_lines(list(r.iter_lines()))

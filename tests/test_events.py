@@ -351,3 +351,42 @@ def test_ttls_are_refreshed_by_the_claim_and_the_last_event_not_every_token(redi
     writer.write(EventType.DONE, DONE)
     assert 590 < redis_client.ttl(keys.job_events(job_id)) <= 600
     assert 590 < redis_client.ttl(keys.job_state(job_id)) <= 600
+
+
+def test_after_a_cancel_neither_tokens_nor_done_are_written(redis_client):
+    """A cancel that lands just before a job's last write: the script writes neither
+    the tokens generated since nor `done` (which would read as a complete answer,
+    and stay cached), and the worker then ends the job `cancelled`."""
+    job_id = "cancelrace" + "0" * 22
+    events_key, state_key = keys.job_events(job_id), keys.job_state(job_id)
+    redis_client.xadd(events_key, {"event": "queued", "data": "{}"})
+    writer = EventWriter(redis_client, job_id, owner="w/1", ttl=60, maxlen=100)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    writer.write(EventType.TOKEN, {"text": " a"}, [1])
+    redis_client.hset(state_key, "cancel", "1")  # CANCEL_SCRIPT, for a job with an owner
+    assert writer.write(EventType.TOKEN, {"text": " b"}, [2]) is WriteOutcome.CANCEL
+    assert writer.write(EventType.DONE, {"finish_reason": "length"}) is WriteOutcome.CANCEL
+    assert redis_client.hget(state_key, "terminal") is None
+    writer.write(EventType.ERROR, {"error": {"type": "cancelled", "message": "x"}})
+    names = [f[b"event"] for _, f in redis_client.xrange(events_key)]
+    assert names == [b"queued", b"started", b"token", b"error"]
+    assert redis_client.hget(state_key, "terminal") == b"error"
+
+
+def test_nothing_is_written_after_a_jobs_last_event_in_one_batch(redis_client):
+    """`done` and an `error` pending together (a `done` given back after an outage,
+    then the outage's error): only the first end is written."""
+    job_id = "twoends" + "0" * 25
+    events_key = keys.job_events(job_id)
+    redis_client.xadd(events_key, {"event": "queued", "data": "{}"})
+    writer = EventWriter(redis_client, job_id, owner="w/1", ttl=60, maxlen=100)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    writer.enqueue(EventType.DONE, {"finish_reason": "length"})
+    writer.enqueue(EventType.ERROR, {"error": {"type": "redis_unavailable", "message": "x"}})
+    assert writer.has_pending_end()
+    writer.flush()
+    names = [f[b"event"] for _, f in redis_client.xrange(events_key)]
+    assert names == [b"queued", b"started", b"done"]
+    assert redis_client.hget(keys.job_state(job_id), "terminal") == b"done"

@@ -43,10 +43,17 @@ def raw_post(base: str, headers: dict[str, str], body: str) -> httpx.Response:
     return httpx.post(base + "/jobs", content=body, headers=headers, timeout=10)
 
 
+# A worker's claim bookkeeping: ModelQ adds and removes these around every job it
+# runs, on its own time (a job's `done` can reach the client before the worker
+# drops its claim), so they say nothing about what a refused request created.
+CLAIM_RECORDS = (b":processing_tasks", b":task_heartbeats")
+
+
 def job_keys(client: redis.Redis) -> set[bytes]:
-    """Everything a job leaves in Redis: its stream and state, ModelQ's records."""
+    """Everything a submitted job leaves in Redis: its stream and state, ModelQ's
+    task record and queue entries, a cache entry."""
     found = set(client.keys("textstream:job:*")) | set(client.keys("task*"))
-    found |= set(client.keys("textstream:queue:*"))
+    found |= {k for k in client.keys("textstream:queue:*") if not k.endswith(CLAIM_RECORDS)}
     return found | set(client.keys("textstream:cache:*"))
 
 
@@ -227,6 +234,9 @@ def test_a_saturated_api_answers_429_not_503_and_writes_nothing(make_service):
         MAX_SUBMITTING="1",
         ADMISSION_WAIT_SECONDS="0.3",
         ENQUEUE_TIMEOUT="10",
+        # Above the 2 s pause: Redis lifts a pause on its next cron tick (up to 100 ms
+        # late), and a write held past REDIS_TIMEOUT would fail as Redis trouble.
+        REDIS_TIMEOUT="5",
         DEFAULT_MODEL="tiny-gpt2",  # no Redis write before the turn (live_workers prunes)
     )
     client = redis.Redis.from_url(svc.env["REDIS_URL"])
@@ -430,3 +440,35 @@ def test_bodies_that_are_not_json_text_get_422_and_huge_ones_413(service):
     error = response.json()["error"]  # OpenAI's shape under /v1
     assert response.status_code == 413 and error["code"] == "body_too_large" and error["message"]
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_completion_resume_never_reaches_another_keys_job(make_service):
+    """Last-Event-ID on /completion resumes only a job the caller's own request is
+    answered by: another key sending the same URL with the first key's last id
+    gets a job of its own from its start (not a 204, not the other's events); an
+    id that is not an event id is refused before anything is queued; two identical
+    resumes at once get the same rest."""
+    svc = make_service(model="fake:200", CACHE_TTL="600", **KEYS)
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    url, params = "/completion/Shared words", {"max_new_tokens": "8", "ignore_eos": "true"}
+    first = sse(svc.base, url, K1, **params)
+    ids = [e.id for e in first if e.id]
+    job_one = first[0].data["job_id"]
+    other = httpx.get(
+        svc.base + url, params=params, headers={**K2, "Last-Event-ID": ids[-1]}, timeout=30
+    )
+    assert other.status_code == 200 and other.headers["x-cache"] == "miss"
+    assert other.headers["x-job-id"] != job_one and job_one not in other.text
+    assert "event: queued" in other.text and "event: done" in other.text
+
+    before = job_keys(client)
+    refused = httpx.get(
+        svc.base + url, params=params, headers={**K1, "Last-Event-ID": "1e3-0"}, timeout=10
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["field"] == "Last-Event-ID"
+    assert job_keys(client) == before
+
+    resume = {**K1, "Last-Event-ID": ids[2]}
+    with ThreadPoolExecutor(2) as pool:
+        rests = list(pool.map(lambda _: sse(svc.base, url, resume, **params), [0, 1]))
+    assert [e.id for e in rests[0]] == [e.id for e in rests[1]] == ids[3:]

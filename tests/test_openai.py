@@ -117,6 +117,29 @@ def test_penalties_and_extra_fields_are_accepted(client):
     assert penalized.choices[0].text != plain.choices[0].text
 
 
+def test_null_means_unset_for_optional_fields_as_openai_takes_it(service):
+    """Clients that send every field, unset ones as null, get the defaults."""
+    unset = ["temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream"]
+    unset += ["logprobs", "top_logprobs", "seed", "stop", "user", "stream_options"]
+    unset += ["response_format", "tools", "tool_choice", "top_k", "ignore_eos"]
+    nulls = dict.fromkeys(unset)
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+        ("/v1/completions", {"prompt": PROMPT, "echo": None}),
+    ):
+        answer = httpx.post(
+            service.base + path,
+            json={"model": "tiny-gpt2", "max_tokens": 2, **nulls, **body},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 2
+    refused = httpx.post(
+        service.base + "/v1/completions", json={"model": "tiny-gpt2", "prompt": None}, timeout=30
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+
+
 @pytest.mark.parametrize(
     "kwargs,param",
     [

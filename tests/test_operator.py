@@ -160,6 +160,12 @@ def test_event_stream_token_is_scoped_to_its_job_and_expires(make_service):
     assert token and "key-one" not in token
     response = stream(svc.base, first["events_url"], access_token=token)
     assert response.status == 200 and response.last.event == "done"
+    # A wrong key beside the token is refused: a credential presented must be right.
+    wrong = {"Authorization": "Bearer not-a-key"}
+    refused = httpx.get(
+        svc.base + first["events_url"], params={"access_token": token}, headers=wrong, timeout=10
+    )
+    assert refused.status_code == 401
     assert stream(svc.base, other["events_url"], access_token=token).status == 401
     assert (
         httpx.get(svc.base + f"/jobs/{first['id']}", params={"access_token": token}).status_code

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -279,9 +280,24 @@ def add_error_handlers(app: FastAPI) -> None:
             status, error_type, why = noted
             return error_response(request, status, error_type, why, "body")
         errors = exc.errors()
-        field = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else ""
+        field = field_of(errors[0]["loc"]) if errors else ""
         if errors and errors[0]["type"] == "json_invalid":
             field = "body"  # its loc holds the character offset, not a field
         message = errors[0]["msg"] if errors else "invalid request"
         detail = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]
         return error_response(request, 422, "invalid_request", message, field, detail=detail)
+
+
+#: Parts of a pydantic error location that name a type, not a field: the branch of
+#: a union (`prompt.str`, `prompt.list[str]`) or a validator (`function-after[...]`).
+_TYPE_PART = re.compile(
+    r"^(str|int|float|bool|bytes|none|list|dict|tuple|literal|union)(\[.*\])?$"
+    r"|^(function|constrained|json|lax|tagged|nullable|default)-[a-z-]+(\[.*\])?$"
+)
+
+
+def field_of(loc: Sequence[int | str]) -> str:
+    """The request field an error is about, as the client wrote it: the location
+    without its first part (body, query, path) and without type names."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or not _TYPE_PART.search(str(p))]
+    return ".".join(parts)

@@ -3,10 +3,12 @@
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
 
+import contextlib
 import re
 from typing import Annotated
 from urllib.parse import unquote_to_bytes
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
@@ -21,10 +23,17 @@ from textstream.api.errors import (
     job_error_response,
 )
 from textstream.api.protocol import CompletionQuery, JobRequest, Prompt
-from textstream.api.responses import completed_job, job_headers, relay_for, sse_response
+from textstream.api.responses import (
+    completed_job,
+    job_headers,
+    relay_for,
+    release_slot,
+    sse_response,
+)
 from textstream.api.status import JobStatus, summarize
 from textstream.api.submit import CancelPolicy, check_access, job_deadline, submit
-from textstream.transport.events import START_ID, CancelOutcome
+from textstream.connections import UNREACHABLE
+from textstream.transport.events import START_ID, CancelOutcome, ResumePoint
 from textstream.transport.sse import stream_job_events
 
 
@@ -78,18 +87,40 @@ async def completion(
     request: Request,
     question: Annotated[str, Path(description="the prompt, URL-encoded")],
     params: Annotated[CompletionQuery, Query()],
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     """Stream a completion of `question` as SSE: `token` events, then `done` or `error`
-    (`stream=false`: one JSON answer once done). Disconnecting cancels the job."""
+    (`stream=false`: one JSON answer once done). Disconnecting cancels the job.
+
+    A browser EventSource reconnects to this URL with Last-Event-ID, also once a
+    stream has ended. When the request is answered by the same job (the response
+    cache, or another reader keeping it), the stream goes on after that event, and
+    a job that ended there answers 204, which tells an EventSource to stop. A new
+    job (the old one was cancelled when its reader left) streams from its start."""
     path_text(request)
+    after = START_ID
+    if last_event_id_header is not None:
+        after = checked_event_id(last_event_id_header, "Last-Event-ID")
     policy = CancelPolicy.ON_DISCONNECT
-    job = await submit(
-        services_of(request), request.state.caller, Prompt("question", question), params, policy
-    )
+    services = services_of(request)
+    job = await submit(services, request.state.caller, Prompt("question", question), params, policy)
     relay = relay_for(request, job.job_id, job.model, job.deadline, policy)
     headers = job_headers(job)
+    point = ResumePoint.UNKNOWN  # a new job: its events start after no one's id
+    try:
+        if params.stream and job.shared and after != START_ID:
+            point = await services.jobs.resume_point(job.job_id, after)
+        if point is ResumePoint.ENDED:
+            await release_slot(request, job.slot)
+            return Response(status_code=204, headers=headers)
+    except BaseException:  # Redis failing (503), or the client gone: give back what
+        await release_slot(request, job.slot)  # submit took, as a reader leaving does
+        with anyio.CancelScope(shield=True), contextlib.suppress(*UNREACHABLE):
+            await services.jobs.cancel(job.job_id, release=True)
+        raise
     if params.stream:
-        events = stream_job_events(relay, split_thinking=splits(request))
+        start = after if point is ResumePoint.OPEN else START_ID
+        events = stream_job_events(relay, start, splits(request))
         return await sse_response(request, events, headers, job.slot)
     status = await completed_job(request, relay, job.slot)
     if status is None:
@@ -143,7 +174,7 @@ async def job_events(
     job_id: JobId,
     last_event_id: Annotated[str | None, Query(description="resume after this event")] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> EventSourceResponse:
+) -> Response:
     """The job's events as SSE, from the start or after `Last-Event-ID` (header, as a
     browser EventSource sends on reconnect, or query). Leaving does not cancel."""
     services = services_of(request)
@@ -151,14 +182,18 @@ async def job_events(
     after = checked_event_id(last_event_id_header or last_event_id or START_ID, field)
     access = await check_access(services, request.state.caller, checked_job_id(job_id))
     deadline = await job_deadline(services, job_id)
-    if after != START_ID and not await services.jobs.has_event_at_or_after(job_id, after):
-        raise BadEventIdError(field, f"{field} {after} is later than the job's last event")
+    point = ResumePoint.OPEN
+    if after != START_ID:
+        point = await services.jobs.resume_point(job_id, after)
+    if point is ResumePoint.UNKNOWN:
+        raise BadEventIdError(field, f"{field} {after} is not an event of this job")
+    if point is ResumePoint.ENDED:
+        # Nothing will come: 204 tells a browser EventSource to stop reconnecting.
+        return Response(status_code=204, headers={"X-Job-Id": job_id})
     slot = await services.guard.open_stream(request.state.caller)
     relay = relay_for(request, job_id, access.model, deadline, CancelPolicy.EXPLICIT)
-    response: EventSourceResponse = await sse_response(
-        request, stream_job_events(relay, after, splits(request)), {"X-Job-Id": job_id}, slot
-    )
-    return response
+    events = stream_job_events(relay, after, splits(request))
+    return await sse_response(request, events, {"X-Job-Id": job_id}, slot)
 
 
 @router.get("/jobs/{job_id}")

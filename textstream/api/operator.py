@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.deps import Services, authorize, services_of
+from textstream.api.errors import RETRY_AFTER
 from textstream.api.models import all_models
 from textstream.connections import UNREACHABLE
 from textstream.jobqueue import queue_length
@@ -128,7 +129,9 @@ async def ready(request: Request) -> JSONResponse:
         "workers": len(workers),
         "models": sorted({w.model for w in workers}),
     }
-    return JSONResponse(body, status_code=200 if reason is None else 503)
+    if reason is None:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER})
 
 
 @router.get("/workers")

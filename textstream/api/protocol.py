@@ -210,6 +210,21 @@ class OpenAISampling(Body):
         True, description="extra: answer identical deterministic requests from cache"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_unset(cls, data: Any) -> Any:
+        """`null` for an optional field means "not set", its default, as OpenAI's API
+        and vLLM take it: clients that write every field (`"temperature": null`)
+        must not get a 400 for it. A required field's null is still refused."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in fields or fields[key].is_required()
+        }
+
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise InvalidInputError("n", "only n=1 is supported")

@@ -77,6 +77,10 @@ class Guard:
             key = self._matching_key(presented.strip())
             if key is not None:
                 return Caller(key_identity(key.decode()))
+        if authorization:
+            # A credential presented must be right, whatever else the request carries
+            # (a stream token is for an EventSource, which sends no Authorization).
+            raise UnauthorizedError("invalid API key (Authorization: Bearer <key>)")
         if job_id and token:
             identity = self._check_stream_token(token, job_id)
             if identity:

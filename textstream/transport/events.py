@@ -157,6 +157,14 @@ def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -
     )
 
 
+class ResumePoint(StrEnum):
+    """A Last-Event-ID against a job's stream (JobEvents.resume_point)."""
+
+    UNKNOWN = "unknown"  # not one of the job's events
+    ENDED = "ended"  # the job's last event, which ended it: nothing more will come
+    OPEN = "open"  # events may follow
+
+
 #: Drops a job's response-cache entry (key, job id) on the queue's Redis.
 ForgetCache = Callable[[str, str], Awaitable[object]]
 
@@ -288,11 +296,21 @@ class JobEvents:
             exists, terminal = await pipe.execute()
         return bool(exists) and terminal != b"error"
 
-    async def has_event_at_or_after(self, job_id: str, entry_id: str) -> bool:
-        """Whether the stream's last entry is at or after `entry_id`: a reader may
-        resume from any id the stream has given out, never from a later one."""
-        last = await self.client.xrevrange(keys.job_events(job_id), count=1)
-        return bool(last) and id_key(last[0][0]) >= id_key(entry_id)
+    async def resume_point(self, job_id: str, entry_id: str) -> ResumePoint:
+        """Where a reader resuming after `entry_id` stands, in one round trip: the
+        id must be one of the job's events (never another job's or a made-up one,
+        which would skip events silently), and after the job's last event, if that
+        ended it, nothing more will come."""
+        stream = keys.job_events(job_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xrange(stream, entry_id, entry_id)
+            pipe.xrevrange(stream, count=1)
+            found, last = await pipe.execute()
+        if not found:
+            return ResumePoint.UNKNOWN
+        if id_key(last[0][0]) == id_key(entry_id) and parse_entry(*last[0]).terminal:
+            return ResumePoint.ENDED
+        return ResumePoint.OPEN
 
     async def exists(self, job_id: str) -> bool:
         return bool(await self.client.exists(keys.job_events(job_id)))

@@ -61,7 +61,9 @@ Withdraw = Callable[[str], Awaitable[object]]
 #: The API process is stopping: the stream ends here, and the client may resume it
 #: (Last-Event-ID) from another API process; the job itself goes on.
 SHUTDOWN = error_data(
-    "shutdown", "this API process is shutting down; reconnect with Last-Event-ID to resume"
+    "shutdown",
+    "this API process is shutting down; the job goes on: resume at /jobs/<job id>/events"
+    " with Last-Event-ID",
 )
 
 
