@@ -21,6 +21,7 @@ from bench.cluster import (
     wait_for,
     wait_for_workers,
 )
+from textstream.transport.events import JobEvent, parse_entries
 
 __all__ = [
     "REPO",
@@ -32,6 +33,7 @@ __all__ = [
     "service_env",
     "start_api",
     "start_workers",
+    "stored_events",
     "stream",
     "wait_for",
     "wait_for_workers",
@@ -62,6 +64,12 @@ class SSEResponse:
     @property
     def last(self) -> SSEEvent:
         return self.events[-1]
+
+
+def stored_events(client: Any, key: str | bytes) -> list[JobEvent]:
+    """A job stream's events as its readers get them: a run of tokens stored in one
+    entry (scripts.NewEvent) comes back as one event per token."""
+    return parse_entries(client.xrange(key))
 
 
 def stream(base: str, path: str, timeout: float = 60, **params: Any) -> SSEResponse:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from helpers import REPO, free_port, stream, wait_for
+from helpers import REPO, free_port, stored_events, stream, wait_for
 
 from textstream import __version__
 
@@ -145,9 +145,9 @@ def test_serve_starts_redis_streams_and_a_stop_signal_ends_everything_in_time(
         wait_for(
             lambda: (
                 sum(
-                    f[b"event"] == b"token"
+                    e.event == "token"
                     for key in client.keys("textstream:job:*:events")
-                    for _, f in client.xrange(key)
+                    for e in stored_events(client, key)
                 )
                 > 10
             ),

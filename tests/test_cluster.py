@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 from conftest import Service
-from helpers import SSEResponse, free_port, service_env, start_api, stream, wait_for
+from helpers import SSEResponse, free_port, service_env, start_api, stored_events, stream, wait_for
 from redis.cluster import RedisCluster
 from test_isolation import every_route
 from test_scale_out import sixty_requests_each_served_once
@@ -89,10 +89,10 @@ def streaming_job(
 
 def tokens_in_stream(streams: RedisCluster, job_id: str) -> int:
     try:
-        entries = streams.xrange(keys.job_events(job_id))
+        events = stored_events(streams, keys.job_events(job_id))
     except (redis.RedisError, redis.exceptions.RedisClusterException):
         return 0
-    return sum(f[b"event"] == b"token" for _, f in entries)
+    return sum(e.event == "token" for e in events)
 
 
 def assert_whole_and_once(response: SSEResponse, tokens: int) -> None:

@@ -17,7 +17,7 @@ import openai
 import pytest
 import redis
 from conftest import Service
-from helpers import service_env, stream, wait_for
+from helpers import service_env, stored_events, stream, wait_for
 
 from bench.cluster import start_redis
 
@@ -53,7 +53,7 @@ def relay(upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def upstream_jobs(client: redis.Redis) -> list[list[bytes]]:
     """Each upstream job's event names, newest last."""
     streams = sorted(client.keys("textstream:job:*:events"), key=lambda k: client.xrange(k)[0][0])
-    return [[f[b"event"] for _, f in client.xrange(k)] for k in streams]
+    return [[e.event.encode() for e in stored_events(client, k)] for k in streams]
 
 
 def test_completions_and_chat_through_the_relay_match_the_upstream(upstream, relay):
@@ -114,9 +114,9 @@ def test_a_killed_relaying_worker_is_taken_over_with_identical_text(upstream, re
     wait_for(
         lambda: (
             sum(
-                f[b"event"] == b"token"
+                e.event == "token"
                 for k in rel_redis.keys("textstream:job:*:events")
-                for _, f in rel_redis.xrange(k)
+                for e in stored_events(rel_redis, k)
             )
             > 50
         ),

@@ -12,14 +12,16 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from helpers import wait_for
+from helpers import stored_events, wait_for
 
 from textstream import keys
+from textstream.transport import scripts as scripts_module
 from textstream.transport import writer as writer_module
-from textstream.transport.events import EventType, JobEvents, WriteOutcome
+from textstream.transport.events import EventType, JobEvents, ResumePoint, WriteOutcome
 from textstream.transport.mux import ReadMux, id_key
 from textstream.transport.writer import EventWriter, StreamFlusher
 
@@ -194,8 +196,9 @@ def fresh_job(client: redis.Redis, job_id: str) -> None:
     client.xadd(keys.job_events(job_id), {"event": "queued", "data": "{}"})
 
 
-def stream_events(client: redis.Redis, job_id: str) -> list[tuple[bytes, bytes]]:
-    return [(i, f[b"data"]) for i, f in client.xrange(keys.job_events(job_id))]
+def stream_events(client: redis.Redis, job_id: str) -> list[tuple[str, str]]:
+    """A job's events as readers get them (a run of tokens split): (id, data)."""
+    return [(e.id, e.raw) for e in stored_events(client, keys.job_events(job_id))]
 
 
 def started_writer(client: redis.Redis, job_id: str, owner: str, tokens: int) -> EventWriter:
@@ -236,7 +239,7 @@ def test_events_a_failover_lost_are_written_again_with_their_own_ids(redis_clien
     assert writer.write(EventType.TOKEN, {"text": " 5"}, [5]) is WriteOutcome.OK
     after = stream_events(redis_client, job_id)
     assert after[:-1] == whole
-    assert after[-1][1] == b'{"text": " 5"}'
+    assert after[-1][1] == '{"text": " 5"}'
     assert redis_client.hget(keys.job_state(job_id), "owner") == b"w/2"
 
 
@@ -248,16 +251,117 @@ def test_gathered_tokens_go_in_one_call_and_the_last_event_flushes_them(redis_cl
     writer.history()
     writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
     redis_client.config_resetstat()
+    writer.write(EventType.TOKEN, {"text": " first"}, [9])
+    assert len(stream_events(redis_client, job_id)) == 3  # the first token goes at once
     for i in range(5):
         writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
-    assert len(stream_events(redis_client, job_id)) == 2  # gathered, not sent yet
-    wait_for(lambda: len(stream_events(redis_client, job_id)) == 7, 5, "the window to end")
+    assert len(stream_events(redis_client, job_id)) == 3  # gathered, not sent yet
+    wait_for(lambda: len(stream_events(redis_client, job_id)) == 8, 5, "the window to end")
     calls = redis_client.info("commandstats")["cmdstat_evalsha"]["calls"]
-    assert calls == 1  # five tokens, one call
+    assert calls == 2  # the first token, then five tokens in one call
+    # ... and one stream entry, a run, whose tokens keep ids of their own: consecutive,
+    # the last one the entry's.
+    entries = redis_client.xrange(keys.job_events(job_id))
+    assert [f[b"event"] for _, f in entries] == [b"queued", b"started", b"token", b"tokens"]
+    run = stream_events(redis_client, job_id)[3:]
+    assert [json.loads(data)["text"] for _, data in run] == [f" {i}" for i in range(5)]
+    assert run[-1][0] == entries[-1][0].decode()
+    first = id_key(run[0][0])
+    assert [id_key(i) for i, _ in run] == [(first[0], first[1] + k) for k in range(5)]
     writer.write(EventType.TOKEN, {"text": " 5"}, [5])
     writer.write(EventType.DONE, DONE)  # sent at once, after the token it waited behind
-    names = [f[b"event"] for _, f in redis_client.xrange(keys.job_events(job_id))]
-    assert names[-2:] == [b"token", b"done"] and len(names) == 9
+    names = [e.event for e in stored_events(redis_client, keys.job_events(job_id))]
+    assert names[-2:] == ["token", "done"] and len(names) == 10
+
+
+def run_job(client: redis.Redis, job_id: str, tokens: int) -> list[str]:
+    """A job whose first token goes at once and its other `tokens` - 1 in one run (a
+    long window, then `done`): the ids of its events as readers get them."""
+    fresh_job(client, job_id)
+    flusher = StreamFlusher(client, flush_ms=10_000)
+    writer = EventWriter(client, job_id, owner="w/5", ttl=60, maxlen=100, flusher=flusher)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    for i in range(tokens):
+        writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
+    writer.write(EventType.DONE, DONE)
+    assert len(client.xrange(keys.job_events(job_id))) == 5  # queued, started, 0, run, done
+    return [i for i, _ in stream_events(client, job_id)]
+
+
+def test_a_reader_resumes_after_any_token_of_a_run(redis_url, redis_client):
+    """Last-Event-ID may name a token inside a run: reading after it yields the run's
+    other tokens, resume_point knows it, history stops at it; an id inside the run's
+    millisecond that no token has is not an event."""
+    job_id = "run" + "0" * 29
+    ids = run_job(redis_client, job_id, 4)
+    ms = id_key(ids[4])[0]  # the run's
+
+    async def scenario() -> tuple[list[Any], list[ResumePoint], list[str]]:
+        client = aioredis.Redis.from_url(redis_url)
+        jobs = JobEvents(client, ttl=60, maxlen=100)
+        try:
+            rest = [
+                e.data.get("text", e.event)
+                async for batch in jobs.read_batches(job_id, after=ids[4])
+                if batch
+                for e in batch
+            ]
+            points = [
+                await jobs.resume_point(job_id, entry_id)
+                for entry_id in (ids[3], ids[4], ids[5], f"{ms}-999999", ids[-1])
+            ]
+            until = [e.id for e in await jobs.history(job_id, until=ids[4])]
+        finally:
+            await jobs.close()
+            await client.close()
+        return rest, points, until
+
+    rest, points, until = asyncio.run(scenario())
+    assert rest == [" 3", "done"]
+    assert points == [ResumePoint.OPEN] * 3 + [ResumePoint.UNKNOWN, ResumePoint.ENDED]
+    assert until == ids[:5]
+
+
+def test_a_run_whose_ids_were_taken_keeps_every_token_above_the_stream(redis_client):
+    """Another writer slipped an entry in above the run's id: the script stores the
+    run above it, with room below for each of its tokens' ids."""
+    job_id = "runfallback" + "0" * 21
+    fresh_job(redis_client, job_id)
+    writer = EventWriter(redis_client, job_id, owner="w/6", ttl=60, maxlen=100)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    for i in range(3):
+        writer.enqueue(EventType.TOKEN, {"text": f" {i}"}, [i])
+    slipped_in = {"event": "status", "data": "{}"}
+    redis_client.xadd(keys.job_events(job_id), slipped_in, id="9" * 13 + "-5")
+    assert writer.flush() is WriteOutcome.OK
+    events = stored_events(redis_client, keys.job_events(job_id))
+    assert [e.event for e in events[-4:]] == ["status", "token", "token", "token"]
+    assert [e.id for e in events[-3:]] == ["9" * 13 + f"-{n}" for n in (6, 7, 8)]
+    assert [e.token_ids for e in events[-3:]] == [(0,), (1,), (2,)]
+
+
+def test_a_run_that_was_handed_to_redis_never_grows(redis_client):
+    """A batch that failed to send goes back in front of what is pending, and Redis
+    may have it already under its id: a token that follows starts a new entry."""
+    job_id = "rungiveback" + "0" * 21
+    fresh_job(redis_client, job_id)
+    writer = EventWriter(redis_client, job_id, owner="w/7", ttl=60, maxlen=100)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    writer.enqueue(EventType.TOKEN, {"text": " 0"}, [0])
+    writer.enqueue(EventType.TOKEN, {"text": " 1"}, [1])
+    batch, claim = writer._take()
+    writer._script(keys=writer._keys, args=writer.call_args(batch, claim))  # Redis ran it
+    writer._give_back(batch, claim, ConnectionError("the reply was lost"))
+    writer.recover()
+    writer.enqueue(EventType.TOKEN, {"text": " 2"}, [2])
+    assert writer.flush() is WriteOutcome.OK
+    entries = redis_client.xrange(keys.job_events(job_id))
+    assert [f[b"event"] for _, f in entries[2:]] == [b"tokens", b"token"]
+    tokens = [e.data["text"] for e in stored_events(redis_client, keys.job_events(job_id))[2:]]
+    assert tokens == [" 0", " 1", " 2"]  # each once
 
 
 def gathering_writers(client: redis.Redis, prefix: str, count: int) -> list[EventWriter]:
@@ -271,6 +375,7 @@ def gathering_writers(client: redis.Redis, prefix: str, count: int) -> list[Even
         writer = EventWriter(client, job_id, owner=f"w/{n}", ttl=60, maxlen=100, flusher=flusher)
         writer.history()
         writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+        writer.write(EventType.TOKEN, {"text": " -"}, [0])  # a first token goes at once
         writers.append(writer)
     return writers
 
@@ -287,9 +392,9 @@ def test_one_call_carries_every_jobs_tokens_and_a_closed_job_refuses_only_its_ow
             writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
     wait_for(lambda: writers[1].outcome is WriteOutcome.CLOSED, 5, "the window to end")
     assert redis_client.info("commandstats")["cmdstat_evalsha"]["calls"] == 1  # 12 tokens
-    assert [len(stream_events(redis_client, w.job_id)) for w in writers] == [6, 2, 6]
+    assert [len(stream_events(redis_client, w.job_id)) for w in writers] == [7, 3, 7]
     assert [w.outcome for w in writers] == [WriteOutcome.OK, WriteOutcome.CLOSED, WriteOutcome.OK]
-    texts = [json.loads(d)["text"] for _, d in stream_events(redis_client, writers[2].job_id)[2:]]
+    texts = [json.loads(d)["text"] for _, d in stream_events(redis_client, writers[2].job_id)[3:]]
     assert texts == [" 0", " 1", " 2", " 3"]
 
 
@@ -297,13 +402,14 @@ def test_a_big_round_is_split_into_calls_of_bounded_size(redis_client, monkeypat
     """A script holds Redis for everyone while it runs: a round of many events goes
     in several calls (one round trip), each job whole in one of them."""
     monkeypatch.setattr(writer_module, "MAX_EVENTS_PER_CALL", 4)
+    monkeypatch.setattr(scripts_module, "MAX_TOKENS_PER_ENTRY", 1)  # a token per entry
     writers = gathering_writers(redis_client, "split", 3)
     redis_client.config_resetstat()
     for i in range(3):
         for writer in writers:
             writer.write(EventType.TOKEN, {"text": f" {i}"}, [i])
     wait_for(
-        lambda: all(len(stream_events(redis_client, w.job_id)) == 5 for w in writers),
+        lambda: all(len(stream_events(redis_client, w.job_id)) == 6 for w in writers),
         5,
         "the window to end",
     )
@@ -329,12 +435,12 @@ def test_two_identical_jobs_written_at_once_each_keep_their_own_tokens(redis_cli
     for thread in threads:
         thread.join(30)
     for writer in writers:
-        entries = redis_client.xrange(keys.job_events(writer.job_id))
-        names = [f[b"event"] for _, f in entries]
-        assert names == [b"queued", b"started"] + [b"token"] * 40 + [b"done"]
-        texts = [json.loads(f[b"data"])["text"] for _, f in entries if f[b"event"] == b"token"]
-        assert texts == [f" {i}" for i in range(40)]
-        ids = [id_key(i) for i, _ in entries]
+        events = stored_events(redis_client, keys.job_events(writer.job_id))
+        names = [e.event for e in events]
+        assert names == ["queued", "started"] + ["token"] * 41 + ["done"]
+        texts = [e.data["text"] for e in events if e.event == "token"]
+        assert texts == [" -"] + [f" {i}" for i in range(40)]
+        ids = [id_key(e.id) for e in events]
         assert ids == sorted(set(ids))
 
 

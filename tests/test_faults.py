@@ -6,7 +6,15 @@ import signal
 import time
 
 import httpx
-from helpers import free_port, service_env, start_api, start_workers, wait_for, wait_for_workers
+from helpers import (
+    free_port,
+    service_env,
+    start_api,
+    start_workers,
+    stored_events,
+    wait_for,
+    wait_for_workers,
+)
 
 from textstream import keys
 
@@ -71,14 +79,14 @@ def test_client_disconnect_stops_generation(service, redis_client):
         return entries[0][1][b"event"].decode() if entries else ""
 
     wait_for(lambda: last_event() == "error", 10, "the worker to stop")
-    entries = redis_client.xrange(key)
-    names = [f[b"event"].decode() for _, f in entries]
-    assert names[-1] == "error" and b"cancelled" in entries[-1][1][b"data"]
+    events = stored_events(redis_client, key)
+    names = [e.event for e in events]
+    assert names[-1] == "error" and "cancelled" in events[-1].raw
     # Tokens written after the cancel request (the worker picks token ids from its
     # clock, Redis stamps the cancel with its own: one host's clock here): at most
     # the one in flight.
     cancel_ms = int(redis_client.hget(keys.job_state(job_id), "cancel"))
-    late = [i for i, f in entries if f[b"event"] == b"token" and int(i.split(b"-")[0]) > cancel_ms]
+    late = [e for e in events if e.event == "token" and int(e.id.split("-")[0]) > cancel_ms]
     assert len(late) <= 2
     assert names.count("token") < 1000
 

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import redis
-from helpers import queued, service_env, stream, wait_for
+from helpers import queued, service_env, stored_events, stream, wait_for
 from tiny_models import TRAINED
 
 from bench.cluster import start_api, start_redis, start_workers, wait_for_workers
@@ -105,7 +105,7 @@ def test_a_killed_worker_is_taken_over_inside_its_pool(pools):
     wait_for(lambda: smol_worker_pid() is not None, 60, "the SmolLM2 worker to start the job")
     wait_for(
         lambda: any(
-            sum(f[b"event"] == b"token" for _, f in client.xrange(k)) >= 10
+            sum(e.event == "token" for e in stored_events(client, k)) >= 10
             for k in client.keys("textstream:job:*:events")
         ),
         60,

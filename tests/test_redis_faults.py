@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -13,7 +12,7 @@ import httpx
 import pytest
 import redis
 from conftest import Service
-from helpers import free_port, service_env, stream, wait_for
+from helpers import free_port, service_env, stored_events, stream, wait_for
 from test_jobs import create
 
 from bench.cluster import start_redis
@@ -28,7 +27,7 @@ PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
 def tokens_so_far(url: str) -> int:
     client = redis.Redis.from_url(url, socket_timeout=1)
     keys = client.keys("textstream:job:*:events")
-    return sum(f[b"event"] == b"token" for k in keys for _, f in client.xrange(k))
+    return sum(e.event == "token" for k in keys for e in stored_events(client, k))
 
 
 @pytest.fixture
@@ -132,6 +131,7 @@ def test_gathered_writers_wait_out_one_outage_together_then_fail_together(own_re
         )
         writer.history()
         writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+        writer.write(EventType.TOKEN, {"text": " -"}, [0])  # a first token goes at once
         writers.append(writer)
     state["proc"].kill()
     state["proc"].wait(10)
@@ -162,6 +162,7 @@ def test_gathered_writers_find_their_jobs_gone_when_redis_comes_back_empty(own_r
         )
         writer.history()
         writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+        writer.write(EventType.TOKEN, {"text": " -"}, [0])  # a first token goes at once
         writers.append(writer)
     state["proc"].kill()
     state["proc"].wait(10)
@@ -202,14 +203,12 @@ def test_a_redis_freeze_past_the_grace_period_ends_jobs_whole_and_clearly(own_re
 
         wait_for(lambda: all(ended(j) for j in jobs), 30, "every job to end")
         for job_id in jobs:
-            entries = client.xrange(keys.job_events(job_id))
-            events = [f[b"event"].decode() for _, f in entries]
-            ids = [
-                int(i) for _, f in entries if f[b"event"] == b"token" for i in f[b"ids"].split(b",")
-            ]
+            stored = stored_events(client, keys.job_events(job_id))
+            events = [e.event for e in stored]
+            ids = [i for e in stored if e.event == "token" for i in e.token_ids]
             assert ids == [i % len(WORDS) for i in range(len(ids))]  # no gap, nothing twice
             assert events[-1] == "error" and events.count("error") == 1, events[-3:]
-            last = json.loads(entries[-1][1][b"data"])
+            last = stored[-1].data
             assert last["error"]["type"] == "redis_unavailable"
         # And the service serves again.
         response = stream(svc.base, "/completion/Hi", max_new_tokens=3, ignore_eos=True)

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import redis
-from helpers import queued, stream, wait_for, wait_for_workers
+from helpers import queued, stored_events, stream, wait_for, wait_for_workers
 from test_jobs import create, read_some
 from tiny_models import TRAINED
 
@@ -18,7 +18,7 @@ from textstream import keys
 
 def job_history(url: str, job_id: str) -> list[str]:
     client = redis.Redis.from_url(url)
-    return [f[b"event"].decode() for _, f in client.xrange(keys.job_events(job_id))]
+    return [e.event for e in stored_events(client, keys.job_events(job_id))]
 
 
 def test_queue_full_gets_429_and_enqueues_nothing(make_service, isolated_redis_url):

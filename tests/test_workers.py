@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import Service
-from helpers import service_env, stream
+from helpers import service_env, stored_events, stream
 
 from textstream import keys
 
@@ -34,8 +34,8 @@ def test_two_worker_processes_each_run_every_job_exactly_once(two_workers, redis
         assert response.status == 200 and response.last.event == "done"
         assert response.last.data["usage"]["completion_tokens"] == 80
         # Read the job's whole stream back from Redis: one start, one end, no repeats.
-        entries = redis_client.xrange(keys.job_events(response.headers["x-job-id"]))
-        names = [fields[b"event"].decode() for _, fields in entries]
+        stored = stored_events(redis_client, keys.job_events(response.headers["x-job-id"]))
+        names = [e.event for e in stored]
         assert names.count("started") == 1 and names.count("done") == 1
         assert names.count("token") == len(response.of("token"))
         servers.add(response.of("started")[0].data["worker"])

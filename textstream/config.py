@@ -27,10 +27,11 @@ class Settings(BaseSettings):
     #: STREAMS_REDIS_URL names a Redis Cluster (any node's URL).
     streams_redis_cluster: bool = False
     #: The tokens a worker process has ready within this window, for all its jobs,
-    #: go to Redis in one call (a token waits at most this long; 20 ms is below what
-    #: a reader notices, and a third less Redis CPU per token: BENCHMARKS.md);
+    #: go to Redis in one call, a job's in one stream entry (a token waits at most
+    #: this long, a job's first token not at all; 50 ms is 20 updates a second per
+    #: stream, and about half the Redis CPU per token of no window: BENCHMARKS.md);
     #: 0 = every token in a call of its own, as soon as it is ready.
-    stream_flush_ms: int = Field(20, ge=0, le=1000)
+    stream_flush_ms: int = Field(50, ge=0, le=1000)
 
     # --- model (worker side) -----------------------------------------------------
     model_id: str = "openai-community/gpt2"

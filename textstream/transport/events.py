@@ -5,7 +5,10 @@ the id it last saw and misses nothing; the entry id doubles as the SSE `id:`.
 
 Each entry has the fields `event` (the SSE event name), `data` (JSON text) and, on
 token events, `ids`: the token ids whose text the event completes. A worker that
-takes over a job rebuilds the exact token prefix from them.
+takes over a job rebuilds the exact token prefix from them. A `tokens` entry is a
+run of one job's consecutive tokens written together (scripts.NewEvent): each has
+an id of its own, the run's last one the entry's, and parse_entry splits it, so
+readers, Last-Event-ID and the SSE `id:` only ever see single `token` events.
 
 Every write goes through one Lua script (APPEND_SCRIPT) that also keeps the job's
 state hash (keys.job_state), so the rules hold atomically, whoever writes:
@@ -65,6 +68,7 @@ __all__ = [
     "WriteOutcome",
     "entry_seconds",
     "error_data",
+    "parse_entries",
     "parse_entry",
     "stream_maxlen",
 ]
@@ -142,19 +146,43 @@ TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
 REDIS_LOST = error_data("redis_unavailable", "the event store is unreachable; reconnect later")
 
 
-def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -> JobEvent:
-    """A stream entry, its fields as redis-py's dict or as Redis's flat list."""
+def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -> list[JobEvent]:
+    """A stream entry's events, its fields as redis-py's dict or as Redis's flat
+    list: one, or the tokens of a run (scripts.NewEvent), each with its own id."""
     if isinstance(fields, list):
         fields = dict(zip(fields[::2], fields[1::2], strict=True))
-    ids = fields.get(b"ids")
-    raw = fields[b"data"].decode()
-    return JobEvent(
-        id=as_text(raw_id),
-        event=as_text(fields[b"event"]),
-        data=json.loads(raw),
-        token_ids=tuple(int(i) for i in ids.split(b",")) if ids else (),
-        raw=raw,
-    )
+    entry_id, event = as_text(raw_id), as_text(fields[b"event"])
+    ids = fields.get(b"ids") or b""
+    if event != EventType.TOKENS:
+        raw = fields[b"data"].decode()
+        return [JobEvent(entry_id, event, json.loads(raw), _token_ids(ids), raw)]
+    texts, id_lists = fields[b"data"].decode().split("\n"), ids.split(b";")
+    ms, last = id_key(entry_id)
+    first = last - len(texts) + 1
+    return [
+        JobEvent(f"{ms}-{first + i}", EventType.TOKEN, json.loads(raw), _token_ids(token), raw)
+        for i, (raw, token) in enumerate(zip(texts, id_lists, strict=True))
+    ]
+
+
+def _token_ids(ids: bytes) -> tuple[int, ...]:
+    return tuple(int(i) for i in ids.split(b",")) if ids else ()
+
+
+def parse_entries(entries: list[Any], after: str | None = None) -> list[JobEvent]:
+    """The events of XRANGE/XREAD entries, only those after id `after` if given (a
+    run's first tokens may come before it)."""
+    events = [event for raw_id, fields in entries for event in parse_entry(raw_id, fields)]
+    if after is None:
+        return events
+    start = id_key(after)
+    return [event for event in events if id_key(event.id) > start]
+
+
+def entry_bound(event_id: str) -> str:
+    """The highest id the entry holding event `event_id` can have: a run's tokens
+    share its millisecond (scripts.NewEvent)."""
+    return f"{id_key(event_id)[0]}-18446744073709551615"
 
 
 class ResumePoint(StrEnum):
@@ -303,12 +331,14 @@ class JobEvents:
         ended it, nothing more will come."""
         stream = keys.job_events(job_id)
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.xrange(stream, entry_id, entry_id)
+            # The entry holding the event: itself, or the run of tokens it is in.
+            pipe.xrange(stream, entry_id, entry_bound(entry_id), count=1)
             pipe.xrevrange(stream, count=1)
             found, last = await pipe.execute()
-        if not found:
+        wanted = id_key(entry_id)
+        if not found or all(id_key(e.id) != wanted for e in parse_entry(*found[0])):
             return ResumePoint.UNKNOWN
-        if id_key(last[0][0]) == id_key(entry_id) and parse_entry(*last[0]).terminal:
+        if id_key(last[0][0]) == wanted and parse_entry(*last[0])[-1].terminal:
             return ResumePoint.ENDED
         return ResumePoint.OPEN
 
@@ -317,8 +347,11 @@ class JobEvents:
 
     async def history(self, job_id: str, until: str = "+") -> list[JobEvent]:
         """The job's events, all of them or up to (and including) id `until`."""
-        entries = await self.client.xrange(keys.job_events(job_id), max=until)
-        return [parse_entry(i, f) for i, f in entries]
+        if until == "+":
+            return parse_entries(await self.client.xrange(keys.job_events(job_id)))
+        entries = await self.client.xrange(keys.job_events(job_id), max=entry_bound(until))
+        last = id_key(until)
+        return [event for event in parse_entries(entries) if id_key(event.id) <= last]
 
     async def _after(self, stream: str, last_id: str, count: int = 512) -> list[Any]:
         """What a non-blocking XREAD of `stream` after `last_id` returns, read with
@@ -368,9 +401,10 @@ class JobEvents:
             block = block_ms
             batch: list[JobEvent] = []
             for _stream, entries in response:
-                for raw_id, fields in entries:
-                    batch.append(parse_entry(raw_id, fields))
-                    if batch[-1].terminal:
+                # `last_id` may be a token inside a run (a client's Last-Event-ID).
+                for event in parse_entries(entries, after=last_id):
+                    batch.append(event)
+                    if event.terminal:
                         yield batch
                         return
             if batch:

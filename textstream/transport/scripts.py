@@ -22,6 +22,9 @@ class EventType(StrEnum):
     STARTED = "started"
     RESUMED = "resumed"
     TOKEN = "token"
+    #: Stored only: several consecutive tokens of one job in one stream entry
+    #: (TokenRun); readers get them back as `token` events, one each.
+    TOKENS = "tokens"
     DONE = "done"
     ERROR = "error"
 
@@ -79,12 +82,22 @@ local function append(stream, state_key, a)
     -- Once a cancel is asked for, neither the tokens generated since nor a `done` are
     -- wanted (the worker ends the job with `cancelled` at this reply); nothing goes
     -- after the job's last event.
-    if not ended and not (state[3] and (event == 'token' or event == 'done')) then
+    local token = event == 'token' or event == 'tokens'
+    if not ended and not (state[3] and (token or event == 'done')) then
       local written = add(stream, maxlen, id, event, data, ids)
       if type(written) == 'table' and written.err then
         if id == '*' then return {'error', written.err} end
         if #redis.call('XRANGE', stream, id, id) == 0 then
-          written = add(stream, maxlen, '*', event, data, ids)
+          local again = '*'
+          if event == 'tokens' then
+            -- A run's tokens are named by the ids just below its own (NewEvent.count):
+            -- keep all of them above the stream's last entry.
+            local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1][1]
+            local dash = string.find(top, '-', 1, true)
+            local _, seams = string.gsub(ids, ';', ';')
+            again = string.sub(top, 1, dash) .. (tonumber(string.sub(top, dash + 1)) + seams + 1)
+          end
+          written = add(stream, maxlen, again, event, data, ids)
           if type(written) == 'table' and written.err then return {'error', written.err} end
         else
           written = id
@@ -169,19 +182,53 @@ return 1
 """
 
 
+#: The most tokens one stream entry carries (a TokenRun).
+MAX_TOKENS_PER_ENTRY = 64
+
+
 @dataclass(frozen=True, slots=True)
 class NewEvent:
     """One event as APPEND_SCRIPT takes it: `id` is '*' (Redis's clock) or the id its
-    writer chose; `data` is JSON text; `ids` the token ids, comma-separated."""
+    writer chose; `data` is JSON text; `ids` the token ids, comma-separated.
+
+    A run: `count` > 1 consecutive tokens of one job in one entry (event
+    `tokens`), written when a worker has several of a job's tokens ready in one flush
+    window: a stream entry costs Redis about the same for one token as for many (its
+    XADD, the relay's XREAD of it, the script's loop). `data` is their JSON texts
+    joined by newlines (compact JSON has none), `ids` their token ids joined by ';'.
+    Its tokens keep ids of their own, the `count` ids that end at the entry's
+    (`<ms>-<n-count+1>` … `<ms>-<n>`): an SSE client's Last-Event-ID names one token,
+    and the writer's next id is above them all (events.parse_entry splits a run)."""
 
     event: EventType
     data: str
     ids: str = ""
     id: str = "*"
+    count: int = 1
 
     @property
     def terminal(self) -> bool:
         return self.event in TERMINAL_EVENTS
+
+    @property
+    def extensible(self) -> bool:
+        """A token (or run) that one more token may join."""
+        return (
+            self.event in (EventType.TOKEN, EventType.TOKENS)
+            and self.id != "*"
+            and self.count < MAX_TOKENS_PER_ENTRY
+        )
+
+    def extended(self, token: NewEvent, entry_id: str) -> NewEvent:
+        """This run (or token) with `token` after it, stored under `entry_id` (the
+        id that follows this one's)."""
+        return NewEvent(
+            EventType.TOKENS,
+            f"{self.data}\n{token.data}",
+            f"{self.ids};{token.ids}",
+            entry_id,
+            self.count + 1,
+        )
 
 
 def new_event(

@@ -5,10 +5,14 @@ Cost per token. Every write is an APPEND_SCRIPT call, which reads each job's sta
 once (is it over, is it still ours, was it cancelled) and adds its events; it
 refreshes the keys' TTLs only every TTL_REFRESH_SECONDS (and with the job's claim
 and its last event), not on every token. With STREAM_FLUSH_MS > 0 (the default:
-20) a worker process gathers the tokens all its jobs have ready within that
+50) a worker process gathers the tokens all its jobs have ready within that
 window and sends them together: one script call per slot (on one Redis, one call
-for every job), one round trip per Redis node. Other events (a claim, the last
-event) go at once, behind the tokens their job has waiting.
+for every job), one round trip per Redis node, and one stream entry per job (a run
+of tokens, scripts.NewEvent), which readers split back into one event per token.
+An attempt's first token goes at once (a client's time to first token is not
+traded away), as do other events (a claim, the last event), behind the tokens
+their job has waiting. A writer with tokens waiting does not poll the job's state
+between them: their flush reports it within the window.
 
 Ids chosen here. A worker picks each event's stream id itself, ascending
 (`<ms>-<n>`, from its clock, above the last id it has seen), instead of letting
@@ -49,7 +53,7 @@ from redis.exceptions import (
 
 from textstream import keys
 from textstream.connections import SyncStreamsClient
-from textstream.transport.events import JobEvent, WriteOutcome, parse_entry
+from textstream.transport.events import JobEvent, WriteOutcome, parse_entries
 from textstream.transport.mux import id_key
 from textstream.transport.scripts import (
     APPEND_SCRIPT,
@@ -129,6 +133,8 @@ class EventWriter:
         self._lock = threading.Lock()  # guards _pending, _claim_pending, _last_id
         self._send_lock = threading.Lock()  # one batch in flight, in order
         self._pending: list[NewEvent] = []
+        self._extendable = False  # the last pending event was never sent: a run may grow
+        self._written_tokens = False  # this attempt sent a token (later ones may wait)
         self._claim_pending = False
         self._written: list[NewEvent] = []  # acknowledged, for a replay after a failover
         self._claim_id: str | None = None
@@ -161,7 +167,7 @@ class EventWriter:
 
     def history(self) -> list[JobEvent]:
         """Every event the job has so far (a takeover resumes from these)."""
-        events = [parse_entry(i, f) for i, f in self._client.xrange(self._keys[0])]
+        events = parse_entries(self._client.xrange(self._keys[0]))
         with self._lock:
             self._seen(events[-1].id if events else None)
         return events
@@ -171,6 +177,7 @@ class EventWriter:
         if (
             self.outcome is WriteOutcome.OK
             and time.monotonic() - self._checked_at > self._poll_seconds
+            and not self._pending  # its flush reports the state within the window
         ):
             self.refresh()
         return self.outcome is not WriteOutcome.OK
@@ -201,9 +208,17 @@ class EventWriter:
         if self._last_id is None:
             self._seen(self._top())  # ids above the stream's last one
         self.enqueue(event, data, token_ids, claim=claim)
-        if self._flusher is not None and event is EventType.TOKEN and not claim:
+        if (
+            self._flusher is not None
+            and event is EventType.TOKEN
+            and not claim
+            and self._written_tokens
+        ):
             self._flusher.schedule(self)
             return self.outcome
+        # The first token goes at once (what a client waits for longest), as do a
+        # claim and every event that is not a token.
+        self._written_tokens = self._written_tokens or event is EventType.TOKEN
         return self.flush()
 
     def enqueue(
@@ -216,10 +231,27 @@ class EventWriter:
     ) -> None:
         """Add an event to what is pending, with its id, without sending it."""
         with self._lock:
+            last = self._pending[-1] if self._pending else None
+            if (
+                event is EventType.TOKEN
+                and not claim
+                and self._extendable
+                and last is not None
+                and last.extensible
+            ):
+                # Tokens that wait together go in one entry (NewEvent.count), under
+                # the id after the run's, whatever the clock says, so that every
+                # token of the run keeps an id of its own.
+                ms, seq = id_key(last.id)
+                self._last_id = max(self._last_id or (0, 0), (ms, seq + 1))
+                token = new_event(event, data, token_ids)
+                self._pending[-1] = last.extended(token, f"{ms}-{seq + 1}")
+                return
             # Without the stream's last id (it could not be read), ids come from this
             # host's clock; the script writes one not above the stream's as '*'.
             self._pending.append(new_event(event, data, token_ids, self._next_id()))
             self._claim_pending = self._claim_pending or claim
+            self._extendable = True
 
     def has_pending_end(self) -> bool:
         """Whether the job's last event (done, error) waits among the unsent ones."""
@@ -247,6 +279,9 @@ class EventWriter:
         the writer fails: a later write must never land after a gap (its ids are
         kept, so a copy of the batch that Redis runs late is skipped)."""
         with self._lock:
+            # What was handed to Redis may be in the stream under its id already:
+            # never grow it into a different entry.
+            self._extendable = self._extendable and bool(self._pending)
             self._pending = batch + self._pending
             self._claim_pending = self._claim_pending or claim
         self.failure = self.failure or exc
