@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 from helpers import stored_events, wait_for
@@ -323,9 +324,11 @@ def test_a_reader_resumes_after_any_token_of_a_run(redis_url, redis_client):
     assert until == ids[:5]
 
 
-def test_a_run_whose_ids_were_taken_keeps_every_token_above_the_stream(redis_client):
-    """Another writer slipped an entry in above the run's id: the script stores the
-    run above it, with room below for each of its tokens' ids."""
+@pytest.mark.parametrize("slipped_in_at", ["run's first id", "above the run"])
+def test_a_run_whose_ids_were_taken_keeps_every_token_above_the_stream(redis_client, slipped_in_at):
+    """Another writer slipped an entry in at one of a run's ids (the run's entry id
+    still above it, which is all XADD checks) or above them all: the script writes
+    the run's tokens singly, with ids from Redis, every id above the last."""
     job_id = "runfallback" + "0" * 21
     fresh_job(redis_client, job_id)
     writer = EventWriter(redis_client, job_id, owner="w/6", ttl=60, maxlen=100)
@@ -333,13 +336,16 @@ def test_a_run_whose_ids_were_taken_keeps_every_token_above_the_stream(redis_cli
     writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
     for i in range(3):
         writer.enqueue(EventType.TOKEN, {"text": f" {i}"}, [i])
-    slipped_in = {"event": "status", "data": "{}"}
-    redis_client.xadd(keys.job_events(job_id), slipped_in, id="9" * 13 + "-5")
+    (run,) = writer._pending
+    ms, seq = id_key(run.id)
+    alien = f"{ms}-{seq - 2}" if slipped_in_at == "run's first id" else f"{ms + 10**6}-5"
+    redis_client.xadd(keys.job_events(job_id), {"event": "status", "data": "{}"}, id=alien)
     assert writer.flush() is WriteOutcome.OK
     events = stored_events(redis_client, keys.job_events(job_id))
     assert [e.event for e in events[-4:]] == ["status", "token", "token", "token"]
-    assert [e.id for e in events[-3:]] == ["9" * 13 + f"-{n}" for n in (6, 7, 8)]
     assert [e.token_ids for e in events[-3:]] == [(0,), (1,), (2,)]
+    ids = [id_key(e.id) for e in events]
+    assert ids == sorted(set(ids))  # ascending, none twice
 
 
 def test_a_run_that_was_handed_to_redis_never_grows(redis_client):

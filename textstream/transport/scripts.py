@@ -23,7 +23,7 @@ class EventType(StrEnum):
     RESUMED = "resumed"
     TOKEN = "token"
     #: Stored only: several consecutive tokens of one job in one stream entry
-    #: (TokenRun); readers get them back as `token` events, one each.
+    #: (NewEvent.count); readers get them back as `token` events, one each.
     TOKENS = "tokens"
     DONE = "done"
     ERROR = "error"
@@ -51,7 +51,9 @@ TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR})
 # batch that is sent again after a lost reply, or replayed after a failover lost
 # its tail, writes each event once: an id that is already in the stream is
 # skipped. An id that is not above the stream's last one and is not in it (only
-# if another writer slipped in between) falls back to '*'.
+# if another writer slipped in between) falls back to '*'; a run of tokens (its
+# tokens' ids end at the entry's, NewEvent) is written then as single tokens, each
+# with an id from Redis, and also when any of its ids is not above the stream's last.
 #
 # Returns one reply per job: {outcome, last id written, cache key of a job this
 # batch ended in error}, or {'error', message} for a job whose stream refused an
@@ -64,6 +66,35 @@ local function add(stream, maxlen, id, event, data, ids)
   end
   return redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, id, 'event', event, 'data', data,
                      'ids', ids)
+end
+
+-- 'ms-seq' as two numbers (exact below 2^53: ms is a clock, seq counts entries).
+local function id_key(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+
+-- Whether a run's first token id (its entry id less the run's other tokens) is
+-- above the stream's last entry, as every id must be. XADD checks only the entry's.
+local function run_fits(stream, id, ids)
+  local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if not top then return true end
+  local ms, seq = id_key(id)
+  local top_ms, top_seq = id_key(top[1])
+  local _, seams = string.gsub(ids, ';', ';')
+  return ms > top_ms or (ms == top_ms and seq - seams > top_seq)
+end
+
+-- A run whose ids cannot be used, as single tokens with ids from Redis.
+local function add_singly(stream, maxlen, data, ids)
+  local texts, lists, written = {}, {}, nil
+  for text in string.gmatch(data, '[^\\n]+') do texts[#texts + 1] = text end
+  for list in string.gmatch(ids .. ';', '([^;]*);') do lists[#lists + 1] = list end
+  for j = 1, #texts do
+    written = add(stream, maxlen, '*', 'token', texts[j], lists[j] or '')
+    if type(written) == 'table' and written.err then return written end
+  end
+  return written
 end
 
 local function append(stream, state_key, a)
@@ -84,20 +115,20 @@ local function append(stream, state_key, a)
     -- after the job's last event.
     local token = event == 'token' or event == 'tokens'
     if not ended and not (state[3] and (token or event == 'done')) then
-      local written = add(stream, maxlen, id, event, data, ids)
+      local written
+      if event == 'tokens' and not run_fits(stream, id, ids) then
+        written = {err = 'run below the stream'}  -- sent before, or overtaken
+      else
+        written = add(stream, maxlen, id, event, data, ids)
+      end
       if type(written) == 'table' and written.err then
         if id == '*' then return {'error', written.err} end
         if #redis.call('XRANGE', stream, id, id) == 0 then
-          local again = '*'
           if event == 'tokens' then
-            -- A run's tokens are named by the ids just below its own (NewEvent.count):
-            -- keep all of them above the stream's last entry.
-            local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1][1]
-            local dash = string.find(top, '-', 1, true)
-            local _, seams = string.gsub(ids, ';', ';')
-            again = string.sub(top, 1, dash) .. (tonumber(string.sub(top, dash + 1)) + seams + 1)
+            written = add_singly(stream, maxlen, data, ids)
+          else
+            written = add(stream, maxlen, '*', event, data, ids)
           end
-          written = add(stream, maxlen, again, event, data, ids)
           if type(written) == 'table' and written.err then return {'error', written.err} end
         else
           written = id
@@ -182,7 +213,7 @@ return 1
 """
 
 
-#: The most tokens one stream entry carries (a TokenRun).
+#: The most tokens one stream entry carries (a run: NewEvent.count).
 MAX_TOKENS_PER_ENTRY = 64
 
 

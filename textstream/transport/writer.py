@@ -238,12 +238,13 @@ class EventWriter:
                 and self._extendable
                 and last is not None
                 and last.extensible
+                and self._last_id == id_key(last.id)  # nothing seen above it since
             ):
                 # Tokens that wait together go in one entry (NewEvent.count), under
                 # the id after the run's, whatever the clock says, so that every
                 # token of the run keeps an id of its own.
                 ms, seq = id_key(last.id)
-                self._last_id = max(self._last_id or (0, 0), (ms, seq + 1))
+                self._last_id = (ms, seq + 1)
                 token = new_event(event, data, token_ids)
                 self._pending[-1] = last.extended(token, f"{ms}-{seq + 1}")
                 return
