@@ -261,12 +261,12 @@ def test_gathered_tokens_go_in_one_call_and_the_last_event_flushes_them(redis_cl
     calls = redis_client.info("commandstats")["cmdstat_evalsha"]["calls"]
     assert calls == 2  # the first token, then five tokens in one call
     # ... and one stream entry, a run, whose tokens keep ids of their own: consecutive,
-    # the last one the entry's.
+    # the first one the entry's.
     entries = redis_client.xrange(keys.job_events(job_id))
     assert [f[b"event"] for _, f in entries] == [b"queued", b"started", b"token", b"tokens"]
     run = stream_events(redis_client, job_id)[3:]
     assert [json.loads(data)["text"] for _, data in run] == [f" {i}" for i in range(5)]
-    assert run[-1][0] == entries[-1][0].decode()
+    assert run[0][0] == entries[-1][0].decode()
     first = id_key(run[0][0])
     assert [id_key(i) for i, _ in run] == [(first[0], first[1] + k) for k in range(5)]
     writer.write(EventType.TOKEN, {"text": " 5"}, [5])
@@ -324,11 +324,31 @@ def test_a_reader_resumes_after_any_token_of_a_run(redis_url, redis_client):
     assert until == ids[:5]
 
 
-@pytest.mark.parametrize("slipped_in_at", ["run's first id", "above the run"])
+def test_an_entry_after_a_run_takes_an_id_above_all_its_tokens(redis_client):
+    """A run is stored under its first token's id; an entry added after it with an
+    id from Redis (the API's timeout, a cancel) still comes after its last token."""
+    job_id = "runthenstar" + "0" * 21
+    fresh_job(redis_client, job_id)
+    # Ids in one far millisecond, so that Redis's '*' would otherwise land among them.
+    redis_client.xadd(keys.job_events(job_id), {"event": "status", "data": "{}"}, id="9" * 13)
+    writer = EventWriter(redis_client, job_id, owner="w/8", ttl=60, maxlen=100)
+    writer.history()
+    writer.write(EventType.STARTED, {"worker": "w"}, claim=True)
+    for i in range(3):
+        writer.enqueue(EventType.TOKEN, {"text": f" {i}"}, [i])
+    writer.flush()
+    redis_client.xadd(keys.job_events(job_id), {"event": "error", "data": "{}"})
+    events = stored_events(redis_client, keys.job_events(job_id))
+    assert [e.event for e in events[-4:]] == ["token", "token", "token", "error"]
+    ids = [id_key(e.id) for e in events]
+    assert ids == sorted(set(ids)) and ids[-1] == (int("9" * 13), 5)
+
+
+@pytest.mark.parametrize("slipped_in_at", ["one of the run's ids", "above the run"])
 def test_a_run_whose_ids_were_taken_keeps_every_token_above_the_stream(redis_client, slipped_in_at):
-    """Another writer slipped an entry in at one of a run's ids (the run's entry id
-    still above it, which is all XADD checks) or above them all: the script writes
-    the run's tokens singly, with ids from Redis, every id above the last."""
+    """Another writer slipped an entry in at one of a run's ids, or above them all:
+    the script writes the run's tokens singly, with ids from Redis, every id above
+    the last."""
     job_id = "runfallback" + "0" * 21
     fresh_job(redis_client, job_id)
     writer = EventWriter(redis_client, job_id, owner="w/6", ttl=60, maxlen=100)
@@ -338,7 +358,7 @@ def test_a_run_whose_ids_were_taken_keeps_every_token_above_the_stream(redis_cli
         writer.enqueue(EventType.TOKEN, {"text": f" {i}"}, [i])
     (run,) = writer._pending
     ms, seq = id_key(run.id)
-    alien = f"{ms}-{seq - 2}" if slipped_in_at == "run's first id" else f"{ms + 10**6}-5"
+    alien = f"{ms}-{seq + 1}" if slipped_in_at == "one of the run's ids" else f"{ms + 10**6}-5"
     redis_client.xadd(keys.job_events(job_id), {"event": "status", "data": "{}"}, id=alien)
     assert writer.flush() is WriteOutcome.OK
     events = stored_events(redis_client, keys.job_events(job_id))

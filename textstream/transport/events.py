@@ -157,8 +157,7 @@ def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -
         raw = fields[b"data"].decode()
         return [JobEvent(entry_id, event, json.loads(raw), _token_ids(ids), raw)]
     texts, id_lists = fields[b"data"].decode().split("\n"), ids.split(b";")
-    ms, last = id_key(entry_id)
-    first = last - len(texts) + 1
+    ms, first = id_key(entry_id)
     return [
         JobEvent(f"{ms}-{first + i}", EventType.TOKEN, json.loads(raw), _token_ids(token), raw)
         for i, (raw, token) in enumerate(zip(texts, id_lists, strict=True))
@@ -177,12 +176,6 @@ def parse_entries(entries: list[Any], after: str | None = None) -> list[JobEvent
         return events
     start = id_key(after)
     return [event for event in events if id_key(event.id) > start]
-
-
-def entry_bound(event_id: str) -> str:
-    """The highest id the entry holding event `event_id` can have: a run's tokens
-    share its millisecond (scripts.NewEvent)."""
-    return f"{id_key(event_id)[0]}-18446744073709551615"
 
 
 class ResumePoint(StrEnum):
@@ -331,8 +324,8 @@ class JobEvents:
         ended it, nothing more will come."""
         stream = keys.job_events(job_id)
         async with self.client.pipeline(transaction=False) as pipe:
-            # The entry holding the event: itself, or the run of tokens it is in.
-            pipe.xrange(stream, entry_id, entry_bound(entry_id), count=1)
+            # The entry holding the event: itself, or the run of tokens it starts.
+            pipe.xrevrange(stream, max=entry_id, count=1)
             pipe.xrevrange(stream, count=1)
             found, last = await pipe.execute()
         wanted = id_key(entry_id)
@@ -347,19 +340,25 @@ class JobEvents:
 
     async def history(self, job_id: str, until: str = "+") -> list[JobEvent]:
         """The job's events, all of them or up to (and including) id `until`."""
+        events = parse_entries(await self.client.xrange(keys.job_events(job_id), max=until))
         if until == "+":
-            return parse_entries(await self.client.xrange(keys.job_events(job_id)))
-        entries = await self.client.xrange(keys.job_events(job_id), max=entry_bound(until))
-        last = id_key(until)
-        return [event for event in parse_entries(entries) if id_key(event.id) <= last]
+            return events
+        last = id_key(until)  # a run that holds `until` may go on after it
+        return [event for event in events if id_key(event.id) <= last]
 
     async def _after(self, stream: str, last_id: str, count: int = 512) -> list[Any]:
         """What a non-blocking XREAD of `stream` after `last_id` returns, read with
         XRANGE: a cluster client must ask a node for XREAD's keys (COMMAND GETKEYS),
         and redis-py 4.6 keeps asking the node it first used, dead or alive, while
         XRANGE's key is where the client knows without asking."""
-        entries = await self.client.xrange(stream, min=last_id, count=count + 1)
-        after = [(i, f) for i, f in entries if id_key(i) > id_key(last_id)][:count]
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(stream, max=last_id, count=1)  # a run that holds last_id
+            pipe.xrange(stream, min=last_id, count=count + 1)
+            holding, entries = await pipe.execute()
+        start = id_key(last_id)
+        after = [(i, f) for i, f in entries if id_key(i) > start][:count]
+        if holding and id_key(parse_entry(*holding[0])[-1].id) > start:
+            after.insert(0, holding[0])  # its tokens after last_id (the caller drops the rest)
         return [(stream, after)] if after else []
 
     async def read_batches(

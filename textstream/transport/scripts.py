@@ -41,8 +41,9 @@ TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR})
 # KEYS: stream, state of each job, in order. ARGV: per job a header of 5 (owner:
 # '' for the API, which writes as no worker; claim: '1' if this writer takes the
 # job over; maxlen; ttl: '' leaves both TTLs as they are; n: its event count), then
-# 5 per event: id ('*', or the id the writer chose), event, data, ids, terminal
-# ('1'/'0').
+# 5 per event: id ('*', or the id the writer chose), event, data, ids, and last:
+# '1' for a terminal event, '0' for any other, but for a run of tokens the id of
+# its last token (NewEvent.last_id).
 #
 # Per job it reads the state once (HMGET) and adds each event (XADD), but no token or
 # `done` once a cancel is asked for (the worker ends the job at this reply); the TTLs are
@@ -51,9 +52,11 @@ TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR})
 # batch that is sent again after a lost reply, or replayed after a failover lost
 # its tail, writes each event once: an id that is already in the stream is
 # skipped. An id that is not above the stream's last one and is not in it (only
-# if another writer slipped in between) falls back to '*'; a run of tokens (its
-# tokens' ids end at the entry's, NewEvent) is written then as single tokens, each
-# with an id from Redis, and also when any of its ids is not above the stream's last.
+# if another writer slipped in between) falls back to '*'; a run of tokens is then
+# written as single tokens, each with an id from Redis. A run is stored under its
+# first token's id (which XADD checks is above every id in the stream), and the
+# stream's last id is then moved to its last token's (XSETID): no later entry, by
+# any writer, takes an id the run's tokens have.
 #
 # Returns one reply per job: {outcome, last id written, cache key of a job this
 # batch ended in error}, or {'error', message} for a job whose stream refused an
@@ -66,23 +69,6 @@ local function add(stream, maxlen, id, event, data, ids)
   end
   return redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, id, 'event', event, 'data', data,
                      'ids', ids)
-end
-
--- 'ms-seq' as two numbers (exact below 2^53: ms is a clock, seq counts entries).
-local function id_key(id)
-  local dash = string.find(id, '-', 1, true)
-  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
-end
-
--- Whether a run's first token id (its entry id less the run's other tokens) is
--- above the stream's last entry, as every id must be. XADD checks only the entry's.
-local function run_fits(stream, id, ids)
-  local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
-  if not top then return true end
-  local ms, seq = id_key(id)
-  local top_ms, top_seq = id_key(top[1])
-  local _, seams = string.gsub(ids, ';', ';')
-  return ms > top_ms or (ms == top_ms and seq - seams > top_seq)
 end
 
 -- A run whose ids cannot be used, as single tokens with ids from Redis.
@@ -115,11 +101,9 @@ local function append(stream, state_key, a)
     -- after the job's last event.
     local token = event == 'token' or event == 'tokens'
     if not ended and not (state[3] and (token or event == 'done')) then
-      local written
-      if event == 'tokens' and not run_fits(stream, id, ids) then
-        written = {err = 'run below the stream'}  -- sent before, or overtaken
-      else
-        written = add(stream, maxlen, id, event, data, ids)
+      local written = add(stream, maxlen, id, event, data, ids)
+      if event == 'tokens' and type(written) ~= 'table' then
+        redis.call('XSETID', stream, ARGV[i + 4])  -- the run's last token's id
       end
       if type(written) == 'table' and written.err then
         if id == '*' then return {'error', written.err} end
@@ -227,9 +211,10 @@ class NewEvent:
     window: a stream entry costs Redis about the same for one token as for many (its
     XADD, the relay's XREAD of it, the script's loop). `data` is their JSON texts
     joined by newlines (compact JSON has none), `ids` their token ids joined by ';'.
-    Its tokens keep ids of their own, the `count` ids that end at the entry's
-    (`<ms>-<n-count+1>` … `<ms>-<n>`): an SSE client's Last-Event-ID names one token,
-    and the writer's next id is above them all (events.parse_entry splits a run)."""
+    Its tokens keep ids of their own, the `count` ids that start at the entry's
+    (`<ms>-<n>` … `<ms>-<n+count-1>`, `last_id`): an SSE client's Last-Event-ID names
+    one token (events.parse_entry splits a run). The script moves the stream's last
+    id to the run's last, so every later id, whoever writes it, is above them all."""
 
     event: EventType
     data: str
@@ -250,14 +235,21 @@ class NewEvent:
             and self.count < MAX_TOKENS_PER_ENTRY
         )
 
-    def extended(self, token: NewEvent, entry_id: str) -> NewEvent:
-        """This run (or token) with `token` after it, stored under `entry_id` (the
-        id that follows this one's)."""
+    @property
+    def last_id(self) -> str:
+        """The id of this event's last token (its own id, but for a run)."""
+        if self.count == 1:
+            return self.id
+        ms, _, seq = self.id.partition("-")
+        return f"{ms}-{int(seq) + self.count - 1}"
+
+    def extended(self, token: NewEvent) -> NewEvent:
+        """This run (or token) with `token` after it (under the next id)."""
         return NewEvent(
             EventType.TOKENS,
             f"{self.data}\n{token.data}",
             f"{self.ids};{token.ids}",
-            entry_id,
+            self.id,
             self.count + 1,
         )
 
@@ -284,7 +276,8 @@ def append_args(
     args: list[str | int] = [owner, "1" if claim else "0", maxlen, "" if ttl is None else ttl]
     args.append(len(events))
     for e in events:
-        args += [e.id, e.event.value, e.data, e.ids, "1" if e.terminal else "0"]
+        last = "1" if e.terminal else e.last_id if e.count > 1 else "0"
+        args += [e.id, e.event.value, e.data, e.ids, last]
     return args
 
 

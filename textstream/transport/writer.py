@@ -53,7 +53,7 @@ from redis.exceptions import (
 
 from textstream import keys
 from textstream.connections import SyncStreamsClient
-from textstream.transport.events import JobEvent, WriteOutcome, parse_entries
+from textstream.transport.events import JobEvent, WriteOutcome, parse_entries, parse_entry
 from textstream.transport.mux import id_key
 from textstream.transport.scripts import (
     APPEND_SCRIPT,
@@ -206,7 +206,7 @@ class EventWriter:
         if self.failure is not None:
             raise self.failure
         if self._last_id is None:
-            self._seen(self._top())  # ids above the stream's last one
+            self._seen(self._top(last_event=True))  # ids above the stream's last one
         self.enqueue(event, data, token_ids, claim=claim)
         if (
             self._flusher is not None
@@ -238,15 +238,14 @@ class EventWriter:
                 and self._extendable
                 and last is not None
                 and last.extensible
-                and self._last_id == id_key(last.id)  # nothing seen above it since
+                and self._last_id == id_key(last.last_id)  # nothing seen above it since
             ):
-                # Tokens that wait together go in one entry (NewEvent.count), under
-                # the id after the run's, whatever the clock says, so that every
-                # token of the run keeps an id of its own.
-                ms, seq = id_key(last.id)
+                # Tokens that wait together go in one entry (NewEvent.count): the
+                # next token takes the id after the run's last, whatever the clock
+                # says, so that every token of the run keeps an id of its own.
+                ms, seq = id_key(last.last_id)
                 self._last_id = (ms, seq + 1)
-                token = new_event(event, data, token_ids)
-                self._pending[-1] = last.extended(token, f"{ms}-{seq + 1}")
+                self._pending[-1] = last.extended(new_event(event, data, token_ids))
                 return
             # Without the stream's last id (it could not be read), ids come from this
             # host's clock; the script writes one not above the stream's as '*'.
@@ -305,9 +304,13 @@ class EventWriter:
         elif self._last_id is None:
             self._last_id = (0, 0)
 
-    def _top(self) -> str | None:
+    def _top(self, *, last_event: bool = False) -> str | None:
+        """The id of the stream's last entry, or of its last event (a run's last
+        token's id is above its entry's)."""
         last = self._client.xrevrange(self._keys[0], count=1)
-        return as_text(last[0][0]) if last else None
+        if not last:
+            return None
+        return parse_entry(*last[0])[-1].id if last_event else as_text(last[0][0])
 
     def call_args(self, batch: list[NewEvent], claim: bool) -> list[str | int]:
         terminal = any(e.terminal for e in batch)
