@@ -7,7 +7,7 @@ Each entry has the fields `event` (the SSE event name), `data` (JSON text) and, 
 token events, `ids`: the token ids whose text the event completes. A worker that
 takes over a job rebuilds the exact token prefix from them. A `tokens` entry is a
 run of one job's consecutive tokens written together (scripts.NewEvent): each has
-an id of its own, the run's last one the entry's, and parse_entry splits it, so
+an id of its own, the run's first one the entry's, and parse_entry splits it, so
 readers, Last-Event-ID and the SSE `id:` only ever see single `token` events.
 
 Every write goes through one Lua script (APPEND_SCRIPT) that also keeps the job's
@@ -38,7 +38,7 @@ from typing import Any
 from textstream import keys
 from textstream.config import Settings
 from textstream.connections import StreamsClient
-from textstream.transport.mux import ReadMux, id_key
+from textstream.transport.mux import IdKey, ReadMux, id_key
 from textstream.transport.placement import Placement
 from textstream.transport.scripts import (
     APPEND_SCRIPT,
@@ -162,6 +162,15 @@ def parse_entry(raw_id: bytes | str, fields: dict[bytes, bytes] | list[bytes]) -
         JobEvent(f"{ms}-{first + i}", EventType.TOKEN, json.loads(raw), _token_ids(token), raw)
         for i, (raw, token) in enumerate(zip(texts, id_lists, strict=True))
     ]
+
+
+def entry_span(raw_id: bytes | str, fields: dict[bytes, bytes]) -> tuple[IdKey, IdKey]:
+    """The ids of an entry's first and last event (they differ for a run of tokens),
+    without decoding its data."""
+    first = id_key(raw_id)
+    if fields[b"event"] != EventType.TOKENS.encode():
+        return first, first
+    return first, (first[0], first[1] + fields[b"data"].count(b"\n"))
 
 
 def _token_ids(ids: bytes) -> tuple[int, ...]:
@@ -329,8 +338,8 @@ class JobEvents:
             pipe.xrevrange(stream, count=1)
             found, last = await pipe.execute()
         wanted = id_key(entry_id)
-        if not found or all(id_key(e.id) != wanted for e in parse_entry(*found[0])):
-            return ResumePoint.UNKNOWN
+        if not found or entry_span(*found[0])[1] < wanted:
+            return ResumePoint.UNKNOWN  # the entry before it ends below it: no such event
         if id_key(last[0][0]) == wanted and parse_entry(*last[0])[-1].terminal:
             return ResumePoint.ENDED
         return ResumePoint.OPEN
@@ -357,7 +366,7 @@ class JobEvents:
             holding, entries = await pipe.execute()
         start = id_key(last_id)
         after = [(i, f) for i, f in entries if id_key(i) > start][:count]
-        if holding and id_key(parse_entry(*holding[0])[-1].id) > start:
+        if holding and entry_span(*holding[0])[1] > start:
             after.insert(0, holding[0])  # its tokens after last_id (the caller drops the rest)
         return [(stream, after)] if after else []
 

@@ -61,7 +61,11 @@ log = logging.getLogger(__name__)
 Entry = tuple[bytes, list[bytes]]
 
 
-def id_key(entry_id: bytes | str) -> tuple[int, int]:
+#: A stream id as (ms, seq), to compare ids in order.
+IdKey = tuple[int, int]
+
+
+def id_key(entry_id: bytes | str) -> IdKey:
     ms, _, seq = as_text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 

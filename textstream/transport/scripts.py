@@ -236,12 +236,14 @@ class NewEvent:
         )
 
     @property
-    def last_id(self) -> str:
-        """The id of this event's last token (its own id, but for a run)."""
-        if self.count == 1:
-            return self.id
+    def last_key(self) -> tuple[int, int]:
+        """The id of this event's last token (its own, but for a run) as (ms, seq)."""
         ms, _, seq = self.id.partition("-")
-        return f"{ms}-{int(seq) + self.count - 1}"
+        return int(ms), int(seq) + self.count - 1
+
+    @property
+    def last_id(self) -> str:
+        return "{}-{}".format(*self.last_key)
 
     def extended(self, token: NewEvent) -> NewEvent:
         """This run (or token) with `token` after it (under the next id)."""

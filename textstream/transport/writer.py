@@ -232,19 +232,19 @@ class EventWriter:
         """Add an event to what is pending, with its id, without sending it."""
         with self._lock:
             last = self._pending[-1] if self._pending else None
+            run_end = last.last_key if last is not None and last.extensible else None
             if (
                 event is EventType.TOKEN
                 and not claim
                 and self._extendable
                 and last is not None
-                and last.extensible
-                and self._last_id == id_key(last.last_id)  # nothing seen above it since
+                and run_end is not None
+                and run_end == self._last_id  # no id seen above it since
             ):
                 # Tokens that wait together go in one entry (NewEvent.count): the
                 # next token takes the id after the run's last, whatever the clock
                 # says, so that every token of the run keeps an id of its own.
-                ms, seq = id_key(last.last_id)
-                self._last_id = (ms, seq + 1)
+                self._last_id = (run_end[0], run_end[1] + 1)
                 self._pending[-1] = last.extended(new_event(event, data, token_ids))
                 return
             # Without the stream's last id (it could not be read), ids come from this
