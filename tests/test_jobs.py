@@ -6,6 +6,7 @@ import threading
 import time
 
 import httpx
+import redis
 from helpers import parse_sse_lines, stream, wait_for
 
 from textstream import keys
@@ -183,3 +184,42 @@ def test_idle_streams_get_comment_pings(make_service):
             if pings >= 2 or time.monotonic() - started > 5:
                 break
     assert pings >= 2
+
+
+def test_a_resume_after_a_token_inside_a_run_gets_exactly_the_rest(service):
+    """A worker stores the tokens it has ready together as one entry (a run); every
+    token keeps its own SSE id. Resuming after one in the middle of a run gets
+    exactly the tokens after it (also for two identical resumes at once), and an id
+    in the run's millisecond that no event has is refused."""
+    job_id = create(service.base, prompt="Hello", max_new_tokens=200, ignore_eos=True)
+    whole = stream(service.base, f"/jobs/{job_id}/events").events
+    ids = [e.id for e in whole]
+    assert len(set(ids)) == len(ids) and whole[-1].event == "done"
+    client = redis.Redis.from_url(service.env["REDIS_URL"])
+    runs = [
+        (entry_id.decode(), fields[b"data"].count(b"\n") + 1)
+        for entry_id, fields in client.xrange(keys.job_events(job_id))
+        if fields[b"event"] == b"tokens"
+    ]
+    entry_id, count = max(runs, key=lambda run: run[1])
+    assert count >= 3, runs
+    ms, seq = map(int, entry_id.split("-"))
+    middle = f"{ms}-{seq + 1}"
+    expected = ids[ids.index(middle) + 1 :]
+    rests: list = [None, None]
+
+    def resume(i: int) -> None:
+        rests[i] = stream(service.base, f"/jobs/{job_id}/events", last_event_id=middle)
+
+    threads = [threading.Thread(target=resume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [e.id for e in rests[0].events] == [e.id for e in rests[1].events] == expected
+    made_up = f"{ms}-{seq + count + 10**6}"
+    assert made_up not in ids
+    refused = httpx.get(
+        f"{service.base}/jobs/{job_id}/events", headers={"Last-Event-ID": made_up}, timeout=10
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["field"] == "Last-Event-ID"

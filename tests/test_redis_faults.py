@@ -137,7 +137,8 @@ def test_gathered_writers_wait_out_one_outage_together_then_fail_together(own_re
     state["proc"].wait(10)
     lost = time.monotonic()
     for writer in writers:
-        writer.write(EventType.TOKEN, {"text": " x"}, [1])
+        for i in range(1, 4):  # a run of three waits in each writer
+            writer.write(EventType.TOKEN, {"text": f" x{i}"}, [i])
     wait_for(lambda: all(w.failure for w in writers), 4 * grace + 5, "the jobs to fail")
     took = time.monotonic() - lost
     assert grace <= took < 2 * grace + 1, took
@@ -167,7 +168,8 @@ def test_gathered_writers_find_their_jobs_gone_when_redis_comes_back_empty(own_r
     state["proc"].kill()
     state["proc"].wait(10)
     for writer in writers:
-        writer.write(EventType.TOKEN, {"text": " x"}, [1])
+        for i in range(1, 4):  # a run of three waits in each writer
+            writer.write(EventType.TOKEN, {"text": f" x{i}"}, [i])
     restart(persistent=False)
     wait_for(lambda: all(w.lost_job for w in writers), 15, "the writers to find their jobs gone")
     assert all(w.failure is None for w in writers)
