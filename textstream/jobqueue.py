@@ -145,7 +145,8 @@ def create_worker_modelq(
         return run_job(job)
 
     assert generate_completion.__name__ == keys.TASK_NAME
-    mq.task(schema=CompletionJob)(generate_completion)
+    mq.task(schema=CompletionJob)(generate_completion)  # ModelQ's record of what we run
+    mq.run_job = run_job
     return mq
 
 
@@ -161,16 +162,43 @@ class ProducerModelQ(ModelQ):  # type: ignore[misc]
         return None
 
 
+#: A claimed task's bookkeeping in one round trip (ModelQ's own worker loop makes
+#: four): mark it processing unless a worker already is (a task given back while
+#: still running, claimed twice), take it out of the queued index, record it as
+#: processing with its start time (a sweeper gives a task back from this record),
+#: and publish its first in-flight heartbeat.
+#: KEYS: processing_tasks, queued_requests, task:{id}, task_heartbeats.
+#: ARGV: task id, the task's record, its TTL, the start time. 1, or 0 for a duplicate.
+BEGIN_SCRIPT = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
+return 1
+"""
+
+
 class WorkerModelQ(ModelQ):  # type: ignore[misc]
-    """ModelQ as a worker runs it, with two kinds of fixes.
+    """ModelQ as a worker runs it: ModelQ's queue, custody lists, heartbeats and
+    sweepers, with its worker loop replaced by ours (`_serve`).
+
+    ModelQ's loop makes about seventeen Redis round trips per task (a thread's
+    idle/busy status read and rewritten twice, each bookkeeping command on its own,
+    the in-flight records cleared twice over); on a Redis carrying many short
+    answers that is most of what a request costs it. Ours keeps ModelQ's records
+    and their order, in three: the claim (registering the custody list, then
+    BLMOVE, pipelined), the claimed task's bookkeeping (BEGIN_SCRIPT), and its end
+    (one pipeline). ModelQ's sweepers and recovery read the same records as before.
+    What ModelQ's loop offers that textstream does not use is left out: middleware,
+    Sentry, retries (our task never raises) and its per-thread status in `servers`
+    (its heartbeat keeps that entry alive; nothing reads the status).
 
     Nothing keeps a prompt past JOB_TTL: ModelQ's final write stores the whole task
     (payload, so the prompt) in `task:{id}` for 24 h and `task_result:{id}` for 1 h,
     and its history for 24 h. Here the final write keeps only a payload-free status
     stub in `task:{id}` (its sweepers read the status there, so a finished job is
     never revived), expiring JOB_TTL after the job was created; no result, no history,
-    no `modelq_errors.log` (our task never raises, but the payload must not land in a
-    file if it ever did).
+    no `modelq_errors.log`.
 
     Custody survives a Redis that restarts empty: ModelQ registers a thread's
     in-flight list once, when the thread starts, so after such a restart the list it
@@ -180,21 +208,192 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
     """
 
     job_ttl = 3600
+    #: How long a queue thread waits before trying Redis again after an error.
+    RETRY_SECONDS = 1.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._custody_keys: set[str] = set()
         #: Set by a stopping worker: its threads stop claiming. (ModelQ's own switch,
         #: `worker_healthy`, logs a warning per thread every 5 s while draining.)
         self.draining = threading.Event()
+        self._stopped = threading.Event()
+        #: What runs a claimed job (set by create_worker_modelq).
+        self.run_job: Callable[[CompletionJob], Any] | None = None
         super().__init__(*args, **kwargs)
+        self._begin = self.redis_client.register_script(BEGIN_SCRIPT)
+
+    def start_workers(self, no_of_workers: int = 1) -> None:
+        """ModelQ's start-up (recover this server id's leftovers, then its heartbeat
+        and sweeper threads) and `no_of_workers` threads of our loop. ModelQ's
+        delayed-task thread is not started: its delayed tasks are retries, and ours
+        never retry (a second poll of Redis every second, for nothing)."""
+        if any(thread.is_alive() for thread in self.worker_threads):
+            return
+        self.recover_abandoned_inflight_tasks(include_self=True)
+        targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            (self._heartbeat_loop, ()),
+            (self._pruning_loop, ()),
+        ]
+        targets += [(self._serve, (n,)) for n in range(no_of_workers)]
+        for target, args in targets:
+            thread = threading.Thread(target=target, args=args, daemon=True)
+            thread.start()
+            self.worker_threads.append(thread)
+
+    def stop(self) -> None:
+        """End every thread start_workers started (each within a claim's block):
+        for tests and embedders; a worker process just exits after draining."""
+        self.draining.set()
+        self._stopped.set()
+
+    def _heartbeat_loop(self) -> None:  # ModelQ's, stoppable
+        while not self._stopped.is_set():
+            with self._guarded_iteration("heartbeat"):
+                self.heartbeat()
+            with self._guarded_iteration("inflight_heartbeat"):
+                self._publish_inflight_heartbeats()
+            self._stopped.wait(self.HEARTBEAT_INTERVAL)
+
+    def _pruning_loop(self) -> None:  # ModelQ's, stoppable
+        while not self._stopped.is_set():
+            with self._guarded_iteration("pruning"):
+                self.prune_inactive_servers(timeout_seconds=self.PRUNE_TIMEOUT)
+                self.recover_abandoned_inflight_tasks()
+                self.requeue_stuck_processing_tasks(threshold=self.INFLIGHT_STALE_AFTER)
+            self._stopped.wait(self.PRUNE_CHECK_INTERVAL)
+
+    def _serve(self, n: int) -> None:
+        """One queue thread: claim a task, run it, release it; until stopped.
+
+        A claim that failed may have moved a task into this thread's custody list
+        with its reply lost (ModelQ's loop would claim the next and leave that one
+        there while the worker lives): after a failed claim, the list is read
+        first, and a task found there is run."""
+        inflight_key = self._inflight_key(n)
+        recheck = False
+        while not self._stopped.is_set():
+            try:
+                if recheck:
+                    task_json = self.redis_client.lindex(inflight_key, 0)
+                    recheck = False
+                else:
+                    task_json = self._claim_task(inflight_key)
+                if task_json:
+                    self._process_claimed(task_json, inflight_key)
+            except Exception as exc:  # a queue thread outlives any error, as ModelQ's
+                log.warning("queue thread %d: %s; retrying", n, type(exc).__name__)
+                recheck = True
+                self._stopped.wait(self.RETRY_SECONDS)
 
     def _claim_task(self, inflight_key: str) -> Any:
         if self.draining.is_set():
-            time.sleep(0.5)
+            self._stopped.wait(0.5)
             return None
-        self.redis_client.sadd(self.INFLIGHT_REGISTRY, inflight_key)
         self._custody_keys.add(inflight_key)
-        return super()._claim_task(inflight_key)
+        if not self._blmove_supported():  # Redis < 6.2: ModelQ's polled claim
+            self.redis_client.sadd(self.INFLIGHT_REGISTRY, inflight_key)
+            return super()._claim_task(inflight_key)
+        pipe = self.redis_client.pipeline(transaction=False)
+        pipe.sadd(self.INFLIGHT_REGISTRY, inflight_key)
+        pipe.blmove(keys.MODELQ_QUEUE, inflight_key, self.BLPOP_TIMEOUT, "LEFT", "RIGHT")
+        _, task_json = pipe.execute()
+        return task_json
+
+    def _persist(self, what: str, call: Callable[[], Any]) -> Any:
+        """`call` until Redis takes it: a claimed task's records must neither be
+        lost (the task would sit in custody, never run) nor half written."""
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                log.warning("could not %s yet: %s", what, type(exc).__name__)
+                time.sleep(self.RETRY_SECONDS)
+
+    def _process_claimed(self, task_json: bytes | str, inflight_key: str) -> None:
+        task_dict = json.loads(task_json)
+        task = Task.from_dict(task_dict)
+        if task.task_name not in self.allowed_tasks:
+            # Not a task of ours (another producer on this queue): back it goes, as
+            # ModelQ's loop does, for a server that can run it.
+            queued_at = task_dict.get("queued_at") or time.time()
+
+            def give_back() -> None:
+                pipe = self.redis_client.pipeline(transaction=False)
+                pipe.rpush(keys.MODELQ_QUEUE, task_json)
+                pipe.zadd(keys.MODELQ_QUEUED_INDEX, {task.task_id: queued_at})
+                pipe.lrem(inflight_key, 1, task_json)
+                pipe.execute()
+
+            self._persist("give back a task", give_back)
+            return
+        started_at = time.time()
+        task_dict.update(status="processing", started_at=started_at)
+        task.started_at = started_at
+        fresh = self._persist(
+            "start a claimed job",
+            lambda: self._begin(
+                keys=[
+                    "processing_tasks",
+                    keys.MODELQ_QUEUED_INDEX,
+                    keys.modelq_task(task.task_id),
+                    self.INFLIGHT_HEARTBEAT_KEY,
+                ],
+                args=[task.task_id, json.dumps(task_dict), self.task_ttl, str(started_at)],
+            ),
+        )
+        if not int(fresh):
+            # Given back while its worker still runs it (ModelQ's sweeper and a slow
+            # heartbeat): that worker's records are left alone, ours are released.
+            log.warning("job=%s is already running on another worker; skipped", task.task_id)
+            self._release(inflight_key, task_json)
+            return
+        with self._inflight_lock:
+            self._inflight_tasks[task.task_id] = started_at
+        task.status = "failed"
+        try:
+            assert self.run_job is not None, "create_worker_modelq sets run_job"
+            self.run_job(CompletionJob.model_validate(task.payload["data"]))
+            task.status = "completed"
+        except Exception as exc:  # never the payload (the prompt) in a log
+            log.error("job=%s: the queue task raised %s", task.task_id, type(exc).__name__)
+        finally:
+            with self._inflight_lock:
+                self._inflight_tasks.pop(task.task_id, None)
+            self._release(inflight_key, task_json, task)
+
+    def _release(self, inflight_key: str, task_json: bytes | str, task: Task | None = None) -> None:
+        """End custody of a claimed task, in ModelQ's order: no longer processing nor
+        heartbeating, its final status stub, then out of the custody list (last, so
+        a worker that dies before this leaves the task recoverable). Persisted:
+        until Redis takes it, a sweeper would give the task back and run it again."""
+        stub = self._final_stub(task) if task is not None else None
+
+        def release() -> None:
+            # A new pipeline each try: a failed execute() empties the one it ran.
+            pipe = self.redis_client.pipeline(transaction=False)
+            if task is not None and stub is not None:
+                pipe.srem("processing_tasks", task.task_id)
+                pipe.hdel(self.INFLIGHT_HEARTBEAT_KEY, task.task_id)
+                pipe.set(keys.modelq_task(task.task_id), stub[0], ex=stub[1])
+            pipe.lrem(inflight_key, 1, task_json)
+            pipe.execute()
+
+        self._persist("release a claimed job", release)
+
+    def _final_stub(self, task: Task) -> tuple[str, int]:
+        """The payload-free `task:{id}` a finished task leaves, and its TTL (what is
+        left of JOB_TTL since the job was created)."""
+        stub = {
+            "task_id": task.task_id,
+            "task_name": task.task_name,
+            "status": task.status,
+            "created_at": task.created_at,
+            "queued_at": getattr(task, "queued_at", None),
+            "started_at": task.started_at,
+            "finished_at": time.time(),
+        }
+        remaining = int((task.created_at or time.time()) + self.job_ttl - time.time())
+        return json.dumps(stub), max(1, remaining)
 
     def heartbeat(self) -> None:
         super().heartbeat()
@@ -206,30 +405,6 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
 
     def log_task_error_to_file(self, task: Any, exc: Exception, file_path: str = "") -> None:
         log.error("job=%s: the queue task raised %s", task.task_id, type(exc).__name__)
-
-    def _store_final_task_state(
-        self, task: Task, success: bool, error: Exception | None = None
-    ) -> None:
-        try:
-            self.redis_client.srem("processing_tasks", task.task_id)
-            self.redis_client.hdel(self.INFLIGHT_HEARTBEAT_KEY, task.task_id)
-        except Exception as exc:  # as ModelQ: bookkeeping never kills a worker thread
-            log.warning("job=%s: could not clear in-flight state: %s", task.task_id, exc)
-        with self._inflight_lock:
-            self._inflight_tasks.pop(task.task_id, None)
-        stub = {
-            "task_id": task.task_id,
-            "task_name": task.task_name,
-            "status": task.status,
-            "created_at": task.created_at,
-            "queued_at": getattr(task, "queued_at", None),
-            "started_at": task.started_at,
-            "finished_at": time.time(),
-        }
-        remaining = int((task.created_at or time.time()) + self.job_ttl - time.time())
-        self.redis_client.set(
-            keys.modelq_task(task.task_id), json.dumps(stub), ex=max(1, remaining)
-        )
 
 
 #: Puts one task on the queue unless MAX_QUEUED_JOBS are already waiting, in one
