@@ -1,18 +1,20 @@
 """Prometheus metrics that are right however many API processes there are.
 
-Nothing is kept in process memory: workers add each finished job's figures to
-histograms in Redis (one pipeline per job), API processes count requests there,
-and `/metrics` renders what Redis holds, so every API process answers with the
-same global figures. Names follow vLLM's where they mean the same
+Workers add their finished jobs' figures to histograms in Redis (`JobMetrics`:
+one pipeline for all the jobs a worker finished within a quarter of a second),
+API processes count requests there, and `/metrics` renders what Redis holds, so
+every API process answers with the same global figures. Names follow vLLM's where they mean the same
 (`vllm:time_to_first_token_seconds` -> `textstream_time_to_first_token_seconds`).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import threading
 import time
-from collections import Counter
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -29,6 +31,8 @@ from prometheus_client.registry import Collector
 
 from textstream import keys
 from textstream.registry import WorkerInfo
+
+log = logging.getLogger(__name__)
 
 PREFIX = "textstream_"
 LATENCY = [
@@ -117,25 +121,103 @@ class JobTimings:
         return obs
 
 
-def record_job(client: redis.Redis, timings: JobTimings, success: bool, model: str) -> None:
-    """Add one finished job to the shared histograms and counters (one round trip)."""
-    pipe = client.pipeline(transaction=False)
-    for name, values in timings.observations(time.time()).items():
-        bounds = HISTOGRAMS[name][1]
-        buckets = Counter(bisect.bisect_left(bounds, v) for v in values)
-        key = keys.metrics_histogram(name, model)
-        for index, count in buckets.items():
-            pipe.hincrby(key, str(index), count)
-        pipe.hincrbyfloat(key, "sum", sum(values))
-        pipe.hincrby(key, "count", len(values))
-    outcome = "request_success" if success else "request_failure"
-    for name, amount in (
-        ("generation_tokens", timings.completion_tokens),
-        ("prompt_tokens", timings.prompt_tokens),
-        (outcome, 1),
-    ):
-        pipe.hincrby(keys.METRICS_COUNTERS, f"{name}|{model}", amount)
-    pipe.execute()
+#: Amounts to add to Redis hashes: (key, field, whether a float) -> amount.
+Figures = defaultdict[tuple[str, str, bool], float]
+
+
+def _merge(into: Figures, figures: Figures) -> None:
+    for name, amount in figures.items():
+        into[name] += amount
+
+
+class JobMetrics:
+    """A worker's finished jobs' figures, on their way to Redis's histograms.
+
+    A job's figures are 18 commands. Written one job at a time, that was a round
+    trip and ~37 µs of Redis CPU per job, a tenth of what a short answer costs
+    Redis. Here a job's figures go at once when the last write is `every` seconds
+    old (a lone job shows in /metrics at once), else they are gathered and written
+    together `every` seconds after the last write, by one thread: any number of
+    jobs in one pipeline. Figures Redis could not take are kept (a bounded set:
+    histogram buckets by model) and go with the next write; a worker that dies
+    loses at most `every` seconds of them. `after_write` runs after each write (the
+    worker's registry beat: /workers sees its new decode rate with its figures).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        every: float = 0.25,
+        after_write: Callable[[], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._every = every
+        self._after_write = after_write
+        self._lock = threading.Lock()
+        self._pending: Figures = defaultdict(float)
+        self._last = float("-inf")
+        self._due = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._thread.start()
+
+    def add(self, timings: JobTimings, success: bool, model: str) -> None:
+        """Count one finished job."""
+        figures: Figures = defaultdict(float)
+        for name, values in timings.observations(time.time()).items():
+            bounds = HISTOGRAMS[name][1]
+            key = keys.metrics_histogram(name, model)
+            for value in values:
+                figures[(key, str(bisect.bisect_left(bounds, value)), False)] += 1
+            figures[(key, "sum", True)] += sum(values)
+            figures[(key, "count", False)] += len(values)
+        outcome = "request_success" if success else "request_failure"
+        for name, amount in (
+            ("generation_tokens", timings.completion_tokens),
+            ("prompt_tokens", timings.prompt_tokens),
+            (outcome, 1),
+        ):
+            figures[(keys.METRICS_COUNTERS, f"{name}|{model}", False)] += amount
+        with self._lock:
+            _merge(self._pending, figures)
+            now = time.monotonic() - self._last >= self._every
+        if now:
+            self.write()
+        else:
+            self._due.set()
+
+    def write(self) -> bool:
+        """Write what is pending now; False (and kept for the next) if Redis failed."""
+        with self._lock:
+            pending, self._pending = self._pending, defaultdict(float)
+            self._last = time.monotonic()
+        if pending:
+            pipe = self._client.pipeline(transaction=False)
+            for (key, name, is_float), amount in pending.items():
+                if is_float:
+                    pipe.hincrbyfloat(key, name, amount)
+                else:
+                    pipe.hincrby(key, name, int(amount))
+            try:
+                pipe.execute()
+            except redis.RedisError as exc:
+                with self._lock:
+                    _merge(self._pending, pending)
+                self._due.set()
+                log.warning("could not record metrics yet: %s", exc)
+                return False
+        if self._after_write is not None:
+            try:
+                self._after_write()
+            except redis.RedisError as exc:
+                log.warning("could not publish the worker's state: %s", exc)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            time.sleep(max(0.0, self._last + self._every - time.monotonic()))
+            self.write()
 
 
 async def count_request(client: aioredis.Redis, method: str, route: str, status: int) -> None:

@@ -39,7 +39,7 @@ from textstream.engines.base import (
 )
 from textstream.job import CompletionJob
 from textstream.logs import redact
-from textstream.metrics import JobTimings, record_job
+from textstream.metrics import JobMetrics, JobTimings
 from textstream.registry import WorkerHeartbeat
 from textstream.transport.events import (
     CANCELLED,
@@ -145,6 +145,7 @@ class CompletionRunner:
         self._flusher = flusher
         self._settings = settings
         self._heartbeat = heartbeat
+        self.metrics = JobMetrics(client, after_write=heartbeat.beat)
         #: Set when the process is stopping: a job claimed after this is left in
         #: ModelQ's custody (never started), so another worker takes it over.
         self.draining = threading.Event()
@@ -194,11 +195,7 @@ class CompletionRunner:
                 round((len(timings.token_times) - 1) / span, 2) if span else 0.0
             )
         self._heartbeat.info.peak_batch = self._engine.peak_batch
-        try:
-            record_job(self._client, timings, result["status"] == "done", self._engine.name)
-            self._heartbeat.beat()  # /workers and /metrics see the new rate at once
-        except redis.RedisError as exc:
-            log.warning("could not record metrics: %s", exc)
+        self.metrics.add(timings, result["status"] == "done", self._engine.name)
 
     def _fail(
         self, job: CompletionJob, writer: EventWriter, data: dict[str, Any]
