@@ -143,8 +143,11 @@ class WorkerHeartbeat:
 async def live_workers(client: aioredis.Redis, interval: float) -> list[WorkerInfo]:
     """Workers whose last heartbeat is recent. Stale index entries are pruned."""
     cutoff = time.time() - interval * MISSED_HEARTBEATS
-    await client.zremrangebyscore(keys.WORKERS, "-inf", cutoff)
-    ids = [i.decode() for i in await client.zrange(keys.WORKERS, 0, -1)]
+    async with client.pipeline(transaction=False) as pipe:  # one round trip, not two
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", cutoff)
+        pipe.zrange(keys.WORKERS, 0, -1)
+        _, members = await pipe.execute()
+    ids = [i.decode() for i in members]
     if not ids:
         return []
     bodies = await client.mget([keys.worker_info(i) for i in ids])

@@ -1,0 +1,279 @@
+"""The worker's side of the queue, in process against a real Redis: our claim loop
+over ModelQ's records (jobqueue.WorkerModelQ) and the gathered metrics writes
+(metrics.JobMetrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from helpers import wait_for
+
+from bench.cluster import start_redis
+from textstream import keys
+from textstream.config import Settings
+from textstream.job import CompletionJob
+from textstream.jobqueue import JobQueue, create_worker_modelq, new_server_id
+from textstream.metrics import JobMetrics, JobTimings
+
+MODEL = "queue-test"
+
+
+def submit(url: str, prompt: str) -> str:
+    """Queue a job as the API does; its id."""
+    settings = Settings(redis_url=url)
+
+    async def put() -> str:
+        client = aioredis.Redis.from_url(url)
+        try:
+            job = CompletionJob(
+                job_id=uuid.uuid4().hex,
+                model=MODEL,
+                prompt=prompt,
+                enqueued_at=time.time(),
+            )
+            assert await JobQueue(client, settings).submit(job) == 1
+            return job.job_id
+        finally:
+            await client.close()
+
+    return asyncio.run(put())
+
+
+def start_worker(url: str, run: Any) -> Any:
+    settings = Settings(redis_url=url, takeover_after_seconds=30)
+    mq = create_worker_modelq(settings, new_server_id(), MODEL, run)
+    mq.start_workers(1)
+    return mq
+
+
+def scoped(name: str) -> str:
+    return keys.queue_key(MODEL, name)
+
+
+def test_a_finished_job_leaves_only_a_payload_free_stub(isolated_redis_url):
+    client = redis.Redis.from_url(isolated_redis_url)
+    ran: list[CompletionJob] = []
+    seen_while_running: dict[str, Any] = {}
+
+    def run(job: CompletionJob) -> dict[str, Any]:
+        # While it runs, ModelQ's records say so: a sweeper must leave it alone.
+        seen_while_running["processing"] = client.smembers(scoped("processing_tasks"))
+        seen_while_running["beat"] = client.hget(scoped("task_heartbeats"), job.job_id)
+        record = json.loads(client.get(keys.modelq_task(job.job_id)))
+        seen_while_running["record"] = record
+        ran.append(job)
+        return {"status": "done"}
+
+    job_id = submit(isolated_redis_url, "a secret prompt")
+    mq = start_worker(isolated_redis_url, run)
+    try:
+        wait_for(lambda: ran and not client.smembers(scoped("processing_tasks")), 10, "the job")
+    finally:
+        mq.stop()
+    assert [job.prompt for job in ran] == ["a secret prompt"]
+    assert seen_while_running["processing"] == {job_id.encode()}
+    assert seen_while_running["beat"] is not None
+    record = seen_while_running["record"]
+    assert record["status"] == "processing" and record["started_at"] > 0
+    assert record["payload"]["data"]["prompt"] == "a secret prompt"  # a sweeper can requeue it
+    # Released: nothing in custody, no heartbeat, not queued, and the prompt gone.
+    wait_for(lambda: not any(client.lrange(k, 0, -1) for k in client.keys("inflight:*")), 5, "")
+    assert not client.hget(scoped("task_heartbeats"), job_id)
+    assert client.zcard(scoped("queued_requests")) == 0
+    assert client.llen(scoped("ml_tasks")) == 0
+    stub = client.get(keys.modelq_task(job_id))
+    assert b"secret" not in stub and json.loads(stub)["status"] == "completed"
+    assert 0 < client.ttl(keys.modelq_task(job_id)) <= 3600
+
+
+def test_a_job_another_worker_is_running_is_not_run_twice(isolated_redis_url):
+    """A task given back while its worker still runs it (a late heartbeat) and
+    claimed again: the second claim runs nothing and leaves the first worker's
+    records as they are."""
+    client = redis.Redis.from_url(isolated_redis_url)
+    job_id = submit(isolated_redis_url, "twice")
+    beat = str(time.time())  # fresh: the sweepers leave the running job alone
+    client.sadd(scoped("processing_tasks"), job_id)
+    client.hset(scoped("task_heartbeats"), job_id, beat)
+    ran: list[str] = []
+    mq = start_worker(isolated_redis_url, lambda job: ran.append(job.job_id))
+    try:
+        wait_for(lambda: client.llen(scoped("ml_tasks")) == 0, 10, "the claim")
+        wait_for(lambda: not any(client.lrange(k, 0, -1) for k in client.keys("inflight:*")), 5, "")
+        time.sleep(0.3)
+    finally:
+        mq.stop()
+    assert ran == []
+    assert client.smembers(scoped("processing_tasks")) == {job_id.encode()}
+    assert client.hget(scoped("task_heartbeats"), job_id) == beat.encode()
+
+
+def test_a_job_whose_run_raises_is_released_as_failed(isolated_redis_url):
+    client = redis.Redis.from_url(isolated_redis_url)
+    job_id = submit(isolated_redis_url, "boom")
+
+    def run(job: CompletionJob) -> dict[str, Any]:
+        raise RuntimeError("the prompt must not reach the log: boom")
+
+    def failed() -> bool:
+        return b'"failed"' in (client.get(keys.modelq_task(job_id)) or b"")
+
+    mq = start_worker(isolated_redis_url, run)
+    try:
+        wait_for(failed, 10, "the failed stub")
+    finally:
+        mq.stop()
+    assert not client.smembers(scoped("processing_tasks"))
+    assert b"boom" not in client.get(keys.modelq_task(job_id))
+
+
+def timings(tokens: int) -> JobTimings:
+    now = time.time()
+    return JobTimings(
+        enqueued_at=now - 1,
+        started_at=now - 0.5,
+        token_times=[now - 0.4 + 0.01 * i for i in range(tokens)],
+        prompt_tokens=3,
+        completion_tokens=tokens,
+    )
+
+
+def counters(client: redis.Redis) -> dict[bytes, bytes]:
+    return client.hgetall(keys.METRICS_COUNTERS)
+
+
+def test_job_metrics_go_at_once_alone_and_together_in_a_burst(isolated_redis_url):
+    client = redis.Redis.from_url(isolated_redis_url)
+    writes: list[float] = []
+    metrics = JobMetrics(client, every=0.5, after_write=lambda: writes.append(time.monotonic()))
+    metrics.add(timings(4), True, "m")
+    # A lone job: in Redis before `add` returns.
+    assert counters(client)[b"generation_tokens|m"] == b"4"
+    assert len(writes) == 1
+    for _ in range(20):  # a burst within the window: gathered, one write
+        metrics.add(timings(2), True, "m")
+    metrics.add(timings(1), False, "m")
+    assert counters(client)[b"generation_tokens|m"] == b"4"
+    wait_for(lambda: counters(client).get(b"request_failure|m") == b"1", 5, "the gathered write")
+    assert len(writes) == 2 and writes[1] - writes[0] >= 0.45
+    found = counters(client)
+    assert found[b"generation_tokens|m"] == b"45"
+    assert found[b"request_success|m"] == b"21"
+    assert found[b"prompt_tokens|m"] == b"66"
+    ttft = client.hgetall(keys.metrics_histogram("time_to_first_token_seconds", "m"))
+    assert ttft[b"count"] == b"22" and abs(float(ttft[b"sum"]) - 22 * 0.6) < 0.05
+    itl = client.hgetall(keys.metrics_histogram("inter_token_latency_seconds", "m"))
+    assert itl[b"count"] == str(3 + 20).encode()
+
+
+def test_job_metrics_outlive_a_redis_outage(tmp_path: Path):
+    proc, url = start_redis(tmp_path)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    metrics = JobMetrics(client, every=0.2)
+    try:
+        proc.terminate()
+        proc.wait(10)
+        metrics.add(timings(5), True, "m")  # Redis gone: kept, never raised
+        metrics.add(timings(6), True, "m")
+        time.sleep(0.5)
+        proc, _ = start_redis(tmp_path, port)  # back, and empty
+        wait_for(lambda: counters(client).get(b"generation_tokens|m") == b"11", 10, "the retry")
+        assert counters(client)[b"request_success|m"] == b"2"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        client.close()
+
+
+def test_job_metrics_are_counted_once_under_concurrent_adds(isolated_redis_url):
+    client = redis.Redis.from_url(isolated_redis_url)
+    metrics = JobMetrics(client, every=0.05)
+    threads = [
+        threading.Thread(target=lambda: [metrics.add(timings(1), True, "m") for _ in range(50)])
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_for(lambda: counters(client).get(b"request_success|m") == b"400", 5, "all 400 jobs")
+    time.sleep(0.2)
+    assert counters(client)[b"generation_tokens|m"] == b"400"
+
+
+def test_a_claim_whose_reply_was_lost_still_runs_its_task(isolated_redis_url):
+    """BLMOVE moved the task into the thread's custody list, and the reply never
+    came back (a connection reset): the thread looks there before claiming again."""
+    client = redis.Redis.from_url(isolated_redis_url)
+    job_id = submit(isolated_redis_url, "lost reply")
+    ran: list[str] = []
+    settings = Settings(redis_url=isolated_redis_url, takeover_after_seconds=30)
+    mq = create_worker_modelq(settings, new_server_id(), MODEL, lambda job: ran.append(job.job_id))
+    claim = mq._claim_task
+    lost = []
+
+    def claim_losing_the_first_reply(inflight_key: str) -> Any:
+        if not lost:
+            lost.append(client.lmove(scoped("ml_tasks"), inflight_key, "LEFT", "RIGHT"))
+            raise redis.ConnectionError("Connection reset by peer")
+        return claim(inflight_key)
+
+    mq._claim_task = claim_losing_the_first_reply
+    mq.start_workers(1)
+    try:
+        wait_for(lambda: ran, 10, "the job in custody to run")
+        wait_for(lambda: not any(client.lrange(k, 0, -1) for k in client.keys("inflight:*")), 5, "")
+    finally:
+        mq.stop()
+    assert lost and ran == [job_id]
+    assert json.loads(client.get(keys.modelq_task(job_id)))["status"] == "completed"
+
+
+def test_a_queue_thread_waits_out_redis_and_serves_on(tmp_path: Path):
+    """Redis goes away while a job runs: its release is retried until Redis is back
+    (here empty), and the thread then claims and runs the next job."""
+    proc, url = start_redis(tmp_path)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    started, go_on, ran = threading.Event(), threading.Event(), []
+
+    def run(job: CompletionJob) -> dict[str, Any]:
+        started.set()
+        go_on.wait(10)
+        ran.append(job.prompt)
+        return {"status": "done"}
+
+    settings = Settings(redis_url=url, takeover_after_seconds=30, redis_timeout=1)
+    mq = create_worker_modelq(settings, new_server_id(), MODEL, run)
+    mq.RETRY_SECONDS = 0.2
+    try:
+        submit(url, "first")
+        mq.start_workers(1)
+        assert started.wait(10)
+        proc.terminate()
+        proc.wait(10)
+        go_on.set()  # the job ends while Redis is down
+        wait_for(lambda: ran == ["first"], 5, "the first job to end")
+        time.sleep(1.0)
+        proc, _ = start_redis(tmp_path, port)
+        client = redis.Redis.from_url(url)
+        wait_for(lambda: client.get(keys.modelq_task(mq_job_ids(client)[0])), 15, "the release")
+        second = submit(url, "second")
+        wait_for(lambda: ran == ["first", "second"], 15, "the next job")
+        wait_for(lambda: b"completed" in (client.get(keys.modelq_task(second)) or b""), 5, "")
+    finally:
+        mq.stop()
+        proc.terminate()
+        proc.wait(10)
+
+
+def mq_job_ids(client: redis.Redis) -> list[str]:
+    return [k.decode().split(":", 1)[1] for k in client.keys("task:*")] or [""]
