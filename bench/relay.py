@@ -1,6 +1,6 @@
 """Benchmark: how many streams, and tokens/s, one API process relays.
 
-    python -m bench.relay [--streams 1000] [--rate 20] [--tokens 200]
+    python -m bench.relay [--streams 1000] [--rate 20] [--tokens 200] [--client raw|httpx]
 
 One API process, one Redis, and no worker processes. The clients open --streams
 concurrent `GET /completion/...` streams; a synthetic writer (its own process)
@@ -10,6 +10,11 @@ for all streams in one round trip per tick. The writer costs little CPU, so on
 a small machine this measures the relay (Redis -> API -> SSE -> client) rather
 than a thousand worker threads competing for the same cores (bench/serving.py
 with `--model fake:20 --streams 1000` runs the whole service instead).
+
+The client holding the streams runs on the same cores as the API. It is a bare
+asyncio HTTP/1.1 client by default (`--client raw`): httpx costs about ten times
+its CPU per stream, and with it the client, not the service, set the pace of a
+1,000-stream burst (`--client httpx` measures that way still).
 
 Reports relayed tokens/s over the whole run and while every stream was open at
 once (without the connection ramp-up and the tail), errors, inter-token latency
@@ -29,11 +34,13 @@ import time
 from typing import Any
 
 import psutil
+import redis
 import redis.asyncio as aioredis
 
-from bench.cluster import service_env, start_api, start_redis
+from bench.cluster import service_env, start_api, start_redis, wait_for_workers
 from bench.serving import RESULTS, run_level, summarize
 from textstream import keys
+from textstream.registry import WorkerHeartbeat, WorkerInfo
 from textstream.sources import served_name
 from textstream.transport.scripts import APPEND_SCRIPT, EventType, append_args, new_event
 
@@ -80,7 +87,17 @@ async def _append(
     await script(keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args, client=pipe)
 
 
-def writer_process(url: str, streams: int, tokens: int, rate: float) -> None:
+def writer_process(url: str, streams: int, tokens: int, rate: float, interval: float) -> None:
+    # Announced in the worker registry, as a worker would be: the API resolves a
+    # request's model from the live workers (with none, it reads the registry on
+    # every submission, which no deployment serving requests does).
+    model = served_name("fake")
+    info = WorkerInfo(
+        "synthetic", platform.node(), os.getpid(), model, "cpu", streams, model_source="fake"
+    )
+    heartbeat = WorkerHeartbeat(redis.Redis.from_url(url), info, interval)
+    heartbeat.beat()
+    heartbeat.start()
     asyncio.run(write_events(url, streams, tokens, rate))
 
 
@@ -97,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream")
+    parser.add_argument(
+        "--client",
+        default="raw",
+        choices=["raw", "httpx"],
+        help="the streams' client: bare asyncio connections, or httpx (its CPU per "
+        "stream made the client, on the same cores, set the burst's pace)",
+    )
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = RESULTS / "relay"
@@ -107,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     api, base = start_api(env, workdir, name="relay-api", log_level="warning")
     assert api.popen is not None
     api_cpu = psutil.Process(api.popen.pid)
+    interval = float(env["WORKER_HEARTBEAT_SECONDS"])
     writer = multiprocessing.Process(
-        target=writer_process, args=(url, args.streams, args.tokens, args.rate)
+        target=writer_process, args=(url, args.streams, args.tokens, args.rate, interval)
     )
     try:
         writer.start()
+        wait_for_workers(base, 1, 30)  # the synthetic writer announced itself
         # Every process on the machine's cores: which one runs out first.
         procs = {
             "api": api_cpu,
@@ -121,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         cpu_before, started = api_cpu.cpu_times(), time.perf_counter()
         before = {name: busy(proc) for name, proc in procs.items()}
-        results = asyncio.run(run_level(base, args.streams, args.streams, args.tokens))
+        results = asyncio.run(run_level(base, args.streams, args.streams, args.tokens, args.client))
         seconds = time.perf_counter() - started
         cpu_after = api_cpu.cpu_times()
         shares = {
@@ -139,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "streams": args.streams,
         "rate_per_stream": args.rate,
         "tokens_per_stream": args.tokens,
+        "client": args.client,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
         **row,

@@ -74,7 +74,75 @@ async def one_request(client: httpx.AsyncClient, tokens: int, i: int) -> dict[st
     }
 
 
-async def run_level(base: str, level: int, requests: int, tokens: int) -> list[dict[str, Any]]:
+async def one_request_raw(base: str, tokens: int, i: int) -> dict[str, Any]:
+    """`one_request` over a bare asyncio connection: one HTTP/1.1 GET, the chunked
+    SSE body parsed line by line. A tenth of httpx's CPU per stream, so a client
+    holding 1,000 streams on the service's own cores measures the service rather
+    than itself (`--client raw` in bench.relay)."""
+    url = httpx.URL(base)
+    query = f"max_new_tokens={tokens}&ignore_eos=true&use_cache=false"
+    request = (
+        f"GET /completion/request%20{i}?{query} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+        "Accept: text/event-stream\r\nConnection: close\r\n\r\n"
+    ).encode()
+    started, times, event, done = time.perf_counter(), [], "", False
+    try:
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+    except OSError as exc:
+        return {"error": type(exc).__name__}
+    try:
+        writer.write(request)
+        status = (await reader.readline()).split(b" ", 2)
+        if len(status) < 2 or status[1] != b"200":
+            return {"error": f"HTTP {status[1].decode() if len(status) > 1 else '?'}"}
+        chunked = False
+        while (header := await reader.readline()) not in (b"\r\n", b""):
+            chunked |= header.lower().startswith(b"transfer-encoding: chunked")
+        pending = b""
+        while not done:
+            if chunked:
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    break
+                body = await reader.readexactly(size + 2)
+                pending += body[:-2]
+            else:
+                body = await reader.read(65536)
+                if not body:
+                    break
+                pending += body
+            *lines, pending = pending.split(b"\n")
+            for line in (raw.rstrip(b"\r") for raw in lines):  # SSE lines may end CRLF
+                if line.startswith(b"event: "):
+                    event = line[7:].decode()
+                elif line.startswith(b"data: ") and event == "token":
+                    times.append(time.perf_counter())
+                elif line.startswith(b"data: ") and event in ("done", "error"):
+                    done = event == "done"
+                    break
+            if event == "error":
+                break
+    except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+        return {"error": type(exc).__name__}
+    finally:
+        writer.close()
+    if not done or not times:
+        return {"error": "stream ended without done"}
+    end = time.perf_counter()
+    return {
+        "ttft": times[0] - started,
+        "e2e": end - started,
+        "itl": [b - a for a, b in pairwise(times)],
+        "tokens": len(times),
+        "times": times,
+    }
+
+
+async def run_level(
+    base: str, level: int, requests: int, tokens: int, client_kind: str = "httpx"
+) -> list[dict[str, Any]]:
+    """`level` users sending `requests` requests in all, each its next as soon as
+    its last has ended; `client_kind` "raw" uses one_request_raw."""
     limits = httpx.Limits(max_connections=level + 8, max_keepalive_connections=level + 8)
     counter = iter(range(requests))
     results: list[dict[str, Any]] = []
@@ -82,7 +150,10 @@ async def run_level(base: str, level: int, requests: int, tokens: int) -> list[d
 
         async def user() -> None:
             for i in counter:
-                results.append(await one_request(client, tokens, i))
+                if client_kind == "raw":
+                    results.append(await one_request_raw(base, tokens, i))
+                else:
+                    results.append(await one_request(client, tokens, i))
 
         await asyncio.gather(*(user() for _ in range(level)))
     return results

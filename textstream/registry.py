@@ -6,6 +6,7 @@ model, and its staleness window (minutes) is too slow for `/health`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -152,3 +153,35 @@ async def live_workers(client: aioredis.Redis, interval: float) -> list[WorkerIn
         return []
     bodies = await client.mget([keys.worker_info(i) for i in ids])
     return [WorkerInfo(**json.loads(body)) for body in bodies if body]
+
+
+class LiveModels:
+    """The models live workers serve, as a submission resolves its model: read from
+    the registry at most once per `max_age` seconds while some are live (one read
+    shared by every submission waiting for it), not twice per submission (in a
+    burst of 1,000 streams that lookup was a tenth of the API's CPU). An empty
+    answer is not kept: a worker that has just started is seen at once. A worker
+    that died is still listed for up to `max_age`, as the registry itself lists it
+    for up to its missed heartbeats: its model's jobs then wait for a worker."""
+
+    def __init__(self, max_age: float = 1.0) -> None:
+        self._max_age = max_age
+        self._models: list[str] = []
+        self._read_at = float("-inf")
+        self._reading: asyncio.Future[list[str]] | None = None
+
+    async def get(self, client: aioredis.Redis, interval: float) -> list[str]:
+        if self._models and time.monotonic() - self._read_at < self._max_age:
+            return self._models
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read(client, interval))
+        reading = self._reading
+        return await asyncio.shield(reading)
+
+    async def _read(self, client: aioredis.Redis, interval: float) -> list[str]:
+        try:
+            models = sorted({w.model for w in await live_workers(client, interval)})
+            self._models, self._read_at = models, time.monotonic()
+            return models
+        finally:
+            self._reading = None

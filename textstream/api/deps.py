@@ -4,7 +4,7 @@ on `app.state`) and who is calling (`authorize`, a FastAPI dependency)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from fastapi import Request
@@ -15,6 +15,7 @@ from textstream.api.limits import undecodable
 from textstream.api.security import Caller, Guard
 from textstream.config import Settings
 from textstream.jobqueue import JobQueue
+from textstream.registry import LiveModels
 from textstream.transport.events import JobEvents
 
 
@@ -30,6 +31,8 @@ class Services:
     guard: Guard
     #: Bounds the submissions in hand at once (MAX_SUBMITTING): see submit.admitted_turn.
     submitting: asyncio.Semaphore
+    #: The models live workers serve, as submissions resolve theirs (re-read each second).
+    live_models: LiveModels = field(default_factory=LiveModels)
 
 
 def services_of(request: Request) -> Services:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from textstream.api.deps import Services
 from textstream.api.errors import InvalidInputError, ServiceError
-from textstream.registry import KnownModel, known_models, live_workers
+from textstream.registry import KnownModel, known_models
 from textstream.sources import served_name
 
 
@@ -28,8 +28,9 @@ class ModelNotFoundError(ServiceError, LookupError):
 
 
 async def live_models(services: Services) -> list[str]:
-    workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
-    return sorted({w.model for w in workers})
+    return await services.live_models.get(
+        services.redis, services.settings.worker_heartbeat_seconds
+    )
 
 
 async def all_models(services: Services) -> dict[str, KnownModel | None]:

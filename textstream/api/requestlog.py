@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from textstream.logs import redact_path
-from textstream.metrics import count_request
+from textstream.metrics import RequestCounts
 
 PROBES = frozenset({"/health", "/ready"})
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
@@ -36,6 +36,7 @@ class RequestLog:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.log = logging.getLogger("textstream.request")
+        self.counts = RequestCounts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,4 +82,4 @@ class RequestLog:
         client = getattr(getattr(services, "services", None), "redis", None)
         if client is not None and route != "unmatched":
             with contextlib.suppress(RedisError, OSError):  # metrics never fail a request
-                await count_request(client, scope["method"], route, status)
+                await self.counts.add(client, scope["method"], route, status)
