@@ -271,6 +271,8 @@ def test_a_queue_thread_waits_out_redis_and_serves_on(tmp_path: Path):
         wait_for(lambda: b"completed" in (client.get(keys.modelq_task(second)) or b""), 5, "")
     finally:
         mq.stop()
+        for thread in mq.worker_threads:  # before Redis goes: ModelQ's calls retry forever
+            thread.join(10)
         proc.terminate()
         proc.wait(10)
 

@@ -360,6 +360,9 @@ class JobEvents:
         XRANGE: a cluster client must ask a node for XREAD's keys (COMMAND GETKEYS),
         and redis-py 4.6 keeps asking the node it first used, dead or alive, while
         XRANGE's key is where the client knows without asking."""
+        if last_id == START_ID:  # from the start (a new reader): no run can hold it
+            entries = await self.client.xrange(stream, min="-", count=count)
+            return [(stream, entries)] if entries else []
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xrevrange(stream, max=last_id, count=1)  # a run that holds last_id
             pipe.xrange(stream, min=last_id, count=count + 1)
