@@ -5,8 +5,9 @@
 One API process, one Redis, and no worker processes. The clients open --streams
 concurrent `GET /completion/...` streams; a synthetic writer (its own process)
 takes the jobs off ModelQ's queue and appends their events through the same Lua
-script the workers use (events.py), every stream at --rate tokens/s, pipelined
-for all streams in one round trip per tick. The writer costs little CPU, so on
+script the workers use (events.py), every stream at --rate tokens/s: a tick's
+events of a hundred jobs in one script call, as a worker's flusher gathers its
+jobs', all the calls in one round trip per tick. The writer costs little CPU, so on
 a small machine this measures the relay (Redis -> API -> SSE -> client) rather
 than a thousand worker threads competing for the same cores (bench/serving.py
 with `--model fake:20 --streams 1000` runs the whole service instead).
@@ -48,43 +49,50 @@ from textstream.transport.scripts import APPEND_SCRIPT, EventType, append_args, 
 QUEUE = keys.queue_key(served_name("fake"), keys.MODELQ_QUEUE)
 
 
+#: Jobs per script call: a worker's StreamFlusher also sends all its jobs' events
+#: of one window in one call; here a tick's events, a hundred jobs at a time.
+JOBS_PER_CALL = 100
+
+
 async def write_events(url: str, streams: int, tokens: int, rate: float) -> None:
     """Play every worker at once: claim queued jobs, then each tick append one token
-    to every running job (and `done` after the last), in one pipelined round trip."""
+    to every running job (and `done` after the last), as the workers' flusher does:
+    the tick's events of many jobs in one call of their append script, all the
+    calls pipelined in one round trip."""
     client = aioredis.Redis.from_url(url)
     script = client.register_script(APPEND_SCRIPT)
     running: dict[str, int] = {}  # job id -> tokens written
     ended, tick = 0, time.monotonic()
     while ended < streams:
-        pipe = client.pipeline(transaction=False)
-        for raw in await client.lpop(QUEUE, 1000) or []:
-            job_id = json.loads(raw)["task_id"]
+        claimed = [json.loads(raw)["task_id"] for raw in await client.lpop(QUEUE, 1000) or []]
+        parts: list[tuple[str, list[Any], bool]] = []
+        for job_id in claimed:
             running[job_id] = 0
-            await _append(script, pipe, job_id, EventType.STARTED, {"worker": "synthetic"}, True)
         for job_id, written in list(running.items()):
+            new = job_id in claimed
+            events = [new_event(EventType.STARTED, {"worker": "synthetic"})] if new else []
             if written < tokens:
-                await _append(script, pipe, job_id, EventType.TOKEN, {"text": f" w{written}"})
+                events.append(new_event(EventType.TOKEN, {"text": f" w{written}"}))
                 running[job_id] = written + 1
             else:
                 usage = {"prompt_tokens": 1, "completion_tokens": tokens}
                 data = {"finish_reason": "length", "model": "synthetic", "usage": usage}
-                await _append(script, pipe, job_id, EventType.DONE, data)
+                events.append(new_event(EventType.DONE, data))
                 del running[job_id]
                 ended += 1
+            parts.append((job_id, events, new))
+        pipe = client.pipeline(transaction=False)
+        for start in range(0, len(parts), JOBS_PER_CALL):
+            call_keys: list[str] = []
+            args: list[Any] = []
+            for job_id, events, new in parts[start : start + JOBS_PER_CALL]:
+                call_keys += [keys.job_events(job_id), keys.job_state(job_id)]
+                args += append_args(events, maxlen=10_000, ttl=600, owner="synthetic", claim=new)
+            await script(keys=call_keys, args=args, client=pipe)
         await pipe.execute()
         tick += 1 / rate
         await asyncio.sleep(max(0.0, tick - time.monotonic()))
     await client.close()
-
-
-async def _append(
-    script: Any, pipe: Any, job_id: str, event: EventType, data: dict[str, Any], claim: bool = False
-) -> None:
-    """Queue one append on `pipe`, as a worker owning the job (`claim`: take it)."""
-    args = append_args(
-        [new_event(event, data)], maxlen=10_000, ttl=600, owner="synthetic", claim=claim
-    )
-    await script(keys=[keys.job_events(job_id), keys.job_state(job_id)], args=args, client=pipe)
 
 
 def writer_process(url: str, streams: int, tokens: int, rate: float, interval: float) -> None:

@@ -39,7 +39,7 @@ def submit(url: str, prompt: str) -> str:
                 prompt=prompt,
                 enqueued_at=time.time(),
             )
-            assert await JobQueue(client, settings).submit(job) == 1
+            assert await JobQueue(client, settings).submit(job) is not None
             return job.job_id
         finally:
             await client.close()
@@ -279,3 +279,35 @@ def test_a_queue_thread_waits_out_redis_and_serves_on(tmp_path: Path):
 
 def mq_job_ids(client: redis.Redis) -> list[str]:
     return [k.decode().split(":", 1)[1] for k in client.keys("task:*")] or [""]
+
+
+def test_an_entry_that_is_not_a_task_is_dropped_and_the_queue_goes_on(isolated_redis_url):
+    client = redis.Redis.from_url(isolated_redis_url)
+    for garbage in (b"not json", b"[1, 2]", b'{"task_id": "x"}'):
+        client.rpush(scoped("ml_tasks"), garbage)
+    ran: list[str] = []
+    mq = start_worker(isolated_redis_url, lambda job: ran.append(job.prompt))
+    try:
+        job_id = submit(isolated_redis_url, "after the garbage")
+        wait_for(lambda: ran == ["after the garbage"], 10, "the real job")
+        wait_for(lambda: not any(client.lrange(k, 0, -1) for k in client.keys("inflight:*")), 5, "")
+    finally:
+        mq.stop()
+    assert client.llen(scoped("ml_tasks")) == 0
+    assert json.loads(client.get(keys.modelq_task(job_id)))["status"] == "completed"
+
+
+def test_a_task_of_another_name_is_dropped_not_circled(isolated_redis_url):
+    client = redis.Redis.from_url(isolated_redis_url)
+    alien = {"task_id": "a" * 32, "task_name": "render_video", "payload": {"data": {}}}
+    client.rpush(scoped("ml_tasks"), json.dumps(alien))
+    ran: list[str] = []
+    mq = start_worker(isolated_redis_url, lambda job: ran.append(job.prompt))
+    try:
+        submit(isolated_redis_url, "ours")
+        wait_for(lambda: ran == ["ours"], 10, "our job")
+        time.sleep(0.5)
+    finally:
+        mq.stop()
+    assert client.llen(scoped("ml_tasks")) == 0
+    assert not any(client.lrange(k, 0, -1) for k in client.keys("inflight:*"))

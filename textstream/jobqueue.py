@@ -191,7 +191,9 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
     (one pipeline). ModelQ's sweepers and recovery read the same records as before.
     What ModelQ's loop offers that textstream does not use is left out: middleware,
     Sentry, retries (our task never raises) and its per-thread status in `servers`
-    (its heartbeat keeps that entry alive; nothing reads the status).
+    (its heartbeat keeps that entry alive; nothing reads the status). An entry that
+    is not a task of ours is dropped, not given back to circle (a queue is one
+    model's, and only textstream writes it).
 
     Nothing keeps a prompt past JOB_TTL: ModelQ's final write stores the whole task
     (payload, so the prompt) in `task:{id}` for 24 h and `task_result:{id}` for 1 h,
@@ -310,21 +312,21 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
                 time.sleep(self.RETRY_SECONDS)
 
     def _process_claimed(self, task_json: bytes | str, inflight_key: str) -> None:
-        task_dict = json.loads(task_json)
-        task = Task.from_dict(task_dict)
+        try:
+            task_dict = json.loads(task_json)
+            task = Task.from_dict(task_dict)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # Not a task at all (nothing of ours writes one): out of custody, or the
+            # thread would find it there again after every failed claim. Never logged:
+            # it may hold a prompt.
+            log.error("dropped a queue entry that is not a task (%d bytes)", len(task_json))
+            self._release(inflight_key, task_json)
+            return
         if task.task_name not in self.allowed_tasks:
-            # Not a task of ours (another producer on this queue): back it goes, as
-            # ModelQ's loop does, for a server that can run it.
-            queued_at = task_dict.get("queued_at") or time.time()
-
-            def give_back() -> None:
-                pipe = self.redis_client.pipeline(transaction=False)
-                pipe.rpush(keys.MODELQ_QUEUE, task_json)
-                pipe.zadd(keys.MODELQ_QUEUED_INDEX, {task.task_id: queued_at})
-                pipe.lrem(inflight_key, 1, task_json)
-                pipe.execute()
-
-            self._persist("give back a task", give_back)
+            # A queue is one model's, and textstream's only: a task it does not run has
+            # no server to go to (given back, as ModelQ's loop does, it would circle).
+            log.error("dropped a queued task this worker does not run (%.40r)", task.task_name)
+            self._release(inflight_key, task_json)
             return
         started_at = time.time()
         task_dict.update(status="processing", started_at=started_at)
