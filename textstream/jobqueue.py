@@ -20,13 +20,14 @@ Three ModelQ behaviours are deliberately worked around here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -163,17 +164,44 @@ class ProducerModelQ(ModelQ):  # type: ignore[misc]
 
 
 #: A claimed task's bookkeeping in one round trip (ModelQ's own worker loop makes
-#: four): mark it processing unless a worker already is (a task given back while
-#: still running, claimed twice), take it out of the queued index, record it as
+#: four): mark it processing, take it out of the queued index, record it as
 #: processing with its start time (a sweeper gives a task back from this record),
-#: and publish its first in-flight heartbeat.
+#: and publish its first in-flight heartbeat. Already marked processing:
+#: - with the heartbeat this call would write, it is this call's own earlier try
+#:   whose reply was lost: go on (1);
+#: - with a fresh heartbeat, a live worker runs it (given back while still running):
+#:   0, and that worker's records are left alone;
+#: - with a stale or no heartbeat, nobody holds it (a sweeper giving it back in
+#:   several steps, a worker gone): it is taken over (1).
 #: KEYS: processing_tasks, queued_requests, task:{id}, task_heartbeats.
-#: ARGV: task id, the task's record, its TTL, the start time. 1, or 0 for a duplicate.
+#: ARGV: task id, the task's record, its TTL, the start time, the stale age (s).
 BEGIN_SCRIPT = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then
+  local beat = redis.call('HGET', KEYS[4], ARGV[1])
+  if beat == ARGV[4] then return 1 end
+  local at = tonumber(beat)
+  if at and tonumber(ARGV[4]) - at <= tonumber(ARGV[5]) then return 0 end
+end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
+return 1
+"""
+
+#: The end of a claimed task's custody, atomic: out of the custody list and, only
+#: if it was still there (no sweeper gave it back to another worker meanwhile, whose
+#: records these now are), no longer processing nor heartbeating, and its final
+#: payload-free status stub. Retried after a lost reply, it finds the list without
+#: the task and changes nothing.
+#: KEYS: custody list, processing_tasks, task_heartbeats, task:{id}.
+#: ARGV: the task's entry, task id, the stub ('' for none), the stub's TTL.
+RELEASE_SCRIPT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if ARGV[3] ~= '' then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  redis.call('HDEL', KEYS[3], ARGV[2])
+  redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4])
+end
 return 1
 """
 
@@ -223,6 +251,7 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         self.run_job: Callable[[CompletionJob], Any] | None = None
         super().__init__(*args, **kwargs)
         self._begin = self.redis_client.register_script(BEGIN_SCRIPT)
+        self._end = self.redis_client.register_script(RELEASE_SCRIPT)
 
     def start_workers(self, no_of_workers: int = 1) -> None:
         """ModelQ's start-up (recover this server id's leftovers, then its heartbeat
@@ -247,6 +276,17 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         for tests and embedders; a worker process just exits after draining."""
         self.draining.set()
         self._stopped.set()
+
+    @contextlib.contextmanager
+    def _guarded_iteration(self, loop_name: str) -> Iterator[None]:
+        """ModelQ's, logging the error's type only: redis-py puts a failed pipeline's
+        commands in its message, and a sweeper's give-back pipeline holds the task,
+        prompt included."""
+        try:
+            yield
+        except Exception as exc:  # a loop must outlive any body error
+            log.error("queue %s loop: %s; continuing", loop_name, type(exc).__name__)
+            self._stopped.wait(self.BACKGROUND_LOOP_BACKOFF)
 
     def _heartbeat_loop(self) -> None:  # ModelQ's, stoppable
         while not self._stopped.is_set():
@@ -303,18 +343,22 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
 
     def _persist(self, what: str, call: Callable[[], Any]) -> Any:
         """`call` until Redis takes it: a claimed task's records must neither be
-        lost (the task would sit in custody, never run) nor half written."""
+        lost (the task would sit in custody, never run) nor half written. A stopped
+        instance gives up (the task stays in custody, for a sweeper)."""
         while True:
             try:
                 return call()
             except Exception as exc:
                 log.warning("could not %s yet: %s", what, type(exc).__name__)
-                time.sleep(self.RETRY_SECONDS)
+                if self._stopped.wait(self.RETRY_SECONDS):
+                    raise
 
     def _process_claimed(self, task_json: bytes | str, inflight_key: str) -> None:
         try:
             task_dict = json.loads(task_json)
             task = Task.from_dict(task_dict)
+            if not (isinstance(task.task_id, str) and isinstance(task.task_name, str)):
+                raise TypeError("task_id and task_name must be text")
         except (ValueError, TypeError, KeyError, AttributeError):
             # Not a task at all (nothing of ours writes one): out of custody, or the
             # thread would find it there again after every failed claim. Never logged:
@@ -340,12 +384,19 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
                     keys.modelq_task(task.task_id),
                     self.INFLIGHT_HEARTBEAT_KEY,
                 ],
-                args=[task.task_id, json.dumps(task_dict), self.task_ttl, str(started_at)],
+                args=[
+                    task.task_id,
+                    json.dumps(task_dict),
+                    self.task_ttl,
+                    repr(started_at),
+                    self.INFLIGHT_STALE_AFTER,
+                ],
             ),
         )
         if not int(fresh):
-            # Given back while its worker still runs it (ModelQ's sweeper and a slow
-            # heartbeat): that worker's records are left alone, ours are released.
+            # Given back while a live worker still runs it (its heartbeat is fresh):
+            # that worker's records are left alone (they are the job's way back to
+            # the queue should it die), and this claim is dropped.
             log.warning("job=%s is already running on another worker; skipped", task.task_id)
             self._release(inflight_key, task_json)
             return
@@ -359,28 +410,30 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         except Exception as exc:  # never the payload (the prompt) in a log
             log.error("job=%s: the queue task raised %s", task.task_id, type(exc).__name__)
         finally:
-            with self._inflight_lock:
-                self._inflight_tasks.pop(task.task_id, None)
-            self._release(inflight_key, task_json, task)
+            try:
+                self._release(inflight_key, task_json, task)
+            finally:  # heartbeating until released: else a sweeper would give it back
+                with self._inflight_lock:
+                    self._inflight_tasks.pop(task.task_id, None)
 
     def _release(self, inflight_key: str, task_json: bytes | str, task: Task | None = None) -> None:
-        """End custody of a claimed task, in ModelQ's order: no longer processing nor
-        heartbeating, its final status stub, then out of the custody list (last, so
-        a worker that dies before this leaves the task recoverable). Persisted:
-        until Redis takes it, a sweeper would give the task back and run it again."""
-        stub = self._final_stub(task) if task is not None else None
-
-        def release() -> None:
-            # A new pipeline each try: a failed execute() empties the one it ran.
-            pipe = self.redis_client.pipeline(transaction=False)
-            if task is not None and stub is not None:
-                pipe.srem("processing_tasks", task.task_id)
-                pipe.hdel(self.INFLIGHT_HEARTBEAT_KEY, task.task_id)
-                pipe.set(keys.modelq_task(task.task_id), stub[0], ex=stub[1])
-            pipe.lrem(inflight_key, 1, task_json)
-            pipe.execute()
-
-        self._persist("release a claimed job", release)
+        """End custody of a claimed task (RELEASE_SCRIPT): with `task`, also its
+        processing records and final stub, if it was still ours. Persisted: until
+        Redis takes it, a sweeper would give the task back and run it again."""
+        stub, ttl = self._final_stub(task) if task is not None else ("", 0)
+        task_id = task.task_id if task is not None else ""
+        self._persist(
+            "release a claimed job",
+            lambda: self._end(
+                keys=[
+                    inflight_key,
+                    "processing_tasks",
+                    self.INFLIGHT_HEARTBEAT_KEY,
+                    keys.modelq_task(task_id),
+                ],
+                args=[task_json, task_id, stub, ttl],
+            ),
+        )
 
     def _final_stub(self, task: Task) -> tuple[str, int]:
         """The payload-free `task:{id}` a finished task leaves, and its TTL (what is

@@ -139,9 +139,11 @@ class JobMetrics:
     Redis. Here a job's figures go at once when the last write is `every` seconds
     old (a lone job shows in /metrics at once), else they are gathered and written
     together `every` seconds after the last write, by one thread: any number of
-    jobs in one pipeline. Figures Redis could not take are kept (a bounded set:
-    histogram buckets by model) and go with the next write; a worker that dies
-    loses at most `every` seconds of them. `after_write` runs after each write (the
+    jobs in one pipeline. Figures kept from an unreachable Redis are kept (a
+    bounded set: histogram buckets by model) and go with the next write; after a
+    timeout or an error reply they are dropped, since some may have been added
+    (counted once at most, then). A worker that dies loses at most `every` seconds
+    of them. `after_write` runs after each write (the
     worker's registry beat: /workers sees its new decode rate with its figures).
     """
 
@@ -158,6 +160,7 @@ class JobMetrics:
         self._pending: Figures = defaultdict(float)
         self._last = float("-inf")
         self._due = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
         self._thread.start()
 
@@ -200,33 +203,47 @@ class JobMetrics:
                     pipe.hincrby(key, name, int(amount))
             try:
                 pipe.execute()
-            except redis.RedisError as exc:
+            except redis.ConnectionError as exc:  # Redis unreachable: kept for the next
                 with self._lock:
                     _merge(self._pending, pending)
                 self._due.set()
-                log.warning("could not record metrics yet: %s", exc)
+                log.warning("could not record metrics yet: %s", type(exc).__name__)
                 return False
-        if self._after_write is not None:
+            except redis.RedisError as exc:
+                # A timeout or an error reply: some or all may have been added, and
+                # adding them again could count them twice. Dropped.
+                log.warning("metrics of some jobs lost: %s", type(exc).__name__)
+                return False
+        if self._after_write is not None and not self._closed:
             try:
                 self._after_write()
-            except redis.RedisError as exc:
-                log.warning("could not publish the worker's state: %s", exc)
+            except Exception as exc:  # never fails the job whose figures these are
+                log.warning("could not publish the worker's state: %s", type(exc).__name__)
         return True
+
+    def close(self) -> None:
+        """Write what is pending, for the last time with `after_write` (a stopping
+        worker deregisters after this, and must not be announced again)."""
+        self.write()
+        self._closed = True
 
     def _run(self) -> None:
         while True:
             self._due.wait()
             self._due.clear()
             time.sleep(max(0.0, self._last + self._every - time.monotonic()))
-            self.write()
+            try:
+                self.write()
+            except Exception as exc:  # the thread outlives anything a write raises
+                log.error("metrics write failed: %s", type(exc).__name__)
 
 
 class RequestCounts:
     """An API process's HTTP request counts, on their way to Redis: as JobMetrics,
     a lone request's count goes at once, and a busy stretch's go together `every`
     seconds after the last write, in one pipeline (a round trip per request was a
-    twentieth of the API's CPU in a burst). Counts Redis could not take are kept
-    for the next write."""
+    twentieth of the API's CPU in a burst). Counts kept from an unreachable Redis
+    (or a cancelled write) go with a later write."""
 
     def __init__(self, every: float = 0.25) -> None:
         self._every = every
@@ -243,13 +260,15 @@ class RequestCounts:
             await self._write(client)
         else:
             self._later = asyncio.create_task(self._write_later(client, wait))
+            self._later.add_done_callback(self._done)  # even if cancelled before it ran
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if self._later is task:
+            self._later = None
 
     async def _write_later(self, client: aioredis.Redis, wait: float) -> None:
-        try:
-            await asyncio.sleep(wait)
-            await self._write(client)
-        finally:
-            self._later = None
+        await asyncio.sleep(wait)
+        await self._write(client)
 
     async def _write(self, client: aioredis.Redis) -> None:
         pending, self._pending = self._pending, Counter()
@@ -261,8 +280,13 @@ class RequestCounts:
                 for name, count in pending.items():
                     pipe.hincrby(keys.METRICS_REQUESTS, name, count)
                 await pipe.execute()
-        except (redis.RedisError, OSError):  # kept: written with the next request's
+        except asyncio.CancelledError:
             self._pending.update(pending)
+            raise
+        except (redis.ConnectionError, OSError):
+            self._pending.update(pending)  # kept: written with a later request's
+        except redis.RedisError:
+            pass  # some may have been added: not again (counted once at most)
 
 
 def _decode(mapping: dict[Any, Any]) -> dict[str, str]:

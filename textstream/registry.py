@@ -112,6 +112,8 @@ class WorkerHeartbeat:
             self.info.busy -= 1
 
     def beat(self) -> None:
+        if self._stop.is_set():
+            return  # deregistered: a late beat (a metrics write) must not re-announce it
         with self._lock:
             self.info.heartbeat_at = time.time()
             body = json.dumps(asdict(self.info))

@@ -167,22 +167,25 @@ class CompletionRunner:
         self._heartbeat.job_started()
         timings = JobTimings(enqueued_at=job.enqueued_at or time.time())
         try:
-            result = self._generate(job, writer, timings)
-        except PromptTooLongError as exc:
-            result = self._fail(job, writer, error_data("prompt_too_long", str(exc)))
-        except REDIS_ERRORS as exc:
-            # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
-            # readers have ended with `redis_unavailable` already. The job ends so too,
-            # once Redis is back, with what it generated before (nothing after a gap).
-            log.error("job=%s lost Redis while generating: %s", job.job_id, exc)
-            result = self._end_after_outage(job, writer)
-        except Exception as exc:  # e.g. out of memory: end this job, keep serving
-            log.exception("job=%s generation failed", job.job_id)
-            message = f"{type(exc).__name__}: {exc}"
-            result = self._fail(job, writer, error_data("generation_failed", message))
+            try:
+                result = self._generate(job, writer, timings)
+            except PromptTooLongError as exc:
+                result = self._fail(job, writer, error_data("prompt_too_long", str(exc)))
+            except REDIS_ERRORS as exc:
+                # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
+                # readers have ended with `redis_unavailable` already. The job ends so too,
+                # once Redis is back, with what it generated before (nothing after a gap).
+                log.error("job=%s lost Redis while generating: %s", job.job_id, exc)
+                result = self._end_after_outage(job, writer)
+            except Exception as exc:  # e.g. out of memory: end this job, keep serving
+                log.exception("job=%s generation failed", job.job_id)
+                message = f"{type(exc).__name__}: {exc}"
+                result = self._fail(job, writer, error_data("generation_failed", message))
+            self._record(timings, result)
         finally:
+            # After the figures: a draining worker waits for busy == 0, then writes
+            # what is gathered and leaves.
             self._heartbeat.job_finished()
-        self._record(timings, result)
         return result
 
     def _record(self, timings: JobTimings, result: dict[str, Any]) -> None:

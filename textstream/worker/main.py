@@ -138,7 +138,7 @@ def drain(
         time.sleep(0.1)
     if heartbeat.info.busy:
         log.warning("worker stopping with %d job(s) unfinished", heartbeat.info.busy)
-    runner.metrics.write()  # the last jobs' figures, gathered and not yet written
+    runner.metrics.close()  # the last jobs' figures, gathered and not yet written
     heartbeat.stop()
     try:
         # Leaving ModelQ's server registry lets other workers reclaim anything we held.
