@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
-from helpers import queued, stream
+from helpers import queued, stored_events, stream
 from tiny_models import TRAINED, reference_completion
 
 from textstream import keys
@@ -35,6 +35,18 @@ def test_stream_sends_tokens_then_done_with_increasing_ids(service, tiny_model_d
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert response.text == TRAINED[prompt][: len(response.text)]
     assert response.text.startswith(" Paris.")
+
+
+def test_every_event_sent_is_the_one_stored_the_queued_one_included(service, redis_client):
+    """A new job's `queued` event is sent as its submission wrote it, without
+    reading it back: same id, same data, as every other event read from Redis."""
+    response = stream(service.base, "/completion/Store me", max_new_tokens=4)
+    job_id = response.headers["x-job-id"]
+    stored = stored_events(redis_client, keys.job_events(job_id))
+    assert [(e.id, e.event) for e in response.events] == [(e.id, e.event) for e in stored]
+    assert response.events[0].event == "queued"
+    assert response.events[0].data == stored[0].data
+    assert stored[0].data["job_id"] == job_id
 
 
 def test_token_texts_join_to_the_decoded_completion(service, tiny_model_dir):

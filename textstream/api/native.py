@@ -104,7 +104,7 @@ async def completion(
     policy = CancelPolicy.ON_DISCONNECT
     services = services_of(request)
     job = await submit(services, request.state.caller, Prompt("question", question), params, policy)
-    relay = relay_for(request, job.job_id, job.model, job.deadline, policy)
+    relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first)
     headers = job_headers(job)
     point = ResumePoint.UNKNOWN  # a new job: its events start after no one's id
     try:

@@ -160,7 +160,7 @@ async def answer(
     body.refuse_unsupported()
     policy = CancelPolicy.ON_DISCONNECT
     job = await submit(services, request.state.caller, prompt, generation, policy)
-    relay = relay_for(request, job.job_id, job.model, job.deadline, policy)
+    relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first)
     shape = ChunkShape(prompt.messages is not None, job.job_id, job.model)
     headers = job_headers(job)
     if body.stream:

@@ -19,6 +19,7 @@ from textstream.api.security import Caller
 from textstream.api.status import JobStatus, summarize
 from textstream.api.submit import CancelPolicy, Submission, queue_hooks
 from textstream.connections import UNREACHABLE
+from textstream.transport.events import JobEvent
 from textstream.transport.sse import Relay, collect_events
 
 
@@ -27,9 +28,15 @@ def job_headers(submission: Submission) -> dict[str, str]:
 
 
 def relay_for(
-    request: Request, job_id: str, model: str, deadline: float | None, policy: CancelPolicy
+    request: Request,
+    job_id: str,
+    model: str,
+    deadline: float | None,
+    policy: CancelPolicy,
+    first: JobEvent | None = None,
 ) -> Relay:
-    """A relay of the job's stream; the client leaving cancels it under ON_DISCONNECT."""
+    """A relay of the job's stream; the client leaving cancels it under ON_DISCONNECT.
+    `first`: the new job's `queued` event, as its submission wrote it."""
     services = services_of(request)
     return Relay(
         services.jobs,
@@ -38,6 +45,7 @@ def relay_for(
         deadline,
         cancel_on_disconnect=policy is CancelPolicy.ON_DISCONNECT,
         queue=queue_hooks(services, model),
+        first=first,
     )
 
 

@@ -242,12 +242,14 @@ class JobEvents:
         reader: bool = False,
         pinned: bool = False,
         cache_key: str | None = None,
-    ) -> bool:
-        """Write a new job's `queued` event and its state; False if it existed."""
+    ) -> JobEvent | None:
+        """Write a new job's `queued` event and its state: that event (its id and
+        data as a reader would read them back), or None if the job existed."""
+        raw = json.dumps(data, ensure_ascii=False)
         entry_id = await self._create(
             keys=[keys.job_events(job_id), keys.job_state(job_id)],
             args=[
-                json.dumps(data, ensure_ascii=False),
+                raw,
                 self._maxlen,
                 self._ttl,
                 tenant,
@@ -258,7 +260,9 @@ class JobEvents:
                 model,
             ],
         )
-        return bool(entry_id)
+        if not entry_id:
+            return None
+        return JobEvent(as_text(entry_id), EventType.QUEUED.value, data, (), raw)
 
     async def discard(self, job_id: str) -> None:
         """Remove a job that was refused after its stream was written (nobody has

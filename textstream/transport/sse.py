@@ -165,6 +165,9 @@ class Relay:
     deadline: float | None = None
     cancel_on_disconnect: bool = False
     queue: QueueHooks | None = None
+    #: A new job's `queued` event as its submission wrote it (the first entry of its
+    #: stream): a read from the start begins after it instead of reading it back.
+    first: JobEvent | None = None
 
     async def idle_status(self, started: bool) -> JobEvent | None:
         """Called when nothing arrived for a while: enforce the deadline, or report
@@ -189,6 +192,9 @@ class Relay:
         """The job's events after `after`, as read together, plus status events."""
         last_id, started, failing_since = after, after != START_ID, 0.0
         block = int(min(self.settings.read_block_ms, self.settings.queue_status_seconds * 1000))
+        if after == START_ID and self.first is not None:
+            yield [self.first]
+            last_id = self.first.id
         while True:
             try:
                 async for batch in self.jobs.read_batches(
