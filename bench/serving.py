@@ -41,6 +41,20 @@ from bench.gpt2_offline import gpt2_small
 RESULTS = REPO / "bench" / "results"
 
 
+def timings(started: float, times: list[float], done: bool) -> dict[str, Any]:
+    """One request's figures from when it started and when each token arrived."""
+    if not done or not times:
+        return {"error": "stream ended without done"}
+    end = time.perf_counter()
+    return {
+        "ttft": times[0] - started,
+        "e2e": end - started,
+        "itl": [b - a for a, b in pairwise(times)],
+        "tokens": len(times),
+        "times": times,
+    }
+
+
 async def one_request(client: httpx.AsyncClient, tokens: int, i: int) -> dict[str, Any]:
     params: dict[str, str | int] = {
         "max_new_tokens": tokens,
@@ -62,16 +76,7 @@ async def one_request(client: httpx.AsyncClient, tokens: int, i: int) -> dict[st
                     break
     except httpx.HTTPError as exc:
         return {"error": type(exc).__name__}
-    if not done or not times:
-        return {"error": "stream ended without done"}
-    end = time.perf_counter()
-    return {
-        "ttft": times[0] - started,
-        "e2e": end - started,
-        "itl": [b - a for a, b in pairwise(times)],
-        "tokens": len(times),
-        "times": times,
-    }
+    return timings(started, times, done)
 
 
 async def one_request_raw(base: str, tokens: int, i: int) -> dict[str, Any]:
@@ -126,16 +131,7 @@ async def one_request_raw(base: str, tokens: int, i: int) -> dict[str, Any]:
         return {"error": type(exc).__name__}
     finally:
         writer.close()
-    if not done or not times:
-        return {"error": "stream ended without done"}
-    end = time.perf_counter()
-    return {
-        "ttft": times[0] - started,
-        "e2e": end - started,
-        "itl": [b - a for a, b in pairwise(times)],
-        "tokens": len(times),
-        "times": times,
-    }
+    return timings(started, times, done)
 
 
 async def run_level(
