@@ -214,9 +214,9 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
     idle/busy status read and rewritten twice, each bookkeeping command on its own,
     the in-flight records cleared twice over); on a Redis carrying many short
     answers that is most of what a request costs it. Ours keeps ModelQ's records
-    and their order, in three: the claim (registering the custody list, then
-    BLMOVE, pipelined), the claimed task's bookkeeping (BEGIN_SCRIPT), and its end
-    (one pipeline). ModelQ's sweepers and recovery read the same records as before.
+    in three round trips: the claim (registering the custody list, then BLMOVE,
+    pipelined), the claimed task's bookkeeping (BEGIN_SCRIPT), and its end
+    (RELEASE_SCRIPT). ModelQ's sweepers and recovery read the same records.
     What ModelQ's loop offers that textstream does not use is left out: middleware,
     Sentry, retries (our task never raises) and its per-thread status in `servers`
     (its heartbeat keeps that entry alive; nothing reads the status). An entry that
@@ -457,9 +457,6 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
 
     def _update_task_history(self, task_id: str, task_dict: dict[str, Any]) -> None:
         return None
-
-    def log_task_error_to_file(self, task: Any, exc: Exception, file_path: str = "") -> None:
-        log.error("job=%s: the queue task raised %s", task.task_id, type(exc).__name__)
 
 
 #: Puts one task on the queue unless MAX_QUEUED_JOBS are already waiting, in one
