@@ -522,3 +522,30 @@ def test_nothing_is_written_after_a_jobs_last_event_in_one_batch(redis_client):
     names = [f[b"event"] for _, f in redis_client.xrange(events_key)]
     assert names == [b"queued", b"started", b"done"]
     assert redis_client.hget(keys.job_state(job_id), "terminal") == b"done"
+
+
+def test_create_returns_the_queued_event_as_stored_and_never_touches_an_existing_job(
+    redis_url, redis_client
+):
+    """A submission's relay starts from what `create` returns instead of reading it
+    back, so it must be exactly the stored event; a job id already taken gets None
+    and its stream and state stay as they were."""
+    job_id = "c" * 32
+    redis_client.delete(keys.job_events(job_id), keys.job_state(job_id))
+
+    async def scenario() -> tuple[Any, Any]:
+        client = aioredis.Redis.from_url(redis_url)
+        jobs = JobEvents(client, ttl=60, maxlen=100)
+        try:
+            data = {"job_id": job_id, "position": 3, "note": "é ✓"}
+            first = await jobs.create(job_id, data, tenant="key-a", model="m")
+            again = await jobs.create(job_id, {"job_id": job_id}, tenant="key-b", model="m")
+            return first, again
+        finally:
+            await client.close()
+
+    first, again = asyncio.run(scenario())
+    (stored,) = stored_events(redis_client, keys.job_events(job_id))
+    assert first == stored
+    assert again is None
+    assert redis_client.hget(keys.job_state(job_id), "tenant") == b"key-a"

@@ -359,3 +359,24 @@ def test_a_retried_begin_is_its_own_earlier_try_and_a_late_release_changes_nothi
     assert client.smembers(scoped("processing_tasks")) == {job_id.encode()}
     assert client.hget(scoped("task_heartbeats"), job_id) == started.encode()
     assert client.get(keys.modelq_task(job_id)) == b"{}"
+
+
+def test_job_metrics_leave_out_figures_that_are_not_finite(isolated_redis_url):
+    """A clock stepped mid-job gives a negative or non-finite figure: it is left
+    out, and the job's other figures (and other jobs') still count."""
+    client = redis.Redis.from_url(isolated_redis_url)
+    metrics = JobMetrics(client, every=0.05)
+    for bad in (float("nan"), float("inf"), -float("inf"), 1e300, -5.0):
+        odd = timings(3)
+        odd.enqueued_at = bad
+        metrics.add(odd, True, "m")
+        time.sleep(0.06)
+    metrics.add(timings(2), True, "m")
+    wait_for(lambda: counters(client).get(b"request_success|m") == b"6", 5, "all six jobs")
+    ttft = client.hgetall(keys.metrics_histogram("time_to_first_token_seconds", "m"))
+    itl = client.hgetall(keys.metrics_histogram("inter_token_latency_seconds", "m"))
+    # Of the odd jobs' times to first token only enqueued_at -5.0's is finite and
+    # >= 0 (a huge one, in the last bucket); with the good job's, two.
+    assert ttft[b"count"] == b"2"
+    assert itl[b"count"] == str(5 * 2 + 1).encode()  # every job's own token gaps
+    assert counters(client)[b"generation_tokens|m"] == b"17"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from helpers import queued, stored_events, stream
@@ -48,6 +49,25 @@ def test_every_event_sent_is_the_one_stored_the_queued_one_included(service, red
     assert response.events[0].event == "queued"
     assert response.events[0].data == stored[0].data
     assert stored[0].data["job_id"] == job_id
+
+
+def test_two_identical_requests_at_once_each_start_from_their_own_queued_event(
+    service, redis_client
+):
+    """Two identical prompts at once (response cache off): two jobs, and each
+    stream's first event is its own job's, as stored."""
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(
+            pool.map(lambda _: stream(service.base, "/completion/Twins", max_new_tokens=3), [0, 1])
+        )
+    job_ids = {r.headers["x-job-id"] for r in responses}
+    assert len(job_ids) == 2
+    for response in responses:
+        job_id = response.headers["x-job-id"]
+        stored = stored_events(redis_client, keys.job_events(job_id))
+        assert [(e.id, e.event) for e in response.events] == [(e.id, e.event) for e in stored]
+        assert response.events[0].data == stored[0].data
+        assert stored[0].data["job_id"] == job_id
 
 
 def test_token_texts_join_to_the_decoded_completion(service, tiny_model_dir):

@@ -3,7 +3,8 @@
 Workers add their finished jobs' figures to histograms in Redis (`JobMetrics`:
 one pipeline for all the jobs a worker finished within a quarter of a second),
 API processes count requests there, and `/metrics` renders what Redis holds, so
-every API process answers with the same global figures. Names follow vLLM's where they mean the same
+every API process answers with the same global figures. Names follow vLLM's
+where they mean the same
 (`vllm:time_to_first_token_seconds` -> `textstream_time_to_first_token_seconds`).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import math
 import threading
 import time
 from collections import Counter, defaultdict
@@ -139,12 +141,14 @@ class JobMetrics:
     Redis. Here a job's figures go at once when the last write is `every` seconds
     old (a lone job shows in /metrics at once), else they are gathered and written
     together `every` seconds after the last write, by one thread: any number of
-    jobs in one pipeline. Figures kept from an unreachable Redis are kept (a
-    bounded set: histogram buckets by model) and go with the next write; after a
-    timeout or an error reply they are dropped, since some may have been added
-    (counted once at most, then). A worker that dies loses at most `every` seconds
-    of them. `after_write` runs after each write (the
-    worker's registry beat: /workers sees its new decode rate with its figures).
+    jobs in one pipeline. Figures an unreachable Redis refused are kept (a bounded
+    set: histogram buckets by model) and go with the next write; after a timeout or
+    an error reply they are dropped, since some may have been added (counted once
+    at most, then). A worker that dies loses at most `every` seconds of them. A
+    figure that is not a finite number (a clock stepped back or forth mid-job) is
+    left out, not allowed to make Redis refuse the others. `after_write` runs after
+    each write (the worker's registry beat: /workers sees its new decode rate with
+    its figures).
     """
 
     def __init__(
@@ -167,7 +171,10 @@ class JobMetrics:
     def add(self, timings: JobTimings, success: bool, model: str) -> None:
         """Count one finished job."""
         figures: Figures = defaultdict(float)
-        for name, values in timings.observations(time.time()).items():
+        for name, observed in timings.observations(time.time()).items():
+            values = [v for v in observed if math.isfinite(v) and v >= 0]
+            if not values:
+                continue
             bounds = HISTOGRAMS[name][1]
             key = keys.metrics_histogram(name, model)
             for value in values:
