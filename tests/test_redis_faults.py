@@ -81,20 +81,50 @@ def test_redis_down_ends_streams_and_everything_recovers_without_restarts(
     svc = Service(tmp_path / "svc", env, workers=1)
     try:
         result = {}
-        reader = threading.Thread(
-            target=lambda: result.update(
-                r=stream(svc.base, "/completion/Hello", max_new_tokens=1000, ignore_eos=True)
+        long = {"max_tokens": 1000, "ignore_eos": True, "model": "slow-gpt2"}
+        # Non-streamed answers waiting when Redis goes: each must get the same
+        # clear 503 as a stream's error event, not a 502 "the job failed".
+        waiting = {
+            "native": ("GET", "/completion/Hello", {"max_new_tokens": 1000, "stream": "false"}),
+            "completions": ("POST", "/v1/completions", {"prompt": "Hello", **long}),
+            "chat": (
+                "POST",
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "Hi"}], **long},
+            ),
+        }
+
+        def answer(name: str, method: str, path: str, args: dict) -> None:
+            where = (
+                {"params": {**args, "ignore_eos": "true"}} if method == "GET" else {"json": args}
             )
-        )
-        reader.start()
-        wait_for(lambda: tokens_so_far(url) > 10, 30, "tokens")
+            result[name] = httpx.request(method, svc.base + path, timeout=60, **where)
+
+        readers = [
+            threading.Thread(
+                target=lambda: result.update(
+                    r=stream(svc.base, "/completion/Hello", max_new_tokens=1000, ignore_eos=True)
+                )
+            ),
+            *(threading.Thread(target=answer, args=(n, *a)) for n, a in waiting.items()),
+        ]
+        for reader in readers:
+            reader.start()
+        wait_for(lambda: tokens_so_far(url) > 40, 30, "tokens")
         state["proc"].kill()
         state["proc"].wait(10)
 
-        reader.join(30)
+        for reader in readers:
+            reader.join(30)
         open_stream = result["r"]
         assert open_stream.last.event == "error"
         assert open_stream.last.data["error"]["type"] == "redis_unavailable"
+        for name in waiting:
+            refused = result[name]
+            assert refused.status_code == 503, (name, refused.status_code, refused.text)
+            assert refused.headers["Retry-After"], name
+            error = refused.json()["error"]
+            assert "redis_unavailable" in (error.get("type"), error.get("code")), (name, error)
 
         started = time.monotonic()
         refused = httpx.get(svc.base + "/completion/Hi", timeout=10)

@@ -143,6 +143,7 @@ JOB_ERROR_STATUS = {
     "timeout": 504,
     "generation_failed": 502,
     "redis_unavailable": 503,
+    "shutdown": 503,
 }
 
 #: Our error types as OpenAI's `type` field names them.
@@ -198,6 +199,8 @@ def job_error_response(
     """A job that ended in error, answered without streaming."""
     error = error or {"type": "error", "message": "the job failed"}
     status = JOB_ERROR_STATUS.get(error["type"], 502)
+    if status == 503:  # Redis lost, or this process stopping: worth a retry, later
+        headers = {**headers, "Retry-After": RETRY_AFTER}
     return error_response(request, status, error["type"], error["message"], headers=headers)
 
 

@@ -5,6 +5,7 @@ queued -> running -> done | error | cancelled
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -33,7 +34,10 @@ class JobStatus(BaseModel):
 
 def summarize(job_id: str, history: list[JobEvent], split_thinking: bool = True) -> JobStatus:
     """With `split_thinking`, a `<think>` block opening the text is `thinking`,
-    apart from `text` (as the streams split it: transport/thinking.py)."""
+    apart from `text` (as the streams split it: transport/thinking.py). `history`
+    may end with an error the relay made up (no id: Redis lost mid-answer); ids and
+    times come from the stored events."""
+    stored = [event.id for event in history if event.id]
     status: JobStatusName = "queued"
     summary: dict[str, Any] = {}
     for event in history:
@@ -59,8 +63,8 @@ def summarize(job_id: str, history: list[JobEvent], split_thinking: bool = True)
         status=status,
         text=text,
         thinking=thinking,
-        created_at=entry_seconds(history[0].id),
+        created_at=entry_seconds(stored[0]) if stored else time.time(),
         takeovers=sum(e.event == EventType.RESUMED for e in history),
-        last_event_id=history[-1].id,
+        last_event_id=stored[-1] if stored else "",
         **summary,
     )

@@ -275,13 +275,16 @@ async def stream_job_events(
 async def collect_events(
     relay: Relay, is_disconnected: Callable[[], Awaitable[bool]]
 ) -> list[JobEvent] | None:
-    """All of a job's stored events, for a non-streaming answer; None if the client
-    left first (its claim on the job is then released)."""
+    """All of a job's stored events, for a non-streaming answer, and the error that
+    ended the read if the relay made it up itself (Redis lost, the job's stream gone,
+    this process shutting down: a terminal event with no id); None if the client
+    left first (its claim on the job is then released). Queue-position reports are
+    left out."""
     events: list[JobEvent] = []
 
     async def gather() -> None:
         async for event in relay.events():
-            if event.id:
+            if event.id or event.terminal:
                 events.append(event)
 
     task = asyncio.create_task(gather())
