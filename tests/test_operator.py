@@ -11,11 +11,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 from conftest import Service
 from helpers import free_port, service_env, stream, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cluster import start_redis
+from textstream.logs import brief
 
 
 def metric_values(
@@ -281,6 +283,26 @@ def test_docs_work_offline_from_assets_this_process_serves(service):
             response = httpx.get(service.base + asset)
             assert response.status_code == 200 and len(response.content) > 1000, asset
     assert httpx.get(service.base + "/docs-assets/../../etc/passwd").status_code == 404
+
+
+def test_a_failed_pipeline_is_logged_without_the_text_it_was_sending(
+    redis_client, isolated_redis_url
+):
+    """redis-py quotes a failed pipeline command, arguments and all, in its error:
+    a worker's write of a token's text that Redis refuses (READONLY after a
+    failover, WRONGTYPE, OOM) would put that text in the log."""
+    client = redis.Redis.from_url(isolated_redis_url)
+    client.set("textstream:probe", "a string")
+    pipe = client.pipeline(transaction=False)
+    pipe.get("textstream:probe")
+    pipe.xadd("textstream:probe", {"text": "quetzal 9931"})
+    with pytest.raises(redis.ResponseError) as failed:
+        pipe.execute()
+    assert "quetzal" in str(failed.value)  # what redis-py itself says
+    line = brief(failed.value)
+    assert "quetzal" not in line and "9931" not in line
+    assert line.startswith("ResponseError: WRONGTYPE"), line
+    assert brief(ConnectionError("Connection refused")) == "ConnectionError: Connection refused"
 
 
 def test_probes_log_at_debug_and_every_api_line_is_json(make_service):

@@ -127,8 +127,9 @@ def test_redis_down_ends_streams_and_everything_recovers_without_restarts(
             assert "redis_unavailable" in (error.get("type"), error.get("code")), (name, error)
 
         started = time.monotonic()
-        refused = httpx.get(svc.base + "/completion/Hi", timeout=10)
+        refused = httpx.get(svc.base + "/completion/quetzal 9931 Hi", timeout=10)
         assert refused.status_code == 503 and time.monotonic() - started < 2.5
+        assert "quetzal" not in svc.api.output()  # its log line names the route, not the path
         assert httpx.get(svc.base + "/health", timeout=10).json()["redis"] is False
 
         restart(persistent=False)  # an empty Redis: everything must re-register

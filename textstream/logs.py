@@ -37,6 +37,19 @@ def redact_path(path: str) -> str:
     return path
 
 
+#: How redis-py's pipeline prefixes the error of a failed command: with the
+#: command, arguments and all (a job's token text, a prompt).
+PIPELINE_ERROR = " of pipeline caused error: "
+
+
+def brief(exc: BaseException) -> str:
+    """An exception as a log line may show it: its type and Redis's message, without
+    the command a failed pipeline quotes before it (`Command # 2 (EVALSHA … <the
+    token's text>) of pipeline caused error: READONLY …`)."""
+    message = str(exc).rsplit(PIPELINE_ERROR, 1)[-1]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 def quiet_modelq_logging() -> None:
     """ModelQ logs task arguments (prompts) at INFO; keep only its warnings. (By the
     logger's name: configuring logging must not import ModelQ.)"""

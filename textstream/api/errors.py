@@ -26,6 +26,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.limits import BODY_REFUSAL
+from textstream.logs import redact_path
 from textstream.transport.events import error_data
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,15 @@ def is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+def route_of(request: Request) -> str:
+    """What a log line may say of where a request went: its route's template
+    (`/completion/{question:text}`), never the path itself, which can hold a
+    prompt; a path no route matched, redacted as the request log does."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", None)
+    return template if isinstance(template, str) else redact_path(request.url.path)
+
+
 def error_response(
     request: Request,
     status: int,
@@ -249,7 +259,7 @@ def add_error_handlers(app: FastAPI) -> None:
         retry, never a 500. Either role counts (the queue's Redis, the streams'
         Redis or cluster: `RedisClusterException` is not a RedisError). Streams
         already open ride out outages themselves."""
-        log.warning("Redis unavailable during %s: %s", request.url.path, type(exc).__name__)
+        log.warning("Redis unavailable during %s: %s", route_of(request), type(exc).__name__)
         await refund(request)
         message = "the job store (Redis) is unreachable; retry shortly"
         headers = {"Retry-After": RETRY_AFTER}

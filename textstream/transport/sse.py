@@ -35,6 +35,7 @@ from sse_starlette.sse import AppStatus
 
 from textstream.config import Settings
 from textstream.connections import REDIS_ERRORS
+from textstream.logs import brief
 from textstream.transport.events import (
     REDIS_LOST,
     START_ID,
@@ -220,7 +221,7 @@ class Relay:
             except REDIS_ERRORS as exc:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.settings.redis_grace_seconds:
-                    log.warning("job=%s stream gave up on Redis: %s", self.job_id, exc)
+                    log.warning("job=%s stream gave up on Redis: %s", self.job_id, brief(exc))
                     yield [status_event(EventType.ERROR, REDIS_LOST)]
                     return
                 await asyncio.sleep(0.25)

@@ -38,7 +38,7 @@ from textstream.engines.base import (
     is_text_engine,
 )
 from textstream.job import CompletionJob
-from textstream.logs import redact
+from textstream.logs import brief, redact
 from textstream.metrics import JobMetrics, JobTimings
 from textstream.registry import WorkerHeartbeat
 from textstream.transport.events import (
@@ -175,7 +175,7 @@ class CompletionRunner:
                 # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
                 # readers have ended with `redis_unavailable` already. The job ends so too,
                 # once Redis is back, with what it generated before (nothing after a gap).
-                log.error("job=%s lost Redis while generating: %s", job.job_id, exc)
+                log.error("job=%s lost Redis while generating: %s", job.job_id, brief(exc))
                 result = self._end_after_outage(job, writer)
             except Exception as exc:  # e.g. out of memory: end this job, keep serving
                 log.exception("job=%s generation failed", job.job_id)
@@ -206,7 +206,7 @@ class CompletionRunner:
         try:
             writer.write(EventType.ERROR, data)
         except REDIS_ERRORS as exc:
-            log.error("job=%s could not publish its error yet: %s", job.job_id, exc)
+            log.error("job=%s could not publish its error yet: %s", job.job_id, brief(exc))
             self._publish_when_back(job, writer)
         return {"status": "error", "error": data["error"]["type"]}
 
@@ -234,7 +234,7 @@ class CompletionRunner:
                 return
             except REDIS_ERRORS as exc:
                 if job.expired(time.time()) or self.draining.is_set():
-                    log.error("job=%s could not publish its end: %s", job.job_id, exc)
+                    log.error("job=%s could not publish its end: %s", job.job_id, brief(exc))
                     return
                 time.sleep(1.0)
 
@@ -344,7 +344,11 @@ class CompletionRunner:
                 if publisher.stopped:
                     break
         except UpstreamError as exc:
-            log.warning("job=%s upstream failed: %s", job.job_id, exc)
+            # Not the message: it carries the upstream's error body, which may quote
+            # the prompt (the client gets it; the log gets the kind and status).
+            cause = exc.__cause__ or exc
+            status = getattr(cause, "status_code", "")
+            log.warning("job=%s upstream failed: %s %s", job.job_id, type(cause).__name__, status)
             return self._fail(job, writer, error_data("upstream_error", str(exc)[:500]))
         finally:
             steps.close()  # closes the upstream stream: the upstream stops generating
