@@ -8,6 +8,7 @@ crashed a request, Last-Event-IDs that hung, prompts kept too long."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -405,6 +406,79 @@ def test_an_oversized_request_head_gets_431_not_a_reset(service):
     response = httpx.get(service.base + "/health", headers={"X-Padding": "p" * 40_000})
     assert response.status_code == 431
     assert httpx.get(service.base + "/health").status_code == 200
+
+
+def raw_exchange(base: str, request: bytes, wait: float = 15.0) -> tuple[bytes, float]:
+    """Send `request` on a fresh socket, read until the server closes it; the bytes
+    and how long that took."""
+    host, port = base.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        if request:
+            sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received, time.monotonic() - started
+
+
+def test_an_http_1_0_client_gets_its_stream_unchunked_ended_by_close(make_service):
+    svc = make_service(workers=1)
+    request = b"GET /completion/Hello?max_new_tokens=5&use_cache=false HTTP/1.0\r\nHost: x\r\n\r\n"
+    received, _ = raw_exchange(svc.base, request)
+    head, _, body = received.partition(b"\r\n\r\n")
+    headers = head.decode().lower()
+    assert head.startswith(b"HTTP/1.1 200") and "text/event-stream" in headers
+    assert "transfer-encoding" not in headers and "connection: close" in headers
+    events = parse_sse_lines(body.decode().replace("\r\n", "\n").split("\n"))
+    assert [e.event for e in events][-1] == "done"  # no chunk sizes in between
+    assert len([e for e in events if e.event == "token"]) == 5
+    # A JSON answer keeps its Content-Length; HTTP/1.1 streams stay chunked.
+    health, _ = raw_exchange(svc.base, b"GET /health HTTP/1.0\r\n\r\n")
+    assert b"content-length:" in health.lower() and health.endswith(b"}")
+    chunked, _ = raw_exchange(
+        svc.base,
+        b"GET /completion/Hi?max_new_tokens=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert b"transfer-encoding: chunked" in chunked.lower()
+
+
+def test_a_request_that_never_arrives_whole_gets_408_and_is_let_go(make_service):
+    """A connection that sends nothing, half a head, or a body shorter than its
+    Content-Length is held no longer than REQUEST_READ_SECONDS: held for ever, a few
+    thousand of them from one client would exhaust the API's sockets."""
+    svc = make_service(workers=0, REQUEST_READ_SECONDS="1.5")
+    slow = {
+        "nothing": b"",
+        "half a head": b"GET /health HTTP/1.1\r\nHost: x\r\n",
+        "short body": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        b'{"model": "m", "pro',
+    }
+    with ThreadPoolExecutor(len(slow)) as pool:
+        replies = pool.map(lambda request: raw_exchange(svc.base, request), slow.values())
+        answers = dict(zip(slow, replies, strict=True))
+    for name, (received, took) in answers.items():
+        assert received.startswith(b"HTTP/1.1 408"), (name, received[:200])
+        assert b"request_timeout" in received and 1.0 < took < 6, (name, took)
+    # A request that takes its time but arrives whole within the bound is served.
+    host, port = svc.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for part in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"Connection: close\r\n\r\n"):
+            sock.sendall(part)
+            time.sleep(0.3)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    # An answer that outlasts the bound is not cut by it (its request had arrived):
+    # a job waiting for a worker streams its queue position on.
+    with httpx.stream("GET", svc.base + "/completion/Hi", timeout=10) as response:
+        until = time.monotonic() + 3.5
+        lines = []
+        for line in response.iter_lines():
+            lines.append(line)
+            if time.monotonic() > until:
+                break
+        assert response.status_code == 200 and "event: queued" in lines
+        assert time.monotonic() > until  # still open, past twice the bound
 
 
 def test_lone_surrogates_anywhere_get_a_4xx_naming_the_field(service):

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     #: line plus headers (431 past it, with `textstream api`/`serve`).
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_header_bytes: int = Field(16 << 10, ge=1024)
+    #: How long a request (line, headers, body) may take to arrive whole: 408 and
+    #: the connection closed past it (`textstream api`/`serve`).
+    request_read_seconds: float = Field(30.0, gt=0, le=3600)
 
     # --- logging -----------------------------------------------------------------
     log_level: str = "INFO"

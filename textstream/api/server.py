@@ -5,6 +5,15 @@
 - a bounded request head: uvicorn's httptools protocol accepts any amount of
   request line and headers (8 MB was seen to pass). `LimitedHttpTools` counts them
   as they are parsed and answers 431 past MAX_HEADER_BYTES, closing the connection;
+- a bounded time to send a request: uvicorn times out only an idle connection after
+  a response, so one that sends nothing, or half a head, or a body shorter than its
+  Content-Length, was held for ever (600 such sockets from one client were all
+  still open after a minute). A request must arrive whole within
+  REQUEST_READ_SECONDS; past that it gets 408 and the connection closes;
+- HTTP/1.0 streams without chunked encoding: uvicorn chunks every response without
+  a Content-Length whatever the request's version, and an HTTP/1.0 client (which
+  knows no chunks) then reads chunk sizes inside the SSE. Such a response is sent
+  as it is and ended by closing the connection (RFC 9112 §6.3);
 - no uvicorn access log: the API logs one structured line per request itself
   (api/requestlog.py), with prompts and tokens redacted.
 
@@ -14,15 +23,23 @@ head limit: put a proxy in front that bounds headers (nginx does by default).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import asyncio
+from typing import Any, ClassVar, cast
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from textstream.config import Settings
 
 STATUS_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+STATUS_408 = b"HTTP/1.1 408 Request Timeout\r\n"
+BODY_431 = b'{"error": {"type": "headers_too_large", "message": "request head too large"}}'
+BODY_408 = (
+    b'{"error": {"type": "request_timeout", "message": "the request did not arrive whole'
+    b' within REQUEST_READ_SECONDS"}}'
+)
 
 
 class HeadTooLargeError(Exception):
@@ -33,14 +50,71 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
     """uvicorn's httptools protocol, refusing request heads over `max_head` bytes."""
 
     max_head: ClassVar[int] = 16 << 10
+    #: How long a request (line, headers and body) may take to arrive.
+    read_seconds: ClassVar[float] = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head = 0
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._reading = False  # between a request's first byte and its last
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_read_timer()  # a connection that never sends a byte is timed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_timer()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         self._head = 0
+        self._reading = True
+        # A request pipelined behind an answer still streaming is timed from that
+        # answer's end (on_response_complete): the time is the client's to send,
+        # not ours to answer.
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_read_timer()
         super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.scope.get("http_version") == "1.0" and self.cycle is not None:
+            self.cycle.__class__ = Http10Cycle  # before its task first runs
+
+    def on_message_complete(self) -> None:
+        self._reading = False
+        self._cancel_read_timer()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._reading and self._read_timer is None and not self.transport.is_closing():
+            self._arm_read_timer()  # the next request began arriving during that answer
+
+    def _arm_read_timer(self) -> None:
+        self._cancel_read_timer()
+        self._read_timer = self.loop.call_later(self.read_seconds, self._read_timed_out)
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        """A request that did not arrive whole in time: 408 unless its answer has
+        begun (a 401 sent before the body), then the connection closes. The app,
+        if it was waiting for the body, reads a disconnect."""
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle if self.cycle is not None and not self.cycle.response_complete else None
+        if cycle is None or not cycle.response_started:
+            self._write_refusal(STATUS_408, BODY_408)
+        if cycle is not None:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
 
     def _count(self, size: int) -> None:
         self._head += size
@@ -75,8 +149,12 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
                 self._unsupported_upgrade_warning()
 
     def _send_431(self) -> None:
-        body = b'{"error": {"type": "headers_too_large", "message": "request head too large"}}'
-        head = [STATUS_431]
+        self._cancel_read_timer()
+        self._write_refusal(STATUS_431, BODY_431)
+        self.transport.close()
+
+    def _write_refusal(self, status_line: bytes, body: bytes) -> None:
+        head = [status_line]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [
@@ -86,13 +164,50 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
             body,
         ]
         self.transport.write(b"".join(head))
-        self.transport.close()
+
+
+class Http10Cycle(RequestResponseCycle):  # type: ignore[misc]
+    """An HTTP/1.0 request's cycle: a response without a Content-Length (a stream)
+    is sent unchunked and ended by closing the connection, as HTTP/1.0 frames it.
+    Responses with a length go through uvicorn unchanged."""
+
+    close_delimited = False
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            headers = list(message.get("headers", []))
+            names = {name.lower() for name, _ in headers}
+            if b"content-length" not in names and self.scope["method"] != "HEAD":
+                self.close_delimited = True
+                self.chunked_encoding = False  # uvicorn adds no chunked header
+                headers = [(n, v) for n, v in headers if n.lower() != b"connection"]
+                message = cast(
+                    ASGISendEvent, {**message, "headers": [*headers, (b"connection", b"close")]}
+                )
+        elif message["type"] == "http.response.body" and self.close_delimited:
+            await self._send_unframed(message.get("body", b""), message.get("more_body", False))
+            return
+        await super().send(message)
+
+    async def _send_unframed(self, body: bytes, more_body: bool) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected or self.response_complete:
+            return
+        if body:
+            self.transport.write(body)
+        if not more_body:
+            self.response_complete = True
+            self.message_event.set()
+            self.transport.close()  # the end of the body, to an HTTP/1.0 client
+            self.on_response()
 
 
 def serve_api(settings: Settings, host: str, port: int) -> None:
     """Run one API process until SIGTERM/SIGINT (blocks). For more, run more (or
     replicas behind a load balancer): any API process serves any job's stream."""
-    protocol = type("HttpProtocol", (LimitedHttpTools,), {"max_head": settings.max_header_bytes})
+    limits = {"max_head": settings.max_header_bytes, "read_seconds": settings.request_read_seconds}
+    protocol = type("HttpProtocol", (LimitedHttpTools,), limits)
     uvicorn.run(
         "textstream.api.app:create_app",
         factory=True,
