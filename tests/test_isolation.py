@@ -137,6 +137,38 @@ def test_stream_tokens_never_reach_the_logs(keyed):
     assert secret not in svc.api.output() and "key-one" not in svc.api.output()
 
 
+def test_a_body_without_a_valid_key_is_refused_before_it_is_read(keyed):
+    """Only the head has arrived (the body is 80 bytes short, and never comes): a
+    caller without the key gets its 401 at once, not after the API waited for and
+    parsed a body it would refuse anyway."""
+    svc, _ = keyed
+    host, port = svc.base.removeprefix("http://").split(":")
+    for path, credential in [
+        ("/v1/completions", b""),
+        ("/v1/chat/completions", b"Authorization: Bearer not-a-key\r\n"),
+        ("/jobs", b""),
+    ]:
+        started = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                + credential
+                + b'Content-Length: 100\r\n\r\n{"model": "m", "pro'
+            )
+            received = b""
+            while b"}" not in received.rpartition(b"\r\n\r\n")[2]:
+                received += sock.recv(65536)
+        took = time.monotonic() - started
+        assert received.startswith(b"HTTP/1.1 401"), (path, received[:200])
+        assert b"www-authenticate: bearer" in received.lower() and took < 3, (path, took)
+        body = json.loads(received.partition(b"\r\n\r\n")[2])
+        shape = body["error"]["code"] if path.startswith("/v1") else body["error"]["type"]
+        assert shape == "unauthorized", (path, body)
+    # With the key, the same route is reached (and its body read).
+    ok = httpx.post(svc.base + "/v1/completions", headers=K1, json={"model": "x", "prompt": ""})
+    assert ok.status_code == 400 and ok.json()["error"]["param"] == "prompt"
+
+
 def test_docs_and_schema_are_behind_the_key_when_keys_are_set(keyed, service):
     svc, _ = keyed
     for path in ("/openapi.json", "/docs", "/redoc"):

@@ -26,7 +26,7 @@ from textstream import __version__
 from textstream.api import janitor, native, openai, operator, tokens
 from textstream.api.cache import forget
 from textstream.api.context_window import PromptTokens
-from textstream.api.deps import Services
+from textstream.api.deps import KeyBeforeBody, Services
 from textstream.api.errors import add_error_handlers
 from textstream.api.limits import BodyLimit
 from textstream.api.requestlog import RequestLog
@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens.public)
     operator.add_docs(app, open_to_all=docs_are_open(settings))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(KeyBeforeBody)  # outside BodyLimit: the key before the body
     app.add_middleware(RequestLog)
     if settings.cors_origin_list:
         app.add_middleware(

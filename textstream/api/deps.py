@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from textstream.api.context_window import PromptTokens
-from textstream.api.errors import InvalidInputError
+from textstream.api.errors import InvalidInputError, UnauthorizedError, error_response
 from textstream.api.limits import undecodable
 from textstream.api.security import Caller, Guard
 from textstream.config import Settings
@@ -68,3 +69,29 @@ def tenant_of(services: Services, caller: Caller) -> str:
     """Whose a new job is: the caller's identity when API keys are on. An open API
     has no tenants ("" reads as everyone's)."""
     return caller.identity if services.guard.enabled else ""
+
+
+class KeyBeforeBody:
+    """Refuses a request with a body (every POST route needs the key) whose key is
+    missing or wrong before reading that body: `authorize` runs after FastAPI has
+    read and parsed it, so without this a caller with no key could hold a
+    connection by never finishing its body, and have the API read a megabyte.
+    A valid key passes on to the route, which counts it (`authorize`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services: Services | None = getattr(scope["app"].state, "services", None)
+        if scope["type"] == "http" and scope["method"] == "POST" and services is not None:
+            request = Request(scope)
+            client_ip = request.client.host if request.client else "unknown"
+            try:
+                services.guard.identify(request.headers.get("authorization"), client_ip)
+            except UnauthorizedError as refusal:
+                response = error_response(
+                    request, refusal.status, refusal.error_type, str(refusal), None, refusal.headers
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
