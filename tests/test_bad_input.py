@@ -212,6 +212,17 @@ def test_prompt_longer_than_the_context_window_gets_422(service, tiny_model_dir)
     assert body["error"]["field"] == "prompt" and "1024" in body["error"]["message"]
     response = httpx.get(f"{service.base}/completion/{prompt}", timeout=10)
     assert response.status_code == 422 and response.json()["error"]["field"] == "question"
+    # A chat names the field it was sent in, natively and under /v1.
+    messages = [{"role": "user", "content": prompt}]
+    native = httpx.post(service.base + "/jobs", json={"messages": messages}, timeout=10)
+    assert native.status_code == 422 and native.json()["error"]["field"] == "messages"
+    chat = httpx.post(
+        service.base + "/v1/chat/completions",
+        json={"model": "tiny-gpt2", "messages": messages, "max_tokens": 2},
+        timeout=10,
+    )
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages", chat.text
+    assert "1024" in chat.json()["error"]["message"]
     # Just under the window is accepted; generation then stops at the window.
     fits = stream(service.base, "/completion/" + "word " * 1000, max_new_tokens=50, ignore_eos=True)
     assert fits.last.event == "done" and fits.last.data["finish_reason"] == "length"

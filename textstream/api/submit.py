@@ -145,7 +145,7 @@ async def check_context_window(
     )
     if counted is not None and counted[0] >= counted[1]:
         raise InvalidInputError(
-            "prompt" if prompt.messages is not None else prompt.field,
+            prompt.field,  # `messages` for a chat: the field the client sent
             f"the prompt is {counted[0]} tokens; the model's context window is {counted[1]}",
         )
 
