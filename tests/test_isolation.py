@@ -175,6 +175,11 @@ def test_docs_and_schema_are_behind_the_key_when_keys_are_set(keyed, service):
         assert httpx.get(svc.base + path).status_code == 401, path
         assert httpx.get(svc.base + path, headers=K1).status_code == 200, path
         assert httpx.get(service.base + path).status_code == 200, path  # an open API
+    # What README's Security section lists as open, and the operator's views that are not.
+    for path in ("/health", "/version", "/"):
+        assert httpx.get(svc.base + path).status_code == 200, path
+    for path in ("/workers", "/metrics", "/ready", "/v1/models"):
+        assert httpx.get(svc.base + path).status_code == 401, path
 
 
 # --- a refusal writes nothing and queues nothing ----------------------------------------
