@@ -154,6 +154,15 @@ def test_null_means_unset_for_optional_fields_as_openai_takes_it(service):
         ({"model": ""}, "model"),
         ({"best_of": 0}, "best_of"),
         ({"extra_body": {"top_k": 2**70}}, "top_k"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+        ({"extra_body": {"min_p": "abc"}}, "min_p"),
+        # JSON's types, as OpenAI checks them: no number as text, no flag as a number.
+        ({"extra_body": {"temperature": "0.5"}}, "temperature"),
+        ({"extra_body": {"temperature": True}}, "temperature"),
+        ({"extra_body": {"max_tokens": True}}, "max_tokens"),
+        ({"extra_body": {"n": "1"}}, "n"),
+        ({"extra_body": {"seed": "7"}}, "seed"),
+        ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),
     ],
 )
 def test_invalid_requests_raise_openai_errors(client, kwargs, param):
@@ -166,6 +175,25 @@ def test_invalid_requests_raise_openai_errors(client, kwargs, param):
     assert "pydantic" not in message and "http" not in message  # says what is wrong
     if param == "stop":
         assert "stop string" in message
+
+
+def test_json_types_are_held_but_off_values_and_integral_numbers_pass(client, service):
+    answer = client.completions.create(
+        model="tiny-gpt2",
+        prompt=PROMPT,
+        max_tokens=2,
+        temperature=0,  # an int where a float is declared: a JSON number all the same
+        extra_body={"min_p": 0, "ignore_eos": True},
+    )
+    assert answer.usage.completion_tokens == 2
+    # The native JSON body holds the same types; its query string stays text.
+    body = {"prompt": "Hi", "max_new_tokens": 2, "temperature": "0"}
+    refused = httpx.post(service.base + "/jobs", json=body)
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "temperature"
+    assert httpx.post(service.base + "/jobs", json={**body, "temperature": 0}).status_code == 202
+    query = {"temperature": "0", "max_new_tokens": "2", "stream": "false", "ignore_eos": "true"}
+    answer = httpx.get(service.base + "/completion/Hi", params=query, timeout=30)
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
 
 
 def test_a_served_model_can_be_retrieved_by_name(client, tiny_model_dir):

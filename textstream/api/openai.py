@@ -8,7 +8,7 @@ lines and ends with `data: [DONE]`; errors use OpenAI's error object (errors.py)
 Supported beyond OpenAI's own fields, as vLLM accepts them: `top_k`,
 `repetition_penalty`, `ignore_eos`, and our `use_cache`. Unsupported options get a
 400 naming the parameter: `n`/`best_of` > 1, `logprobs`, `echo`, `suffix`,
-`logit_bias`, tools, non-text response formats, token-id prompts.
+`logit_bias`, `min_p` > 0, tools, non-text response formats, token-id prompts.
 
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """

@@ -6,17 +6,21 @@ how to become a `GenerationRequest`, the common form submit() takes.
 No `from __future__ import annotations`: FastAPI and pydantic read these at run time.
 """
 
+import types
+import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from textstream.api.errors import InvalidInputError
 from textstream.job import (
@@ -60,7 +64,27 @@ class Body(BaseModel):
     """Every request model: no string anywhere in it may hold a lone surrogate
     (JSON's "\\ud800" decodes to one). Such text cannot be encoded as UTF-8, so it
     would fail later, in Redis or in the tokenizer; it is refused here, naming the
-    field, like any other invalid input."""
+    field, like any other invalid input.
+
+    A JSON body's numbers and booleans must be JSON numbers and booleans, as
+    OpenAI's API has them: pydantic's lax mode took `"temperature": true` as 1.0,
+    `"n": "1"` as 1 and `"stream": "false"` as false. A query string's values are
+    all text, so a model read from one says so (`json_typed = False`)."""
+
+    json_typed: ClassVar[bool] = True
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_types(cls, value: Any, info: ValidationInfo) -> Any:
+        if not cls.json_typed or value is None or info.field_name is None:
+            return value
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if kinds == {bool} and not isinstance(value, bool):
+            raise PydanticCustomError("bool_type", "Input should be true or false")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if kinds and kinds <= {int, float} and not number:
+            raise PydanticCustomError("number_type", "Input should be a number")
+        return value
 
     @field_validator("*", mode="after")
     @classmethod
@@ -82,6 +106,19 @@ class Body(BaseModel):
                         " here, holds a lone surrogate)"
                     )
         return data
+
+
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """The JSON scalar types a field takes (bool, int, float), or an empty set when
+    it takes anything else too (text, lists, models, literals): only fields of
+    numbers or booleans alone are held to their JSON type."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_kinds(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_scalar_kinds(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return set().union(*kinds) if all(kinds) else set()
+    return {annotation} if annotation in (bool, int, float) else set()
 
 
 def _has_surrogate(value: Any) -> bool:
@@ -155,6 +192,8 @@ class GenerationRequest(Body):
 class CompletionQuery(GenerationRequest):
     """`/completion/{question}` query string: the sampling fields, plus `stream`."""
 
+    json_typed: ClassVar[bool] = False  # a query string: every value is text
+
     stream: bool = Field(True, description="false: one JSON answer once the job is done")
 
 
@@ -209,6 +248,9 @@ class OpenAISampling(Body):
     use_cache: bool = Field(
         True, description="extra: answer identical deterministic requests from cache"
     )
+    #: vLLM's extra, not implemented here: refused unless off, rather than ignored
+    #: (a client asking for it would silently sample without it).
+    min_p: float | None = Field(None, description="extra: only 0 (off) is supported")
 
     @model_validator(mode="before")
     @classmethod
@@ -230,6 +272,8 @@ class OpenAISampling(Body):
             raise InvalidInputError("n", "only n=1 is supported")
         if self.logit_bias:
             raise InvalidInputError("logit_bias", "logit_bias is not supported")
+        if self.min_p:
+            raise InvalidInputError("min_p", "min_p is not supported (0 or null: off)")
 
     def generation(
         self, max_tokens: int | None, prompt_format: PromptFormat = "auto"
