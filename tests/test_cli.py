@@ -141,6 +141,14 @@ def test_serve_starts_redis_streams_and_a_stop_signal_ends_everything_in_time(
             )
         )
         reader.start()
+        # And one waiting for a whole (not streamed) answer: a clear 503 to retry.
+        unstreamed = {"max_new_tokens": 1000, "ignore_eos": "true", "stream": "false"}
+        waiter = threading.Thread(
+            target=lambda: result.update(
+                whole=httpx.get(base + "/completion/Twice", params=unstreamed, timeout=60)
+            )
+        )
+        waiter.start()
         client = redis.Redis.from_url(url)
         wait_for(
             lambda: (
@@ -162,6 +170,7 @@ def test_serve_starts_redis_streams_and_a_stop_signal_ends_everything_in_time(
         proc.wait(grace + 10)
         took = time.monotonic() - stopping
         reader.join(10)
+        waiter.join(10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -171,6 +180,10 @@ def test_serve_starts_redis_streams_and_a_stop_signal_ends_everything_in_time(
     interrupted = result["r"]
     assert interrupted.last.event == "error"
     assert interrupted.last.data["error"]["type"] == "shutdown"
+    whole = result["whole"]
+    assert whole.status_code == 503 and whole.headers["Retry-After"], whole.text
+    assert whole.json()["error"]["type"] == "shutdown"
+    assert "send the request again" in whole.json()["error"]["message"]
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()  # the Redis it started
     assert "terminate called" not in output and "unhealthy" not in output

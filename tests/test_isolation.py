@@ -518,6 +518,40 @@ def test_a_request_that_never_arrives_whole_gets_408_and_is_let_go(make_service)
         assert time.monotonic() > until  # still open, past twice the bound
 
 
+def test_the_read_clock_never_cuts_an_answer_and_leaves_no_connection_untimed(make_service):
+    svc = make_service(model="fake:20", REQUEST_READ_SECONDS="1.5", **KEYS)
+    key = b"Authorization: Bearer key-one\r\n"
+    # Three pipelined requests: a short stream, one that outlasts the clock (50
+    # tokens at 20/s), then a POST whose body never comes. The third's time starts
+    # when the second's answer ends; nothing is written inside that answer.
+    pipelined = (
+        b"GET /completion/A?max_new_tokens=3&ignore_eos=true HTTP/1.1\r\nHost: x\r\n"
+        + key
+        + b"\r\n"
+        b"GET /completion/B?max_new_tokens=50&ignore_eos=true HTTP/1.1\r\nHost: x\r\n"
+        + key
+        + b"\r\n"
+        b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + key
+        + b'Content-Length: 25\r\n\r\n{"prompt": "Hello th'
+    )
+    received, took = raw_exchange(svc.base, pipelined)
+    answers, _, refusal = received.partition(b"HTTP/1.1 408")
+    assert answers.count(b"HTTP/1.1 200") == 2 and answers.count(b"event: done") == 2
+    assert answers.endswith(b"0\r\n\r\n")  # the second stream ended whole, then the 408
+    assert b"request_timeout" in refusal and took > 2.5 + 1.5 - 0.5, took
+    # A blank line after an answer begins no request, yet the connection is timed.
+    received, took = raw_exchange(svc.base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 200") and took < 10, took
+    # A 401 sent before a body: the connection ends with it (no body to skip, and
+    # nothing read afterwards as a next request).
+    for extra in (b"", b"Expect: 100-continue\r\n"):
+        request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n"
+        received, took = raw_exchange(svc.base, request + extra + b"\r\n")
+        assert received.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 408" not in received
+        assert b"connection: close" in received.lower() and took < 1.0, took
+
+
 def test_lone_surrogates_anywhere_get_a_4xx_naming_the_field(service):
     # Raw JSON: "\ud800" escapes decode to a lone surrogate, which UTF-8 cannot hold.
     def send(path: str, body: str) -> httpx.Response:

@@ -94,8 +94,17 @@ class KeyBeforeBody:
             try:
                 services.guard.identify(request.headers.get("authorization"), client_ip)
             except UnauthorizedError as refusal:
+                headers = dict(refusal.headers)
+                if request.headers.get("content-length", "0") != "0" or (
+                    "transfer-encoding" in request.headers
+                ):
+                    # A body follows that nobody will read: the connection ends with
+                    # this answer (as BodyLimit's 413), or the client could send any
+                    # amount for the server to skip, and a body held back after
+                    # `Expect: 100-continue` would be read as the next request.
+                    headers["Connection"] = "close"
                 response = error_response(
-                    request, refusal.status, refusal.error_type, str(refusal), None, refusal.headers
+                    request, refusal.status, refusal.error_type, str(refusal), None, headers
                 )
                 await response(scope, receive, send)
                 return

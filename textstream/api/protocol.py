@@ -78,12 +78,10 @@ class Body(BaseModel):
     def _json_types(cls, value: Any, info: ValidationInfo) -> Any:
         if not cls.json_typed or value is None or info.field_name is None:
             return value
-        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
-        if kinds == {bool} and not isinstance(value, bool):
-            raise PydanticCustomError("bool_type", "Input should be true or false")
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if kinds and kinds <= {int, float} and not number:
-            raise PydanticCustomError("number_type", "Input should be a number")
+        annotation = cls.model_fields[info.field_name].annotation
+        items = _list_item(annotation)
+        for one in value if items is not None and isinstance(value, list) else [value]:
+            _check_json_type(_scalar_kinds(items if items is not None else annotation), one)
         return value
 
     @field_validator("*", mode="after")
@@ -106,6 +104,25 @@ class Body(BaseModel):
                         " here, holds a lone surrogate)"
                     )
         return data
+
+
+def _check_json_type(kinds: set[type], value: Any) -> None:
+    if kinds == {bool} and not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "Input should be true or false")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kinds and kinds <= {int, float} and not number:
+        raise PydanticCustomError("number_type", "Input should be a number")
+
+
+def _list_item(annotation: Any) -> Any:
+    """X for a field of `list[X]` (optional or annotated too), else None."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _list_item(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _list_item(args[0]) if len(args) == 1 else None
+    return typing.get_args(annotation)[0] if origin is list else None
 
 
 def _scalar_kinds(annotation: Any) -> set[type]:

@@ -47,7 +47,15 @@ class HeadTooLargeError(Exception):
 
 
 class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
-    """uvicorn's httptools protocol, refusing request heads over `max_head` bytes."""
+    """uvicorn's httptools protocol, refusing request heads over `max_head` bytes
+    and requests that take over `read_seconds` to arrive.
+
+    The read clock runs only while the connection waits on the client: from the
+    connection's start, or the first byte of a request when no answer is being
+    sent, or the end of the last answer when a request began arriving during it,
+    to that request's last byte. It never runs while an answer is being sent
+    (a pipelined request's time is the client's only once the answers before it
+    are done), and never cuts one."""
 
     max_head: ClassVar[int] = 16 << 10
     #: How long a request (line, headers and body) may take to arrive.
@@ -58,6 +66,8 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         self._head = 0
         self._read_timer: asyncio.TimerHandle | None = None
         self._reading = False  # between a request's first byte and its last
+        #: The cycle of the request being read, once its head is in (None before).
+        self._read_cycle: RequestResponseCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -67,29 +77,41 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         self._cancel_read_timer()
         super().connection_lost(exc)
 
+    def _answering(self) -> bool:
+        """An answer is being sent, or requests wait for their turn to be answered.
+        (The request being read, once its turn has come, waits on the client.)"""
+        if self.pipeline:
+            return True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return False
+        return cycle is not self._read_cycle or cycle.response_started
+
     def on_message_begin(self) -> None:
         self._head = 0
         self._reading = True
-        # A request pipelined behind an answer still streaming is timed from that
-        # answer's end (on_response_complete): the time is the client's to send,
-        # not ours to answer.
-        if self.cycle is None or self.cycle.response_complete:
+        self._read_cycle = None
+        if self._answering():
+            self._cancel_read_timer()  # timed from the end of the answers before it
+        else:
             self._arm_read_timer()
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        self._read_cycle = self.cycle
         if self.scope.get("http_version") == "1.0" and self.cycle is not None:
             self.cycle.__class__ = Http10Cycle  # before its task first runs
 
     def on_message_complete(self) -> None:
         self._reading = False
+        self._read_cycle = None
         self._cancel_read_timer()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._reading and self._read_timer is None and not self.transport.is_closing():
+        if self._reading and not self._answering() and not self.transport.is_closing():
             self._arm_read_timer()  # the next request began arriving during that answer
 
     def _arm_read_timer(self) -> None:
@@ -102,16 +124,23 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
             self._read_timer = None
 
     def _read_timed_out(self) -> None:
-        """A request that did not arrive whole in time: 408 unless its answer has
-        begun (a 401 sent before the body), then the connection closes. The app,
-        if it was waiting for the body, reads a disconnect."""
+        """The client did not send a whole request in time. Unless that request was
+        already answered (a 401 or 413 before its body), it gets a 408; then the
+        connection closes. The app, if it was waiting for the body, reads a
+        disconnect. An answer being sent is never cut: the clock starts again."""
         self._read_timer = None
         if self.transport.is_closing():
             return
-        cycle = self.cycle if self.cycle is not None and not self.cycle.response_complete else None
+        cycle = self._read_cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self._arm_read_timer()
+            return
+        if self._answering() and cycle is None:  # (the clock is not armed so; should
+            self._arm_read_timer()  # it be, a pipelined request waits its turn)
+            return
         if cycle is None or not cycle.response_started:
             self._write_refusal(STATUS_408, BODY_408)
-        if cycle is not None:
+        if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
@@ -147,6 +176,12 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
+        # uvicorn stopped its idle timer for these bytes; if they began no request
+        # (blank lines between requests) or ended the body of one already answered,
+        # nothing would time the connection again.
+        idle = self._read_timer is None and self.timeout_keep_alive_task is None
+        if idle and not self._answering() and not self.transport.is_closing():
+            self._arm_read_timer()
 
     def _send_431(self) -> None:
         self._cancel_read_timer()

@@ -86,6 +86,11 @@ def shutting_down() -> bool:
     return STOPPING.is_set() or bool(AppStatus.should_exit)
 
 
+#: SHUTDOWN for an answer that was not streamed (there is nothing to resume).
+SHUTDOWN_UNSTREAMED = error_data(
+    "shutdown", "this API process is shutting down; send the request again (Retry-After)"
+)
+
 #: The job's stream vanished under an open reader: Redis lost its data.
 JOB_LOST = error_data(
     "redis_unavailable", "the event store lost this job (Redis restarted without its data)"
@@ -297,4 +302,12 @@ async def collect_events(
                 await release(relay)
             return None
     task.result()
+    if events and not events[-1].id:
+        # The read ended, the job did not: nobody will read the rest of it (the
+        # client gets a 503 and asks again), so it stops as if its client had left,
+        # and the answer says to retry rather than to resume a stream it never had.
+        if relay.cancel_on_disconnect:
+            await release(relay)
+        if events[-1].data == SHUTDOWN:
+            events[-1] = status_event(EventType.ERROR, SHUTDOWN_UNSTREAMED)
     return events
