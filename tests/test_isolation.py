@@ -498,6 +498,16 @@ def test_a_request_that_never_arrives_whole_gets_408_and_is_let_go(make_service)
     for name, (received, took) in answers.items():
         assert received.startswith(b"HTTP/1.1 408"), (name, received[:200])
         assert b"request_timeout" in received and 1.0 < took < 6, (name, took)
+    # The request log says what the client saw (the app, left waiting for the body,
+    # would have answered 400 into a closed connection).
+    logged = [
+        json.loads(line)
+        for line in svc.api.output().splitlines()
+        if line.startswith("{") and '"request"' in line
+    ]
+    assert [(e["route"], e["status"]) for e in logged if e["method"] == "POST"] == [
+        ("/v1/completions", 408)
+    ]
     # A request that takes its time but arrives whole within the bound is served.
     host, port = svc.base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:

@@ -27,6 +27,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 #: for the validation handler.
 BODY_REFUSAL = "textstream.body_refusal"
 
+#: Set in a request's scope when the server answered it 408 (server.py): what the
+#: app then sends goes nowhere, and the request log says 408, as the client saw.
+READ_TIMED_OUT = "textstream.read_timed_out"
+
 
 def undecodable(scope: Scope) -> str | None:
     """The name of the first path or query part that is not UTF-8, or None: the

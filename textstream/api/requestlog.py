@@ -18,6 +18,7 @@ import uuid
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from textstream.api.limits import READ_TIMED_OUT
 from textstream.logs import redact_path
 from textstream.metrics import RequestCounts
 
@@ -64,6 +65,7 @@ class RequestLog:
         self, scope: Scope, request_id: str, status: int, job_id: str | None, started: float
     ) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
+        status = 408 if scope.get(READ_TIMED_OUT) else status
         caller = getattr(scope.get("state", {}).get("caller"), "identity", None)
         fields = {
             "request_id": request_id,

@@ -31,6 +31,7 @@ import uvicorn
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from textstream.api.limits import READ_TIMED_OUT
 from textstream.config import Settings
 
 STATUS_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -141,6 +142,7 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         if cycle is None or not cycle.response_started:
             self._write_refusal(STATUS_408, BODY_408)
         if cycle is not None and not cycle.response_complete:
+            cycle.scope[READ_TIMED_OUT] = True  # type: ignore[literal-required]
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
