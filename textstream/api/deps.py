@@ -82,13 +82,10 @@ class KeyBeforeBody:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        services: Services | None = getattr(scope["app"].state, "services", None)
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and services is not None
-            and services.guard.enabled  # an open API has no key to check
-        ):
+        services: Services | None = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            services = getattr(scope["app"].state, "services", None)
+        if services is not None and services.guard.enabled:  # an open API has no key
             request = Request(scope)
             client_ip = request.client.host if request.client else "unknown"
             try:
