@@ -17,15 +17,19 @@ Each job is one streaming request through the official `openai` SDK:
   text stopped: completions send prompt + the text already published; chat sends
   it as a partial assistant message with vLLM's `continue_final_message` (servers
   without it, such as OpenAI's, start a new answer instead: documented).
-- 429, 5xx and connection errors are retried with exponential backoff within the
-  job's deadline; each retry continues after what was received, so no piece is
-  doubled. Anything else, or retries past the deadline, is an UpstreamError.
+- 429, 5xx, connection errors and a stream cut short (no finish reason) are
+  retried with exponential backoff within the job's deadline; each retry continues
+  after what was received and asks only for what is left, so no piece is doubled
+  and an upstream that ignores `max_tokens` is cut off at it. Anything else (a 4xx,
+  no completion stream, malformed chunks), or retries past the deadline, is an
+  UpstreamError.
 - Reasoning deltas (`reasoning_content`, as vLLM and DeepSeek send them) are
   wrapped in `<think>...</think>`, the form the API splits into `thinking` events.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Generator
@@ -99,15 +103,48 @@ class OpenAIEngine:
         should_stop: Callable[[], bool],
         resume_text: str = "",
     ) -> Generator[TextStep]:
-        received, attempt, failing_since = "", 0, 0.0
+        """The upstream's pieces, never more than `params.max_new_tokens` of them in
+        all (each retry asks only for what is left, and an upstream that ignores
+        `max_tokens` is cut off: finish reason `length`)."""
+        received, attempt, failing_since, pieces = "", 0, 0.0, 0
         deadline = job.deadline or (time.time() + 300)
         while True:
-            try:
-                yield from self._stream(job, params, should_stop, resume_text + received)
+            before = pieces
+            left = params.max_new_tokens - before
+            if left <= 0:  # all asked for came, in attempts that each failed after
+                yield TextStep("", "length", None)
                 return
+            asked = params.model_copy(update={"max_new_tokens": left}) if before else params
+            finished, got = False, ""
+            try:
+                with contextlib.closing(
+                    self._stream(job, asked, should_stop, resume_text + received)
+                ) as steps:
+                    for step in steps:
+                        if step.text and pieces >= params.max_new_tokens:
+                            yield TextStep("", "length", None)  # it ignored max_tokens
+                            return
+                        pieces += bool(step.text)
+                        got += step.text
+                        finished = finished or step.finish_reason is not None
+                        usage = step.usage
+                        if usage is not None and before:
+                            # A retry's prompt held the text received before it, as a
+                            # takeover's does (worker/completion.py counts alike).
+                            usage = {
+                                "prompt_tokens": max(0, usage["prompt_tokens"] - before),
+                                "completion_tokens": before + usage["completion_tokens"],
+                            }
+                        yield TextStep(step.text, step.finish_reason, usage)
+                if finished or should_stop():
+                    return
+                # The stream ended with no finish reason: cut off (a proxy before a
+                # dying upstream closes it so), or not a stream at all.
+                raise _Partial(got, UpstreamTruncatedError("the upstream's stream ended early"))
             except _Partial as partial:
-                received += partial.text
-                error, progressed = partial.error, bool(partial.text)
+                received += got  # what this attempt delivered: the next goes on after it
+                error = partial.error
+                progressed = pieces > before
             now = time.time()
             # Failing since the last request that made progress.
             failing_since = now if progressed or not failing_since else failing_since
@@ -128,8 +165,8 @@ class OpenAIEngine:
 
     @staticmethod
     def _retryable(error: Exception) -> bool:
-        if isinstance(error, openai.APIConnectionError):  # timeouts included
-            return True
+        if isinstance(error, openai.APIConnectionError | UpstreamTruncatedError):
+            return True  # timeouts included
         if isinstance(error, openai.APIStatusError):
             return error.status_code in RETRYABLE_STATUS
         return False
@@ -164,6 +201,11 @@ class OpenAIEngine:
                     return
         except openai.OpenAIError as exc:
             raise _Partial(received, exc) from exc
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            # Not JSON, or not the shape of a completion chunk: an upstream_error
+            # (not retried: a server that answers so will answer so again).
+            malformed = UpstreamMalformedError(f"the upstream sent a malformed chunk ({exc})")
+            raise _Partial(received, malformed) from exc
         finally:
             stream.close()  # cancel: the upstream sees the disconnect and stops
 
@@ -211,10 +253,11 @@ class OpenAIEngine:
         """(reasoning text, answer text, finish_reason, usage) of one chunk."""
         usage = None
         if getattr(chunk, "usage", None) is not None:
-            usage = {
-                "prompt_tokens": int(chunk.usage.prompt_tokens or 0),
-                "completion_tokens": int(chunk.usage.completion_tokens or 0),
-            }
+            counts = (chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
+            # Taken only when plausible (they reach the client and /metrics): else
+            # the worker counts the pieces itself.
+            if all(isinstance(n, int) and 0 <= n < 1 << 31 for n in counts):
+                usage = {"prompt_tokens": counts[0], "completion_tokens": counts[1]}
         if not chunk.choices:
             if usage is not None:
                 yield "", "", None, usage
@@ -229,6 +272,15 @@ class OpenAIEngine:
             (delta.model_extra or {}).get("reasoning_content") or ""
         )
         yield reasoning, delta.content or "", finish, usage
+
+
+class UpstreamTruncatedError(Exception):
+    """The upstream's stream ended without a finish reason: retried, as a dropped
+    connection is."""
+
+
+class UpstreamMalformedError(Exception):
+    """The upstream answered with something that is not a completion stream."""
 
 
 class _Partial(Exception):

@@ -100,9 +100,10 @@ class TokenPublisher:
             self._release(self._stops.feed(piece))
 
     def add_text(self, piece: str) -> None:
-        """A piece from a text engine: no ids, already whole characters."""
-        self.pieces += 1
+        """A piece from a text engine: no ids, already whole characters. (An empty
+        one, a chunk carrying only the finish reason or usage, is no token.)"""
         if piece:
+            self.pieces += 1
             self._release(self._stops.feed(piece))
 
     def flush(self) -> None:

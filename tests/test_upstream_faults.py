@@ -1,0 +1,132 @@
+"""An upstream that misbehaves: a real HTTP server speaking (or failing to speak)
+OpenAI's streaming protocol, in front of which textstream's relaying worker must
+still end every job clearly, within what the client asked for, with honest usage.
+
+The prompt picks the misbehaviour (the server reads it from the request body)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+import pytest
+from helpers import stream
+
+MODES = ("endless", "not-a-stream", "garbage", "usage-lies", "cut-short")
+
+
+def completion_chunk(text: str, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "text": text, "finish_reason": finish}
+    body = {"id": "x", "object": "text_completion", "created": 1, "model": "hostile"}
+    return b"data: " + json.dumps({**body, "choices": [choice]}).encode() + b"\n\n"
+
+
+class Hostile(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    asked: ClassVar[list[dict[str, Any]]] = []  # every request body, in order
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _json(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # /v1/models
+        self._json(200, {"object": "list", "data": [{"id": "hostile", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        Hostile.asked.append(body)
+        mode = next(m for m in MODES if m in json.dumps(body))
+        if mode == "not-a-stream":  # a 200 that is an HTML page
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", "17")
+            self.end_headers()
+            self.wfile.write(b"<html>oops</html>")
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        send = self.wfile.write
+        try:
+            if mode == "endless":  # ignores max_tokens
+                for i in range(3000):
+                    send(completion_chunk(f" w{i}"))
+            elif mode == "garbage":
+                send(completion_chunk(" w0"))
+                send(b"data: {not json at all\n\n")
+                return
+            elif mode == "usage-lies":
+                for i in range(3):
+                    send(completion_chunk(f" w{i}", "stop" if i == 2 else None))
+                usage = {"prompt_tokens": -5, "completion_tokens": 99999999999}
+                send(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+            elif mode == "cut-short":  # three pieces, then the end with no finish reason
+                for i in range(3):
+                    send(completion_chunk(f" w{i}"))
+            send(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.fixture
+def relay(make_service, hostile: str):
+    return make_service(
+        model=f"openai:{hostile}#hostile", UPSTREAM_RETRY_SECONDS="2", JOB_TIMEOUT="60"
+    )
+
+
+RAW = {"prompt_format": "raw", "ignore_eos": True}
+
+
+def test_an_upstream_that_ignores_max_tokens_is_cut_off_at_it(relay):
+    response = stream(relay.base, "/completion/endless", 30, max_new_tokens=5, **RAW)
+    assert response.last.event == "done", response.events[-2:]
+    assert len(response.of("token")) == 5
+    assert response.last.data["finish_reason"] == "length"
+    assert response.last.data["usage"]["completion_tokens"] == 5
+
+
+def test_a_stream_cut_short_is_retried_for_only_what_is_left(relay):
+    Hostile.asked.clear()
+    response = stream(relay.base, "/completion/cut-short", 30, max_new_tokens=5, **RAW)
+    assert response.last.event == "done", response.events[-2:]
+    assert response.text == " w0 w1 w2 w0 w1"  # 3, then the 2 left: never more
+    assert [body["max_tokens"] for body in Hostile.asked] == [5, 2]
+    assert Hostile.asked[1]["prompt"].endswith("cut-short w0 w1 w2")  # resumed after
+
+
+@pytest.mark.parametrize("mode", ["not-a-stream", "garbage"])
+def test_an_answer_that_is_no_completion_stream_is_an_upstream_error(relay, mode):
+    started = time.monotonic()
+    response = stream(relay.base, f"/completion/{mode}", 30, max_new_tokens=5, **RAW)
+    assert response.last.event == "error", response.events[-2:]
+    assert response.last.data["error"]["type"] == "upstream_error"
+    assert time.monotonic() - started < 15  # within the retry window, not JOB_TIMEOUT
+    assert "garbage" not in relay.workers.output()  # the prompt never reaches the log
+
+
+def test_usage_the_upstream_cannot_mean_is_not_passed_on(relay):
+    response = stream(relay.base, "/completion/usage-lies", 30, max_new_tokens=5, **RAW)
+    assert response.last.event == "done"
+    assert response.last.data["usage"]["completion_tokens"] == 3
+    assert response.last.data["usage"]["prompt_tokens"] >= 0
