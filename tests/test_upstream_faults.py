@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
+import httpx
 import pytest
+import redis
 from helpers import stream
 
 MODES = ("endless", "not-a-stream", "garbage", "usage-lies", "cut-short")
@@ -130,3 +132,16 @@ def test_usage_the_upstream_cannot_mean_is_not_passed_on(relay):
     assert response.last.event == "done"
     assert response.last.data["usage"]["completion_tokens"] == 3
     assert response.last.data["usage"]["prompt_tokens"] >= 0
+
+
+def test_credentials_in_the_upstream_url_are_shown_nowhere(make_service, hostile: str):
+    url = hostile.replace("http://", "http://relay:s3cr3t-pw@")
+    svc = make_service(model=f"openai:{url}#hostile", UPSTREAM_RETRY_SECONDS="2")
+    response = stream(svc.base, "/completion/usage-lies", 30, max_new_tokens=5, **RAW)
+    assert response.last.event == "done"  # the URL with its credentials was used
+    workers = httpx.get(svc.base + "/workers", timeout=10).json()["workers"]
+    assert workers and workers[0]["device"] == hostile.replace("http://", "http://***@")
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    stored = repr([client.hgetall(key) for key in client.keys("*") if client.type(key) == b"hash"])
+    for seen in (svc.workers.output(), svc.api.output(), json.dumps(workers), str(stored)):
+        assert "s3cr3t" not in seen

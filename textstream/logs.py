@@ -111,8 +111,11 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
     quiet_modelq_logging()
-    # Model downloads and weight loading print progress bars and chatter at INFO.
-    for noisy in ("httpx", "huggingface_hub", "transformers", "filelock", "urllib3"):
+    # Model downloads and weight loading print progress bars and chatter at INFO;
+    # the HTTP clients log each request's URL (an upstream's may hold credentials).
+    # (The `openai` SDK's client logs as `httpx2`.)
+    noisy_loggers = ("httpx", "httpx2", "httpcore", "openai", "huggingface_hub")
+    for noisy in (*noisy_loggers, "transformers", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     access = logging.getLogger("uvicorn.access")
     for old in [f for f in access.filters if isinstance(f, RedactPromptPaths)]:

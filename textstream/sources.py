@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from textstream.resources import package_dir
 
@@ -51,6 +51,23 @@ class OpenAISource:
         if not url.startswith(("http://", "https://")):
             raise ModelLoadError(f"{spec!r}: expected openai:http(s)://host[:port]/v1#model")
         return cls(spec=spec, base_url=url, model=model)
+
+    @property
+    def shown_url(self) -> str:
+        """The base URL as logs, /workers and the registry show it: credentials in
+        it (`http://user:secret@host/v1`) replaced by `***`."""
+        return without_credentials(self.base_url)
+
+    @property
+    def shown_spec(self) -> str:
+        return OPENAI_SCHEME + self.shown_url + (f"#{self.model}" if self.model else "")
+
+
+def without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,8 @@ class OpenAIEngine:
 
     def __init__(self, source: OpenAISource, settings: Settings) -> None:
         started = time.perf_counter()
-        self.source = source.spec
-        self.base_url = source.base_url
+        self.source = source.shown_spec  # no credentials: /workers and the registry show it
+        self.base_url = source.shown_url  # for logs; the client has the real one
         self.client = openai.OpenAI(
             base_url=source.base_url,
             api_key=settings.upstream_api_key or "none",
@@ -67,7 +67,7 @@ class OpenAIEngine:
         )
         self.name, self.context_length = self._resolve_model(source.model)
         self.prompt_format: PromptFormat = settings.prompt_format
-        self.device = source.base_url
+        self.device = source.shown_url
         self.peak_batch = 0
         self.backoff_cap = 8.0
         self.retry_seconds = settings.upstream_retry_seconds
