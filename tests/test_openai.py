@@ -278,6 +278,9 @@ def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
     assert detok.json() == {"prompt": "Hello world"}
     assert httpx.post(service.base + "/detokenize", json={"tokens": [10**9]}).status_code == 422
     assert tokenize().status_code == 422  # neither prompt nor messages
+    # A chat is held to MAX_PROMPT_CHARS as a prompt is (8,000 in these tests).
+    huge = tokenize(messages=[{"role": "user", "content": "x" * 9000}])
+    assert huge.status_code == 422 and huge.json()["error"]["field"] == "messages"
     from textstream import __version__
 
     assert httpx.get(service.base + "/version").json() == {"version": __version__}

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 import redis
-from helpers import stream
+from helpers import stream, wait_for
 
 MODES = ("endless", "not-a-stream", "garbage", "usage-lies", "cut-short")
 
@@ -145,3 +145,16 @@ def test_credentials_in_the_upstream_url_are_shown_nowhere(make_service, hostile
     stored = repr([client.hgetall(key) for key in client.keys("*") if client.type(key) == b"hash"])
     for seen in (svc.workers.output(), svc.api.output(), json.dumps(workers), str(stored)):
         assert "s3cr3t" not in seen
+
+
+def test_tokenize_for_a_model_without_a_tokenizer_here_is_a_clear_4xx(relay):
+    """The API cannot load an upstream's tokenizer: after it tried, a 400 naming
+    `model` (a 503 "retry shortly" would be retried for ever)."""
+
+    def answer() -> httpx.Response:
+        body = {"model": "hostile", "prompt": "Hi"}
+        return httpx.post(relay.base + "/tokenize", json=body, timeout=10)
+
+    wait_for(lambda: answer().status_code != 503, 30, "the API to try the tokenizer")
+    refused = answer()
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "model"

@@ -119,6 +119,14 @@ class PromptTokens:
             self._failed.add(source)
             log.warning("cannot load the tokenizer of %s (%s); workers will check", source, exc)
 
+    def cannot_load(self, model: str) -> bool:
+        """The model's workers have no tokenizer this process can load: an upstream
+        engine or the fake one, or one that failed to load here (for good)."""
+        worker = self._workers.get(model)
+        if worker is None:
+            return False
+        return not has_local_tokenizer(worker.model_source) or worker.model_source in self._failed
+
     def current(self, model: str) -> tuple[Any, WorkerInfo] | None:
         """The model's tokenizer and a worker serving it, once the tokenizer is
         loaded (None before, or when it cannot be: a fake engine, an upstream, a

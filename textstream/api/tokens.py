@@ -54,7 +54,12 @@ class DetokenizeRequest(Body):
 
 async def tokenizer_of(request: Request, model: str | None) -> tuple[Any, int]:
     services = services_of(request)
-    current = services.prompt_tokens.current(await resolve_model(services, model))
+    resolved = await resolve_model(services, model)
+    current = services.prompt_tokens.current(resolved)
+    if current is None and services.prompt_tokens.cannot_load(resolved):
+        # An upstream engine, a fake one, a path only the worker's host has: no
+        # retry will help, so not a 503.
+        raise InvalidInputError("model", f"no tokenizer for {resolved!r} here (tokenize upstream)")
     if current is None:
         raise TokenizerUnavailableError()
     tokenizer, worker = current
@@ -80,11 +85,12 @@ def encode(tokenizer: Any, body: TokenizeRequest) -> list[int]:
 async def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidInputError("prompt", "give either `prompt` or `messages`")
-    if (
-        body.prompt is not None
-        and len(body.prompt) > services_of(request).settings.max_prompt_chars
-    ):
-        raise InvalidInputError("prompt", "the prompt is over MAX_PROMPT_CHARS")
+    field = "prompt" if body.prompt is not None else "messages"
+    text = (
+        body.prompt if body.prompt is not None else "".join(m.text() for m in body.messages or [])
+    )
+    if len(text) > services_of(request).settings.max_prompt_chars:  # as for a job, chat too
+        raise InvalidInputError(field, f"the {field} is over MAX_PROMPT_CHARS")
     tokenizer, window = await tokenizer_of(request, body.model)
     ids = await asyncio.to_thread(encode, tokenizer, body)
     strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
