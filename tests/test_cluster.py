@@ -175,6 +175,7 @@ def test_sigkill_of_the_master_under_a_streaming_job(on_cluster, redis_cluster):
         for response in (
             httpx.get(f"{second_base}/jobs/{job['id']}", timeout=15),
             httpx.post(second_base + "/jobs", json={"prompt": "Hi", "max_new_tokens": 2}),
+            httpx.get(second_base + "/ready", timeout=15),
         ):
             statuses.add(response.status_code)
         time.sleep(0.3)
@@ -182,6 +183,10 @@ def test_sigkill_of_the_master_under_a_streaming_job(on_cluster, redis_cluster):
     reader.join(120)
     assert_whole_and_once(result["r"], tokens)
     redis_cluster.wait_healthy()
+    # Ready again once every slot is served (CLUSTER INFO, not a node's PING), with
+    # the workers the queue's Redis lists.
+    wait_for(lambda: httpx.get(second_base + "/ready").status_code == 200, 15, "ready")
+    assert httpx.get(second_base + "/health").json()["workers"] >= 1
     assert redis_cluster.master_of(keys.job_events(job["id"])) != master
     # The whole stream, read afresh from the promoted replica, is the same.
     again = stream(second_base, job["events_url"])

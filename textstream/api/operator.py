@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.deps import Services, authorize, services_of
@@ -87,16 +88,27 @@ async def page() -> HTMLResponse:
 
 
 async def workers_or_none(services: Services) -> tuple[bool, list[WorkerInfo]]:
+    """(both Redis roles usable, the live workers). The workers come from the
+    queue's Redis whatever the streams' store says; a cluster is usable when it
+    serves all its slots (a node answers PING while the cluster is down)."""
+    timeout = services.settings.redis_timeout
     try:
-        async with asyncio.timeout(services.settings.redis_timeout):
+        async with asyncio.timeout(timeout):
             await services.redis.ping()
-            if services.jobs.client is not services.redis:
-                await services.jobs.client.ping()  # the streams' own Redis, or cluster
-            return True, await live_workers(
-                services.redis, services.settings.worker_heartbeat_seconds
-            )
+            workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
     except UNREACHABLE:
         return False, []
+    streams = services.jobs.client
+    try:
+        async with asyncio.timeout(timeout):
+            if isinstance(streams, AsyncRedisCluster):
+                info = await streams.cluster_info()
+                return info.get("cluster_state") == "ok", workers
+            if streams is not services.redis:
+                await streams.ping()  # the streams' own Redis
+    except UNREACHABLE:
+        return False, workers
+    return True, workers
 
 
 @public.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that send it
