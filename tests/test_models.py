@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,18 @@ def test_a_killed_worker_is_taken_over_inside_its_pool(pools):
     job_id = resumed.headers["x-job-id"]
     assert job_id not in tiny_pool.output()  # the tiny pool never saw it
     assert json.loads(client.hget("textstream:models", SMOL))["source"] == SMOL_SPEC
+
+
+def test_different_models_under_one_name_are_logged_once(make_service, tiny_model_dir):
+    """SERVED_MODEL_NAME set alike on workers of different models: requests would
+    get one or the other; the API says so in its log (once), since nothing else
+    shows it."""
+    svc = make_service(workers=1)
+    make_service(workers=1, model="fake:5", SERVED_MODEL_NAME=tiny_model_dir.name)
+
+    def warned() -> int:
+        return svc.api.output().count("workers serve different models under the name")
+
+    wait_for(lambda: warned() == 1, 30, "the API's warning")
+    time.sleep(2.5)  # more rounds of its watch: still one line
+    assert warned() == 1 and "fake:5" in svc.api.output()

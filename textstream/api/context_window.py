@@ -91,6 +91,7 @@ class PromptTokens:
         self._tokenizers: dict[str, Any] = {}
         self._failed: set[str] = set()
         self._workers: dict[str, WorkerInfo] = {}  # model -> a live worker serving it
+        self._mixed: set[tuple[str, ...]] = set()  # names already warned about
 
     async def watch(self, client: aioredis.Redis, interval: float) -> None:
         """Run for the app's lifetime: notice served models, load their tokenizers."""
@@ -98,6 +99,7 @@ class PromptTokens:
             try:
                 workers = await live_workers(client, interval)
                 self._workers = {w.model: w for w in reversed(workers)}
+                self._warn_of_mixed_sources(workers)
                 for worker in self._workers.values():
                     source = worker.model_source
                     # The fake engine has no tokenizer; an upstream's is its own.
@@ -108,6 +110,23 @@ class PromptTokens:
             except RedisError:
                 pass  # /health reports Redis; try again next round
             await asyncio.sleep(max(interval, 1.0))
+
+    def _warn_of_mixed_sources(self, workers: list[WorkerInfo]) -> None:
+        """Workers serving different models under one name (SERVED_MODEL_NAME set
+        alike by mistake) answer one request one way and the next another: logged
+        once per such set, since nothing else shows it."""
+        sources: dict[str, set[str]] = {}
+        for worker in workers:
+            sources.setdefault(worker.model, set()).add(worker.model_source)
+        for model, found in sources.items():
+            mixed = (model, *sorted(found))
+            if len(found) > 1 and mixed not in self._mixed:
+                self._mixed.add(mixed)
+                log.warning(
+                    "workers serve different models under the name %r: %s",
+                    model,
+                    ", ".join(sorted(found)),
+                )
 
     async def _load(self, source: str) -> None:
         try:
