@@ -18,7 +18,21 @@ import pytest
 import redis
 from helpers import stream, wait_for
 
-MODES = ("endless", "not-a-stream", "garbage", "usage-lies", "cut-short")
+MODES = (
+    "endless",
+    "not-a-stream",
+    "garbage",
+    "usage-lies",
+    "cut-short",
+    "done-then-junk",
+    "reasoning",
+)
+
+
+def chat_chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    body = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "hostile"}
+    return b"data: " + json.dumps({**body, "choices": [choice]}).encode() + b"\n\n"
 
 
 def completion_chunk(text: str, finish: str | None = None) -> bytes:
@@ -77,6 +91,17 @@ class Hostile(BaseHTTPRequestHandler):
             elif mode == "cut-short":  # three pieces, then the end with no finish reason
                 for i in range(3):
                     send(completion_chunk(f" w{i}"))
+            elif mode == "reasoning":  # as DeepSeek and OpenAI lay it out
+                for i in range(3):
+                    send(chat_chunk({"reasoning_content": f" r{i}"}))
+                send(chat_chunk({}, "stop"))  # the finish alone, then the usage alone
+                usage = {"prompt_tokens": 7, "completion_tokens": 3}
+                send(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+            elif mode == "done-then-junk":  # whole, then a broken chunk instead of [DONE]
+                send(completion_chunk(" w0"))
+                send(completion_chunk(" w1", "stop"))
+                send(b"data: {oops\n\n")
+                return
             send(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -117,13 +142,23 @@ def test_a_stream_cut_short_is_retried_for_only_what_is_left(relay):
     assert Hostile.asked[1]["prompt"].endswith("cut-short w0 w1 w2")  # resumed after
 
 
+def test_what_fails_after_the_finish_reason_leaves_the_answer_whole(relay):
+    Hostile.asked.clear()
+    response = stream(relay.base, "/completion/done-then-junk", 30, max_new_tokens=5, **RAW)
+    assert response.last.event == "done", response.events[-2:]
+    assert response.text == " w0 w1" and response.last.data["finish_reason"] == "stop"
+    assert len(Hostile.asked) == 1  # no retry asking for more after the end
+
+
 @pytest.mark.parametrize("mode", ["not-a-stream", "garbage"])
 def test_an_answer_that_is_no_completion_stream_is_an_upstream_error(relay, mode):
+    Hostile.asked.clear()
     started = time.monotonic()
     response = stream(relay.base, f"/completion/{mode}", 30, max_new_tokens=5, **RAW)
     assert response.last.event == "error", response.events[-2:]
     assert response.last.data["error"]["type"] == "upstream_error"
     assert time.monotonic() - started < 15  # within the retry window, not JOB_TIMEOUT
+    assert len(Hostile.asked) == 1  # the same answer again would be no better
     assert "garbage" not in relay.workers.output()  # the prompt never reaches the log
 
 
@@ -158,3 +193,13 @@ def test_tokenize_for_a_model_without_a_tokenizer_here_is_a_clear_4xx(relay):
     wait_for(lambda: answer().status_code != 503, 30, "the API to try the tokenizer")
     refused = answer()
     assert refused.status_code == 422 and refused.json()["error"]["field"] == "model"
+
+
+def test_reasoning_up_to_the_limit_closes_its_block_and_keeps_the_usage(relay):
+    """Three reasoning pieces for max 3, then the finish reason in a chunk of its
+    own: the `</think>` the relay adds there is no fourth piece to cut off."""
+    response = stream(relay.base, "/completion/reasoning", 30, max_new_tokens=3)
+    assert response.last.event == "done", response.events[-2:]
+    assert "".join(e.data["text"] for e in response.of("thinking")) == " r0 r1 r2"
+    assert response.last.data["finish_reason"] == "stop"
+    assert response.last.data["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}

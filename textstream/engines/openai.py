@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Statuses worth retrying: the upstream is busy or broken for now.
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: How reasoning deltas are wrapped, as the API splits them into `thinking` events.
+THINK_START, THINK_END = "<think>", "</think>"
 #: When the upstream does not say, the context window assumed for its model.
 UNKNOWN_WINDOW = 1 << 20
 
@@ -108,23 +110,27 @@ class OpenAIEngine:
         `max_tokens` is cut off: finish reason `length`)."""
         received, attempt, failing_since, pieces = "", 0, 0.0, 0
         deadline = job.deadline or (time.time() + 300)
-        while True:
+        while not should_stop():  # cancelled (or past its deadline) between attempts
             before = pieces
             left = params.max_new_tokens - before
             if left <= 0:  # all asked for came, in attempts that each failed after
                 yield TextStep("", "length", None)
                 return
             asked = params.model_copy(update={"max_new_tokens": left}) if before else params
-            finished, got = False, ""
+            finished, got, seen = False, "", 0
             try:
                 with contextlib.closing(
                     self._stream(job, asked, should_stop, resume_text + received)
                 ) as steps:
                     for step in steps:
-                        if step.text and pieces >= params.max_new_tokens:
+                        seen += 1
+                        # A piece of the upstream's text (not the `</think>` the relay
+                        # adds when its reasoning ends with the stream).
+                        counts = bool(step.text) and step.text != THINK_END
+                        if counts and pieces >= params.max_new_tokens:
                             yield TextStep("", "length", None)  # it ignored max_tokens
                             return
-                        pieces += bool(step.text)
+                        pieces += counts
                         got += step.text
                         finished = finished or step.finish_reason is not None
                         usage = step.usage
@@ -138,10 +144,15 @@ class OpenAIEngine:
                         yield TextStep(step.text, step.finish_reason, usage)
                 if finished or should_stop():
                     return
+                if not seen:  # a 200 that held no completion chunk: an HTML page, JSON
+                    empty = UpstreamMalformedError("the upstream's answer held no completion")
+                    raise _Partial("", empty)
                 # The stream ended with no finish reason: cut off (a proxy before a
-                # dying upstream closes it so), or not a stream at all.
+                # dying upstream closes it so).
                 raise _Partial(got, UpstreamTruncatedError("the upstream's stream ended early"))
             except _Partial as partial:
+                if finished:  # what failed came after the end: the answer is whole
+                    return
                 received += got  # what this attempt delivered: the next goes on after it
                 error = partial.error
                 progressed = pieces > before
@@ -161,7 +172,9 @@ class OpenAIEngine:
                 attempt,
                 delay,
             )
-            time.sleep(min(delay, max(0.0, give_up - time.time())))
+            wake = time.time() + min(delay, max(0.0, give_up - time.time()))
+            while time.time() < wake and not should_stop():  # a cancel cuts the wait
+                time.sleep(min(0.1, max(0.0, wake - time.time())))
 
     @staticmethod
     def _retryable(error: Exception) -> bool:
@@ -184,24 +197,30 @@ class OpenAIEngine:
             stream = self._request(job, params, resume)
         except openai.OpenAIError as exc:
             raise _Partial("", exc) from exc
+        except ValueError as exc:  # a request the SDK cannot even encode
+            raise _Partial("", UpstreamMalformedError(type(exc).__name__)) from exc
         try:
-            thinking = False
+            # Resumed inside the reasoning (a retry or takeover cut it short): it
+            # goes on, without a second `<think>`.
+            thinking = resume.rfind(THINK_START) > resume.rfind(THINK_END)
             for chunk in stream:
                 for reasoning, content, finish, usage in self._deltas(chunk):
                     piece = ""
                     if reasoning:
-                        piece = reasoning if thinking else "<think>" + reasoning
+                        piece = reasoning if thinking else THINK_START + reasoning
                         thinking = True
                     if thinking and (content or finish):
-                        piece, thinking = piece + "</think>", False
-                    piece += content
+                        piece, thinking = piece + THINK_END, False
+                    # Text UTF-8 (so Redis) can hold: a lone surrogate from the
+                    # upstream's JSON ("\\ud800") becomes "?".
+                    piece = (piece + content).encode("utf-8", "replace").decode("utf-8")
                     received += piece
                     yield TextStep(piece, finish, usage)
                 if should_stop():
                     return
         except openai.OpenAIError as exc:
             raise _Partial(received, exc) from exc
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
             # Not JSON, or not the shape of a completion chunk: an upstream_error
             # (not retried: a server that answers so will answer so again).
             malformed = UpstreamMalformedError(f"the upstream sent a malformed chunk ({exc})")
