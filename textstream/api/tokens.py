@@ -59,7 +59,11 @@ async def tokenizer_of(request: Request, model: str | None) -> tuple[Any, int]:
     if current is None and services.prompt_tokens.cannot_load(resolved):
         # An upstream engine, a fake one, a path only the worker's host has: no
         # retry will help, so not a 503.
-        raise InvalidInputError("model", f"no tokenizer for {resolved!r} here (tokenize upstream)")
+        raise InvalidInputError(
+            "model",
+            f"this API has no tokenizer for {resolved!r} (an upstream's or the fake"
+            " engine's, or one that failed to load here: see its log)",
+        )
     if current is None:
         raise TokenizerUnavailableError()
     tokenizer, worker = current
