@@ -203,3 +203,17 @@ def test_reasoning_up_to_the_limit_closes_its_block_and_keeps_the_usage(relay):
     assert "".join(e.data["text"] for e in response.of("thinking")) == " r0 r1 r2"
     assert response.last.data["finish_reason"] == "stop"
     assert response.last.data["usage"] == {"prompt_tokens": 7, "completion_tokens": 3}
+
+
+def test_an_upstream_url_is_shown_without_user_info_or_query_values():
+    from textstream.sources import without_credentials
+
+    shown = {
+        "http://gpu-1:8000/v1": "http://gpu-1:8000/v1",
+        "http://user:pw@gpu-1:8000/v1": "http://***@gpu-1:8000/v1",
+        "https://u:p%40ss@[::1]:8443/v1": "https://***@[::1]:8443/v1",
+        "https://a@b:c@host/v1": "https://***@host/v1",  # the last @ ends the user info
+        "https://host/v1?api_key=s3cr3t&x=1": "https://host/v1?api_key=***&x=***",
+    }
+    for url, expected in shown.items():
+        assert without_credentials(url) == expected

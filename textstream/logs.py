@@ -114,7 +114,7 @@ def configure_logging(settings: Settings) -> None:
     # Model downloads and weight loading print progress bars and chatter at INFO;
     # the HTTP clients log each request's URL (an upstream's may hold credentials).
     # (The `openai` SDK's client logs as `httpx2`.)
-    noisy_loggers = ("httpx", "httpx2", "httpcore", "openai", "huggingface_hub")
+    noisy_loggers = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "huggingface_hub")
     for noisy in (*noisy_loggers, "transformers", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     access = logging.getLogger("uvicorn.access")

@@ -64,10 +64,14 @@ class OpenAISource:
 
 
 def without_credentials(url: str) -> str:
+    """`url` with its user info, and its query's values (`?api_key=…`), as `***`."""
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+    if parts.query:
+        names = [pair.partition("=")[0] for pair in parts.query.split("&")]
+        parts = parts._replace(query="&".join(f"{name}=***" for name in names))
+    return urlunsplit(parts)
 
 
 @dataclass(frozen=True)
