@@ -6,6 +6,7 @@ how to become a `GenerationRequest`, the common form submit() takes.
 No `from __future__ import annotations`: FastAPI and pydantic read these at run time.
 """
 
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -78,10 +79,11 @@ class Body(BaseModel):
     def _json_types(cls, value: Any, info: ValidationInfo) -> Any:
         if not cls.json_typed or value is None or info.field_name is None:
             return value
-        annotation = cls.model_fields[info.field_name].annotation
-        items = _list_item(annotation)
-        for one in value if items is not None and isinstance(value, list) else [value]:
-            _check_json_type(_scalar_kinds(items if items is not None else annotation), one)
+        kinds, of_list = _field_kinds(cls, info.field_name)
+        if not kinds:
+            return value
+        for one in value if of_list and isinstance(value, list) else [value]:
+            _check_json_type(kinds, one)
         return value
 
     @field_validator("*", mode="after")
@@ -106,7 +108,17 @@ class Body(BaseModel):
         return data
 
 
-def _check_json_type(kinds: set[type], value: Any) -> None:
+@functools.cache
+def _field_kinds(model: type[BaseModel], field: str) -> tuple[frozenset[type], bool]:
+    """The JSON scalar types a model's field (or each item of a list field) takes,
+    and whether it is a list: read from its annotation once, not per request."""
+    annotation = model.model_fields[field].annotation
+    items = _list_item(annotation)
+    kinds = _scalar_kinds(items if items is not None else annotation)
+    return frozenset(kinds), items is not None
+
+
+def _check_json_type(kinds: frozenset[type], value: Any) -> None:
     if kinds == {bool} and not isinstance(value, bool):
         raise PydanticCustomError("bool_type", "Input should be true or false")
     number = isinstance(value, int | float) and not isinstance(value, bool)
