@@ -41,6 +41,13 @@ def services_of(request: Request) -> Services:
     return services
 
 
+def identify(guard: Guard, request: Request, job_id: str = "", token: str = "") -> Caller:
+    """The caller by its Authorization header (or a job's stream token) and address;
+    raises UnauthorizedError."""
+    client_ip = request.client.host if request.client else "unknown"
+    return guard.identify(request.headers.get("authorization"), client_ip, job_id, token)
+
+
 async def authorize(request: Request) -> Caller:
     """Who is calling (API key, or per-job stream token on an events URL), and
     count the call against its rate limit. Raises for 401 / 429.
@@ -50,13 +57,7 @@ async def authorize(request: Request) -> Caller:
     services = services_of(request)
     guard: Guard = services.guard
     job_id = request.path_params.get("job_id", "") if request.url.path.endswith("/events") else ""
-    client_ip = request.client.host if request.client else "unknown"
-    caller = guard.identify(
-        request.headers.get("authorization"),
-        client_ip,
-        job_id=job_id,
-        token=request.query_params.get("access_token", ""),
-    )
+    caller = identify(guard, request, job_id, request.query_params.get("access_token", ""))
     request.state.refund = await guard.count_request(caller)
     request.state.caller = caller
     part = undecodable(request.scope)
@@ -87,9 +88,8 @@ class KeyBeforeBody:
             services = getattr(scope["app"].state, "services", None)
         if services is not None and services.guard.enabled:  # an open API has no key
             request = Request(scope)
-            client_ip = request.client.host if request.client else "unknown"
             try:
-                services.guard.identify(request.headers.get("authorization"), client_ip)
+                identify(services.guard, request)  # a POST takes no stream token
             except UnauthorizedError as refusal:
                 headers = dict(refusal.headers)
                 if request.headers.get("content-length", "0") != "0" or (
