@@ -141,7 +141,8 @@ def test_a_body_without_a_valid_key_is_refused_before_it_is_read(keyed):
     """Only the head has arrived (the body is 80 bytes short, and never comes): a
     caller without the key gets its 401 at once, not after the API waited for and
     parsed a body it would refuse anyway."""
-    svc, _ = keyed
+    svc, client = keyed
+    before = job_keys(client)
     host, port = svc.base.removeprefix("http://").split(":")
     for path, credential in [
         ("/v1/completions", b""),
@@ -164,6 +165,7 @@ def test_a_body_without_a_valid_key_is_refused_before_it_is_read(keyed):
         body = json.loads(received.partition(b"\r\n\r\n")[2])
         shape = body["error"]["code"] if path.startswith("/v1") else body["error"]["type"]
         assert shape == "unauthorized", (path, body)
+    assert job_keys(client) == before  # refused before anything was written
     # With the key, the same route is reached (and its body read).
     ok = httpx.post(svc.base + "/v1/completions", headers=K1, json={"model": "x", "prompt": ""})
     assert ok.status_code == 400 and ok.json()["error"]["param"] == "prompt"
@@ -405,6 +407,14 @@ def test_a_redis_that_comes_back_empty_ends_open_streams_at_once(
             target=lambda: result.update(r=stream(svc.base, "/completion/Hi", 120, **params))
         )
         reader.start()
+        # And one waiting (queued: the worker has one slot) for a whole answer.
+        whole = {**params, "stream": "false"}
+        waiter = threading.Thread(
+            target=lambda: result.update(
+                w=httpx.get(svc.base + "/completion/Ho", params=whole, timeout=120)
+            )
+        )
+        waiter.start()
         client = redis.Redis.from_url(url)
         wait_for(lambda: client.keys("textstream:job:*:events"), 30, "the job to start")
         time.sleep(1)
@@ -417,6 +427,10 @@ def test_a_redis_that_comes_back_empty_ends_open_streams_at_once(
         assert time.monotonic() - lost_at < 10  # not JOB_TIMEOUT later
         assert ended.last.event == "error"
         assert ended.last.data["error"]["type"] == "redis_unavailable"
+        waiter.join(60)
+        lost = result["w"]  # its job's stream is gone too: a 503 to retry, not a 502
+        assert lost.status_code == 503 and lost.headers["Retry-After"], lost.text
+        assert lost.json()["error"]["type"] == "redis_unavailable"
         # The worker's custody lists are known to ModelQ's sweepers again, so a
         # worker killed from now on does not strand its job (and prompt) forever.
         wait_for(lambda: httpx.get(svc.base + "/health").json()["workers"] == 1, 30, "worker")
