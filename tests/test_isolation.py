@@ -7,6 +7,7 @@ crashed a request, Last-Event-IDs that hung, prompts kept too long."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -22,7 +23,7 @@ import redis
 from conftest import Service
 from helpers import free_port, parse_sse_lines, queued, service_env, stream, wait_for
 
-from bench.cluster import start_redis
+from bench.cluster import start_api, start_redis
 
 K1, K2 = {"Authorization": "Bearer key-one"}, {"Authorization": "Bearer key-two"}
 KEYS = {"API_KEYS": "key-one,key-two"}
@@ -248,6 +249,40 @@ def test_a_request_past_the_stream_cap_gets_429_and_is_never_run(make_service):
         30,
         "the stream slot to be released",
     )
+
+
+def test_stream_slots_are_leases_a_killed_api_process_stops_holding(make_service):
+    """A live API process keeps its callers' slots past many lease periods; one that
+    is SIGKILLed holding them gives them up within a lease, and a restarted process
+    inherits none (they were a fixed hour, released only by their holder)."""
+    svc = make_service(
+        model="fake:20", MAX_STREAMS_PER_KEY="2", STREAM_LEASE_SECONDS="2", **KEYS
+    )  # 300 tokens: 15 s a stream
+    long = {"max_new_tokens": 300, "ignore_eos": True}
+    held = [
+        httpx.stream("GET", svc.base + "/completion/Hello", params=long, headers=K1, timeout=60)
+        for _ in range(2)
+    ]
+    try:
+        for response in held:
+            assert response.__enter__().status_code == 200
+        time.sleep(5)  # 2.5 leases: only renewals keep them
+        assert httpx.get(svc.base + "/completion/Hi", headers=K1, timeout=10).status_code == 429
+        assert svc.api.popen is not None
+        svc.api.popen.kill()
+        svc.api.popen.wait()
+        svc.api, svc.base = start_api(svc.env, svc.workdir, name="api-again")
+        wait_for(
+            lambda: (
+                httpx.get(svc.base + "/completion/Hi", headers=K1, timeout=10).status_code == 200
+            ),
+            10,  # a 2 s lease, with room for a loaded host
+            "the dead process's stream slots to stop counting",
+        )
+    finally:
+        for response in held:
+            with contextlib.suppress(httpx.HTTPError):  # its server was killed
+                response.__exit__(None, None, None)
 
 
 def test_the_queue_bound_holds_under_a_burst_and_cancelled_jobs_stop_counting(make_service):

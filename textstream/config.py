@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     stream_token_seconds: int = Field(600, ge=1)
     rate_limit: int = Field(0, ge=0, description="requests/minute per key or IP; 0 = off")
     max_streams_per_key: int = Field(0, ge=0, description="concurrent streams; 0 = off")
+    #: An open stream's slot is a lease its API process renews every third of this:
+    #: a process that dies stops holding its callers' slots within this long.
+    stream_lease_seconds: float = Field(15.0, ge=1, le=3600)
     cors_origins: str = Field("", description="comma-separated origins; empty = none")
     #: /docs, /redoc and /openapi.json: auto = open when API_KEYS is empty, behind
     #: the key when it is set; open; closed (behind the key whenever keys are set).

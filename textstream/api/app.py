@@ -108,11 +108,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     housekeeping = asyncio.create_task(
         janitor.run(app.state.services, settings.housekeeping_seconds)
     )
+    leases = asyncio.create_task(guard.keep_leases())
     try:
         yield
     finally:
         watcher.cancel()
         housekeeping.cancel()
+        leases.cancel()
         await jobs.close()
         if streams is not client:
             await streams.close()

@@ -9,13 +9,20 @@
 - Limits live in Redis, so they hold across API processes: RATE_LIMIT requests
   per minute (fixed one-minute windows) and MAX_STREAMS_PER_KEY open streams, per
   key, or per client IP when the API is open.
+- An open stream's slot is a lease, not a lifetime: the API process holding it
+  renews it every third of STREAM_LEASE_SECONDS (`renew_leases`, one call per
+  caller), so the slots of a process that died stop counting within that time,
+  and a restarted process inherits none of them. Lease expiries are Redis's clock
+  (TIME inside the scripts), so API hosts whose clocks disagree still agree on them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,9 +33,10 @@ import redis.asyncio as aioredis
 from textstream import keys
 from textstream.api.errors import RateLimitedError, UnauthorizedError
 from textstream.config import Settings
+from textstream.connections import UNREACHABLE
 
-#: An open stream that never reported its end stops counting after this long.
-STREAM_SLOT_SECONDS = 3600
+log = logging.getLogger(__name__)
+
 #: A stream token is ~110 characters; anything much longer is not one.
 MAX_TOKEN_CHARS = 512
 
@@ -52,8 +60,11 @@ class Guard:
         self._rate = client.register_script(RATE_SCRIPT)
         self._refund = client.register_script(REFUND_SCRIPT)
         self._slot = client.register_script(SLOT_SCRIPT)
+        self._renew = client.register_script(RENEW_SCRIPT)
         secret_material = b"textstream-stream-token\0" + b"\0".join(sorted(self._keys))
         self._secret = hashlib.sha256(secret_material).digest()
+        #: The stream slots this process holds, by caller identity: what it renews.
+        self._held: dict[str, set[str]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -138,19 +149,56 @@ class Guard:
         return refund
 
     async def open_stream(self, caller: Caller) -> str | None:
-        """Take a stream slot (raises when the caller has too many); returns its id."""
+        """Take a stream slot (raises when the caller has too many); returns its id.
+        The slot is a lease this process renews until `close_stream`."""
         cap = self._settings.max_streams_per_key
         if not cap:
             return None
-        key, slot, now = keys.open_streams(caller.identity), uuid.uuid4().hex, time.time()
-        taken = await self._slot(keys=[key], args=[cap, slot, now, STREAM_SLOT_SECONDS])
-        if not int(taken):
+        key, slot = keys.open_streams(caller.identity), uuid.uuid4().hex
+        lease = self._settings.stream_lease_seconds
+        if not int(await self._slot(keys=[key], args=[cap, slot, lease])):
             raise RateLimitedError(f"more than {cap} open streams; close one first", 5)
+        self._held.setdefault(caller.identity, set()).add(slot)
         return slot
 
     async def close_stream(self, caller: Caller, slot: str | None) -> None:
-        if slot:
-            await self._client.zrem(keys.open_streams(caller.identity), slot)
+        if not slot:
+            return
+        held = self._held.get(caller.identity)
+        if held is not None:
+            held.discard(slot)
+            if not held:
+                del self._held[caller.identity]
+        await self._client.zrem(keys.open_streams(caller.identity), slot)
+
+    async def renew_leases(self) -> int:
+        """Push the expiry of every slot this process holds one lease further, in one
+        pipelined call per caller; returns how many slots were renewed. A slot that
+        expired meanwhile (Redis was away longer than a lease) is not added back:
+        the caller may then briefly hold one stream more than its cap."""
+        held = [(identity, sorted(slots)) for identity, slots in self._held.items() if slots]
+        if not held:
+            return 0
+        lease = self._settings.stream_lease_seconds
+        async with self._client.pipeline(transaction=False) as pipe:
+            for identity, slots in held:
+                await self._renew(
+                    keys=[keys.open_streams(identity)], args=[lease, *slots], client=pipe
+                )
+            await pipe.execute()
+        return sum(len(slots) for _, slots in held)
+
+    async def keep_leases(self) -> None:
+        """Renew this process's stream slots every third of a lease, for ever (the
+        app's lifespan runs it as a task). A Redis outage is waited out: a lease
+        missed then expires, which errs towards letting the caller in."""
+        period = self._settings.stream_lease_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.renew_leases()
+            except UNREACHABLE as exc:
+                log.warning("stream slot leases not renewed: %s", type(exc).__name__)
 
 
 #: KEYS: the caller's window. ARGV: limit, ttl. -1 (and nothing written) when full.
@@ -166,12 +214,34 @@ REFUND_SCRIPT = """
 if redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
 """
 
-#: KEYS: the caller's open streams. ARGV: cap, slot, now, slot lifetime. Slots older
-#: than their lifetime (a process that died holding them) stop counting.
-SLOT_SCRIPT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[3]) - tonumber(ARGV[4]))
+#: Redis's clock in seconds, inside a script. TIME before a write needs effects
+#: replication: the default from Redis 5, asked for explicitly for older servers.
+LUA_NOW = """
+redis.replicate_commands()
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+#: KEYS: the caller's open streams, scored by lease expiry. ARGV: cap, slot, lease
+#: seconds. Expired leases (a process that died holding them) stop counting.
+SLOT_SCRIPT = (
+    LUA_NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])) + 1)
 return 1
 """
+)
+
+#: KEYS: the caller's open streams. ARGV: lease seconds, then the slots to renew
+#: (only those still there: XX).
+RENEW_SCRIPT = (
+    LUA_NOW
+    + """
+local expiry = now + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 1)
+"""
+)
