@@ -72,7 +72,8 @@ def test_malformed_json_gets_422(service, content):
     [
         ('{"prompt": "hi"}'.encode("utf-16"), "application/json", 422),  # BOM: not UTF-8
         ('{"prompt": "hi"}'.encode("utf-16-le"), "application/json", 422),  # NULs
-        ('{"prompt": "hi"}'.encode("utf-32"), None, 422),
+        ('{"prompt": "hi"}'.encode("utf-32"), "application/json", 422),
+        (b'{"prompt": "hi"}', None, 415),  # a cross-site no-cors fetch sends no type
         (b'{"prompt": "caf\xe9"}', "application/json", 422),  # Latin-1
         (b'{"prompt": "hi"}', "text/plain", 415),
         (b"prompt=hi", "application/x-www-form-urlencoded", 415),  # curl -d without -H
@@ -90,8 +91,11 @@ def test_a_body_not_json_in_utf8_is_refused_and_queues_nothing(
     assert queued(redis_client) == before
 
 
-def test_json_in_utf8_is_taken_with_or_without_a_content_type(service):
-    for headers in ({}, {"content-type": "application/json; charset=UTF-8"}):
+def test_json_in_utf8_is_taken_with_a_json_content_type(service):
+    for headers in (
+        {"content-type": "application/json; charset=UTF-8"},
+        {"content-type": "application/vnd.api+json"},
+    ):
         body = '{"prompt": "café", "max_new_tokens": 1}'.encode()
         response = httpx.post(service.base + "/jobs", content=body, headers=headers)
         assert response.status_code == 202, response.text

@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     #: a process that dies stops holding its callers' slots within this long.
     stream_lease_seconds: float = Field(15.0, ge=1, le=3600)
     cors_origins: str = Field("", description="comma-separated origins; empty = none")
+    #: Host names the API answers to (`*` any, `*.example.com` a domain); empty: any,
+    #: except that a request arriving on a loopback address must name a local host
+    #: (DNS rebinding). Behind a proxy on the same host, list its public names.
+    allowed_hosts: str = ""
     #: /docs, /redoc and /openapi.json: auto = open when API_KEYS is empty, behind
     #: the key when it is set; open; closed (behind the key whenever keys are set).
     docs: Literal["auto", "open", "closed"] = "auto"
@@ -151,6 +155,10 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
 
     @field_validator("device")
     @classmethod

@@ -29,6 +29,7 @@ from textstream.api.context_window import PromptTokens
 from textstream.api.deps import KeyBeforeBody, Services
 from textstream.api.errors import add_error_handlers
 from textstream.api.limits import BodyLimit
+from textstream.api.origin import SameOrigin
 from textstream.api.requestlog import RequestLog
 from textstream.api.security import Guard
 from textstream.config import Settings, get_settings
@@ -143,6 +144,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     operator.add_docs(app, open_to_all=docs_are_open(settings))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(KeyBeforeBody)  # outside BodyLimit: the key before the body
+    app.add_middleware(  # outside both: a page on another site gets nothing started
+        SameOrigin, allowed_hosts=settings.allowed_host_list, cors_origins=settings.cors_origin_list
+    )
     app.add_middleware(RequestLog)
     if settings.cors_origin_list:
         app.add_middleware(

@@ -9,11 +9,13 @@ read and parse.
 
 A body the JSON parser must not read is marked here too: one that is not UTF-8
 (422; Python's JSON parser would read UTF-16 or UTF-32 as well), or sent as
-something other than JSON (415). It is not answered here: who is calling is
-settled first (a caller without a key gets its 401), so the app gets an empty
-body instead, fails to parse it, and the validation handler (errors.py) answers
-with the refusal noted in the scope (BODY_REFUSAL). Path and query values that
-are not UTF-8 are refused by `deps.authorize`, after the same check (`undecodable`).
+something other than JSON or with no Content-Type at all (415: a browser's
+cross-site "simple" request may carry a body, never a JSON type). It is not
+answered here: who is calling is settled first (a caller without a key gets its
+401), so the app gets an empty body instead, fails to parse it, and the
+validation handler (errors.py) answers with the refusal noted in the scope
+(BODY_REFUSAL). Path and query values that are not UTF-8 are refused by
+`deps.authorize`, after the same check (`undecodable`).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _utf8(raw: bytes) -> bool:
 def _body_refusal(body: bytes, content_type: bytes | None) -> tuple[int, str, str] | None:
     if not body:
         return None
-    if content_type is not None and not _json_media_type(content_type):
+    if content_type is None or not _json_media_type(content_type):
         why = "the body must be JSON: send Content-Type: application/json"
         return 415, "unsupported_media_type", why
     if b"\x00" in body or not _utf8(body):  # a NUL byte: UTF-16 or UTF-32
