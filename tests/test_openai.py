@@ -281,6 +281,12 @@ def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
     # A chat is held to MAX_PROMPT_CHARS as a prompt is (8,000 in these tests).
     huge = tokenize(messages=[{"role": "user", "content": "x" * 9000}])
     assert huge.status_code == 422 and huge.json()["error"]["field"] == "messages"
+    # ... counted as a job counts a chat: 28,000 empty messages are not "no text".
+    many = tokenize(messages=[{"role": "user", "content": ""}] * 28_000)
+    assert many.status_code == 422 and many.json()["error"]["field"] == "messages"
+    # Ids past the context window (1,024 here) are no text this model reads or writes.
+    long = httpx.post(service.base + "/detokenize", json={"tokens": [15496] * 1025})
+    assert long.status_code == 422 and long.json()["error"]["field"] == "tokens"
     from textstream import __version__
 
     assert httpx.get(service.base + "/version").json() == {"version": __version__}

@@ -4,7 +4,9 @@ them, with the API's copy of the served model's tokenizer (context_window.py).
 /tokenize takes a `prompt` (raw text, special tokens added unless told not to) or
 chat `messages` (the chat template, with the generation prompt unless told not
 to) and answers `{"count", "max_model_len", "tokens", "token_strs"}`; /detokenize
-takes `tokens` and answers `{"prompt"}`. Until the tokenizer is loaded (or when it
+takes `tokens` and answers `{"prompt"}`. Both are held to a job's bounds: the
+prompt as a job's (MAX_PROMPT_CHARS, counted as a job counts a chat), the ids to
+the context window. Until the tokenizer is loaded (or when it
 cannot be: the fake engine has none) both answer 503 with Retry-After.
 
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
@@ -20,7 +22,8 @@ from textstream import __version__
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import InvalidInputError, ServiceError
 from textstream.api.models import resolve_model
-from textstream.api.protocol import Body, ChatMessage
+from textstream.api.protocol import Body, ChatMessage, Prompt
+from textstream.api.submit import check_prompt
 from textstream.prompts import DEFAULT_CHAT_TEMPLATE
 
 router = APIRouter(dependencies=[Depends(authorize)])
@@ -89,12 +92,14 @@ def encode(tokenizer: Any, body: TokenizeRequest) -> list[int]:
 async def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidInputError("prompt", "give either `prompt` or `messages`")
-    field = "prompt" if body.prompt is not None else "messages"
-    text = (
-        body.prompt if body.prompt is not None else "".join(m.text() for m in body.messages or [])
+    prompt = (
+        Prompt("prompt", text=body.prompt or "")
+        if body.messages is None
+        else Prompt("messages", messages=[m.as_dict() for m in body.messages])
     )
-    if len(text) > services_of(request).settings.max_prompt_chars:  # as for a job, chat too
-        raise InvalidInputError(field, f"the {field} is over MAX_PROMPT_CHARS")
+    # The bounds of a job's prompt, checked as for a job: 28,000 empty messages were
+    # tokenized here, where POST /jobs refuses them.
+    check_prompt(prompt.checked_text, services_of(request), prompt.field)
     tokenizer, window = await tokenizer_of(request, body.model)
     ids = await asyncio.to_thread(encode, tokenizer, body)
     strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
@@ -103,7 +108,9 @@ async def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
 
 @router.post("/detokenize")
 async def detokenize(request: Request, body: DetokenizeRequest) -> dict[str, str]:
-    tokenizer, _ = await tokenizer_of(request, body.model)
+    tokenizer, window = await tokenizer_of(request, body.model)
+    if window and len(body.tokens) > window:  # no text this model reads or writes is longer
+        raise InvalidInputError("tokens", f"at most {window} tokens (the context window)")
     if body.tokens and max(body.tokens) >= len(tokenizer):
         raise InvalidInputError("tokens", f"token ids must be below {len(tokenizer)}")
     return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
