@@ -137,3 +137,42 @@ def test_different_models_under_one_name_are_logged_once(make_service, tiny_mode
     wait_for(lambda: warned() == 1, 30, "the API's warning")
     time.sleep(2.5)  # more rounds of its watch: still one line
     assert warned() == 1 and "fake:5" in svc.api.output()
+
+
+def test_a_request_naming_no_model_before_any_worker_goes_to_the_served_name(make_service):
+    """SERVED_MODEL_NAME (vLLM's --served-model-name) set on the API and the workers:
+    a request that names no model and comes before any worker has registered is
+    queued under that name. It went under the name MODEL_ID gives, which the
+    workers then never served: it waited until JOB_TIMEOUT."""
+    svc = make_service(workers=0, model="fake:50", SERVED_MODEL_NAME="house-model")
+    body = {"prompt": "Hi", "max_new_tokens": 3}
+    job = httpx.post(svc.base + "/jobs", json=body, timeout=10).json()
+    workers = start_workers(svc.env, svc.workdir, name="late-worker")
+    try:
+        events = stream(svc.base, f"/jobs/{job['id']}/events", timeout=90)
+        assert events.last.event == "done", events.last
+        assert events.last.data["model"] == "house-model"
+    finally:
+        workers.stop()
+
+
+def test_a_job_for_a_model_whose_workers_are_gone_ends_no_worker(make_service):
+    """A model served lately, whose workers are all gone, and that this deployment
+    does not configure: its job ends with `no_worker` after NO_WORKER_SECONDS, not
+    JOB_TIMEOUT. The configured model's job keeps waiting for its workers."""
+    svc = make_service(
+        workers=0, model="fake:50", NO_WORKER_SECONDS="1", HOUSEKEEPING_SECONDS="0.5"
+    )
+    gone = start_workers({**svc.env, "SERVED_MODEL_NAME": "gone-model"}, svc.workdir, name="gone")
+    wait_for_workers(svc.base, 1, proc=gone)
+    gone.stop()
+    wait_for(lambda: httpx.get(svc.base + "/health").json()["workers"] == 0, 30, "the worker to go")
+    body = {"prompt": "Hi", "model": "fake-50tps"}  # the name MODEL_ID=fake:50 gives
+    configured = httpx.post(svc.base + "/jobs", json=body, timeout=10).json()
+    started = time.monotonic()
+    job = httpx.post(svc.base + "/jobs", json={"prompt": "Hi", "model": "gone-model"}).json()
+    events = stream(svc.base, f"/jobs/{job['id']}/events", timeout=60)
+    assert events.last.event == "error" and events.last.data["error"]["type"] == "no_worker"
+    assert time.monotonic() - started < 30  # JOB_TIMEOUT is 300
+    status = httpx.get(f"{svc.base}/jobs/{configured['id']}").json()
+    assert status["status"] == "queued", status

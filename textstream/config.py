@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     #: job); global: identical requests share answers across keys.
     cache_scope: Literal["caller", "global"] = "caller"
     housekeeping_seconds: float = Field(30.0, gt=0, description="API queue housekeeping period")
+    #: A job for a model that is not configured here (MODEL_ID / SERVED_MODEL_NAME)
+    #: and that no live worker serves ends with `no_worker` after waiting this long
+    #: (plus up to HOUSEKEEPING_SECONDS): its workers are gone, not starting.
+    no_worker_seconds: float = Field(120.0, gt=0)
     enqueue_timeout: float = Field(5.0, gt=0)
     #: Submissions one API process works on at once (the Redis steps of queueing a
     #: job); a burst beyond it waits its turn, up to ADMISSION_WAIT_SECONDS, then 429.

@@ -591,6 +591,13 @@ async def queue_position(client: aioredis.Redis, model: str, job_id: str) -> int
     return None if rank is None else int(rank) + 1
 
 
+async def waiting_since(client: aioredis.Redis, model: str, before: float, limit: int) -> list[str]:
+    """Ids of a model's unclaimed jobs queued before `before` (unix time), oldest first."""
+    index = keys.queue_key(model, keys.MODELQ_QUEUED_INDEX)
+    ids = await client.zrangebyscore(index, "-inf", before, start=0, num=limit)
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+
 #: ModelQ's records that only ever grow unless someone trims them.
 MODELQ_TASK_HISTORY = "task_history"
 MODELQ_TASK_HEARTBEATS = "task_heartbeats"

@@ -145,6 +145,7 @@ JOB_ERROR_STATUS = {
     "generation_failed": 502,
     "redis_unavailable": 503,
     "shutdown": 503,
+    "no_worker": 503,
 }
 
 #: Our error types as OpenAI's `type` field names them.

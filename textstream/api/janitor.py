@@ -4,6 +4,9 @@
   queue and ended with `timeout`: its prompt does not wait in ModelQ's list for a
   worker, and it stops counting against MAX_QUEUED_JOBS. (A reader that is still
   open does the same at the deadline; this covers jobs nobody is reading.)
+- A job for a model that is neither configured here nor served by a live worker
+  (its workers are gone) ends with `no_worker` once it has waited
+  NO_WORKER_SECONDS, instead of waiting for JOB_TIMEOUT.
 - ModelQ's ever-growing records are trimmed (jobqueue.trim_records).
 
 Every API process runs it; each step is idempotent, so more processes only make it
@@ -15,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from textstream.api.deps import Services
-from textstream.api.models import all_models
+from textstream.api.models import all_models, configured_model, live_models
 from textstream.connections import UNREACHABLE
-from textstream.jobqueue import expired_head, trim_records
-from textstream.transport.events import TIMEOUT, EventType
+from textstream.jobqueue import expired_head, trim_records, waiting_since
+from textstream.transport.events import TIMEOUT, EventType, error_data
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +32,38 @@ log = logging.getLogger(__name__)
 BATCH = 100
 
 
+def no_worker(model: str) -> dict[str, Any]:
+    why = f"no worker serves the model `{model}` now (none came within NO_WORKER_SECONDS)"
+    return error_data("no_worker", why)
+
+
 async def sweep(services: Services) -> int:
-    """One round; returns how many expired jobs it took off the queues."""
-    ttl, now, removed = services.settings.job_ttl, time.time(), 0
+    """One round; returns how many jobs it took off the queues."""
+    settings, now, removed = services.settings, time.time(), 0
+    live = set(await live_models(services))
     for model in await all_models(services):
         while removed < BATCH:
-            job_id = await expired_head(services.redis, model, ttl, now)
+            job_id = await expired_head(services.redis, model, settings.job_ttl, now)
             if job_id is None or not await services.queue.withdraw(job_id, model):
                 break
             removed += 1
             await services.jobs.append(job_id, EventType.ERROR, TIMEOUT)
-        await trim_records(services.redis, model, ttl, now)
+        if model not in live and model not in (configured_model(settings), settings.default_model):
+            removed += await end_unserved(services, model, now - settings.no_worker_seconds)
+        await trim_records(services.redis, model, settings.job_ttl, now)
     if removed:
-        log.info("took %d expired job(s) off the queue", removed)
+        log.info("took %d job(s) off the queues", removed)
     return removed
+
+
+async def end_unserved(services: Services, model: str, queued_before: float) -> int:
+    """End the jobs for `model`, which no live worker serves, queued before then."""
+    ended = 0
+    for job_id in await waiting_since(services.redis, model, queued_before, BATCH):
+        if await services.queue.withdraw(job_id, model):
+            await services.jobs.append(job_id, EventType.ERROR, no_worker(model))
+            ended += 1
+    return ended
 
 
 async def run(services: Services, interval: float) -> None:

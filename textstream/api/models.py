@@ -6,13 +6,21 @@ A request that names a model gets it if some worker serves it or has lately
 (then it waits for one, with `"workers": 0` in its queued events), else 404
 `model_not_found` (nothing queued). A request that names none gets, in order:
 DEFAULT_MODEL; the one model live workers serve (several: 400, name one); with
-no worker up, the one model served lately, else the one MODEL_ID names.
+no worker up, the one model served lately, else the configured one: the name
+the workers will announce, SERVED_MODEL_NAME or the one MODEL_ID gives (a job
+queued under MODEL_ID's name while the workers announced SERVED_MODEL_NAME
+waited for nobody).
+
+A job for a model that is neither configured nor served by a live worker waits
+NO_WORKER_SECONDS at most; then the housekeeping ends it (`no_worker`,
+janitor.py) instead of leaving it until JOB_TIMEOUT.
 """
 
 from __future__ import annotations
 
 from textstream.api.deps import Services
 from textstream.api.errors import InvalidInputError, ServiceError
+from textstream.config import Settings
 from textstream.registry import KnownModel, known_models
 from textstream.sources import served_name
 
@@ -33,11 +41,16 @@ async def live_models(services: Services) -> list[str]:
     )
 
 
+def configured_model(settings: Settings) -> str:
+    """The name this deployment's own workers announce (worker/main.py does the same)."""
+    return settings.served_model_name or served_name(settings.model_id)
+
+
 async def all_models(services: Services) -> dict[str, KnownModel | None]:
-    """Every model this deployment knows: served lately, plus the one MODEL_ID
-    names (None: no worker has announced it yet)."""
+    """Every model this deployment knows: served lately, plus the configured one
+    (None: no worker has announced it yet)."""
     known: dict[str, KnownModel | None] = dict(await known_models(services.redis))
-    configured = served_name(services.settings.model_id)
+    configured = configured_model(services.settings)
     if configured and configured not in known:
         known[configured] = None
     return known
@@ -59,4 +72,4 @@ async def resolve_model(services: Services, requested: str | None) -> str:
     lately = await known_models(services.redis)
     if len(lately) == 1:
         return next(iter(lately))
-    return served_name(services.settings.model_id)
+    return configured_model(services.settings)
