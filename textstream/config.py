@@ -44,10 +44,14 @@ class Settings(BaseSettings):
     #: auto: a `<think>...</think>` block opening a completion streams apart from
     #: the answer (`thinking` events; `reasoning_content` in chat); off: raw text.
     thinking: Literal["auto", "off"] = "auto"
-    #: For MODEL_ID=openai:<url>#<model>: the upstream's key, and how long one of its
-    #: reads may take.
+    #: For MODEL_ID=openai:<url>#<model>: the upstream's key, and how long it may go
+    #: without sending a chunk (keep-alive comments and a trickle of bytes do not
+    #: count; then retried). The job's deadline (JOB_TIMEOUT) bounds an attempt too.
     upstream_api_key: str = ""
     upstream_timeout: float = Field(120.0, gt=0)
+    #: The longest piece (one chunk's text) an upstream may send: a longer one ends
+    #: the job with `upstream_error` (no model sends a token that long).
+    upstream_max_piece_chars: int = Field(65536, ge=64)
     #: How long an upstream that fails (429, 5xx, unreachable) is retried before the
     #: job ends with `upstream_error` (never past the job's deadline).
     upstream_retry_seconds: float = Field(30.0, ge=0)
@@ -88,6 +92,9 @@ class Settings(BaseSettings):
     # --- streams and jobs --------------------------------------------------------
     job_ttl: int = Field(3600, ge=1, description="seconds a job's events are kept")
     job_timeout: float = Field(300.0, gt=0, description="seconds from enqueue to the end")
+    #: The most text one job publishes (whatever its engine or max_new_tokens): the
+    #: job ends there with finish reason `length`.
+    max_output_chars: int = Field(1 << 20, ge=1)
     max_queued_jobs: int = Field(1000, ge=1, description="queue length past which 429")
     queue_status_seconds: float = Field(2.0, gt=0, description="queued-position event period")
     redis_grace_seconds: float = Field(5.0, ge=0, description="an open stream waits this long")

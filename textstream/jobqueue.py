@@ -598,6 +598,13 @@ async def waiting_since(client: aioredis.Redis, model: str, before: float, limit
     return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
 
+async def queue_order(client: aioredis.Redis, model: str) -> list[str]:
+    """The ids of a model's waiting jobs, first in line first (position = index + 1):
+    one read for every job of the queue (api/queue_watch.py)."""
+    members = await client.zrange(keys.queue_key(model, keys.MODELQ_QUEUED_INDEX), 0, -1)
+    return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+
 #: ModelQ's records that only ever grow unless someone trims them.
 MODELQ_TASK_HISTORY = "task_history"
 MODELQ_TASK_HEARTBEATS = "task_heartbeats"

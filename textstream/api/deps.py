@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from textstream.api.context_window import PromptTokens
 from textstream.api.errors import InvalidInputError, UnauthorizedError, error_response
 from textstream.api.limits import undecodable
+from textstream.api.queue_watch import QueueWatch
 from textstream.api.security import Caller, Guard
 from textstream.config import Settings
 from textstream.jobqueue import JobQueue
@@ -34,6 +35,8 @@ class Services:
     submitting: asyncio.Semaphore
     #: The models live workers serve, as submissions resolve theirs (re-read each second).
     live_models: LiveModels = field(default_factory=LiveModels)
+    #: Queue positions and live workers for queued jobs' readers (read once for all).
+    queue_watch: QueueWatch = field(default_factory=QueueWatch)
 
 
 def services_of(request: Request) -> Services:

@@ -31,8 +31,7 @@ from textstream.api.protocol import GenerationRequest, Prompt
 from textstream.api.security import Caller
 from textstream.connections import UNREACHABLE
 from textstream.job import CompletionJob
-from textstream.jobqueue import queue_length, queue_position
-from textstream.registry import live_workers
+from textstream.jobqueue import queue_length
 from textstream.transport.events import JobAccess, JobEvent, entry_seconds
 from textstream.transport.sse import QueueHooks
 
@@ -309,12 +308,18 @@ async def check_access(
 
 def queue_hooks(services: Services, model: str) -> QueueHooks:
     """What a relay may ask of its job's queue: the job's position and the live
-    workers of its model, and taking a job that ended unclaimed off the queue."""
+    workers of its model (from snapshots shared by all this process's readers:
+    queue_watch.py), and taking a job that ended unclaimed off the queue."""
 
     async def report(job_id: str) -> dict[str, Any]:
-        position = await queue_position(services.redis, model, job_id)
-        workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
-        return {"position": position, "workers": sum(w.model == model for w in workers)}
+        settings = services.settings
+        return await services.queue_watch.report(
+            services.redis,
+            model,
+            job_id,
+            period=settings.queue_status_seconds,
+            heartbeat=settings.worker_heartbeat_seconds,
+        )
 
     async def withdraw(job_id: str) -> bool:
         return await services.queue.withdraw(job_id, model)

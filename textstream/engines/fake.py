@@ -13,6 +13,9 @@ from collections.abc import Callable, Generator
 from textstream.job import PromptFormat, SamplingParams, Step
 from textstream.sources import served_name
 
+#: The longest a slow fake stream sleeps before looking at `should_stop` again.
+STOP_CHECK_SECONDS = 0.1
+
 WORDS = [
     "The",
     "quick",
@@ -108,13 +111,16 @@ class FakeEngine:
         generated: int = 0,
     ) -> Generator[Step]:
         """One word every 1/rate seconds (paced against a clock, so no drift);
-        after a takeover the text continues where the earlier tokens left it."""
+        after a takeover the text continues where the earlier tokens left it.
+        A slow rate waits in slices, so a cancel or the deadline is seen within
+        STOP_CHECK_SECONDS, not only between words."""
         interval, next_at = 1.0 / self.rate, time.monotonic()
         for produced in range(1, params.max_new_tokens + 1):
             next_at += interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            while (delay := next_at - time.monotonic()) > 0:
+                time.sleep(min(delay, STOP_CHECK_SECONDS))
+                if delay > STOP_CHECK_SECONDS and should_stop():
+                    return
             token = (generated + produced - 1) % len(WORDS)
             yield Step(token, "length" if produced == params.max_new_tokens else None)
             if should_stop():

@@ -12,7 +12,11 @@ Each job is one streaming request through the official `openai` SDK:
   `repetition_penalty` and `ignore_eos` go as vLLM's extra fields, only when set,
   so a strict hosted API never sees them.
 - Cancel closes the upstream stream, so the upstream aborts its own work (vLLM,
-  llama.cpp and textstream all cancel on disconnect).
+  llama.cpp and textstream all cancel on disconnect). The stream is read on a
+  thread of its own (upstream.py), so a cancel or the job's deadline is seen within
+  a fraction of a second even while the upstream sends only keep-alive comments, a
+  trickle, or nothing at all; UPSTREAM_TIMEOUT is the longest it may go without a
+  chunk (not per read), and one piece is held to UPSTREAM_MAX_PIECE_CHARS.
 - A takeover, or a retry after the upstream failed mid-stream, continues where the
   text stopped: completions send prompt + the text already published; chat sends
   it as a partial assistant message with vLLM's `continue_final_message` (servers
@@ -39,6 +43,11 @@ import openai
 
 from textstream.config import Settings
 from textstream.engines.base import TextStep, UpstreamError
+from textstream.engines.upstream import (
+    UpstreamOversizeError,
+    UpstreamReader,
+    UpstreamStalledError,
+)
 from textstream.job import CompletionJob, PromptFormat, SamplingParams
 from textstream.sources import ModelLoadError, OpenAISource
 
@@ -73,6 +82,9 @@ class OpenAIEngine:
         self.peak_batch = 0
         self.backoff_cap = 8.0
         self.retry_seconds = settings.upstream_retry_seconds
+        #: The longest the upstream may go without a chunk (comments do not count).
+        self.stall_seconds = settings.upstream_timeout
+        self.max_piece_chars = settings.upstream_max_piece_chars
         self.load_seconds = time.perf_counter() - started
 
     def _resolve_model(self, wanted: str) -> tuple[str, int]:
@@ -178,7 +190,9 @@ class OpenAIEngine:
 
     @staticmethod
     def _retryable(error: Exception) -> bool:
-        if isinstance(error, openai.APIConnectionError | UpstreamTruncatedError):
+        if isinstance(
+            error, openai.APIConnectionError | UpstreamTruncatedError | UpstreamStalledError
+        ):
             return True  # timeouts included
         if isinstance(error, openai.APIStatusError):
             return error.status_code in RETRYABLE_STATUS
@@ -191,20 +205,28 @@ class OpenAIEngine:
         should_stop: Callable[[], bool],
         resume: str,
     ) -> Generator[TextStep]:
-        """One upstream request. A failure raises _Partial with what it received."""
+        """One upstream request. A failure raises _Partial with what it received.
+        It returns early once `should_stop()` is true, whatever the upstream is
+        doing: the reader (upstream.py) closes the connection."""
         received = ""
-        try:
-            stream = self._request(job, params, resume)
-        except openai.OpenAIError as exc:
-            raise _Partial("", exc) from exc
-        except ValueError as exc:  # a request the SDK cannot even encode
-            raise _Partial("", UpstreamMalformedError(type(exc).__name__)) from exc
+        reader = UpstreamReader(
+            lambda: self._open(job, params, resume),
+            should_stop,
+            stall_seconds=self.stall_seconds,
+            # A piece's JSON: up to 6 bytes a character ("\\u00e9"), and the chunk around it.
+            max_gap_bytes=6 * self.max_piece_chars + (64 << 10),
+            name=f"upstream-{job.job_id[:8]}",
+        )
         try:
             # Resumed inside the reasoning (a retry or takeover cut it short): it
             # goes on, without a second `<think>`.
             thinking = resume.rfind(THINK_START) > resume.rfind(THINK_END)
-            for chunk in stream:
+            for chunk in reader.chunks():
                 for reasoning, content, finish, usage in self._deltas(chunk):
+                    if max(len(reasoning), len(content)) > self.max_piece_chars:
+                        raise UpstreamOversizeError(
+                            f"the upstream sent a piece over {self.max_piece_chars} characters"
+                        )
                     piece = ""
                     if reasoning:
                         piece = reasoning if thinking else THINK_START + reasoning
@@ -218,7 +240,12 @@ class OpenAIEngine:
                     yield TextStep(piece, finish, usage)
                 if should_stop():
                     return
-        except openai.OpenAIError as exc:
+        except (
+            openai.OpenAIError,
+            UpstreamStalledError,
+            UpstreamOversizeError,
+            UpstreamMalformedError,
+        ) as exc:
             raise _Partial(received, exc) from exc
         except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
             # Not JSON, or not the shape of a completion chunk: an upstream_error
@@ -226,10 +253,23 @@ class OpenAIEngine:
             malformed = UpstreamMalformedError(f"the upstream sent a malformed chunk ({exc})")
             raise _Partial(received, malformed) from exc
         finally:
-            stream.close()  # cancel: the upstream sees the disconnect and stops
+            reader.close()  # cancel: the upstream sees the disconnect and stops
+
+    def _open(self, job: CompletionJob, params: SamplingParams, resume: str) -> Any:
+        """The upstream's streaming response (called on the reader's thread)."""
+        try:
+            return self._request(job, params, resume)
+        except ValueError as exc:  # a request the SDK cannot even encode
+            raise UpstreamMalformedError(type(exc).__name__) from exc
 
     def _request(self, job: CompletionJob, params: SamplingParams, resume: str) -> Any:
+        # The SDK's timeouts are per read: capped at the job's deadline, so that a
+        # request abandoned before the upstream answered (a cancel) holds its
+        # connection no longer than the job could have lasted.
+        left = job.deadline - time.time() if job.deadline else self.stall_seconds
+        wait = max(1.0, min(self.stall_seconds, left + 1.0))
         common: dict[str, Any] = {
+            "timeout": openai.Timeout(wait, connect=min(10.0, wait)),
             "model": self.name,
             "stream": True,
             "stream_options": {"include_usage": True},

@@ -38,7 +38,7 @@ from typing import Any
 from textstream import keys
 from textstream.config import Settings
 from textstream.connections import StreamsClient
-from textstream.transport.mux import IdKey, ReadMux, id_key
+from textstream.transport.mux import IdKey, ReadMux, StreamMissingError, id_key
 from textstream.transport.placement import Placement
 from textstream.transport.scripts import (
     APPEND_SCRIPT,
@@ -221,7 +221,7 @@ class JobEvents:
         self._track = client.register_script(TRACK_SCRIPT)
         self.placement = Placement(client)
         #: Blocking reads of all this process's relays share one XREAD per node (mux.py).
-        self.mux = ReadMux(client)
+        self.mux = ReadMux(client, check_presence=True)
 
     async def close(self) -> None:
         await self.mux.close()
@@ -378,42 +378,53 @@ class JobEvents:
         return [(stream, after)] if after else []
 
     async def read_batches(
-        self, job_id: str, *, after: str = START_ID, block_ms: int = 5000
+        self,
+        job_id: str,
+        *,
+        after: str = START_ID,
+        block_ms: int | Callable[[], int | None] = 5000,
     ) -> AsyncIterator[list[JobEvent] | None]:
         """Yield a job's events after id `after`, blocking on XREAD, until the terminal
         one: every event one XREAD returned, together (a relay that fell behind sends
-        them in one write). Yields None when `block_ms` passes with nothing new, so
-        the caller can check deadlines and report queue position between events.
-        Never polls."""
+        them in one write). Yields None when a wait passes with nothing new, so the
+        caller can check deadlines and report queue position between events.
+        `block_ms` may be a function, asked before each wait how long it may last
+        (None: until an event comes, or the process stops). Never polls.
+
+        A wait that ends empty costs no round trip: the job ending writes its
+        terminal event, which the wait would have returned, and a stream that
+        vanishes (Redis lost its data) is noticed by the multiplexer's one check of
+        all the streams it reads (mux.py), not by each reader."""
+        wait = block_ms if callable(block_ms) else lambda: block_ms
         stream, state = keys.job_events(job_id), keys.job_state(job_id)
-        last_id, block = after, None  # the first read does not block
-        while True:
-            if block is None:
-                response = await self._after(stream, last_id)
-            else:
-                entries = await self.mux.read(stream, last_id, block)
-                response = [(stream, entries)] if entries else []
-            if not response:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    pipe.exists(stream)
-                    pipe.hexists(state, "terminal")
-                    exists, ended = await pipe.execute()
-                if not exists:
-                    raise JobVanishedError(job_id)
-                if not ended:
-                    if block is not None:
-                        yield None
-                    block = block_ms
-                    continue
-                # The job has ended, so every event is in the stream (the terminal
-                # event and the flag are written in one script). But the empty reply
-                # above may have been read late, after the job ran to its end: read
-                # once more without blocking before concluding there is nothing after
-                # `last_id` (as when resuming after the end).
+        last_id = after
+        # The first read does not block, and tells an ended or vanished job.
+        response = await self._after(stream, last_id)
+        if not response:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.exists(stream)
+                pipe.hexists(state, "terminal")
+                exists, ended = await pipe.execute()
+            if not exists:
+                raise JobVanishedError(job_id)
+            if ended:
+                # Every event is in the stream (the terminal event and the flag are
+                # written in one script), but the empty reply may have been read
+                # before the job ran to its end: read once more before concluding
+                # there is nothing after `last_id` (as when resuming after the end).
                 response = await self._after(stream, last_id)
                 if not response:
                     return
-            block = block_ms
+        while True:
+            if not response:
+                try:
+                    entries = await self.mux.read(stream, last_id, wait())
+                except StreamMissingError:
+                    raise JobVanishedError(job_id) from None
+                if not entries:
+                    yield None
+                    continue
+                response = [(stream, entries)]
             batch: list[JobEvent] = []
             for _stream, entries in response:
                 # `last_id` may be a token inside a run (a client's Last-Event-ID).
@@ -422,6 +433,7 @@ class JobEvents:
                     if event.terminal:
                         yield batch
                         return
+            response = []
             if batch:
                 last_id = batch[-1].id
                 yield batch

@@ -33,6 +33,14 @@ CPU per relayed token severalfold, for at most GATHER_MS of added latency.
 
 Non-blocking reads (a relay's first read, the re-read after a job ended) do not
 come here: they answer at once on the shared client.
+
+A reader with nothing to read costs nothing but its place in the XREAD: it is
+handed an empty read only when its own wait ends (the relay's next queue report
+or its deadline), and it makes no round trip of its own to learn whether its
+stream still exists. Instead each lane checks, every PRESENCE_SECONDS, that all
+its streams exist, in one `EXISTS k1 k2 ...` (one slot on a cluster, so one
+command there too), and fails the readers of a stream that vanished (Redis lost
+its data) with StreamMissingError (`check_presence`, as JobEvents reads).
 """
 
 from __future__ import annotations
@@ -59,6 +67,10 @@ log = logging.getLogger(__name__)
 #: (entry id, [field, value, field, value, ...]): XREAD's reply as Redis sends it.
 #: redis-py's per-entry conversion to a dict was a fifth of the relay's CPU.
 Entry = tuple[bytes, list[bytes]]
+
+
+class StreamMissingError(LookupError):
+    """The stream a reader waits on does not exist (any more)."""
 
 
 #: A stream id as (ms, seq), to compare ids in order.
@@ -97,10 +109,21 @@ class ReadMux:
     IDLE_SECONDS = 30.0
     #: Least time between two re-reads of a cluster's slot map after lane failures.
     MAP_REFRESH_SECONDS = 0.5
+    #: How often a lane checks that the streams it reads still exist.
+    PRESENCE_SECONDS = 1.0
 
-    def __init__(self, client: aioredis.Redis | AsyncRedisCluster, *, count: int = 512) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis | AsyncRedisCluster,
+        *,
+        count: int = 512,
+        check_presence: bool = False,
+    ) -> None:
         self._client = client
         self._count = count
+        #: Fail reads of streams that do not exist (PRESENCE_SECONDS), rather than
+        #: wait for them to be created.
+        self.check_presence = check_presence
         self._lanes: dict[int, _Lane] = {}  # by slot; slot -1 for a single Redis
         self.refused_unblock = False
         # A lane's reads go to its node directly, not through the cluster client, so
@@ -115,8 +138,9 @@ class ReadMux:
         """False once CLIENT commands were refused: reads then block SHORT_BLOCK_MS."""
         return not self.refused_unblock
 
-    async def read(self, key: str, last_id: str, block_ms: int) -> list[Entry]:
-        """Entries of stream `key` after `last_id`, waiting up to `block_ms`; [] if none."""
+    async def read(self, key: str, last_id: str, block_ms: int | None) -> list[Entry]:
+        """Entries of stream `key` after `last_id`, waiting up to `block_ms` (None: no
+        limit); [] if none. Raises StreamMissingError if the stream vanishes."""
         lane = await self._lane_for(key)
         return await lane.read(key, last_id, block_ms)
 
@@ -226,15 +250,16 @@ class _Lane:
         self.can_unblock = True
         self._unblocking = False
         self._unblocker: asyncio.Task[None] | None = None
+        self._checked_at = time.monotonic()
         self.closed = False
 
-    async def read(self, key: str, last_id: str, block_ms: int) -> list[Entry]:
+    async def read(self, key: str, last_id: str, block_ms: int | None) -> list[Entry]:
         waiter = _Waiter(key, last_id)
         self._waiters.setdefault(key, []).append(waiter)
         self._start()
         self._nudge(key)
         try:
-            async with asyncio.timeout(block_ms / 1000):
+            async with asyncio.timeout(None if block_ms is None else block_ms / 1000):
                 return await waiter.future
         except TimeoutError:
             return []
@@ -318,6 +343,13 @@ class _Lane:
             try:
                 if self.can_unblock and self._reader_id is None:
                     self._reader_id = await self._reader_client_id()
+                if (
+                    self._mux.check_presence
+                    and time.monotonic() - self._checked_at >= ReadMux.PRESENCE_SECONDS
+                ):
+                    await self._check_presence()
+                    if not self._waiters:
+                        continue
                 # No await between choosing the streams and sending the read: a
                 # reader arriving after this point is not in it, and unblocks it.
                 self._wake.clear()
@@ -358,6 +390,23 @@ class _Lane:
             self._on_idle()
             await self.close()
             return False
+
+    async def _check_presence(self) -> None:
+        """Fail the readers of streams that no longer exist: one EXISTS for all of the
+        lane's streams, and only when some are missing, one per stream to find them."""
+        self._checked_at = time.monotonic()
+        names = list(self._waiters)
+        if int(await self._reader.exists(*names)) == len(names):
+            return
+        async with self._mux._client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(name)
+            found = await pipe.execute()
+        for name, exists in zip(names, found, strict=True):
+            if not exists:
+                for waiter in self._waiters.pop(name, ()):
+                    if not waiter.future.done():
+                        waiter.future.set_exception(StreamMissingError(name))
 
     async def _reader_client_id(self) -> int | None:
         try:

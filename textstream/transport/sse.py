@@ -16,6 +16,12 @@ While a job waits in the queue, the reader sends a `queued` event every
 QUEUE_STATUS_SECONDS with its position and the number of live workers (0 says
 "waiting for a worker"). These status events are not stored and carry no id.
 If the job's deadline passes before it ends, the reader ends it with `timeout`.
+
+An idle reader costs no round trip of its own: it waits in the process's one
+XREAD (mux.py) until an event comes, its next queue report is due, or its
+deadline passes (a comparison with the local clock). The queue report is looked
+up in snapshots shared by every reader of the process (api/queue_watch.py), and
+the check that the job's stream still exists is one command for all streams (mux).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -175,6 +182,20 @@ class Relay:
     #: stream): a read from the start begins after it instead of reading it back.
     first: JobEvent | None = None
 
+    def wait_ms(self, started: bool) -> int | None:
+        """How long a read may wait for the next event: until the next queue report
+        while the job waits, and no later than its deadline; READ_BLOCK_MS for a
+        reader with neither."""
+        waits = []
+        if not started and self.queue is not None:
+            waits.append(self.settings.queue_status_seconds * 1000)
+        if self.deadline is not None:
+            # A millisecond past it, so that the check after the wait sees it passed.
+            waits.append((self.deadline - time.time()) * 1000 + 1)
+        if not waits:
+            return self.settings.read_block_ms
+        return max(1, math.ceil(min(waits)))
+
     async def idle_status(self, started: bool) -> JobEvent | None:
         """Called when nothing arrived for a while: enforce the deadline, or report
         the queue position of a job that has not started."""
@@ -197,14 +218,17 @@ class Relay:
     async def batches(self, after: str = START_ID) -> AsyncIterator[list[JobEvent]]:
         """The job's events after `after`, as read together, plus status events."""
         last_id, started, failing_since = after, after != START_ID, 0.0
-        block = int(min(self.settings.read_block_ms, self.settings.queue_status_seconds * 1000))
+
+        def wait() -> int | None:  # asked before each wait: `started` as it is then
+            return self.wait_ms(started)
+
         if after == START_ID and self.first is not None:
             yield [self.first]
             last_id = self.first.id
         while True:
             try:
                 async for batch in self.jobs.read_batches(
-                    self.job_id, after=last_id, block_ms=block
+                    self.job_id, after=last_id, block_ms=wait
                 ):
                     if shutting_down() and not (batch and batch[-1].terminal):
                         yield [*(batch or []), status_event(EventType.ERROR, SHUTDOWN)]

@@ -63,6 +63,10 @@ class TokenPublisher:
 
     An event carries the ids of all text released up to it, once none of that
     text is held back any more; a takeover resumes from exactly those ids.
+
+    At most `max_chars` characters are published in all (`delivered` of them by
+    earlier attempts): past them the text is cut and `capped` is set, so that an
+    upstream sending endless or huge pieces cannot fill Redis (MAX_OUTPUT_CHARS).
     """
 
     def __init__(
@@ -72,8 +76,14 @@ class TokenPublisher:
         stops: StopMatcher,
         skip_chars: int = 0,
         on_token: Callable[[], None] = lambda: None,
+        *,
+        max_chars: int = 1 << 62,
+        delivered: int = 0,
     ) -> None:
         self._on_token = on_token
+        self._room = max(0, max_chars - delivered)  # characters still allowed
+        #: The text reached `max_chars` and was cut there.
+        self.capped = self._room == 0
         self._writer = writer
         self._detokenizer = detokenizer
         self._stops = stops
@@ -114,6 +124,9 @@ class TokenPublisher:
         if self._skip:
             skipped = min(self._skip, len(text))
             text, self._skip = text[skipped:], self._skip - skipped
+        if len(text) > self._room:
+            text, self.capped = text[: self._room], True
+        self._room -= len(text)
         if not text:
             return
         self.released += text
@@ -298,6 +311,8 @@ class CompletionRunner:
             StopMatcher(job.params.stop),
             skip_chars,
             on_token=timings.token,
+            max_chars=self._settings.max_output_chars,
+            delivered=delivered,
         )
         remaining = job.params.max_new_tokens - len(published)
         params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
@@ -305,10 +320,10 @@ class CompletionRunner:
         steps = engine.generate(
             prompt_ids + published, params, self._should_stop(job, writer), len(published)
         )
-        for step in steps if remaining > 0 else ():
+        for step in steps if remaining > 0 and not publisher.capped else ():
             publisher.add(step.token_id)
             finish_reason = "stop" if publisher.stopped else step.finish_reason
-            if publisher.stopped:
+            if publisher.stopped or publisher.capped:
                 break
         steps.close()  # a stop string matched: free its batch slot now, not at GC
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(publisher.ids)}
@@ -330,7 +345,12 @@ class CompletionRunner:
         if not self._start(job, writer, history, len(tokens)):
             return self._stopped_at_start(job, writer)
         publisher = TokenPublisher(
-            writer, None, StopMatcher(job.params.stop), on_token=timings.token
+            writer,
+            None,
+            StopMatcher(job.params.stop),
+            on_token=timings.token,
+            max_chars=self._settings.max_output_chars,
+            delivered=len(delivered),
         )
         remaining = job.params.max_new_tokens - len(tokens)
         params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
@@ -338,11 +358,11 @@ class CompletionRunner:
         upstream: dict[str, int] | None = None
         steps = engine.generate_text(job, params, self._should_stop(job, writer), delivered)
         try:
-            for step in steps if remaining > 0 else ():
+            for step in steps if remaining > 0 and not publisher.capped else ():
                 publisher.add_text(step.text)
                 upstream = step.usage or upstream
                 finish_reason = "stop" if publisher.stopped else step.finish_reason or finish_reason
-                if publisher.stopped:
+                if publisher.stopped or publisher.capped:
                     break
         except UpstreamError as exc:
             # Not the message: it carries the upstream's error body, which may quote
@@ -381,6 +401,10 @@ class CompletionRunner:
         """End the job as its generation ended: done, cancelled, taken away, timed out."""
         if finish_reason is not None and not writer.should_stop:
             publisher.flush()
+        if publisher.capped and not publisher.stopped:
+            # MAX_OUTPUT_CHARS: cut as max_new_tokens cuts (the text so far is whole).
+            log.warning("job=%s cut at MAX_OUTPUT_CHARS", job.job_id)
+            finish_reason = "length"
         if writer.lost_job:
             log.warning("job=%s stopped: %s", job.job_id, writer.outcome.value)
             return {"status": writer.outcome.value}
