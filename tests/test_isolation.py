@@ -256,7 +256,7 @@ def test_stream_slots_are_leases_a_killed_api_process_stops_holding(make_service
     is SIGKILLed holding them gives them up within a lease, and a restarted process
     inherits none (they were a fixed hour, released only by their holder)."""
     svc = make_service(
-        model="fake:20", MAX_STREAMS_PER_KEY="2", STREAM_LEASE_SECONDS="2", **KEYS
+        model="fake:20", MAX_STREAMS_PER_KEY="2", API_LEASE_SECONDS="2", **KEYS
     )  # 300 tokens: 15 s a stream
     long = {"max_new_tokens": 300, "ignore_eos": True}
     held = [
@@ -283,6 +283,42 @@ def test_stream_slots_are_leases_a_killed_api_process_stops_holding(make_service
         for response in held:
             with contextlib.suppress(httpx.HTTPError):  # its server was killed
                 response.__exit__(None, None, None)
+
+
+def test_a_killed_api_process_s_reader_claims_are_released_and_its_jobs_stop(make_service):
+    """/completion jobs whose only reader was on an API process that is SIGKILLed:
+    the running one is cancelled and the queued one leaves the queue within a lease
+    or two, by another API process (they generated, or kept their queue place, for
+    nobody until their end)."""
+    svc = make_service(model="fake:20", API_LEASE_SECONDS="2")  # one slot; 15 s a job
+    other, other_base = start_api(svc.env, svc.workdir, name="api-b")
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    long = {"max_new_tokens": 300, "ignore_eos": True}
+    try:
+        streams = [
+            httpx.stream("GET", svc.base + f"/completion/{q}", params=long, timeout=60)
+            for q in ("One", "Two")
+        ]
+        opened = [s.__enter__() for s in streams]
+        assert [o.status_code for o in opened] == [200, 200]
+        ids = [o.headers["x-job-id"] for o in opened]
+        lines = opened[0].iter_lines()
+        while "event: token" not in next(lines):
+            pass  # the first job is generating
+        wait_for(lambda: queued(client) == 1, 10, "the second job to wait in the queue")
+        time.sleep(1)  # a renewal or two: the claims are published
+        assert svc.api.popen is not None
+        svc.api.popen.kill()
+        svc.api.popen.wait()
+        killed_at = time.monotonic()
+        for job_id in ids:
+            events = stream(other_base, f"/jobs/{job_id}/events", timeout=30)
+            assert events.last.event == "error", events.last
+            assert events.last.data["error"]["type"] == "cancelled"
+        assert time.monotonic() - killed_at < 10  # the first job alone had 14 s to go
+        assert queued(client) == 0
+    finally:
+        other.stop()
 
 
 def test_the_queue_bound_holds_under_a_burst_and_cancelled_jobs_stop_counting(make_service):

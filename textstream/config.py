@@ -125,9 +125,10 @@ class Settings(BaseSettings):
     stream_token_seconds: int = Field(600, ge=1)
     rate_limit: int = Field(0, ge=0, description="requests/minute per key or IP; 0 = off")
     max_streams_per_key: int = Field(0, ge=0, description="concurrent streams; 0 = off")
-    #: An open stream's slot is a lease its API process renews every third of this:
-    #: a process that dies stops holding its callers' slots within this long.
-    stream_lease_seconds: float = Field(15.0, ge=1, le=3600)
+    #: What an API process holds for its callers (stream slots, a reader's claim on
+    #: its job) is a lease it renews every third of this (api/leases.py): a process
+    #: that dies stops holding them within this long.
+    api_lease_seconds: float = Field(15.0, ge=1, le=3600)
     cors_origins: str = Field("", description="comma-separated origins; empty = none")
     #: Host names the API answers to (`*` any, `*.example.com` a domain); empty: any,
     #: except that a request arriving on a loopback address must name a local host

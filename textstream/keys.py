@@ -101,8 +101,18 @@ def rate_window(identity: str, window: int) -> str:
 
 
 def open_streams(identity: str) -> str:
-    """Sorted set of one caller's open streams, scored by start time."""
+    """Sorted set of one caller's open streams, scored by when their lease lapses."""
     return f"{PREFIX}:streams:{identity}"
+
+
+#: Sorted set of live API processes (ids), scored by when their lease lapses.
+API_PROCESSES = f"{PREFIX}:api:processes"
+
+
+def api_claims(process_id: str) -> str:
+    """Sorted set of the jobs one API process holds reader claims on, scored by when
+    each lapses anyway (the job's deadline): what to release if the process dies."""
+    return f"{PREFIX}:api:{process_id}:claims"
 
 
 #: Metrics: request counts (hash "METHOD route|status" -> n), counters, histograms.

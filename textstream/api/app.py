@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +29,7 @@ from textstream.api.cache import forget
 from textstream.api.context_window import PromptTokens
 from textstream.api.deps import KeyBeforeBody, Services
 from textstream.api.errors import add_error_handlers
+from textstream.api.leases import Leases
 from textstream.api.limits import BodyLimit
 from textstream.api.origin import SameOrigin
 from textstream.api.requestlog import RequestLog
@@ -36,7 +38,7 @@ from textstream.config import Settings, get_settings
 from textstream.connections import UNREACHABLE, StreamsClient, async_client, async_streams_client
 from textstream.jobqueue import JobQueue
 from textstream.logs import configure_logging
-from textstream.transport.events import JobEvents, stream_maxlen
+from textstream.transport.events import JobEvents, ReaderClaims, stream_maxlen
 from textstream.transport.sse import mark_shutting_down
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await forget(client, key, job_id)
 
     jobs = JobEvents(
-        streams, ttl=settings.job_ttl, maxlen=stream_maxlen(settings), forget_cache=forget_cached
+        streams,
+        ttl=settings.job_ttl,
+        maxlen=stream_maxlen(settings),
+        forget_cache=forget_cached,
+        # A claim lapses with its job's deadline (JOB_TIMEOUT from its creation).
+        claims=ReaderClaims(uuid.uuid4().hex[:16], settings.job_timeout),
     )
     if threading.current_thread() is threading.main_thread():
         loop = asyncio.get_running_loop()
@@ -109,13 +116,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     housekeeping = asyncio.create_task(
         janitor.run(app.state.services, settings.housekeeping_seconds)
     )
-    leases = asyncio.create_task(guard.keep_leases())
+    leases = Leases(app.state.services)
+    leasing = asyncio.create_task(leases.run())
     try:
         yield
     finally:
         watcher.cancel()
         housekeeping.cancel()
-        leases.cancel()
+        leasing.cancel()
+        await leases.close()
         await jobs.close()
         if streams is not client:
             await streams.close()

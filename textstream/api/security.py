@@ -10,19 +10,17 @@
   per minute (fixed one-minute windows) and MAX_STREAMS_PER_KEY open streams, per
   key, or per client IP when the API is open.
 - An open stream's slot is a lease, not a lifetime: the API process holding it
-  renews it every third of STREAM_LEASE_SECONDS (`renew_leases`, one call per
-  caller), so the slots of a process that died stop counting within that time,
+  renews it every third of API_LEASE_SECONDS (`renew_leases`, one call per
+  caller, from api/leases.py), so the slots of a process that died stop counting within that time,
   and a restarted process inherits none of them. Lease expiries are Redis's clock
   (TIME inside the scripts), so API hosts whose clocks disagree still agree on them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
-import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,9 +31,6 @@ import redis.asyncio as aioredis
 from textstream import keys
 from textstream.api.errors import RateLimitedError, UnauthorizedError
 from textstream.config import Settings
-from textstream.connections import UNREACHABLE
-
-log = logging.getLogger(__name__)
 
 #: A stream token is ~110 characters; anything much longer is not one.
 MAX_TOKEN_CHARS = 512
@@ -155,7 +150,7 @@ class Guard:
         if not cap:
             return None
         key, slot = keys.open_streams(caller.identity), uuid.uuid4().hex
-        lease = self._settings.stream_lease_seconds
+        lease = self._settings.api_lease_seconds
         if not int(await self._slot(keys=[key], args=[cap, slot, lease])):
             raise RateLimitedError(f"more than {cap} open streams; close one first", 5)
         self._held.setdefault(caller.identity, set()).add(slot)
@@ -179,7 +174,7 @@ class Guard:
         held = [(identity, sorted(slots)) for identity, slots in self._held.items() if slots]
         if not held:
             return 0
-        lease = self._settings.stream_lease_seconds
+        lease = self._settings.api_lease_seconds
         async with self._client.pipeline(transaction=False) as pipe:
             for identity, slots in held:
                 await self._renew(
@@ -187,18 +182,6 @@ class Guard:
                 )
             await pipe.execute()
         return sum(len(slots) for _, slots in held)
-
-    async def keep_leases(self) -> None:
-        """Renew this process's stream slots every third of a lease, for ever (the
-        app's lifespan runs it as a task). A Redis outage is waited out: a lease
-        missed then expires, which errs towards letting the caller in."""
-        period = self._settings.stream_lease_seconds / 3
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.renew_leases()
-            except UNREACHABLE as exc:
-                log.warning("stream slot leases not renewed: %s", type(exc).__name__)
 
 
 #: KEYS: the caller's window. ARGV: limit, ttl. -1 (and nothing written) when full.

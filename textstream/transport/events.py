@@ -30,6 +30,8 @@ touches only the keys it is given, all of one job, in one slot (keys.job_tag).
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -199,9 +201,42 @@ class ResumePoint(StrEnum):
 ForgetCache = Callable[[str, str], Awaitable[object]]
 
 
+class ReaderClaims:
+    """The claims this API process holds on jobs for its readers (a /completion
+    client whose leaving cancels its job), each kept until the job's deadline at
+    the latest. The process publishes them with its lease (api/leases.py): when it
+    dies, another process drops them, and a job nobody else reads stops."""
+
+    def __init__(self, process_id: str, hold_seconds: float) -> None:
+        self.process_id = process_id
+        self._hold_seconds = hold_seconds
+        #: job id -> [claims, when they lapse anyway (the job's deadline has passed)]
+        self._held: dict[str, list[float]] = {}
+
+    def hold(self, job_id: str) -> None:
+        entry = self._held.setdefault(job_id, [0, 0.0])
+        entry[0] += 1
+        entry[1] = time.time() + self._hold_seconds
+
+    def drop(self, job_id: str) -> None:
+        entry = self._held.get(job_id)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self._held[job_id]
+
+    def current(self) -> dict[str, float]:
+        """Job id -> until when, for the claims still held (lapsed ones forgotten)."""
+        now = time.time()
+        for job_id in [j for j, (_, until) in self._held.items() if until <= now]:
+            del self._held[job_id]
+        return {job_id: until for job_id, (_, until) in self._held.items()}
+
+
 class JobEvents:
     """The API's side of job streams (asyncio): create, append, cancel, read, look
-    up. `client` is the streams role: one Redis, or a Redis Cluster."""
+    up. `client` is the streams role: one Redis, or a Redis Cluster. `claims`: this
+    process's reader claims (none for a client that takes none)."""
 
     def __init__(
         self,
@@ -210,11 +245,13 @@ class JobEvents:
         ttl: int,
         maxlen: int,
         forget_cache: ForgetCache | None = None,
+        claims: ReaderClaims | None = None,
     ) -> None:
         self.client = client
         self._ttl = ttl
         self._maxlen = maxlen
         self._forget_cache = forget_cache
+        self.claims = claims or ReaderClaims(uuid.uuid4().hex[:16], ttl)
         self._append = client.register_script(APPEND_SCRIPT)
         self._cancel = client.register_script(CANCEL_SCRIPT)
         self._create = client.register_script(CREATE_SCRIPT)
@@ -254,7 +291,7 @@ class JobEvents:
                 self._ttl,
                 tenant,
                 "1" if shared else "0",
-                "1" if reader else "0",
+                self.claims.process_id if reader else "",
                 "1" if pinned else "0",
                 cache_key or "",
                 model,
@@ -262,6 +299,8 @@ class JobEvents:
         )
         if not entry_id:
             return None
+        if reader:
+            self.claims.hold(job_id)
         return JobEvent(as_text(entry_id), EventType.QUEUED.value, data, (), raw)
 
     async def discard(self, job_id: str) -> None:
@@ -295,9 +334,20 @@ class JobEvents:
     async def cancel(self, job_id: str, *, release: bool = False) -> CancelOutcome:
         """Cancel the job (DELETE), or with `release` drop one reader's claim on it
         and cancel only if it was the last (a /completion client leaving)."""
+        reader = self.claims.process_id if release else ""
+        if release:
+            self.claims.drop(job_id)
+        return await self._cancel_as(job_id, reader, "1")
+
+    async def release_all(self, job_id: str, process_id: str) -> CancelOutcome:
+        """Drop every claim a (dead) API process held on the job: it is cancelled if
+        no other reader is left."""
+        return await self._cancel_as(job_id, process_id, "all")
+
+    async def _cancel_as(self, job_id: str, reader: str, count: str) -> CancelOutcome:
         outcome, cache_key = await self._cancel(
             keys=[keys.job_events(job_id), keys.job_state(job_id)],
-            args=[json.dumps(CANCELLED), self._maxlen, self._ttl, "1" if release else "0"],
+            args=[json.dumps(CANCELLED), self._maxlen, self._ttl, reader, count],
         )
         if cache_key:
             await self._forget(as_text(cache_key), job_id)
@@ -313,8 +363,10 @@ class JobEvents:
         (/completion), `pinned` (POST /jobs: only DELETE cancels)."""
         await self._track(
             keys=[keys.job_state(job_id)],
-            args=[self._ttl, "1" if reader else "0", "1" if pinned else "0"],
+            args=[self._ttl, self.claims.process_id if reader else "", "1" if pinned else "0"],
         )
+        if reader:
+            self.claims.hold(job_id)
 
     async def first_event_id(self, job_id: str) -> str | None:
         """The id of the job's first (`queued`) event: when it was created."""

@@ -145,18 +145,29 @@ return replies
 """
 
 # KEYS: stream, state. ARGV: data of the `cancelled` error event, maxlen, ttl,
-# release. With release=1 the caller is a reader leaving (a client disconnecting
-# from /completion): the job is cancelled only when no other such reader is left
-# (identical requests share one job through the response cache), and never when it
-# is `pinned` (created by POST /jobs, which only DELETE cancels).
+# release, how many. With release = an API process's id, the caller is a reader
+# leaving (a client disconnecting from /completion): the job is cancelled only when
+# no other such reader is left (identical requests share one job through the
+# response cache), and never when it is `pinned` (created by POST /jobs, which only
+# DELETE cancels). Each process's claims are counted apart (`r:<process>`), so
+# that a dead process's can all be dropped at once (how many = 'all': api/leases.py).
 # Returns {outcome, cache key of a job it ended}: the response cache lives on the
 # queue's Redis (REDIS_URL), so the caller drops the entry there.
 CANCEL_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', ''} end
 if redis.call('HGET', KEYS[2], 'terminal') then return {'finished', ''} end
-if ARGV[4] == '1' then
+if ARGV[4] ~= '' then
+  local field = 'r:' .. ARGV[4]
+  local held = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+  local drop = 1
+  if ARGV[5] == 'all' then
+    if held <= 0 then return {'shared', ''} end  -- that process had no claim left on it
+    drop = held
+  end
+  if held <= drop then redis.call('HDEL', KEYS[2], field)
+  else redis.call('HINCRBY', KEYS[2], field, -drop) end
   if redis.call('HGET', KEYS[2], 'pinned') then return {'shared', ''} end
-  if redis.call('HINCRBY', KEYS[2], 'readers', -1) > 0 then return {'shared', ''} end
+  if redis.call('HINCRBY', KEYS[2], 'readers', -drop) > 0 then return {'shared', ''} end
 end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'cancel', now[1] * 1000 + math.floor(now[2] / 1000))
@@ -169,16 +180,17 @@ return {'cancelled', redis.call('HGET', KEYS[2], 'cache_key') or ''}
 
 
 # KEYS: stream, state. ARGV: data of the `queued` event, maxlen, ttl, tenant, shared,
-# reader, pinned, cache key, model. A job's first write: its `queued` event and its state
-# (whose job it is, who may cancel it) in one step, so no reader ever sees a job
-# without an owner. Returns '' if the job already exists (ids are never reused).
+# reader (the reading API process's id, or ''), pinned, cache key, model. A job's
+# first write: its `queued` event and its state (whose job it is, who may cancel
+# it) in one step, so no reader ever sees a job without an owner. Returns '' if the
+# job already exists (ids are never reused).
 CREATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return '' end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
                       'event', 'queued', 'data', ARGV[1])
 redis.call('HSET', KEYS[2], 'tenant', ARGV[4], 'model', ARGV[9])
 if ARGV[5] == '1' then redis.call('HSET', KEYS[2], 'shared', '1') end
-if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'readers', '1') end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[2], 'readers', '1', 'r:' .. ARGV[6], '1') end
 if ARGV[7] == '1' then redis.call('HSET', KEYS[2], 'pinned', '1') end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 'cache_key', ARGV[8]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -186,11 +198,15 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return id
 """
 
-# KEYS: state. ARGV: ttl, reader, pinned. Another request follows an existing job
-# (the response cache): one more reader whose leaving may cancel it, or pinned.
+# KEYS: state. ARGV: ttl, reader (an API process's id, or ''), pinned. Another
+# request follows an existing job (the response cache): one more reader whose
+# leaving may cancel it, or pinned.
 # A script rather than MULTI/EXEC, which a cluster client refuses.
 TRACK_SCRIPT = """
-if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[1], 'readers', 1) end
+if ARGV[2] ~= '' then
+  redis.call('HINCRBY', KEYS[1], 'readers', 1)
+  redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[2], 1)
+end
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'pinned', '1') end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
