@@ -509,3 +509,47 @@ def test_only_the_batcher_thread_keeps_an_openmp_pool(tiny_model_dir):
     assert loaded == before + 1  # the batcher, and no pool left by the load
     assert warm == loaded + 1  # the batcher's pool thread (2 torch threads)
     assert busy == warm + 1  # the request's thread, and no pool of its own
+
+
+class _Stalled:
+    """A model whose every step takes until `release` is set: a long prefill of
+    other rows, as far as a waiting row can tell (a stub for the model only)."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self._release = release
+
+    def new_cache(self) -> _Stalled:
+        return self
+
+    def __getattr__(self, name: str) -> object:
+        def step(*args: object, **kwargs: object) -> None:
+            self._release.wait()
+            raise RuntimeError("released")
+
+        return step
+
+
+def test_a_row_waiting_for_its_token_sees_a_cancel_before_the_token_comes():
+    """A reader whose row waits behind a long step looks at should_stop() every
+    0.1 s; it waited on a bare queue get, and a cancel or the job's deadline was
+    seen only once its next token came."""
+    from textstream.engines.transformers.batching import Batcher
+
+    release, stopped = threading.Event(), threading.Event()
+    batcher = Batcher(_Stalled(release), prefill_tokens=16)  # type: ignore[arg-type]
+    cancelled = threading.Event()
+    steps: list[object] = []
+
+    def read() -> None:
+        sequence = Sequence([1, 2, 3], SamplingParams(), budget=5, stop_ids=frozenset())
+        steps.extend(batcher.generate(sequence, cancelled.is_set))
+        stopped.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert not stopped.wait(0.5)  # the step goes on: nothing yet
+        cancelled.set()
+        assert stopped.wait(2), "the reader did not see its cancel"
+        assert steps == []
+    finally:
+        release.set()

@@ -49,6 +49,9 @@ from textstream.engines.transformers.passes import Passes
 from textstream.engines.transformers.sampling import Sequence
 from textstream.job import Step
 
+#: How often a reader waiting for its row's next token looks at should_stop().
+STOP_CHECK_SECONDS = 0.1
+
 log = logging.getLogger(__name__)
 
 
@@ -108,7 +111,14 @@ class Batcher:
             self._wake.notify()
         try:
             while True:
-                item = request.out.get()
+                try:
+                    # Not a bare get(): behind other rows' long prefill, a cancel or
+                    # the deadline must be seen before this row's next token.
+                    item = request.out.get(timeout=STOP_CHECK_SECONDS)
+                except queue.Empty:
+                    if should_stop():
+                        return
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 yield item
