@@ -13,7 +13,7 @@
    and inline spans are found by one scanner that looks each closer up in a list made
    in one pass, where a lazy regex would rescan to the end for every unclosed `**`. */
 const markdown = (() => {
-  const MAX_DEPTH = 16, MAX_INLINE_DEPTH = 8, MAX_ELEMENTS = 10000, MAX_SOURCE = 100000;
+  const MAX_DEPTH = 16, MAX_INLINE_DEPTH = 8, MAX_ELEMENTS = 10000, MAX_SOURCE = 100000, MAX_COLUMNS = 100;
   const FENCE = /^ {0,3}(`{3,}|~{3,})(.*)$/;
   const HEADING = /^ {0,3}(#{1,6})(?:[ \t](.*))?$/;
   const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
@@ -72,10 +72,12 @@ const markdown = (() => {
   }
 
   function text(value, parent) {  // "\n" inside a paragraph is a line break
-    value.split("\n").forEach((piece, i) => {
+    const pieces = value.split("\n");
+    for (let i = 0; i < pieces.length; i++) {
+      if (i && budget <= 0) { parent.append(el("span", "plain", "\n" + pieces.slice(i).join("\n"))); return; }
       if (i) parent.append(el("br"));
-      if (piece) parent.append(document.createTextNode(piece));
-    });
+      if (pieces[i]) parent.append(document.createTextNode(pieces[i]));
+    }
   }
 
   function link(href, label, source, parent, depth) {
@@ -138,7 +140,7 @@ const markdown = (() => {
       emit(q + n, () => wrap(tag, s.slice(p + n, q)));
       return true;
     };
-    while (p < s.length) {
+    while (p < s.length && budget > 0) {
       const c = s[p];
       const wordBefore = p > 0 && WORD.test(s[p - 1]);
       if (c === "\\" && ESCAPABLE.test(s[p + 1] || "")) {
@@ -242,7 +244,9 @@ const markdown = (() => {
       let row = line.trim();
       if (row.startsWith("|")) row = row.slice(1);
       if (row.endsWith("|") && !row.endsWith("\\|")) row = row.slice(0, -1);
-      return row.split(/(?<!\\)\|/).map((cell) => cell.trim());
+      const all = row.split(/(?<!\\)\|/).map((cell) => cell.trim());
+      if (all.length > MAX_COLUMNS) all.splice(MAX_COLUMNS - 1, Infinity, all.slice(MAX_COLUMNS - 1).join(" | "));
+      return all;
     };
     aligns = aligns.map((c) =>
       c.startsWith(":") && c.endsWith(":") ? "center" : c.endsWith(":") ? "right" : c.startsWith(":") ? "left" : "");
