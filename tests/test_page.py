@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,9 +121,18 @@ def chat(context: BrowserContext, chat_base: str) -> Page:
     return page
 
 
+def wait_for(page: Page, expression: str, timeout_s: float = 30) -> None:
+    """`page.wait_for_function` runs its string through eval, which the page's CSP
+    refuses (no 'unsafe-eval'): poll with `evaluate` (DevTools, outside the CSP)."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout_s} s: {expression}"
+        page.wait_for_timeout(50)
+
+
 def open_page(page: Page, base: str, model: str) -> None:
     page.goto(base + "/")
-    page.wait_for_function(f"document.getElementById('model').textContent.includes({model!r})")
+    wait_for(page, f"document.getElementById('model').textContent.includes({model!r})")
 
 
 def finished_answers(page: Page) -> int:
@@ -134,9 +144,7 @@ def ask(page: Page, text: str) -> str:
     before = finished_answers(page)
     page.fill("#prompt", text)
     page.click("#send")
-    page.wait_for_function(
-        f"document.querySelectorAll('.msg.assistant:not(.streaming)').length > {before}"
-    )
+    wait_for(page, f"document.querySelectorAll('.msg.assistant:not(.streaming)').length > {before}")
     return answer(page, -1).text_content() or ""
 
 
@@ -183,7 +191,7 @@ def test_regenerate_asks_the_last_turn_again(chat: Page):
     ask(chat, FRANCE)
     with chat.expect_request(is_job_post) as again:
         chat.click(".msg.assistant .regenerate")
-        chat.wait_for_function("document.getElementById('status').textContent === 'done (stop)'")
+        wait_for(chat, "document.getElementById('status').textContent === 'done (stop)'")
     assert again.value.post_data_json["messages"] == [{"role": "user", "content": FRANCE}]
     assert chat.locator(".msg.assistant").count() == 1
     assert answer(chat, 0).text_content() == "Paris."
@@ -276,13 +284,13 @@ def test_stop_ends_a_running_answer(fake_base: str, context: BrowserContext):
     set_max_tokens(page, 400)
     page.fill("#prompt", "Tell me a long story")
     page.click("#send")
-    page.wait_for_function(
-        "(document.querySelector('.msg.assistant .answer')?.textContent.length ?? 0) > 30"
+    wait_for(
+        page, "(document.querySelector('.msg.assistant .answer')?.textContent.length ?? 0) > 30"
     )
     assert page.text_content("#status") == "generating"
     assert float(page.text_content("#rate") or 0) > 0
     page.click("#stop")
-    page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+    wait_for(page, "document.getElementById('status').textContent === 'stopped'")
     stopped_at = len(answer(page, 0).text_content() or "")
     page.wait_for_timeout(600)
     assert len(answer(page, 0).text_content() or "") == stopped_at  # the stream really ended
@@ -298,12 +306,12 @@ def test_a_reload_mid_answer_resumes_without_repeating_text(
     set_max_tokens(page, 60)
     page.fill("#prompt", "Tell me a story")
     page.click("#send")
-    page.wait_for_function(
-        "(document.querySelector('.msg.assistant .answer')?.textContent.length ?? 0) > 30"
+    wait_for(
+        page, "(document.querySelector('.msg.assistant .answer')?.textContent.length ?? 0) > 30"
     )
     partial = len(answer(page, 0).text_content() or "")
     page.reload()
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+    wait_for(page, "document.getElementById('status').textContent.startsWith('done')")
     stored = page.evaluate("JSON.parse(localStorage.getItem('textstream-chats'))")
     reply = stored[0]["messages"][1]
     job = httpx.get(f"{fake_base}/jobs/{reply['job']['id']}").json()
@@ -392,9 +400,11 @@ class CuttingRelay:
 
 
 def test_a_dropped_stream_resumes_from_the_last_event_without_duplicates(
-    fake_base: str, context: BrowserContext
+    fake_base: str, browser: Browser
 ):
     relay = CuttingRelay(fake_base, cut_after=5)
+    # The relay is another origin, which the page's CSP (connect-src 'self') refuses.
+    context = browser.new_context(bypass_csp=True)
     page = context.new_page()
 
     def create(route: Route) -> None:  # the real job, followed through the relay
@@ -412,6 +422,7 @@ def test_a_dropped_stream_resumes_from_the_last_event_without_duplicates(
     finally:
         relay.close()
     stored = page.evaluate("JSON.parse(localStorage.getItem('textstream-chats'))")
+    context.close()
     reply = stored[0]["messages"][1]
     job = httpx.get(f"{fake_base}/jobs/{reply['job']['id']}").json()
     assert len(relay.last_event_ids) == 2 and relay.last_event_ids[0] is None
@@ -483,15 +494,179 @@ def test_a_key_protected_server_works_once_the_key_is_entered(
 
     page.fill("#prompt", FRANCE)
     page.click("#send")
-    page.wait_for_function("document.getElementById('status').className === 'error'")
+    wait_for(page, "document.getElementById('status').className === 'error'")
     assert "API key" in (page.text_content("#status") or "")
     assert page.input_value("#prompt") == FRANCE  # nothing was queued: the turn comes back
     assert page.locator(".msg").count() == 0
 
     page.fill("#key", KEY)
     page.click("#send")
-    page.wait_for_function("document.getElementById('status').textContent === 'done (stop)'")
+    wait_for(page, "document.getElementById('status').textContent === 'done (stop)'")
     assert answer(page, 0).text_content() == "Paris."
     page.reload()  # the key is kept for the tab
     page.wait_for_selector(".msg.assistant")
     assert page.input_value("#key") == KEY
+
+
+# -- answers that would take the page down; headers ------------------------------------
+
+
+def stored_chat(*answers: str) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+    for n, content in enumerate(answers):
+        messages.append({"role": "user", "content": f"Question {n}"})
+        messages.append({"role": "assistant", "content": content, "status": "done", "stats": {}})
+    return {"id": "stored", "system": "", "created": 1, "updated": 1, "messages": messages}
+
+
+def open_with_stored_chat(page: Page, base: str, chat: dict[str, Any], drawing: bool) -> None:
+    """The page opened with `chat` stored as the current one (written once, before
+    the page's script runs); `drawing`: as if the last visit died drawing it."""
+    seed = [
+        f"localStorage.setItem('textstream-chats', {json.dumps(json.dumps([chat]))});",
+        f"localStorage.setItem('textstream-current', {json.dumps(chat['id'])});",
+    ]
+    if drawing:
+        seed.append(f"localStorage.setItem('textstream-drawing', {json.dumps(chat['id'])});")
+    page.context.add_init_script(
+        "if (!sessionStorage.getItem('seeded')) {"
+        f" sessionStorage.setItem('seeded', '1'); {' '.join(seed)} }}"
+    )
+    page.goto(base + "/")
+
+
+#: Each took the old renderer down: 3,500 nested blockquotes crash Chromium's
+#: renderer; the others were quadratic (a lazy regex rescanning the line or the
+#: text for every opener) or built one element per row without end.
+PATHOLOGICAL = {
+    "quotes": ">" * 3500,
+    "lists": "- " * 3000 + "deep",
+    "table": "| a | b | c |\n|---|---|---|\n" + "| 1 | 2 | 3 |\n" * 20000,
+    "emphasis": "**a " * 25000,
+    "fence": "``` " + "a" * 100000 + "`",
+    "code": "` " + "a" * 100000 + "`",
+}
+
+
+def test_answers_that_nest_or_grow_without_end_are_drawn_bounded(
+    fake_base: str, context: BrowserContext
+):
+    page = context.new_page()
+    page.set_default_timeout(15000)
+    open_with_stored_chat(page, fake_base, stored_chat(*PATHOLOGICAL.values()), drawing=False)
+    page.wait_for_selector(".msg.assistant .answer")
+    drawn_ms = page.evaluate("performance.getEntriesByType('navigation')[0].loadEventEnd")
+    assert drawn_ms < 10000  # the old renderer took minutes (fence, code) or crashed
+    answers = page.locator(".msg.assistant .answer")
+    assert answers.count() == len(PATHOLOGICAL)
+    depth = page.evaluate(
+        """() => Math.max(...[...document.querySelectorAll('.answer *')].map((e) => {
+            let n = 0;
+            for (; !e.classList.contains('answer'); e = e.parentElement) n++;
+            return n;
+        }))"""
+    )
+    assert depth <= 40
+    quotes, lists, table = (answers.nth(i) for i in range(3))
+    assert (quotes.locator(".plain").text_content() or "").count(">") > 3000  # the rest, as text
+    assert (lists.text_content() or "").endswith("deep")
+    assert 1000 < table.locator("tr").count() <= 10000
+    assert (table.locator(".plain").last.text_content() or "").rstrip().endswith("| 1 | 2 | 3 |")
+    assert page.evaluate("localStorage.getItem('textstream-drawing')") is None  # drawn
+
+
+def test_a_chat_that_died_while_drawn_opens_as_plain_text(fake_base: str, context: BrowserContext):
+    page = context.new_page()
+    answer_source = "**Paris** is `here`."
+    open_with_stored_chat(page, fake_base, stored_chat(answer_source), drawing=True)
+    page.wait_for_selector("#plain-note")
+    assert answer(page, 0).text_content() == answer_source  # as typed, no markdown
+    assert answer(page, 0).locator("strong, code").count() == 0
+    page.reload()  # it stays plain: the mark is kept on the chat
+    page.wait_for_selector("#plain-note")
+
+    page.click("#plain-note button")  # the way out
+    page.wait_for_selector(".msg.assistant .answer strong")
+    assert page.locator("#plain-note").count() == 0
+    page.reload()
+    page.wait_for_selector(".msg.assistant .answer strong")
+
+
+def test_the_page_and_docs_send_security_headers(fake_base: str):
+    policies = {}
+    for path in ("/", "/docs", "/redoc", "/static/chat.js", "/health", "/openapi.json"):
+        response = httpx.get(fake_base + path)
+        assert response.status_code == 200, path
+        assert response.headers["x-frame-options"] == "DENY", path
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        assert response.headers["referrer-policy"] == "same-origin", path
+        policies[path] = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policies[path], path
+    assert "script-src 'self';" in policies["/"] and "unsafe-inline" not in policies["/"]
+    assert "'unsafe-inline'" not in policies["/docs"].split("script-src")[1].split(";")[0]
+    assert policies["/health"].startswith("default-src 'none';")
+    assert "<script>" not in httpx.get(fake_base + "/").text  # the script is a file
+
+
+@contextmanager
+def serving(html: str) -> Iterator[str]:
+    """A page of another origin, served from this machine (a page that Playwright
+    fulfils counts as public, and Chromium keeps public pages off local servers)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_page_and_docs_work_under_their_csp_and_refuse_to_be_framed(
+    fake_base: str, context: BrowserContext
+):
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    context.add_init_script(
+        "window.violations = []; addEventListener('securitypolicyviolation',"
+        " (e) => violations.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    open_page(page, fake_base, "fake")
+    set_max_tokens(page, 5)
+    with page.expect_request(is_job_post) as posted:
+        assert ask(page, "Hi")  # fetch, EventSource and drawing, all under the CSP
+    # The page's own POST keeps its Origin (for an origin check) under its Referrer-Policy.
+    assert posted.value.header_value("origin") == fake_base
+    assert page.evaluate("violations") == [] and errors == []
+
+    framing = f'<iframe src="{fake_base}/" width="600" height="400"></iframe>'
+    with serving(framing) as elsewhere:  # another origin, on this machine
+        page.goto(elsewhere)  # "load": its frame has loaded too
+    frame = page.frames[1]
+    assert frame.evaluate("document.getElementById('composer') === null")  # none of the page
+    assert frame.url.startswith("chrome-error:")  # Chromium refused to show it
+    assert any("frame-ancestors 'none'" in e for e in errors)
+    errors.clear()
+
+    page.goto(fake_base + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title")
+    assert page.evaluate("violations") == []
+    page.goto(fake_base + "/redoc")
+    page.wait_for_selector("redoc h1")
+    cdn = "cdn.redoc.ly"  # ReDoc's "powered by" logo: refused, as the network is offline
+    assert [v for v in page.evaluate("violations") if cdn not in v] == []
+    assert [e for e in errors if cdn not in e] == []

@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from starlette.staticfiles import StaticFiles
 
 from textstream import __version__
 from textstream.api import janitor, native, openai, operator, tokens
@@ -29,6 +30,7 @@ from textstream.api.cache import forget
 from textstream.api.context_window import PromptTokens
 from textstream.api.deps import KeyBeforeBody, Services
 from textstream.api.errors import add_error_handlers
+from textstream.api.headers import SecurityHeaders
 from textstream.api.leases import Leases
 from textstream.api.limits import BodyLimit
 from textstream.api.origin import SameOrigin
@@ -151,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens.router)
     app.include_router(tokens.public)
     operator.add_docs(app, open_to_all=docs_are_open(settings))
+    app.mount("/static", StaticFiles(packages=[("textstream.api", "static")]), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(KeyBeforeBody)  # outside BodyLimit: the key before the body
     app.add_middleware(  # outside both: a page on another site gets nothing started
@@ -165,4 +168,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             expose_headers=["X-Job-Id", "X-Cache", "X-Request-Id"],
         )
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, refusals too
     return app
