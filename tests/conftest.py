@@ -36,6 +36,7 @@ LONGEST_FIRST = [
     "test_page.py",
     "test_redis_faults.py",
     "test_engines.py",
+    "test_upstream_stalls.py",
     "test_models.py",
     "test_batching.py",
     "test_llama_pass.py",

@@ -3,6 +3,11 @@ bench/cluster.py, which the benchmarks use too."""
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +33,13 @@ __all__ = [
     "Proc",
     "SSEEvent",
     "SSEResponse",
+    "completion_chunk",
     "free_port",
     "queued",
     "service_env",
+    "serving",
     "start_api",
+    "start_event_stream",
     "start_workers",
     "stored_events",
     "stream",
@@ -88,3 +96,47 @@ def queued(client: redis.Redis, name: str = "ml_tasks") -> int:
         kind = client.type(key)
         total += int(client.llen(key) if kind == b"list" else client.scard(key))
     return total
+
+
+@contextmanager
+def serving(html: str) -> Iterator[str]:
+    """A page of another origin, served from this machine (a page that Playwright
+    fulfils counts as public, and Chromium keeps public pages off local servers)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def completion_chunk(text: str, finish: str | None = None, model: str = "hostile") -> bytes:
+    """One SSE chunk of an OpenAI-compatible `/v1/completions` stream, as an upstream
+    sends it."""
+    choice = {"index": 0, "text": text, "finish_reason": finish}
+    body = {"id": "x", "object": "text_completion", "created": 1, "model": model}
+    return b"data: " + json.dumps({**body, "choices": [choice]}).encode() + b"\n\n"
+
+
+def start_event_stream(handler: http.server.BaseHTTPRequestHandler) -> Any:
+    """Answer a scripted upstream's request 200 as an SSE stream that ends with its
+    connection; returns the stream's write."""
+    handler.send_response(200)
+    handler.send_header("content-type", "text/event-stream")
+    handler.send_header("connection", "close")
+    handler.end_headers()
+    return handler.wfile.write

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from helpers import service_env, start_api, start_workers, wait_for_workers
+from helpers import service_env, serving, start_api, start_workers, wait_for_workers
 from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playwright
 from tiny_models import build_tiny_gpt2
 
@@ -606,32 +606,6 @@ def test_the_page_and_docs_send_security_headers(fake_base: str):
     assert "'unsafe-inline'" not in policies["/docs"].split("script-src")[1].split(";")[0]
     assert policies["/health"].startswith("default-src 'none';")
     assert "<script>" not in httpx.get(fake_base + "/").text  # the script is a file
-
-
-@contextmanager
-def serving(html: str) -> Iterator[str]:
-    """A page of another origin, served from this machine (a page that Playwright
-    fulfils counts as public, and Chromium keeps public pages off local servers)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = html.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_page_and_docs_work_under_their_csp_and_refuse_to_be_framed(

@@ -9,15 +9,12 @@ in a real Chromium; the others send the headers a browser sends."""
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 import redis
-from helpers import free_port, queued, service_env, start_api
+from helpers import queued, service_env, serving, start_api
 from playwright.sync_api import sync_playwright
 
 from bench.cluster import chromium_options
@@ -146,46 +143,29 @@ def test_allowed_hosts_names_the_hosts_behind_a_proxy(redis_url, tmp_path):
         redis.Redis.from_url(url).flushdb()
 
 
-class _HostilePage(http.server.BaseHTTPRequestHandler):
-    """A page on another origin that tries to start jobs on the API."""
-
-    api = ""
-
-    def do_GET(self) -> None:
-        script = f"""
-          fetch("{self.api}/jobs", {{method: "POST", mode: "no-cors", body: '{{"prompt": "x"}}'}});
-          fetch("{self.api}/jobs", {{method: "POST", mode: "no-cors",
-            headers: {{"content-type": "text/plain"}}, body: '{{"prompt": "x"}}'}});
-          fetch("{self.api}/v1/completions", {{method: "POST", mode: "no-cors",
-            body: '{{"model": "fake:1000", "prompt": "x"}}'}});
-          new EventSource("{self.api}/completion/from-an-event-source");
-          const img = new Image(); img.src = "{self.api}/completion/from-an-image";
-          setTimeout(() => {{ document.title = "sent"; }}, 1500);
-        """
-        body = f"<html><body><script>{script}</script></body></html>".encode()
-        self.send_response(200)
-        self.send_header("content-type", "text/html")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+def hostile_page(api: str) -> str:
+    """A page on another origin that tries to start jobs on the API every way a page
+    can without CORS: no-cors fetches (with and without a content type), an
+    EventSource and an image on /completion."""
+    return f"""<html><body><script>
+      fetch("{api}/jobs", {{method: "POST", mode: "no-cors", body: '{{"prompt": "x"}}'}});
+      fetch("{api}/jobs", {{method: "POST", mode: "no-cors",
+        headers: {{"content-type": "text/plain"}}, body: '{{"prompt": "x"}}'}});
+      fetch("{api}/v1/completions", {{method: "POST", mode: "no-cors",
+        body: '{{"model": "fake-1000tps", "prompt": "x"}}'}});
+      new EventSource("{api}/completion/from-an-event-source");
+      const img = new Image(); img.src = "{api}/completion/from-an-image";
+      setTimeout(() => {{ document.title = "sent"; }}, 1500);
+    </script></body></html>"""
 
 
 def test_a_hostile_page_in_chromium_starts_nothing(api, store):
-    port = free_port()
-    handler = type("Page", (_HostilePage,), {"api": api})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(**chromium_options())
-            page = browser.new_page()
-            page.goto(f"http://localhost:{port}/")  # another origin than 127.0.0.1:<api>
-            page.wait_for_function("document.title === 'sent'", timeout=10_000)
-            page.wait_for_timeout(500)
-            browser.close()
-    finally:
-        server.shutdown()
+    with serving(hostile_page(api)) as elsewhere, sync_playwright() as p:
+        browser = p.chromium.launch(**chromium_options())
+        page = browser.new_page()
+        # localhost, not 127.0.0.1: another origin than the API's, on this machine.
+        page.goto(elsewhere.replace("127.0.0.1", "localhost"))
+        page.wait_for_function("document.title === 'sent'", timeout=10_000)
+        page.wait_for_timeout(500)
+        browser.close()
     assert accepted_jobs(store) == 0

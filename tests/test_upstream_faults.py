@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 import redis
-from helpers import stream, wait_for
+from helpers import completion_chunk, start_event_stream, stream, wait_for
 
 MODES = (
     "endless",
@@ -32,12 +32,6 @@ MODES = (
 def chat_chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
     choice = {"index": 0, "delta": delta, "finish_reason": finish}
     body = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "hostile"}
-    return b"data: " + json.dumps({**body, "choices": [choice]}).encode() + b"\n\n"
-
-
-def completion_chunk(text: str, finish: str | None = None) -> bytes:
-    choice = {"index": 0, "text": text, "finish_reason": finish}
-    body = {"id": "x", "object": "text_completion", "created": 1, "model": "hostile"}
     return b"data: " + json.dumps({**body, "choices": [choice]}).encode() + b"\n\n"
 
 
@@ -70,11 +64,7 @@ class Hostile(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"<html>oops</html>")
             return
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("connection", "close")
-        self.end_headers()
-        send = self.wfile.write
+        send = start_event_stream(self)
         try:
             if mode == "endless":  # ignores max_tokens
                 for i in range(3000):

@@ -24,7 +24,14 @@ import httpx
 import pytest
 import redis
 from conftest import Service
-from helpers import service_env, stored_events, stream, wait_for
+from helpers import (
+    completion_chunk,
+    service_env,
+    start_event_stream,
+    stored_events,
+    stream,
+    wait_for,
+)
 
 from textstream import keys
 
@@ -32,12 +39,6 @@ JOB_TIMEOUT = 5.0
 PIECE_LIMIT = 10_000
 OUTPUT_LIMIT = 20_000
 RAW = {"prompt_format": "raw", "ignore_eos": True}
-
-
-def completion_chunk(text: str, finish: str | None = None) -> bytes:
-    choice = {"index": 0, "text": text, "finish_reason": finish}
-    body = {"id": "x", "object": "text_completion", "created": 1, "model": "stalling"}
-    return b"data: " + json.dumps({**body, "choices": [choice]}).encode() + b"\n\n"
 
 
 class Stalling(BaseHTTPRequestHandler):
@@ -93,11 +94,7 @@ class Stalling(BaseHTTPRequestHandler):
             while self._pause(0.2):
                 pass
             return
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("connection", "close")
-        self.end_headers()
-        send = self.wfile.write
+        send = start_event_stream(self)
         if mode == "keepalive":  # as OpenRouter while a request waits
             while self._pause(0.2):
                 send(b": keep-alive\n\n")
