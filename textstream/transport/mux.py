@@ -111,6 +111,8 @@ class ReadMux:
     MAP_REFRESH_SECONDS = 0.5
     #: How often a lane checks that the streams it reads still exist.
     PRESENCE_SECONDS = 1.0
+    #: Longest wait before waking a read for new readers (see _Lane._unblock).
+    UNBLOCK_WAIT_MAX = 0.05
     #: How long a stream stays in a lane's reads after its reader left them (see
     #: _Lane.read): about the time a relay takes to come back.
     LINGER_SECONDS = 1.0
@@ -335,8 +337,17 @@ class _Lane:
 
     async def _unblock(self, cycle: int, reader_id: int) -> None:
         """Wake the loop's XREAD. Until it is actually blocked in Redis, CLIENT UNBLOCK
-        finds nothing to wake, so retry briefly for as long as that read lasts."""
+        finds nothing to wake, so retry briefly for as long as that read lasts.
+
+        Each wake re-sends an XREAD of every stream the lane reads, which costs
+        Redis time in proportion: with thousands of streams, readers arriving one
+        after another (a burst of new requests) kept Redis busy with nothing but
+        re-sent reads, and every other command timed out. So the wake waits first,
+        about as long as the re-sent read will take Redis, and the readers that
+        arrive meanwhile join the same one (they have read what was there already,
+        without blocking: only what comes in that moment waits for it)."""
         try:
+            await asyncio.sleep(min(ReadMux.UNBLOCK_WAIT_MAX, len(self._reading) * 5e-6))
             for _ in range(50):
                 if self._cycle != cycle or await self._send_unblock(reader_id):
                     return
