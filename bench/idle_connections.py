@@ -23,7 +23,7 @@ from one run on one machine):
   under the open connections.
 
 `ulimit -n` is raised to its hard limit here, for this process, the clients and
-the API and Redis it starts (they inherit it). Results: bench/results/idle_connections.json.
+the API and Redis it starts (they inherit it). Results: bench/results/idle_connections-*.json.
 """
 
 from __future__ import annotations
@@ -243,15 +243,26 @@ async def timed_get(port: int, path: str, until: bytes | None) -> tuple[float, f
     return (first - started) * 1000, (done - started) * 1000
 
 
-def probe(port: int, rounds: int = 10) -> dict[str, float]:
+#: A probe that takes longer counts as this long (a saturated process answers late).
+PROBE_TIMEOUT = 30.0
+
+
+async def timed_or_late(port: int, path: str, until: bytes | None) -> tuple[float, float]:
+    try:
+        return await asyncio.wait_for(timed_get(port, path, until), PROBE_TIMEOUT)
+    except (TimeoutError, OSError):
+        return PROBE_TIMEOUT * 1000, PROBE_TIMEOUT * 1000
+
+
+def probe(port: int, rounds: int = 5) -> dict[str, float]:
     """Medians: /health answered; a new completion's first byte and first token."""
 
     async def run() -> dict[str, float]:
         health, first_byte, first_token = [], [], []
         for _ in range(rounds):
-            health.append((await timed_get(port, "/health", None))[1])
+            health.append((await timed_or_late(port, "/health", None))[1])
             path = f"/completion/probe%20{random.random()}?model={RUNNING}&max_new_tokens=2"
-            byte, token = await timed_get(port, path, b"event: token")
+            byte, token = await timed_or_late(port, path, b"event: token")
             first_byte.append(byte)
             first_token.append(token)
             await asyncio.sleep(0.2)
@@ -286,6 +297,7 @@ def measure(name: str, tree: Path, args: argparse.Namespace) -> dict[str, Any]:
         JOB_TIMEOUT="3600",
         WORKER_HEARTBEAT_SECONDS=str(HEARTBEAT),
         SSE_PING_SECONDS=str(args.ping),
+        QUEUE_STATUS_SECONDS=str(args.queue_status),
     )
     api, base = start_api(env, workdir, name=f"idle-api-{name}")
     assert api.popen is not None
@@ -323,6 +335,7 @@ def measure(name: str, tree: Path, args: argparse.Namespace) -> dict[str, Any]:
             f"{name}: {row['answered']} connections open; measuring {args.seconds:g} s", flush=True
         )
         row["loaded_api_cpu_share"] = round(cpu_share(pid, args.seconds), 4)
+        print(f"{name}: API CPU {row['loaded_api_cpu_share'] * 100:.1f} % of a core", flush=True)
         rss_after = rss_kib(pid)
         row["rss_before_mib"] = round(rss_before / 1024, 1)
         row["rss_after_mib"] = round(rss_after / 1024, 1)
@@ -348,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="CPU measuring window")
     parser.add_argument("--token-every", type=float, default=60.0, help="per running job")
     parser.add_argument("--ping", type=int, default=15, help="SSE_PING_SECONDS")
+    parser.add_argument("--queue-status", type=float, default=2.0, help="QUEUE_STATUS_SECONDS")
     parser.add_argument("--open-timeout", type=float, default=300.0)
     parser.add_argument(
         "--tree", action="append", default=[], help="name=path of a checkout to run the API from"
@@ -364,11 +378,16 @@ def main(argv: list[str] | None = None) -> int:
         "ulimit_n": nofile,
         "token_every_s": args.token_every,
         "sse_ping_seconds": args.ping,
+        "queue_status_seconds": args.queue_status,
         "rows": rows,
     }
-    out = RESULTS / "idle_connections.json"
+    out = RESULTS / f"idle_connections-{args.connections}-q{args.queue_status:g}-p{args.ping}.json"
     out.write_text(json.dumps(report, indent=2))
-    print(f"{report['machine']}; ulimit -n {nofile}; {args.connections} connections")
+    print(
+        f"{report['machine']}; ulimit -n {nofile}; {args.connections} connections; "
+        f"QUEUE_STATUS_SECONDS {args.queue_status:g}, SSE_PING_SECONDS {args.ping}, "
+        f"a token per running job every {args.token_every:g} s"
+    )
     names = list(rows)
     lines = [
         ("answered / failed", lambda r: f"{r['answered']} / {r['failed']}"),
