@@ -18,6 +18,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from helpers import service_env, start_api
+from redis.asyncio.connection import Connection
 from test_jobs import create
 
 from textstream import keys
@@ -25,7 +26,7 @@ from textstream.config import Settings
 from textstream.registry import WorkerHeartbeat, WorkerInfo
 from textstream.sources import served_name
 from textstream.transport.events import EventType, JobEvents, JobVanishedError
-from textstream.transport.mux import ReadMux
+from textstream.transport.mux import ReadMux, _pack_xread
 from textstream.transport.sse import Relay
 
 READERS = 50
@@ -202,3 +203,13 @@ def test_a_stream_that_vanishes_ends_its_waiting_readers(redis_url):
     errors, took = asyncio.run(scenario())
     assert len(errors) == 1 and "vanish0" in errors[0]
     assert took <= 2 * ReadMux.PRESENCE_SECONDS + 0.5
+
+
+def test_the_multiplexers_xread_is_packed_as_redis_py_packs_it():
+    connection = Connection()
+    for streams in ({"a": "1-0", "b:é": "2-3"}, {f"k{i}": f"{i}-{i}" for i in range(100)}):
+        names, ids = zip(*streams.items(), strict=True)
+        expected = connection.pack_command(
+            "XREAD", "COUNT", 512, "BLOCK", 1000, "STREAMS", *names, *ids
+        )
+        assert _pack_xread(streams, 512, 1000) == b"".join(expected)

@@ -75,7 +75,8 @@ class QueueWatch:
         shared = self._orders.get(model)
         if shared is None:
             shared = self._orders[model] = _Shared()
-        positions, workers = await asyncio.gather(
-            shared.get(max_age, read_order), self._workers.get(max_age, read_workers)
-        )
+        # One after the other, not gathered: nearly always both are fresh, and then
+        # neither awaits anything (gather made two tasks per report).
+        positions = await shared.get(max_age, read_order)
+        workers = await self._workers.get(max_age, read_workers)
         return {"position": positions.get(job_id), "workers": workers[model]}
