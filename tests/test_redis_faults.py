@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -11,14 +12,18 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 from conftest import Service
 from helpers import free_port, service_env, stored_events, stream, wait_for
 from test_jobs import create
 
 from bench.cluster import start_redis
 from textstream import keys
+from textstream.config import Settings
 from textstream.engines.fake import WORDS
+from textstream.transport.events import JobEvent, JobEvents
 from textstream.transport.scripts import EventType
+from textstream.transport.sse import Relay
 from textstream.transport.writer import EventWriter, StreamFlusher
 
 PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
@@ -248,3 +253,67 @@ def test_a_redis_freeze_past_the_grace_period_ends_jobs_whole_and_clearly(own_re
         assert response.last.event == "done"
     finally:
         svc.stop()
+
+
+def test_a_short_redis_stall_is_ridden_out_by_the_shared_read_not_by_each_reader(own_redis):
+    """Redis stops answering (SIGSTOP) for less than REDIS_GRACE_SECONDS under many
+    relays waiting on one lane of the multiplexer. The lane's read times out; it
+    used to fail every reader at once, and each retried on its own (thousands of
+    re-registrations and re-sent reads at 10,000 streams, which kept the API and
+    Redis saturated, and streams ended `redis_unavailable` with Redis up). Now the
+    lane retries its one read: the readers see a delay, then every event once."""
+    url, state, _ = own_redis
+    readers, stall = 50, 2.5
+    settings = Settings(_env_file=None, redis_grace_seconds=6, read_block_ms=60_000)  # type: ignore[call-arg]
+    sync = redis.Redis.from_url(url, socket_timeout=5)
+
+    async def scenario() -> tuple[dict[str, int], list[list[JobEvent]]]:
+        client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        jobs = JobEvents(client, ttl=60, maxlen=100, read_grace=settings.redis_grace_seconds)
+        job_ids = [f"stall{n:03}".ljust(32, "0") for n in range(readers)]
+        for job_id in job_ids:
+            await jobs.append(job_id, EventType.QUEUED, {"job_id": job_id})
+            await jobs.append(job_id, EventType.STARTED, {"worker": "w"})
+        seen: list[list[JobEvent]] = [[] for _ in job_ids]
+
+        async def read(n: int, job_id: str) -> None:
+            async for event in Relay(jobs, settings, job_id).events():
+                seen[n].append(event)
+
+        tasks = [asyncio.create_task(read(n, j)) for n, j in enumerate(job_ids)]
+        for job_id in job_ids:
+            await jobs.append(job_id, EventType.TOKEN, {"text": " before"})
+        await asyncio.sleep(0.5)  # every reader got it, and waits in the lane
+        before = calls_by_command(sync)
+        pid = state["proc"].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(stall)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(1.5)  # what was sent during the stall has run
+        after = calls_by_command(sync)
+        for job_id in job_ids:
+            await jobs.append(job_id, EventType.TOKEN, {"text": " after"})
+            await jobs.append(job_id, EventType.DONE, {"finish_reason": "stop"})
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        await jobs.close()
+        await client.close()
+        issued = {c: n - before.get(c, 0) for c, n in after.items() if n > before.get(c, 0)}
+        return issued, seen
+
+    issued, seen = asyncio.run(scenario())
+    sync.close()
+    for events in seen:
+        assert [e.event for e in events] == ["queued", "started", "token", "token", "done"]
+        assert [e.data.get("text") for e in events[2:4]] == [" before", " after"]
+        assert len({e.id for e in events}) == len(events)
+    # One lane: its re-sent reads, its CLIENT ID and presence checks, and the INFO
+    # that measures it. Each reader retrying on its own sent six commands or more.
+    assert issued.get("xread", 0) <= 6, issued
+    assert sum(issued.values()) <= 15, issued
+
+
+def calls_by_command(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}

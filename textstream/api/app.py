@@ -96,6 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         forget_cache=forget_cached,
         # A claim lapses with its job's deadline (JOB_TIMEOUT from its creation).
         claims=ReaderClaims(uuid.uuid4().hex[:16], settings.job_timeout),
+        read_grace=settings.redis_grace_seconds,
     )
     if threading.current_thread() is threading.main_thread():
         loop = asyncio.get_running_loop()

@@ -236,7 +236,9 @@ class ReaderClaims:
 class JobEvents:
     """The API's side of job streams (asyncio): create, append, cancel, read, look
     up. `client` is the streams role: one Redis, or a Redis Cluster. `claims`: this
-    process's reader claims (none for a client that takes none)."""
+    process's reader claims (none for a client that takes none). `read_grace`: how
+    long the shared blocking read retries a failing Redis before its readers see the
+    error (REDIS_GRACE_SECONDS; None: at once, each reader retries on its own)."""
 
     def __init__(
         self,
@@ -246,6 +248,7 @@ class JobEvents:
         maxlen: int,
         forget_cache: ForgetCache | None = None,
         claims: ReaderClaims | None = None,
+        read_grace: float | None = None,
     ) -> None:
         self.client = client
         self._ttl = ttl
@@ -258,7 +261,7 @@ class JobEvents:
         self._track = client.register_script(TRACK_SCRIPT)
         self.placement = Placement(client)
         #: Blocking reads of all this process's relays share one XREAD per node (mux.py).
-        self.mux = ReadMux(client, check_presence=True)
+        self.mux = ReadMux(client, check_presence=True, grace=read_grace)
 
     async def close(self) -> None:
         await self.mux.close()

@@ -18,12 +18,19 @@ otherwise), and a blocking read holds its connection. So the multiplexer keeps
 one such loop (a *lane*) per slot that has waiting readers, each on its own
 connection to the master that owns the slot, woken by CLIENT UNBLOCK sent to that
 same master. New jobs' streams are put in one slot per master (placement.py), so
-that is one XREAD per master. A lane whose read fails (MOVED after a reshard, its
-master killed) fails its readers with that error; they retry within
-REDIS_GRACE_SECONDS (transport/sse.py), through the cluster client, which follows
-the redirection or re-reads the cluster's map after the failover, and the next
-blocking read goes to a lane on the slot's new master. Lanes idle for a while
-close their connection.
+that is one XREAD per master. Lanes idle for a while close their connection.
+
+A lane whose read fails (a timeout, a lost connection, a cluster's TRYAGAIN or
+CLUSTERDOWN) retries that one read itself, with a short backoff, for up to
+REDIS_GRACE_SECONDS (`grace`), its readers waiting in it, each from its own last
+id: they see a delay. Failing them at once instead made each retry on its own,
+and at 10,000 streams one timed-out read (a busy process) set off 10,000 retries
+that kept the process and Redis saturated until thousands of streams gave up.
+Only when the grace runs out, or the cluster's map gives the lane's slot to
+another master (MOVED after a reshard, a failover), does the lane fail its
+readers, with ReadsFailedError, which says since when: the relay (transport/sse.py)
+then gives up, or retries for what is left of the grace, through the cluster
+client and a lane on the slot's new master.
 
 After a read that returned entries, a lane waits GATHER_MS before the next one:
 the relays it served come back with their next id meanwhile (no CLIENT UNBLOCK to
@@ -73,6 +80,15 @@ class StreamMissingError(LookupError):
     """The stream a reader waits on does not exist (any more)."""
 
 
+class ReadsFailedError(RedisConnectionError):
+    """A lane's reads have failed since `since` (time.monotonic()); retried in the
+    lane meanwhile, so a reader's grace counts from then, not from now."""
+
+    def __init__(self, message: str, since: float) -> None:
+        super().__init__(message)
+        self.since = since
+
+
 #: A stream id as (ms, seq), to compare ids in order.
 IdKey = tuple[int, int]
 
@@ -116,6 +132,8 @@ class ReadMux:
     #: How long a stream stays in a lane's reads after its reader left them (see
     #: _Lane.read): about the time a relay takes to come back.
     LINGER_SECONDS = 1.0
+    #: First and longest wait between a failing lane's retries.
+    RETRY_SECONDS = (0.1, 1.0)
 
     def __init__(
         self,
@@ -123,9 +141,13 @@ class ReadMux:
         *,
         count: int = 512,
         check_presence: bool = False,
+        grace: float | None = None,
     ) -> None:
         self._client = client
         self._count = count
+        #: How long a lane retries a failing read before it fails its readers (None:
+        #: not at all, each reader retries on its own).
+        self.grace = grace
         #: Fail reads of streams that do not exist (PRESENCE_SECONDS), rather than
         #: wait for them to be created.
         self.check_presence = check_presence
@@ -184,6 +206,19 @@ class ReadMux:
     def lane_failed(self) -> None:
         self._map_stale = True
 
+    async def moved(self, slot: int, name: str) -> bool:
+        """Whether the cluster's map (re-read at most every MAP_REFRESH_SECONDS) gives
+        `slot` to a node other than `name`: a failing lane's readers must go there."""
+        client = self._client
+        if not isinstance(client, AsyncRedisCluster):
+            return False
+        self._map_stale = True
+        await self._refresh_map(client)
+        try:
+            return bool(client.nodes_manager.get_node_from_slot(slot).name != name)
+        except (*UNREACHABLE, LookupError):  # not covered (the cluster is down): wait
+            return False
+
     async def _refresh_map(self, client: AsyncRedisCluster) -> None:
         now = time.monotonic()
         if not self._map_stale or now - self._map_read_at < self.MAP_REFRESH_SECONDS:
@@ -218,7 +253,7 @@ class ReadMux:
             if self._lanes.get(slot) is lane:
                 del self._lanes[slot]
 
-        lane = _Lane(self, reader, unblock, name=node.name, on_idle=idle)
+        lane = _Lane(self, reader, unblock, name=node.name, on_idle=idle, slot=slot)
         return lane
 
 
@@ -239,8 +274,10 @@ class _Lane:
         *,
         name: str,
         on_idle: Callable[[], None] | None = None,
+        slot: int | None = None,
     ) -> None:
         self.name = name
+        self._slot = slot
         self._mux = mux
         self._reader = reader
         self._send_unblock = unblock
@@ -257,6 +294,8 @@ class _Lane:
         self._unblocking = False
         self._unblocker: asyncio.Task[None] | None = None
         self._checked_at = time.monotonic()
+        self._failing_since = 0.0  # when its reads began to fail; 0 while they succeed
+        self._retry_wait = ReadMux.RETRY_SECONDS[0]
         self.closed = False
 
     async def read(self, key: str, last_id: str, block_ms: int | None) -> list[Entry]:
@@ -394,16 +433,40 @@ class _Lane:
             except UNREACHABLE as exc:
                 self._reader_id = None  # a new connection gets a new id
                 self._mux.lane_failed()
-                self.fail(exc)
-                await asyncio.sleep(0.1)
+                await self._failed(exc)
                 continue
             finally:
                 self._reading = {}
                 self._cycle += 1
+            self._failing_since, self._retry_wait = 0.0, ReadMux.RETRY_SECONDS[0]
             for raw_key, entries in reply or ():
                 self._deliver(as_text(raw_key), entries)
             if reply:
                 await asyncio.sleep(ReadMux.GATHER_MS / 1000)
+
+    async def _failed(self, exc: Exception) -> None:
+        """The lane's read failed: wait and retry it (the loop does), its readers still
+        waiting, while within the grace and on the slot's owner; else fail them."""
+        now = time.monotonic()
+        since = self._failing_since = self._failing_since or now
+        grace = self._mux.grace
+        if grace is None:
+            self.fail(exc)
+            await asyncio.sleep(0.1)
+            return
+        moved = self._slot is not None and await self._mux.moved(self._slot, self.name)
+        if moved or now - since > grace:
+            error = ReadsFailedError(f"reads from {self.name} failed: {exc}", since)
+            error.__cause__ = exc
+            self.fail(error)
+            # A reader arriving later has read from Redis meanwhile: its own grace.
+            self._failing_since, self._retry_wait = 0.0, ReadMux.RETRY_SECONDS[0]
+            await asyncio.sleep(ReadMux.RETRY_SECONDS[0])
+            return
+        if since == now:
+            log.warning("stream reads from %s failed (%s); retrying", self.name, exc)
+        await asyncio.sleep(min(self._retry_wait, max(0.0, since + grace - now)))
+        self._retry_wait = min(2 * self._retry_wait, ReadMux.RETRY_SECONDS[1])
 
     async def _xread(self, streams: dict[str, str], block: int) -> Any:
         """XREAD BLOCK of `streams` on the lane's connection, packed here: redis-py

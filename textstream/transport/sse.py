@@ -8,7 +8,8 @@ the same cancellation would abort it too.
 
 After the headers are sent, a failure is an `error` event that ends the stream,
 never a half-closed socket. Redis may vanish for up to REDIS_GRACE_SECONDS: the
-reader retries from the last id it relayed, so nothing is lost or repeated. On a
+reader retries from the last id it relayed, so nothing is lost or repeated (a
+blocking read's retries are the multiplexer's, one per lane, mux.py). On a
 Redis Cluster the same grace covers a failover, a slot moving (MOVED, ASK,
 TRYAGAIN) and the cluster's own errors (CLUSTERDOWN, "cannot be connected").
 
@@ -56,6 +57,7 @@ from textstream.transport.events import (
     WriteOutcome,
     error_data,
 )
+from textstream.transport.mux import ReadsFailedError
 from textstream.transport.thinking import ThinkSplitter
 
 log = logging.getLogger(__name__)
@@ -248,7 +250,10 @@ class Relay:
                 yield [status_event(EventType.ERROR, JOB_LOST)]
                 return
             except REDIS_ERRORS as exc:
-                failing_since = failing_since or time.monotonic()
+                # A lane of the shared read (mux.py) retried before it failed: the
+                # grace counts from its first failure, not a second one from now.
+                since = exc.since if isinstance(exc, ReadsFailedError) else time.monotonic()
+                failing_since = min(failing_since or since, since)
                 if time.monotonic() - failing_since > self.settings.redis_grace_seconds:
                     log.warning("job=%s stream gave up on Redis: %s", self.job_id, brief(exc))
                     yield [status_event(EventType.ERROR, REDIS_LOST)]
