@@ -153,7 +153,7 @@ def test_a_body_without_a_valid_key_is_refused_before_it_is_read(keyed):
         started = time.monotonic()
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             sock.sendall(
-                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()
                 + credential
                 + b'Content-Length: 100\r\n\r\n{"model": "m", "pro'
             )
@@ -546,7 +546,7 @@ def raw_exchange(base: str, request: bytes, wait: float = 15.0) -> tuple[bytes, 
 
 def test_an_http_1_0_client_gets_its_stream_unchunked_ended_by_close(make_service):
     svc = make_service(workers=1)
-    request = b"GET /completion/Hello?max_new_tokens=5&use_cache=false HTTP/1.0\r\nHost: x\r\n\r\n"
+    request = b"GET /completion/Hello?max_new_tokens=5&use_cache=false HTTP/1.0\r\nHost: localhost\r\n\r\n"
     received, _ = raw_exchange(svc.base, request)
     head, _, body = received.partition(b"\r\n\r\n")
     headers = head.decode().lower()
@@ -560,7 +560,7 @@ def test_an_http_1_0_client_gets_its_stream_unchunked_ended_by_close(make_servic
     assert b"content-length:" in health.lower() and health.endswith(b"}")
     chunked, _ = raw_exchange(
         svc.base,
-        b"GET /completion/Hi?max_new_tokens=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /completion/Hi?max_new_tokens=2 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     assert b"transfer-encoding: chunked" in chunked.lower()
 
@@ -572,8 +572,8 @@ def test_a_request_that_never_arrives_whole_gets_408_and_is_let_go(make_service)
     svc = make_service(workers=0, REQUEST_READ_SECONDS="1.5")
     slow = {
         "nothing": b"",
-        "half a head": b"GET /health HTTP/1.1\r\nHost: x\r\n",
-        "short body": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        "half a head": b"GET /health HTTP/1.1\r\nHost: localhost\r\n",
+        "short body": b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
         b'{"model": "m", "pro',
     }
@@ -596,7 +596,11 @@ def test_a_request_that_never_arrives_whole_gets_408_and_is_let_go(make_service)
     # A request that takes its time but arrives whole within the bound is served.
     host, port = svc.base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        for part in (b"GET /health HTTP/1.1\r\n", b"Host: x\r\n", b"Connection: close\r\n\r\n"):
+        for part in (
+            b"GET /health HTTP/1.1\r\n",
+            b"Host: localhost\r\n",
+            b"Connection: close\r\n\r\n",
+        ):
             sock.sendall(part)
             time.sleep(0.3)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
@@ -620,13 +624,13 @@ def test_the_read_clock_never_cuts_an_answer_and_leaves_no_connection_untimed(ma
     # tokens at 20/s), then a POST whose body never comes. The third's time starts
     # when the second's answer ends; nothing is written inside that answer.
     pipelined = (
-        b"GET /completion/A?max_new_tokens=3&ignore_eos=true HTTP/1.1\r\nHost: x\r\n"
+        b"GET /completion/A?max_new_tokens=3&ignore_eos=true HTTP/1.1\r\nHost: localhost\r\n"
         + key
         + b"\r\n"
-        b"GET /completion/B?max_new_tokens=50&ignore_eos=true HTTP/1.1\r\nHost: x\r\n"
+        b"GET /completion/B?max_new_tokens=50&ignore_eos=true HTTP/1.1\r\nHost: localhost\r\n"
         + key
         + b"\r\n"
-        b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         + key
         + b'Content-Length: 25\r\n\r\n{"prompt": "Hello th'
     )
@@ -636,12 +640,12 @@ def test_the_read_clock_never_cuts_an_answer_and_leaves_no_connection_untimed(ma
     assert answers.endswith(b"0\r\n\r\n")  # the second stream ended whole, then the 408
     assert b"request_timeout" in refusal and took > 2.5 + 1.5 - 0.5, took
     # A blank line after an answer begins no request, yet the connection is timed.
-    received, took = raw_exchange(svc.base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n\r\n")
+    received, took = raw_exchange(svc.base, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 200") and took < 10, took
     # A 401 sent before a body: the connection ends with it (no body to skip, and
     # nothing read afterwards as a next request).
     for extra in (b"", b"Expect: 100-continue\r\n"):
-        request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n"
+        request = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 50\r\n"
         received, took = raw_exchange(svc.base, request + extra + b"\r\n")
         assert received.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 408" not in received
         assert b"connection: close" in received.lower() and took < 1.0, took
