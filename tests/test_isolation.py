@@ -153,7 +153,8 @@ def test_a_body_without_a_valid_key_is_refused_before_it_is_read(keyed):
         started = time.monotonic()
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             sock.sendall(
-                f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()
+                f"POST {path} HTTP/1.1\r\nHost: localhost\r\n".encode()
+                + b"Content-Type: application/json\r\n"
                 + credential
                 + b'Content-Length: 100\r\n\r\n{"model": "m", "pro'
             )
@@ -546,7 +547,10 @@ def raw_exchange(base: str, request: bytes, wait: float = 15.0) -> tuple[bytes, 
 
 def test_an_http_1_0_client_gets_its_stream_unchunked_ended_by_close(make_service):
     svc = make_service(workers=1)
-    request = b"GET /completion/Hello?max_new_tokens=5&use_cache=false HTTP/1.0\r\nHost: localhost\r\n\r\n"
+    request = (
+        b"GET /completion/Hello?max_new_tokens=5&use_cache=false HTTP/1.0\r\n"
+        b"Host: localhost\r\n\r\n"
+    )
     received, _ = raw_exchange(svc.base, request)
     head, _, body = received.partition(b"\r\n\r\n")
     headers = head.decode().lower()
@@ -560,7 +564,8 @@ def test_an_http_1_0_client_gets_its_stream_unchunked_ended_by_close(make_servic
     assert b"content-length:" in health.lower() and health.endswith(b"}")
     chunked, _ = raw_exchange(
         svc.base,
-        b"GET /completion/Hi?max_new_tokens=2 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /completion/Hi?max_new_tokens=2 HTTP/1.1\r\n"
+        b"Host: localhost\r\nConnection: close\r\n\r\n",
     )
     assert b"transfer-encoding: chunked" in chunked.lower()
 
