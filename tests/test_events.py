@@ -22,7 +22,14 @@ from helpers import stored_events, wait_for
 from textstream import keys
 from textstream.transport import scripts as scripts_module
 from textstream.transport import writer as writer_module
-from textstream.transport.events import EventType, JobEvents, ResumePoint, WriteOutcome
+from textstream.transport.events import (
+    CancelOutcome,
+    EventType,
+    JobEvents,
+    ReaderClaims,
+    ResumePoint,
+    WriteOutcome,
+)
 from textstream.transport.mux import ReadMux, id_key
 from textstream.transport.writer import EventWriter, StreamFlusher
 
@@ -549,3 +556,32 @@ def test_create_returns_the_queued_event_as_stored_and_never_touches_an_existing
     assert first == stored
     assert again is None
     assert redis_client.hget(keys.job_state(job_id), "tenant") == b"key-a"
+
+
+def test_reader_claims_are_counted_per_api_process(redis_url):
+    """Two API processes' readers share a job (the response cache). Dropping a dead
+    process's claims leaves the other's; a process that holds no claim any more
+    (reaped while it lived) takes no one else's away when its client leaves; the
+    last claim leaving cancels the job."""
+
+    async def scenario() -> list[CancelOutcome]:
+        client = aioredis.Redis.from_url(redis_url)
+        first = JobEvents(client, ttl=60, maxlen=100, claims=ReaderClaims("proc-a", 60))
+        second = JobEvents(client, ttl=60, maxlen=100, claims=ReaderClaims("proc-b", 60))
+        job_id = "claim" + "0" * 27
+        await client.delete(keys.job_events(job_id), keys.job_state(job_id))
+        await first.create(job_id, {"job_id": job_id}, tenant="", reader=True)
+        await second.track(job_id, reader=True)
+        outcomes = [
+            await second.release_all(job_id, "proc-a"),  # a's lease lapsed: reaped
+            await second.release_all(job_id, "proc-a"),  # reaped twice: nothing left
+            await first.cancel(job_id, release=True),  # a's client leaves after all
+            await second.cancel(job_id, release=True),  # the last reader leaves
+        ]
+        await first.close()
+        await second.close()
+        await client.close()
+        return outcomes
+
+    shared, cancelled = CancelOutcome.SHARED, CancelOutcome.CANCELLED
+    assert asyncio.run(scenario()) == [shared, shared, shared, cancelled]

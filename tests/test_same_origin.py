@@ -67,8 +67,10 @@ EVIL = "http://evil.example"
         {"origin": EVIL, **JSON},  # a CORS request (its preflight would fail; this is the POST)
         {"origin": "null", **JSON},  # a sandboxed iframe, a file:// page
         {"origin": "http://127.0.0.1:1", **JSON},  # same host, another port
+        # A Host without a port was reached on a default one: not the page's 3000.
+        {"origin": "http://localhost:3000", "host": "localhost", **JSON},
     ],
-    ids=["no-cors", "cors", "null", "other-port"],
+    ids=["no-cors", "cors", "null", "other-port", "portless-host"],
 )
 def test_a_cross_origin_post_is_refused_403_and_queues_nothing(api, store, headers):
     response = post(api, headers)

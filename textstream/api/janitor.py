@@ -4,9 +4,9 @@
   queue and ended with `timeout`: its prompt does not wait in ModelQ's list for a
   worker, and it stops counting against MAX_QUEUED_JOBS. (A reader that is still
   open does the same at the deadline; this covers jobs nobody is reading.)
-- A job for a model that is neither configured here nor served by a live worker
-  (its workers are gone) ends with `no_worker` once it has waited
-  NO_WORKER_SECONDS, instead of waiting for JOB_TIMEOUT.
+- A job for a model that is neither configured here nor served by a live worker,
+  none of whose workers was seen for NO_WORKER_SECONDS (gone, not restarting),
+  ends with `no_worker` once it has waited as long, instead of until JOB_TIMEOUT.
 - ModelQ's ever-growing records are trimmed (jobqueue.trim_records).
 
 Every API process runs it; each step is idempotent, so more processes only make it
@@ -41,15 +41,19 @@ async def sweep(services: Services) -> int:
     """One round; returns how many jobs it took off the queues."""
     settings, now, removed = services.settings, time.time(), 0
     live = set(await live_models(services))
-    for model in await all_models(services):
+    for model, known in (await all_models(services)).items():
         while removed < BATCH:
             job_id = await expired_head(services.redis, model, settings.job_ttl, now)
             if job_id is None or not await services.queue.withdraw(job_id, model):
                 break
             removed += 1
             await services.jobs.append(job_id, EventType.ERROR, TIMEOUT)
-        if model not in live and model not in (configured_model(settings), settings.default_model):
-            removed += await end_unserved(services, model, now - settings.no_worker_seconds)
+        # Gone, not restarting: no worker of it for NO_WORKER_SECONDS (a reload of
+        # its weights takes less), and not this deployment's own.
+        cutoff = now - settings.no_worker_seconds
+        configured = (configured_model(settings), settings.default_model)
+        if model not in live and model not in configured and known and known.seen_at < cutoff:
+            removed += await end_unserved(services, model, cutoff)
         await trim_records(services.redis, model, settings.job_ttl, now)
     if removed:
         log.info("took %d job(s) off the queues", removed)

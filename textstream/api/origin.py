@@ -38,9 +38,12 @@ PROBES = ("/health", "/ready")
 
 def _is_loopback(address: str) -> bool:
     try:
-        return ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return address == "localhost"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
+    return ip.is_loopback
 
 
 def host_name(host: str) -> str:
@@ -61,7 +64,7 @@ def _name_matches(name: str, pattern: str) -> bool:
 
 def host_allowed(name: str, allowed: list[str], on_loopback: bool) -> bool:
     if allowed:
-        return any(_name_matches(name, pattern.lower()) for pattern in allowed)
+        return any(_name_matches(name, pattern.lower().strip("[]")) for pattern in allowed)
     if not on_loopback:
         return True
     return name in LOCAL_NAMES or name.endswith(".localhost") or _is_loopback(name)
@@ -70,13 +73,14 @@ def host_allowed(name: str, allowed: list[str], on_loopback: bool) -> bool:
 def same_origin(origin: str, host: str) -> bool:
     """Whether a browser's Origin names this server as the request's Host does. The
     scheme is not compared: behind a TLS-terminating proxy the server sees http
-    while the page is https. The port is compared when the Host gives one."""
+    while the page is https. A Host without a port was reached on a default one."""
     try:
         page, here = urlsplit(origin), urlsplit(f"//{host}")
         if page.hostname is None or page.hostname != here.hostname:
             return False
         default = {"http": 80, "https": 443}.get(page.scheme)
-        return here.port is None or (page.port or default) == here.port
+        port = page.port or default
+        return port in (80, 443) if here.port is None else port == here.port
     except ValueError:  # a malformed port
         return False
 

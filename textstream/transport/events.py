@@ -212,11 +212,17 @@ class ReaderClaims:
         self._hold_seconds = hold_seconds
         #: job id -> [claims, when they lapse anyway (the job's deadline has passed)]
         self._held: dict[str, list[float]] = {}
+        #: Claims were taken since they were last published.
+        self.unpublished = False
 
     def hold(self, job_id: str) -> None:
         entry = self._held.setdefault(job_id, [0, 0.0])
         entry[0] += 1
         entry[1] = time.time() + self._hold_seconds
+        self.unpublished = True
+
+    def published(self) -> None:
+        self.unpublished = False
 
     def drop(self, job_id: str) -> None:
         entry = self._held.get(job_id)

@@ -159,11 +159,11 @@ if redis.call('HGET', KEYS[2], 'terminal') then return {'finished', ''} end
 if ARGV[4] ~= '' then
   local field = 'r:' .. ARGV[4]
   local held = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+  -- No claim of this process's left (reaped while it lived, or a job made before
+  -- claims were per process): leaving takes no one else's away.
+  if held <= 0 then return {'shared', ''} end
   local drop = 1
-  if ARGV[5] == 'all' then
-    if held <= 0 then return {'shared', ''} end  -- that process had no claim left on it
-    drop = held
-  end
+  if ARGV[5] == 'all' then drop = held end
   if held <= drop then redis.call('HDEL', KEYS[2], field)
   else redis.call('HINCRBY', KEYS[2], field, -drop) end
   if redis.call('HGET', KEYS[2], 'pinned') then return {'shared', ''} end
