@@ -110,7 +110,11 @@ def start_api(
         env = {**env, "LOG_LEVEL": log_level.upper()}
     proc = Proc(args, env, cwd, name).start()
     base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _get_ok(base + "/health"), 30, f"API on {base}", proc)
+    try:
+        wait_for(lambda: _get_ok(base + "/health"), 30, f"API on {base}", proc)
+    except BaseException:
+        proc.stop()  # nobody else holds it: it would outlive the run
+        raise
     return proc, base
 
 
