@@ -721,3 +721,39 @@ def test_a_completion_resume_never_reaches_another_keys_job(make_service):
     with ThreadPoolExecutor(2) as pool:
         rests = list(pool.map(lambda _: sse(svc.base, url, resume, **params), [0, 1]))
     assert [e.id for e in rests[0]] == [e.id for e in rests[1]] == ids[3:]
+
+
+def test_stream_slot_leases_after_redis_comes_back_empty(redis_url):
+    """Redis restarted without its data: the slots it held are gone, renewing does
+    not bring them back (nor fail), and the caller opens streams up to its cap."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from textstream.api.errors import RateLimitedError
+    from textstream.api.security import Caller, Guard
+    from textstream.config import Settings
+
+    async def scenario() -> list[bool]:
+        url = f"{redis_url.rsplit('/', 1)[0]}/13"
+        client = aioredis.Redis.from_url(url)
+        await client.flushdb()
+        guard = Guard(Settings(max_streams_per_key=1, api_lease_seconds=5), client)
+        caller = Caller("key:one")
+        held = await guard.open_stream(caller)
+        refused = False
+        try:
+            await guard.open_stream(caller)
+        except RateLimitedError:
+            refused = True
+        await client.flushdb()  # back empty
+        await guard.renew_leases()
+        again = await guard.open_stream(caller)
+        await guard.close_stream(caller, held)
+        await guard.close_stream(caller, again)
+        left = await client.exists(f"textstream:streams:{caller.identity}")
+        await client.flushdb()
+        await client.close()
+        return [held is not None, refused, again is not None, not left]
+
+    assert asyncio.run(scenario()) == [True, True, True, True]

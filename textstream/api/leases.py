@@ -87,8 +87,8 @@ class Leases:
         )
         if self._renewed and not int(known):
             log.warning(  # its claims may have been released under its readers
-                "this API process's lease had lapsed (Redis unreachable, or the process"
-                " stalled for API_LEASE_SECONDS); renewed now"
+                "this API process's lease had lapsed (Redis unreachable or restarted"
+                " empty, or the process stalled for API_LEASE_SECONDS); renewed now"
             )
         self._renewed = True
         await self._services.guard.renew_leases()
