@@ -5,6 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # `uv pip install --python` (the option belongs to the subcommand, not to `uv pip`).
 UV_INSTALL := $(VENV)/bin/uv pip install --python $(PY)
+CLIENTS := $(VENV)-clients
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
@@ -43,9 +44,17 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt $(CLIENTS)/.installed
 	$(UV_INSTALL) --quiet -r requirements-dev.txt
 	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+	touch $@
+
+# The third-party clients the tests drive (openai 2.x, openai-agents, litellm,
+# langchain-openai) in a venv of their own: openai-agents wants openai<3, the
+# service pins openai 3. Tests run them as subprocesses (tests/clients.py).
+$(CLIENTS)/.installed: $(VENV)/.runtime requirements-clients.txt
+	$(PYTHON) -m venv $(CLIENTS)
+	$(VENV)/bin/uv pip install --python $(CLIENTS)/bin/python --quiet -r requirements-clients.txt
 	touch $@
 
 install: $(VENV)/.runtime
@@ -86,4 +95,4 @@ bench: install-dev
 	$(PY) -m bench.pipeline
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENTS) .pytest_cache .mypy_cache .ruff_cache
