@@ -77,6 +77,10 @@ class SamplingParams(BaseModel):
     frequency_penalty: Penalty = 0.0
     #: Hugging Face's multiplicative penalty on every token seen (prompt included); 1 = off.
     repetition_penalty: RepetitionPenalty = 1.0
+    #: Structured output: the JSON schema the completion must match, as canonical
+    #: JSON text (textstream/grammars.py); None for free text. Part of the
+    #: response-cache key, as every parameter here.
+    json_schema: str | None = None
 
     @property
     def greedy(self) -> bool:

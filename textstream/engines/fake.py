@@ -3,6 +3,8 @@ to measure the service's own ceiling (queue, Redis, relay, SSE) with no model co
 
 `MODEL_ID=fake` (50 tokens/s per stream) or `MODEL_ID=fake:<tokens per second>`.
 Each word is one token; the text loops, so any max_new_tokens can be served.
+A job whose output must match a schema ends with an `invalid_response_format`
+error: its words would not, and an answer that ignores the schema is worse than none.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator
 
+from textstream.grammars import GrammarError
 from textstream.job import PromptFormat, SamplingParams, Step
 from textstream.sources import served_name
 
@@ -114,6 +117,8 @@ class FakeEngine:
         after a takeover the text continues where the earlier tokens left it.
         A slow rate waits in slices, so a cancel or the deadline is seen within
         STOP_CHECK_SECONDS, not only between words."""
+        if params.json_schema is not None:
+            raise GrammarError("the fake engine cannot constrain its output (response_format)")
         interval, next_at = 1.0 / self.rate, time.monotonic()
         for produced in range(1, params.max_new_tokens + 1):
             next_at += interval

@@ -34,6 +34,7 @@ Each job is one streaming request through the official `openai` SDK:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Generator
@@ -290,6 +291,11 @@ class OpenAIEngine:
             extra["repetition_penalty"] = params.repetition_penalty
         if params.ignore_eos:
             extra["ignore_eos"] = True
+        if params.json_schema is not None:
+            # The upstream enforces it (strict, as here); in the body, as vLLM takes
+            # it on /v1/completions too, where the SDK has no such argument.
+            schema = {"name": "response", "schema": json.loads(params.json_schema), "strict": True}
+            extra["response_format"] = {"type": "json_schema", "json_schema": schema}
         messages = job.messages
         fmt = self.prompt_format if job.prompt_format == "auto" else job.prompt_format
         if messages is None and fmt != "raw":

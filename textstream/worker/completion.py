@@ -37,6 +37,7 @@ from textstream.engines.base import (
     UpstreamError,
     is_text_engine,
 )
+from textstream.grammars import GrammarError
 from textstream.job import CompletionJob
 from textstream.logs import brief, redact
 from textstream.metrics import JobMetrics, JobTimings
@@ -185,6 +186,9 @@ class CompletionRunner:
                 result = self._generate(job, writer, timings)
             except PromptTooLongError as exc:
                 result = self._fail(job, writer, error_data("prompt_too_long", str(exc)))
+            except GrammarError as exc:  # a schema this engine cannot enforce
+                log.warning("job=%s response_format refused: %s", job.job_id, exc)
+                result = self._fail(job, writer, error_data("invalid_response_format", str(exc)))
             except REDIS_ERRORS as exc:
                 # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
                 # readers have ended with `redis_unavailable` already. The job ends so too,

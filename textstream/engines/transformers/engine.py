@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from textstream.engines.transformers.batching import Batcher
+from textstream.engines.transformers.constraints import Grammars
 from textstream.engines.transformers.passes import Passes, supports_slots
 from textstream.engines.transformers.sampling import Sequence, start_sequence
 from textstream.job import PromptFormat, SamplingParams, Step
@@ -75,6 +76,8 @@ class TransformersEngine:
             else None
         )
         self.batcher: Batcher | None = None
+        #: Compiled output grammars (structured outputs), by schema.
+        self.grammars = Grammars(tokenizer)
 
     def warm_up(self) -> None:
         """One short generation, so the first request does not pay for first-call
@@ -138,9 +141,12 @@ class TransformersEngine:
     # -- generation ---------------------------------------------------------------
 
     def start(self, prompt_ids: list[int], params: SamplingParams, generated: int) -> Sequence:
-        """One request's decode state, checked against the context window."""
+        """One request's decode state, checked against the context window; with its
+        own grammar matcher when its output must match a schema (GrammarError if
+        the schema cannot be compiled for this tokenizer)."""
         if not prompt_ids:
             prompt_ids = [self.tokenizer.eos_token_id or 0]
+        matcher = self.grammars.matcher(params.json_schema) if params.json_schema else None
         return start_sequence(
             prompt_ids,
             params,
@@ -148,6 +154,7 @@ class TransformersEngine:
             context_length=self.context_length,
             stop_ids=self.stop_ids,
             device=self.device,
+            matcher=matcher,
         )
 
     def generate(

@@ -11,15 +11,22 @@ logits are clamped to finite values; sampling divides logits shifted so that the
 maximum is 0, so dividing by a tiny temperature gives -inf, never inf or NaN; top-p
 always keeps the most likely token; top-k is capped at the vocabulary. Only NaN
 logits from the model itself (broken weights) still fail, and only that request.
+
+A request with an output schema carries its own grammar matcher (constraints.py):
+its logits are masked after the penalties and before temperature, top-k, top-p
+and the choice, so it can only pick a token the grammar allows; the token then
+advances the matcher, and the sequence ends (`stop`) where the grammar does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from textstream.engines.base import PromptTooLongError
+from textstream.engines.transformers.constraints import advance, constrain
 from textstream.job import SamplingParams
 
 #: Largest finite float32: penalized logits are clamped into ±this.
@@ -39,6 +46,10 @@ class Sequence:
     #: (seen, counts), both (V,): kept only when a penalty asks for it, and made at
     #: the first `choose`, on the thread that decodes (see `choose`).
     history: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: The request's own llguidance `LLMatcher` when its output must match a schema.
+    matcher: Any = None
+    #: The grammar is complete: the sequence ends here.
+    complete: bool = False
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this sequence's logits (V,): penalties (when a penalty
@@ -55,7 +66,11 @@ class Sequence:
                 ids = torch.tensor(self.prompt_ids, device=logits.device)
                 self.history = seen_tokens(ids, self.generated, logits.shape[-1], logits.device)
             logits = penalize(logits, self.params, *self.history)
+        if self.matcher is not None:
+            logits = constrain(logits, self.matcher)
         token = next_token(logits, self.params, self.generator)
+        if self.matcher is not None:
+            self.complete = advance(self.matcher, token)
         if self.history is not None:
             self.history[0][token] = True
             self.history[1][token] += 1
@@ -63,14 +78,14 @@ class Sequence:
 
     def finish_reason(self, token: int, produced: int) -> str | None:
         """Why the sequence ends at this token (its `produced`-th), if it does."""
-        if token in self.stop_ids and not self.params.ignore_eos:
+        if self.complete or (token in self.stop_ids and not self.params.ignore_eos):
             return "stop"
         return "length" if produced == self.budget else None
 
     @property
     def plain_greedy(self) -> bool:
         """Greedy with no penalty: the batch picks these rows with one shared argmax."""
-        return self.params.greedy and not self.params.penalized
+        return self.params.greedy and not self.params.penalized and self.matcher is None
 
 
 def start_sequence(
@@ -81,11 +96,13 @@ def start_sequence(
     context_length: int,
     stop_ids: frozenset[int],
     device: torch.device,
+    matcher: Any = None,
 ) -> Sequence:
     """Check a request against the context window and set up its decode state.
 
     The last `generated` ids of `prompt_ids` were generated earlier (a job taken
-    over): presence and frequency penalties count them."""
+    over): presence and frequency penalties count them, and `matcher` (the
+    request's grammar, if it has one) is advanced past them."""
     room = context_length - len(prompt_ids)
     if room <= 0:
         raise PromptTooLongError(
@@ -95,7 +112,12 @@ def start_sequence(
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     budget = min(params.max_new_tokens, room)
-    return Sequence(prompt_ids, params, budget, stop_ids, generator, generated)
+    sequence = Sequence(prompt_ids, params, budget, stop_ids, generator, generated)
+    if matcher is not None:
+        for token in prompt_ids[len(prompt_ids) - generated :] if generated else ():
+            sequence.complete = advance(matcher, token)
+        sequence.matcher = matcher
+    return sequence
 
 
 def seen_tokens(
