@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from textstream.api.errors import InvalidInputError
+from textstream.grammars import JSON_OBJECT, GrammarError, canonical_schema
 from textstream.job import (
     MaxNewTokens,
     Penalty,
@@ -53,6 +54,11 @@ class Prompt:
     max_tokens_field: str = "max_new_tokens"
     #: Continue the last (assistant) message (vLLM's `continue_final_message`).
     continue_final: bool = False
+
+    @property
+    def schema_field(self) -> str:
+        """The name the client used for the output's schema (`response_format` on /v1)."""
+        return "json_schema" if self.max_tokens_field == "max_new_tokens" else "response_format"
 
     @property
     def checked_text(self) -> str:
@@ -203,11 +209,20 @@ class GenerationRequest(Body):
     frequency_penalty: Penalty = 0.0
     repetition_penalty: RepetitionPenalty = 1.0
     use_cache: bool = Field(True, description="answer identical deterministic requests from cache")
+    json_schema: dict[str, Any] | str | None = Field(
+        None, description="a JSON schema (or its JSON text) the output must match"
+    )
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: list[str] | str | None) -> list[str]:
         return normalize_stop(value)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema(cls, value: dict[str, Any] | str | None) -> str | None:
+        """Canonical JSON text (grammars.py), as the job carries it."""
+        return None if value is None else canonical_schema(value)
 
     def sampling(self, default_max_new_tokens: int) -> SamplingParams:
         fields = self.model_dump(
@@ -224,6 +239,7 @@ class CompletionQuery(GenerationRequest):
     json_typed: ClassVar[bool] = False  # a query string: every value is text
 
     stream: bool = Field(True, description="false: one JSON answer once the job is done")
+    json_schema: str | None = Field(None, description="a JSON schema's text the output must match")
 
 
 class JobRequest(GenerationRequest):
@@ -280,6 +296,9 @@ class OpenAISampling(Body):
     #: vLLM's extra, not implemented here: refused unless off, rather than ignored
     #: (a client asking for it would silently sample without it).
     min_p: float | None = Field(None, description="extra: only 0 (off) is supported")
+    #: `json_object` or `json_schema` (its `strict` is always true here); on
+    #: /v1/completions too, as vLLM takes it.
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -304,6 +323,26 @@ class OpenAISampling(Body):
         if self.min_p:
             raise InvalidInputError("min_p", "min_p is not supported (0 or null: off)")
 
+    def output_schema(self) -> str | None:
+        """`response_format` as the schema a job carries (None: free text)."""
+        fmt = self.response_format
+        kind = None if fmt is None else fmt.get("type")
+        if fmt is None or kind == "text":
+            return None
+        if kind == "json_object":
+            return JSON_OBJECT
+        if kind != "json_schema":
+            raise InvalidInputError(
+                "response_format", "type must be text, json_object or json_schema"
+            )
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InvalidInputError("response_format", "json_schema.schema must be a JSON object")
+        try:
+            return canonical_schema(spec["schema"])
+        except GrammarError as exc:
+            raise InvalidInputError("response_format", str(exc)) from None
+
     def generation(
         self, max_tokens: int | None, prompt_format: PromptFormat = "auto"
     ) -> GenerationRequest:
@@ -322,6 +361,7 @@ class OpenAISampling(Body):
                 frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty,
                 use_cache=self.use_cache,
+                json_schema=self.output_schema(),
             )
         except ValidationError as exc:  # a stop list the native API refuses too
             first = exc.errors()[0]
@@ -364,7 +404,6 @@ class ChatRequest(OpenAISampling):
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None  # the older form of tools
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     #: vLLM's: continue the final (assistant) message rather than answer it. How a
     #: relaying textstream worker resumes a chat after a takeover.
     continue_final_message: bool = False
@@ -387,8 +426,6 @@ class ChatRequest(OpenAISampling):
         ):
             if value:
                 raise InvalidInputError(field, f"{field} are not supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise InvalidInputError("response_format", "only text responses are supported")
         if self.continue_final_message and (
             self.add_generation_prompt or self.messages[-1].role != "assistant"
         ):

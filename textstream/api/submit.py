@@ -30,6 +30,7 @@ from textstream.api.models import resolve_model
 from textstream.api.protocol import GenerationRequest, Prompt
 from textstream.api.security import Caller
 from textstream.connections import UNREACHABLE
+from textstream.grammars import GrammarError, check_schema
 from textstream.job import CompletionJob
 from textstream.jobqueue import queue_length
 from textstream.transport.events import JobAccess, JobEvent, entry_seconds
@@ -77,6 +78,7 @@ async def submit(
     gives back what the steps before it took, so it leaves nothing behind."""
     check_prompt(prompt.checked_text, services, prompt.field)
     check_request(request, services, prompt.max_tokens_field)
+    await check_output_schema(request, prompt.schema_field)
     model = await resolve_model(services, request.model)
     await check_context_window(services, prompt, request, model)
     slot = None
@@ -134,6 +136,29 @@ def check_request(request: GenerationRequest, services: Services, field: str) ->
     limit = services.settings.max_new_tokens_limit
     if request.max_new_tokens is not None and request.max_new_tokens > limit:
         raise InvalidInputError(field, f"{field} must be at most {limit}")
+
+
+#: How long compiling an output schema's grammar may take here. llguidance's own
+#: limits bound its work well below this; this bounds the request whatever happens.
+SCHEMA_CHECK_SECONDS = 2.0
+
+
+async def check_output_schema(request: GenerationRequest, field: str) -> None:
+    """Refuse a schema that cannot constrain the output (invalid, unsupported, too
+    big or too costly to compile) before anything is queued, so no worker meets it.
+    Compiled without the model's tokenizer (this process may have none); the
+    worker compiles it again for its tokenizer, from a cache."""
+    schema = request.json_schema
+    if schema is None:
+        return
+    assert isinstance(schema, str)  # canonical text, by GenerationRequest's validator
+    try:
+        async with asyncio.timeout(SCHEMA_CHECK_SECONDS):
+            await asyncio.to_thread(check_schema, schema)
+    except GrammarError as exc:
+        raise InvalidInputError(field, str(exc)) from None
+    except TimeoutError:
+        raise InvalidInputError(field, "the schema is too costly to compile") from None
 
 
 async def check_context_window(
