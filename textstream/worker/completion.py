@@ -187,7 +187,8 @@ class CompletionRunner:
             except PromptTooLongError as exc:
                 result = self._fail(job, writer, error_data("prompt_too_long", str(exc)))
             except GrammarError as exc:  # a schema this engine cannot enforce
-                log.warning("job=%s response_format refused: %s", job.job_id, exc)
+                # Not the message: llguidance's may quote the schema.
+                log.warning("job=%s response_format refused by the engine", job.job_id)
                 result = self._fail(job, writer, error_data("invalid_response_format", str(exc)))
             except REDIS_ERRORS as exc:
                 # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
