@@ -4,6 +4,7 @@ worker), and the relaying workers stream from it through the `openai` SDK."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -148,3 +149,29 @@ def test_the_upstream_going_away_ends_the_stream_with_a_clear_event(upstream, re
     assert ended.last.event == "error"
     assert ended.last.data["error"]["type"] == "upstream_error"
     assert ended.of("token")  # what came before it was delivered
+
+
+def test_a_schema_is_passed_to_the_upstream_which_enforces_it(relay):
+    """The relaying worker cannot constrain tokens it does not pick: it sends the
+    schema on as the upstream's own response_format."""
+    rel, _ = relay
+    person = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": person}}
+    relayed = openai.OpenAI(base_url=f"{rel.base}/v1", api_key="x", max_retries=0)
+    answer = relayed.chat.completions.create(
+        model="slow-gpt2",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=60,
+        temperature=0,
+        response_format=fmt,  # type: ignore[arg-type]
+    )
+    assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
+    assert set(json.loads(answer.choices[0].message.content or "")) == {"name", "age"}

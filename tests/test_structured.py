@@ -19,6 +19,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 from test_batching import load
+from test_jobs import create, read_some
 
 from textstream.api.cache import cache_key
 from textstream.engines.transformers.engine import TransformersEngine
@@ -266,3 +267,12 @@ def test_a_schema_that_cannot_be_compiled_is_refused_quickly(service, schema) ->
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "response_format"
     assert time.monotonic() - started < 3
+
+
+def test_the_fake_engine_refuses_a_schema_with_an_error_event(make_service) -> None:
+    svc = make_service(model="fake:200")
+    job = create(svc.base, prompt=PROMPT, json_schema=PERSON)
+    events = read_some(svc.base, job, tokens=1)
+    assert events[-1].event == "error"
+    assert events[-1].data["error"]["type"] == "invalid_response_format"
+    assert not any(e.event == "token" for e in events)

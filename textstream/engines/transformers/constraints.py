@@ -43,7 +43,12 @@ class Grammars:
 
     def _llg_tokenizer(self) -> LLTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer)
+            try:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer)
+            except ValueError as exc:  # a slow (Python) tokenizer: llguidance needs a fast one
+                raise GrammarError(
+                    f"this model's tokenizer cannot constrain output: {exc}"
+                ) from None
         return self._tokenizer
 
     def matcher(self, schema: str) -> LLMatcher:
