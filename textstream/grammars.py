@@ -17,6 +17,7 @@ then ends in a truncated answer; a compact one is valid JSON all the same.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -80,10 +81,13 @@ def schema_grammar(schema: str) -> str:
         raise GrammarError(f"the schema cannot be compiled: {exc}") from None
 
 
+@functools.lru_cache(maxsize=256)
 def check_schema(schema: str) -> None:
     """Compile the schema's grammar without a tokenizer, within llguidance's limits;
     raise GrammarError if it cannot constrain a completion. Blocking: call it off
-    the event loop."""
+    the event loop. A schema that passed is remembered (clients send the same one
+    again and again); a refused one is not (exceptions are never cached), but its
+    compile is bounded."""
     grammar = schema_grammar(schema)
     error = LLMatcher.validate_grammar(grammar, None, limits=parser_limits())
     if error:
