@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     #: its job) is a lease it renews every third of this (api/leases.py): a process
     #: that dies stops holding them within this long.
     api_lease_seconds: float = Field(15.0, ge=1, le=3600)
+    #: A /completion stream whose client drops keeps its job running this long for the
+    #: client's reconnect (EventSource's Last-Event-ID names the job); the job is
+    #: cancelled only when nobody has come back by then. 0: cancelled at once.
+    reconnect_grace_seconds: float = Field(20.0, ge=0, le=3600)
     cors_origins: str = Field("", description="comma-separated origins; empty = none")
     #: Host names the API answers to (`*` any, `*.example.com` a domain); empty: any,
     #: except that a request arriving on a loopback address must name a local host

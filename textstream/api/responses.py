@@ -34,9 +34,11 @@ def relay_for(
     deadline: float | None,
     policy: CancelPolicy,
     first: JobEvent | None = None,
+    grace: float = 0.0,
 ) -> Relay:
-    """A relay of the job's stream; the client leaving cancels it under ON_DISCONNECT.
-    `first`: the new job's `queued` event, as its submission wrote it."""
+    """A relay of the job's stream; the client leaving cancels it under ON_DISCONNECT
+    (after `grace` seconds nobody came back in). `first`: the new job's `queued`
+    event, as its submission wrote it."""
     services = services_of(request)
     return Relay(
         services.jobs,
@@ -46,6 +48,7 @@ def relay_for(
         cancel_on_disconnect=policy is CancelPolicy.ON_DISCONNECT,
         queue=queue_hooks(services, model),
         first=first,
+        grace=grace,
     )
 
 
