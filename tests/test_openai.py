@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from clients import run_client
 from helpers import stream, wait_for
 from tiny_models import TRAINED
 
@@ -278,8 +279,9 @@ def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
     assert detok.json() == {"prompt": "Hello world"}
     assert httpx.post(service.base + "/detokenize", json={"tokens": [10**9]}).status_code == 422
     assert tokenize().status_code == 422  # neither prompt nor messages
-    # A chat is held to MAX_PROMPT_CHARS as a prompt is (8,000 in these tests).
-    huge = tokenize(messages=[{"role": "user", "content": "x" * 9000}])
+    # A chat is held to the prompt's character limit as a prompt is (16 characters a
+    # token of the 1,024-token window here: submit.CHARS_PER_TOKEN).
+    huge = tokenize(messages=[{"role": "user", "content": "x" * (16 * 1024 + 1)}])
     assert huge.status_code == 422 and huge.json()["error"]["field"] == "messages"
     # ... counted as a job counts a chat: 28,000 empty messages are not "no text".
     many = tokenize(messages=[{"role": "user", "content": ""}] * 28_000)
@@ -290,3 +292,39 @@ def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
     from textstream import __version__
 
     assert httpx.get(service.base + "/version").json() == {"version": __version__}
+
+
+def test_litellm_and_langchain_raise_their_context_window_errors(service):
+    """A prompt over the window is the error these clients know: litellm's
+    ContextWindowExceededError, langchain's ContextOverflowError (they catch it to
+    trim the conversation and retry)."""
+    wait_for(
+        lambda: httpx.post(service.base + "/tokenize", json={"prompt": "x"}).is_success,
+        30,
+        "the API's tokenizer",
+    )
+    caught = run_client(
+        """
+        import json, os
+        import litellm
+        from langchain_core.exceptions import ContextOverflowError
+        from langchain_openai import ChatOpenAI
+
+        base, long = os.environ["BASE"] + "/v1", "word " * 1100
+        caught = {}
+        try:
+            litellm.completion(
+                model="openai/tiny-gpt2", api_base=base, api_key="unused", max_tokens=2,
+                messages=[{"role": "user", "content": long}],
+            )
+        except litellm.ContextWindowExceededError as exc:
+            caught["litellm"] = exc.status_code
+        try:
+            ChatOpenAI(base_url=base, api_key="unused", model="tiny-gpt2").invoke(long)
+        except ContextOverflowError as exc:
+            caught["langchain"] = type(exc).__name__
+        print(json.dumps(caught))
+        """,
+        BASE=service.base,
+    )
+    assert caught == {"litellm": 400, "langchain": "OpenAIContextOverflowError"}

@@ -1,6 +1,6 @@
 """The API's copy of the served model's tokenizer (never the model), to refuse a
-prompt longer than the context window with a 422 before it is queued, as vLLM's
-API server does.
+prompt longer than the context window before it is queued (422, or OpenAI's 400
+`context_length_exceeded` under /v1), as vLLM's API server does.
 
 Workers advertise the model they loaded (registry.WorkerInfo.model_source). A
 background task loads each newly seen source's tokenizer off the event loop. Until
@@ -145,6 +145,10 @@ class PromptTokens:
         if worker is None:
             return False
         return not has_local_tokenizer(worker.model_source) or worker.model_source in self._failed
+
+    def largest_context_length(self) -> int:
+        """The largest context window a live worker serves (0 before one is seen)."""
+        return max((w.context_length or 0 for w in self._workers.values()), default=0)
 
     def current(self, model: str) -> tuple[Any, WorkerInfo] | None:
         """The model's tokenizer and a worker serving it, once the tokenizer is
