@@ -174,6 +174,7 @@ OPENAI_TYPES = {
     "model_not_found": "invalid_request_error",
     "queue_full": "rate_limit_error",
     "server_busy": "rate_limit_error",
+    "rate_limited": "rate_limit_error",
     "queue_unavailable": "server_error",
     "redis_unavailable": "server_error",
     "internal_error": "server_error",
