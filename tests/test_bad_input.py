@@ -346,3 +346,26 @@ def test_fuzzed_raw_path_bytes_never_get_a_5xx(idle_api, raw):
     path = "/completion/" + "".join(f"%{b:02X}" for b in raw)
     with httpx.stream("GET", idle_api.base + path, timeout=10) as response:
         assert response.status_code in (200, 422, 429)
+
+
+def test_the_body_limit_grows_to_hold_the_longest_prompt_taken():
+    """MAX_BODY_BYTES must not refuse a prompt the character limit takes (one of a
+    long-window model): the limit is at least 6 bytes (a \\uXXXX escape) a character."""
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    from textstream.api.limits import BodyLimit
+
+    async def app(scope, receive, send):
+        await PlainTextResponse("taken")(scope, receive, send)
+
+    chars = [0]
+    client = TestClient(BodyLimit(app, max_bytes=1024, prompt_chars=lambda: chars[0]))
+    body = json.dumps({"prompt": "é" * 20_000})  # 120,014 bytes: ASCII JSON, escaped
+    headers = {"content-type": "application/json"}
+    assert client.post("/jobs", content=body, headers=headers).status_code == 413
+    chars[0] = 20_000  # a window served now takes 20,000-character prompts
+    assert client.post("/jobs", content=body, headers=headers).text == "taken"
+    limit = 6 * 20_000 + 65_536  # and 64 KiB for the rest of the body
+    refused = client.post("/jobs", content=" " * (limit + 1), headers=headers)
+    assert refused.status_code == 413 and f"{limit}-byte limit" in refused.text

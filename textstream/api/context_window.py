@@ -146,9 +146,17 @@ class PromptTokens:
             return False
         return not has_local_tokenizer(worker.model_source) or worker.model_source in self._failed
 
-    def largest_context_length(self) -> int:
-        """The largest context window a live worker serves (0 before one is seen)."""
-        return max((w.context_length or 0 for w in self._workers.values()), default=0)
+    def largest_counted_window(self) -> int:
+        """The largest context window live workers serve whose tokens are counted
+        here or by the worker (0 before one is seen). An upstream engine's and the
+        fake engine's are left out: they are not counted (nor always known: an
+        upstream that does not say is assumed a window of 2**20)."""
+        windows = (
+            w.context_length or 0
+            for w in self._workers.values()
+            if has_local_tokenizer(w.model_source)
+        )
+        return max(windows, default=0)
 
     def current(self, model: str) -> tuple[Any, WorkerInfo] | None:
         """The model's tokenizer and a worker serving it, once the tokenizer is

@@ -7,7 +7,8 @@ upload is buffered up to the limit, then replayed to the app). This bounds what 
 client can make the API read and parse; the limit grows past MAX_BODY_BYTES to
 hold the longest prompt the API takes (`prompt_chars`: submit.prompt_char_limit,
 which grows with the largest context window served) at 6 bytes a character, a
-`\\uXXXX` escape's size, so a prompt that fits its model is never refused here.
+`\\uXXXX` escape's size, and 64 KiB for the rest of the body, so a prompt that
+fits its model is never refused here.
 
 A body the JSON parser must not read is marked here too: one that is not UTF-8
 (422; Python's JSON parser would read UTF-16 or UTF-32 as well), or sent as
@@ -86,6 +87,9 @@ def _json_media_type(value: bytes) -> bool:
 #: The most bytes one prompt character takes in a JSON body: a `\uXXXX` escape
 #: (clients that write JSON as ASCII, Python's json.dumps by default).
 JSON_BYTES_PER_CHAR = 6
+#: Room for the rest of such a body: the fields around the prompt, a chat's
+#: message objects.
+BODY_HEADROOM = 1 << 16
 
 
 class BodyLimit:
@@ -98,7 +102,10 @@ class BodyLimit:
 
     @property
     def max_bytes(self) -> int:
-        return max(self._max_bytes, JSON_BYTES_PER_CHAR * self._prompt_chars())
+        prompt_chars = self._prompt_chars()
+        if not prompt_chars:
+            return self._max_bytes
+        return max(self._max_bytes, JSON_BYTES_PER_CHAR * prompt_chars + BODY_HEADROOM)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):

@@ -128,8 +128,10 @@ async def submission_turn(services: Services) -> AsyncIterator[None]:
 
 def prompt_char_limit(services: Services) -> int:
     """The longest prompt, in characters, worth tokenizing: MAX_PROMPT_CHARS, or
-    CHARS_PER_TOKEN per token of the largest context window served if more."""
-    window = services.prompt_tokens.largest_context_length()
+    CHARS_PER_TOKEN per token of the largest context window served if more (of the
+    models whose tokens are counted: not an upstream engine's, whose window may be
+    a guess, nor the fake engine's)."""
+    window = services.prompt_tokens.largest_counted_window()
     return max(services.settings.max_prompt_chars, CHARS_PER_TOKEN * window)
 
 
