@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 
 import httpx
@@ -367,7 +368,8 @@ def test_chat_chunks_are_shaped_as_openais(service):
     *chunks, usage, done = sse_data(streamed.content)
     assert done == "[DONE]" and usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert all(c["usage"] is None and "role" not in c["choices"][0]["delta"] for c in chunks[1:])
+    assert all(c["usage"] is None for c in chunks)
+    assert not any("role" in c["choices"][0]["delta"] for c in chunks[1:])
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     fingerprints = {c["system_fingerprint"] for c in [*chunks, usage]}
     whole = httpx.post(service.base + "/v1/chat/completions", json=body, timeout=30).json()
@@ -400,11 +402,10 @@ def test_a_list_of_prompts_gets_one_choice_each_streamed_or_not(client):
         texts[choice.index] += choice.text
     assert texts == [c.text for c in whole.choices]
     assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
-    for prompt, param in (([[15496, 995]], "prompt"), ([15496], "prompt"), (["x"] * 33, "prompt")):
+    for prompt, why in (([[15496, 995]], "token-id"), ([15496], "token-id"), (["x"] * 33, "32")):
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(prompt=prompt, **args)
-        assert caught.value.body["param"] == param, caught.value.body
-    assert "token-id" in caught.value.body["message"] or "1 to 32" in caught.value.body["message"]
+        assert caught.value.body["param"] == "prompt" and why in caught.value.body["message"]
 
 
 def test_a_list_of_prompts_holds_a_stream_slot_each_and_leaves_nothing_when_refused(
@@ -444,6 +445,24 @@ def test_a_list_of_prompts_holds_a_stream_slot_each_and_leaves_nothing_when_refu
         assert next(left.iter_lines()).startswith("data: ")
     for job_id in ids:
         wait_for(lambda job_id=job_id: status(svc, key, job_id) == "cancelled", 10, "jobs to stop")
+    # Not streamed, a failed job is the answer (cancelled: 409), and stops the other.
+    before = set(client.keys("textstream:job:*:events"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(
+            httpx.post,
+            svc.base + "/v1/completions",
+            json={**body, "stream": False, "prompt": ["a", "b"]},
+            headers=key,
+            timeout=30,
+        )
+        wait_for(lambda: len(set(client.keys("textstream:job:*:events")) - before) == 2, 10, "jobs")
+        ids = [
+            k.decode().split(":")[3] for k in set(client.keys("textstream:job:*:events")) - before
+        ]
+        httpx.delete(f"{svc.base}/jobs/{ids[0]}", headers=key)
+        answer = whole.result()
+    assert answer.status_code == 409 and answer.json()["error"]["code"] == "cancelled"
+    wait_for(lambda: status(svc, key, ids[1]) == "cancelled", 10, "the other job to stop")
 
 
 def status(svc, key, job_id: str) -> str:
