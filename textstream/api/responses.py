@@ -1,7 +1,7 @@
 """How a submitted job is answered, for every route: as an SSE stream, or as one
 JSON answer once the job has ended. Either way the request holds one of the
 caller's stream slots (MAX_STREAMS_PER_KEY, taken by submit() or the events
-route) until its answer ends."""
+route) per job until its answer ends."""
 
 from __future__ import annotations
 
