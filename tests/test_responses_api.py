@@ -13,7 +13,7 @@ import pytest
 import redis
 from clients import run_client
 from conftest import Service
-from helpers import service_env
+from helpers import service_env, wait_for
 
 from bench.cluster import start_api
 from textstream.api.conversations import StoredResponse
@@ -189,6 +189,21 @@ def test_cancel_stops_a_background_response_and_races_no_500(one: openai.OpenAI)
         one.responses.cancel(foreground.id)
 
 
+def test_a_streamed_response_stops_when_its_client_leaves(svc: tuple[Service, str]) -> None:
+    base, headers = svc[0].base, {"Authorization": "Bearer key-one"}
+    body = {"input": "Hello", "stream": True, "max_output_tokens": 1000, **GREEDY}
+    with httpx.stream("POST", f"{base}/v1/responses", json=body, headers=headers) as r:
+        job_id = r.headers["X-Job-Id"]
+        next(line for line in r.iter_lines() if line.startswith("data:"))  # created
+    job = f"{base}/jobs/{job_id}"
+
+    def status() -> str:
+        return str(httpx.get(job, headers=headers).json()["status"])
+
+    wait_for(lambda: status() != "running" and status() != "queued", 30, "the job to end")
+    assert status() == "cancelled"
+
+
 def test_previous_response_id_carries_the_conversation(one: openai.OpenAI) -> None:
     first = one.responses.create(input="Hi", instructions="Be kind.", max_output_tokens=6, **GREEDY)
     second = one.responses.create(
@@ -227,9 +242,16 @@ def test_another_keys_response_is_not_found(svc: tuple[Service, str], one: opena
     assert one.responses.retrieve(mine.id).id == mine.id  # still there for its owner
 
 
-def test_deleted_response_is_gone(one: openai.OpenAI) -> None:
+def test_deleted_response_is_gone_with_its_output(
+    svc: tuple[Service, str], one: openai.OpenAI
+) -> None:
     response = one.responses.create(input="Hi", max_output_tokens=1, **GREEDY)
     one.responses.delete(response.id)
+    job = httpx.get(
+        f"{svc[0].base}/jobs/{response.id.removeprefix('resp_')}",
+        headers={"Authorization": "Bearer key-one"},
+    )
+    assert job.status_code == 404
     with pytest.raises(openai.NotFoundError):
         one.responses.retrieve(response.id)
     with pytest.raises(openai.NotFoundError):

@@ -13,7 +13,7 @@ relay through its chat completions); its id is `resp_<job id>`.
   once, a running one's waits for events numbered above N.
 - `POST /v1/responses/{id}/cancel` (background only, as OpenAI's) stops it at once
   and answers its state; a response that already ended answers its final state.
-- `DELETE /v1/responses/{id}`: forgets it (and stops it if it still runs).
+- `DELETE /v1/responses/{id}`: forgets it and its output (and stops it if it runs).
 
 A response is another key's job (404, exactly as unknown) or stored (`store`,
 conversations.py) for RESPONSES_TTL; `store=false` keeps nothing to retrieve.
@@ -237,11 +237,17 @@ async def history_once_ended(request: Request, job_id: str, model: str) -> list[
 
 @router.delete("/responses/{response_id}")
 async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
-    """Forget the response; one still running is stopped (nobody can read it now)."""
+    """Forget the response, and its output: the job's events go too once it has
+    ended (a running one is stopped, and its events expire JOB_TTL after its end)."""
     services = services_of(request)
     job_id, _, access = await owned_response(request, response_id)
-    await stop_job(services, job_id, access.model)
     await forget(services, job_id)
+    outcome = await services.jobs.cancel(job_id)
+    if outcome is CancelOutcome.CANCELLED:
+        await services.queue.withdraw(job_id, access.model)  # never claimed: off the queue
+    if outcome in (CancelOutcome.CANCELLED, CancelOutcome.FINISHED):
+        await services.jobs.discard(job_id)
+    log.info("job=%s response deleted (%s)", job_id, outcome.value)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
