@@ -14,6 +14,8 @@ import redis
 from clients import run_client
 from conftest import Service
 from helpers import service_env, wait_for
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from bench.cluster import start_api
 from textstream.api.conversations import StoredResponse
@@ -23,6 +25,8 @@ from textstream.transport.events import EventType, JobEvent
 KEYS = {"API_KEYS": "key-one,key-two"}
 MODEL = "tiny-gpt2"
 GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0}
+#: The SDK's event types, validated strictly (the SDK itself parses leniently).
+SDK_EVENT = TypeAdapter(ResponseStreamEvent)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,8 @@ def test_streamed_and_whole_responses_agree(one: openai.OpenAI) -> None:
         "response.output_item.done",
         final,
     ]
+    for event in events:
+        SDK_EVENT.validate_python(event.to_dict())
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == whole.output_text == events[-1].response.output_text
     assert events[-1].response.usage == whole.usage
@@ -163,6 +169,7 @@ def test_background_response_resumes_on_another_process(
     # Past the end of a finished response: the stream ends, empty.
     assert list(one.responses.retrieve(created.id, stream=True, starting_after=10**6)) == []
     final = two.responses.retrieve(created.id)
+    Response.model_validate(final.to_dict())  # strictly, as the SDK does not
     assert final.output_text == everything[-1].response.output_text
     assert final.status == everything[-1].response.status
     with pytest.raises(openai.BadRequestError) as caught:
@@ -330,6 +337,8 @@ def test_a_think_block_is_a_reasoning_item_before_the_message() -> None:
     answer = [e["delta"] for e in sent if e["type"] == "response.output_text.delta"]
     assert "".join(answer) == "The capital."
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    for event in sent:
+        SDK_EVENT.validate_python(event)
     final = sent[-1]["response"]
     assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
     assert final["output"][0]["content"] == [
@@ -353,3 +362,5 @@ def test_an_interrupted_read_is_an_error_event_and_a_failed_job_fails() -> None:
     assert [e["type"] for e in closed][-1] == "response.output_item.done"
     assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
     assert last["response"]["error"] == {"code": "server_error", "message": "t"}
+    for event in [error, *closed, last]:
+        SDK_EVENT.validate_python(event)
