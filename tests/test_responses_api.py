@@ -353,8 +353,11 @@ def test_a_think_block_is_a_reasoning_item_before_the_message() -> None:
 def test_an_interrupted_read_is_an_error_event_and_a_failed_job_fails() -> None:
     lost = JobEvent("", EventType.ERROR, {"error": {"type": "redis_unavailable", "message": "m"}})
     events = fold("f" * 32, StoredResponse(model=MODEL), THINKING[:3], split=False)
+    sent = events.sequence
     (error,) = events.feed(lost)
     assert error["type"] == "error" and error["code"] == "redis_unavailable"
+    # Numbered as the last event sent: resuming after it loses nothing.
+    assert error["sequence_number"] == sent - 1 and events.sequence == sent
     failed = JobEvent(
         "1700000000000-9", EventType.ERROR, {"error": {"type": "timeout", "message": "t"}}
     )

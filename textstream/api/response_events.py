@@ -6,8 +6,9 @@ start gives the same events with the same `sequence_number`s in any API process,
 any time. That is how a stream resumes (`starting_after=N`): the events are derived
 again from the start and those numbered N or less are skipped. Status events the
 relay makes up (queue positions) are not stored and make no Responses event; an
-error the relay makes up (Redis lost, this process stopping) is an `error` event
-numbered as the next event would be, which a resumed stream then sends instead.
+error the relay makes up (Redis lost, this process stopping: the job goes on) is an
+`error` event that repeats the number of the event before it, so that a client
+resuming after the last number it saw loses nothing.
 
 One job event gives:
 
@@ -107,7 +108,7 @@ class ResponseEvents:
             return [
                 {
                     "type": "error",
-                    "sequence_number": self.sequence,
+                    "sequence_number": max(self.sequence - 1, 0),
                     "code": error.get("type", "error"),
                     "message": error.get("message", ""),
                     "param": None,
@@ -246,7 +247,7 @@ class ResponseStream:
         return [
             ServerSentEvent(data=json.dumps(item, ensure_ascii=False), event=item["type"])
             for item in self.events.feed(event)
-            if item["sequence_number"] > self.starting_after
+            if item["sequence_number"] > self.starting_after or item["type"] == "error"
         ]
 
 
