@@ -6,6 +6,7 @@ the code reads `os.environ`; long-lived objects receive a `Settings` instance.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Literal
 
@@ -102,6 +103,11 @@ class Settings(BaseSettings):
     #: caller: each API key has its own response cache (one key never gets another's
     #: job); global: identical requests share answers across keys.
     cache_scope: Literal["caller", "global"] = "caller"
+    #: A stored /v1/responses response (its request and conversation, for
+    #: GET /v1/responses/{id} and previous_response_id) is kept this long from its
+    #: creation; its output is its job's events, kept JOB_TTL after the job ends, so
+    #: the default (and the cap) is JOB_TTL + JOB_TIMEOUT: kept as long as the output is.
+    responses_ttl: int = Field(3900, ge=1, description="seconds a stored response is kept")
     housekeeping_seconds: float = Field(30.0, gt=0, description="API queue housekeeping period")
     #: A job for a model that is not configured here (MODEL_ID / SERVED_MODEL_NAME)
     #: and that no live worker serves ends with `no_worker` after waiting this long
@@ -209,6 +215,15 @@ class Settings(BaseSettings):
         """A cached answer is a job's stream, which lives JOB_TTL: cap the entry there."""
         job_ttl: int = getattr(info, "data", {}).get("job_ttl", value)
         return min(value, job_ttl)
+
+    @field_validator("responses_ttl")
+    @classmethod
+    def _responses_within_job(cls, value: int, info: object) -> int:
+        """A response without its job's events has no output left: cap it where the
+        events of a job that ran to its deadline end (JOB_TTL + JOB_TIMEOUT)."""
+        data = getattr(info, "data", {})
+        cap: int = data.get("job_ttl", value) + math.ceil(data.get("job_timeout", 0))
+        return min(value, cap)
 
 
 @lru_cache(maxsize=1)

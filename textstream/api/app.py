@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from starlette.staticfiles import StaticFiles
 
 from textstream import __version__
-from textstream.api import janitor, native, openai, operator, tokens
+from textstream.api import janitor, native, openai, openai_responses, operator, tokens
 from textstream.api.cache import forget
 from textstream.api.context_window import PromptTokens
 from textstream.api.deps import KeyBeforeBody, Services
@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(operator.router)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(openai_responses.router)
     app.include_router(tokens.router)
     app.include_router(tokens.public)
     operator.add_docs(app, open_to_all=docs_are_open(settings))
