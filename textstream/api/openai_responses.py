@@ -110,7 +110,7 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
     if body.stream:
         relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first)
         chunks = relay_events(relay, ResponseStream(events))
-        return await sse_response(request, chunks, headers, slot or job.slot)
+        return await sse_response(request, chunks, headers, slot or job.slot, sep="\n")
     if body.background:
         if job.first is not None:
             events.feed(job.first)
@@ -202,7 +202,8 @@ async def retrieve_response(
     relay = relay_for(request, job_id, access.model, deadline, CancelPolicy.EXPLICIT)
     after = -1 if starting_after is None else starting_after
     converter = ResponseStream(ResponseEvents(job_id, stored, splits(request)), after)
-    return await sse_response(request, relay_events(relay, converter), {"X-Job-Id": job_id}, slot)
+    chunks = relay_events(relay, converter)
+    return await sse_response(request, chunks, {"X-Job-Id": job_id}, slot, sep="\n")
 
 
 @router.post("/responses/{response_id}/cancel")

@@ -245,7 +245,7 @@ class ResponseStream:
 
     def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]:
         return [
-            ServerSentEvent(data=json.dumps(item, ensure_ascii=False), event=item["type"])
+            ServerSentEvent(data=json.dumps(item, ensure_ascii=False), event=item["type"], sep="\n")
             for item in self.events.feed(event)
             if item["sequence_number"] > self.starting_after or item["type"] == "error"
         ]
