@@ -156,24 +156,25 @@ class SSEEvent:
 
 
 def parse_sse_lines(lines: Any) -> list[SSEEvent]:
-    events: list[SSEEvent] = []
+    return list(iter_sse_lines(lines))
+
+
+def iter_sse_lines(lines: Any) -> Iterator[SSEEvent]:
+    """Each event as soon as its blank line arrives (a reader may stop mid-stream)."""
     fields: dict[str, str] = {}
     for line in lines:
         if line == "":
             if "data" in fields:
-                events.append(
-                    SSEEvent(
-                        fields.get("event", "message"),
-                        json.loads(fields["data"]),
-                        fields.get("id"),
-                        time.time(),
-                    )
+                yield SSEEvent(
+                    fields.get("event", "message"),
+                    json.loads(fields["data"]),
+                    fields.get("id"),
+                    time.time(),
                 )
             fields = {}
         elif not line.startswith(":"):
             key, _, value = line.partition(":")
             fields[key] = value[1:] if value.startswith(" ") else value
-    return events
 
 
 def start_redis(

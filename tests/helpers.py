@@ -51,8 +51,11 @@ __all__ = [
 def service_env(redis_url: str, model_id: str, **overrides: str) -> dict[str, str]:
     """bench.cluster.service_env with one torch thread per worker: the test processes
     and the services they start share 2 cores, where a worker's second thread only
-    competes with another process (a test may still set TORCH_THREADS itself)."""
-    return cluster.service_env(redis_url, model_id, **{"TORCH_THREADS": "1", **overrides})
+    competes with another process (a test may still set TORCH_THREADS itself). A
+    dropped /completion client's job waits 1 s for its return (not 20), so that tests
+    of what a leaving client stops do not wait; tests/test_reconnect.py sets its own."""
+    defaults = {"TORCH_THREADS": "1", "RECONNECT_GRACE_SECONDS": "1"}
+    return cluster.service_env(redis_url, model_id, **{**defaults, **overrides})
 
 
 @dataclass

@@ -13,11 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 MAX_PROMPT_CHARS = 8000  # the default, which the test service runs with
+#: The longest prompt worth tokenizing once the tiny model's window (1,024) is
+#: known: 16 characters a token (submit.CHARS_PER_TOKEN).
+PROMPT_CHAR_LIMIT = 16 * 1024
 
 BAD_JOBS = [
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   \n\t "}, "prompt"),
-    ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+    ({"prompt": "x" * (PROMPT_CHAR_LIMIT + 1)}, "prompt"),
     ({"prompt": "bell \x07 inside"}, "prompt"),
     ({"prompt": "nul \x00 inside"}, "prompt"),
     ({"prompt": 42}, "prompt"),
@@ -202,7 +205,7 @@ def test_impossible_last_event_id_gets_400_at_once_naming_it(service, bad):
     assert response.status_code == 400 and response.json()["error"]["field"] == "last_event_id"
 
 
-def test_prompt_longer_than_the_context_window_gets_422(service, tiny_model_dir):
+def test_prompt_longer_than_the_context_window_is_refused_as_clients_know_it(service):
     prompt = "word " * 1100  # ~1100 GPT-2 tokens; the tiny model's window is 1024
     assert len(prompt) < MAX_PROMPT_CHARS
 
@@ -213,9 +216,22 @@ def test_prompt_longer_than_the_context_window_gets_422(service, tiny_model_dir)
     # The API loads the served model's tokenizer in the background once it sees a worker.
     wait_for(refused, 30, "the API to check prompt length")
     body = httpx.post(service.base + "/jobs", json={"prompt": prompt}, timeout=10).json()
-    assert body["error"]["field"] == "prompt" and "1024" in body["error"]["message"]
+    assert body["error"]["field"] == "prompt" and body["error"]["type"] == "context_length_exceeded"
+    # OpenAI's words, which clients match (litellm: "maximum context length is").
+    assert body["error"]["message"].startswith(
+        "This model's maximum context length is 1024 tokens. However, your prompt resulted in"
+    )
     response = httpx.get(f"{service.base}/completion/{prompt}", timeout=10)
     assert response.status_code == 422 and response.json()["error"]["field"] == "question"
+    assert response.json()["error"]["type"] == "context_length_exceeded"
+    completion = httpx.post(
+        service.base + "/v1/completions",
+        json={"model": "tiny-gpt2", "prompt": prompt, "max_tokens": 2},
+        timeout=10,
+    )
+    error = completion.json()["error"]
+    assert completion.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert error["type"] == "invalid_request_error" and error["param"] == "prompt"
     # A chat names the field it was sent in, natively and under /v1.
     messages = [{"role": "user", "content": prompt}]
     native = httpx.post(service.base + "/jobs", json={"messages": messages}, timeout=10)
@@ -226,7 +242,8 @@ def test_prompt_longer_than_the_context_window_gets_422(service, tiny_model_dir)
         timeout=10,
     )
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages", chat.text
-    assert "1024" in chat.json()["error"]["message"]
+    assert chat.json()["error"]["code"] == "context_length_exceeded"
+    assert "1024 tokens. However, your messages resulted in" in chat.json()["error"]["message"]
     # Just under the window is accepted; generation then stops at the window.
     fits = stream(service.base, "/completion/" + "word " * 1000, max_new_tokens=50, ignore_eos=True)
     assert fits.last.event == "done" and fits.last.data["finish_reason"] == "length"
@@ -234,6 +251,29 @@ def test_prompt_longer_than_the_context_window_gets_422(service, tiny_model_dir)
         fits.last.data["usage"]["prompt_tokens"] + fits.last.data["usage"]["completion_tokens"]
         == 1024
     )
+
+
+def test_tokens_not_characters_decide_whether_a_prompt_fits(service):
+    """MAX_PROMPT_CHARS (8,000 here) only guards the tokenizer: once the window is
+    known, a prompt of up to 16 characters a token of it is tokenized, and one that
+    fits is taken; one past that is refused for its characters, saying the limit."""
+    rules = ("=" * 64 + "\n") * 140  # 9,100 characters, a few hundred GPT-2 tokens
+    assert MAX_PROMPT_CHARS < len(rules) < PROMPT_CHAR_LIMIT
+
+    def taken() -> bool:
+        body = {"model": "tiny-gpt2", "prompt": rules, "max_tokens": 1}
+        return httpx.post(service.base + "/v1/completions", json=body, timeout=30).is_success
+
+    wait_for(taken, 30, "the API to learn the model's context window")
+    body = {"prompt": rules, "max_new_tokens": 1}
+    native = httpx.post(service.base + "/jobs", json=body, timeout=10)
+    assert native.status_code == 202, native.text
+    abusive = httpx.post(
+        service.base + "/jobs", json={"prompt": "x" * (PROMPT_CHAR_LIMIT + 1)}, timeout=10
+    )
+    error = abusive.json()["error"]
+    assert abusive.status_code == 422 and error["type"] == "invalid_request"
+    assert error["field"] == "prompt" and f"the limit is {PROMPT_CHAR_LIMIT}" in error["message"]
 
 
 # --- fuzzing: whatever arrives, the answer is never a 5xx -----------------------------
@@ -306,3 +346,26 @@ def test_fuzzed_raw_path_bytes_never_get_a_5xx(idle_api, raw):
     path = "/completion/" + "".join(f"%{b:02X}" for b in raw)
     with httpx.stream("GET", idle_api.base + path, timeout=10) as response:
         assert response.status_code in (200, 422, 429)
+
+
+def test_the_body_limit_grows_to_hold_the_longest_prompt_taken():
+    """MAX_BODY_BYTES must not refuse a prompt the character limit takes (one of a
+    long-window model): the limit is at least 6 bytes (a \\uXXXX escape) a character."""
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    from textstream.api.limits import BodyLimit
+
+    async def app(scope, receive, send):
+        await PlainTextResponse("taken")(scope, receive, send)
+
+    chars = [0]
+    client = TestClient(BodyLimit(app, max_bytes=1024, prompt_chars=lambda: chars[0]))
+    body = json.dumps({"prompt": "é" * 20_000})  # 120,014 bytes: ASCII JSON, escaped
+    headers = {"content-type": "application/json"}
+    assert client.post("/jobs", content=body, headers=headers).status_code == 413
+    chars[0] = 20_000  # a window served now takes 20,000-character prompts
+    assert client.post("/jobs", content=body, headers=headers).text == "taken"
+    limit = 6 * 20_000 + 65_536  # and 64 KiB for the rest of the body
+    refused = client.post("/jobs", content=" " * (limit + 1), headers=headers)
+    assert refused.status_code == 413 and f"{limit}-byte limit" in refused.text

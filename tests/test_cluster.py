@@ -100,7 +100,7 @@ def assert_whole_and_once(response: SSEResponse, tokens: int) -> None:
     assert response.status == 200
     assert response.last.event == "done", response.events[-3:]
     assert response.text == expected_text(tokens)
-    ids = [tuple(map(int, e.id.split("-"))) for e in response.events if e.id]
+    ids = [tuple(map(int, e.id.rpartition(":")[2].split("-"))) for e in response.events if e.id]
     assert ids == sorted(set(ids))
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+
 import httpx
 import openai
 import pytest
+import redis
+from clients import run_client
 from helpers import stream, wait_for
 from tiny_models import TRAINED
 
@@ -278,8 +283,9 @@ def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
     assert detok.json() == {"prompt": "Hello world"}
     assert httpx.post(service.base + "/detokenize", json={"tokens": [10**9]}).status_code == 422
     assert tokenize().status_code == 422  # neither prompt nor messages
-    # A chat is held to MAX_PROMPT_CHARS as a prompt is (8,000 in these tests).
-    huge = tokenize(messages=[{"role": "user", "content": "x" * 9000}])
+    # A chat is held to the prompt's character limit as a prompt is (16 characters a
+    # token of the 1,024-token window here: submit.CHARS_PER_TOKEN).
+    huge = tokenize(messages=[{"role": "user", "content": "x" * (16 * 1024 + 1)}])
     assert huge.status_code == 422 and huge.json()["error"]["field"] == "messages"
     # ... counted as a job counts a chat: 28,000 empty messages are not "no text".
     many = tokenize(messages=[{"role": "user", "content": ""}] * 28_000)
@@ -290,3 +296,176 @@ def test_tokenize_detokenize_and_version_as_vllm_serves_them(service):
     from textstream import __version__
 
     assert httpx.get(service.base + "/version").json() == {"version": __version__}
+
+
+def test_litellm_and_langchain_know_our_context_errors_and_batch_prompts(service):
+    """A prompt over the window is the error these clients know: litellm's
+    ContextWindowExceededError, langchain's ContextOverflowError (they catch it to
+    trim the conversation and retry). langchain's `OpenAI.batch` sends its prompts
+    as one list, answered in order. (One client process: importing them is slow.)"""
+    wait_for(
+        lambda: httpx.post(service.base + "/tokenize", json={"prompt": "x"}).is_success,
+        30,
+        "the API's tokenizer",
+    )
+    seen = run_client(
+        """
+        import json, os
+        import litellm
+        from langchain_core.exceptions import ContextOverflowError
+        from langchain_openai import ChatOpenAI, OpenAI
+
+        base, long = os.environ["BASE"] + "/v1", "word " * 1100
+        seen = {}
+        try:
+            litellm.completion(
+                model="openai/tiny-gpt2", api_base=base, api_key="unused", max_tokens=2,
+                messages=[{"role": "user", "content": long}],
+            )
+        except litellm.ContextWindowExceededError as exc:
+            seen["litellm"] = exc.status_code
+        try:
+            ChatOpenAI(base_url=base, api_key="unused", model="tiny-gpt2").invoke(long)
+        except ContextOverflowError as exc:
+            seen["langchain"] = type(exc).__name__
+        llm = OpenAI(
+            base_url=base, api_key="unused", model="tiny-gpt2", max_tokens=8, temperature=0
+        )
+        seen["batch"] = llm.batch(["The capital of France is", "Hello"])
+        print(json.dumps(seen))
+        """,
+        BASE=service.base,
+    )
+    alone = [
+        httpx.post(
+            service.base + "/v1/completions",
+            json={"model": "tiny-gpt2", "prompt": p, "max_tokens": 8, "temperature": 0},
+            timeout=30,
+        ).json()["choices"][0]["text"]
+        for p in ("The capital of France is", "Hello")
+    ]
+    assert seen == {"litellm": 400, "langchain": "OpenAIContextOverflowError", "batch": alone}
+    assert alone[0].startswith(" Paris.")
+
+
+def sse_data(raw: bytes) -> list[dict | str]:
+    """The `data:` payloads of a raw /v1 stream, which must end its lines in LF."""
+    assert b"\r" not in raw  # OpenAI's line ends, not sse-starlette's default CRLF
+    lines = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+def test_chat_chunks_are_shaped_as_openais(service):
+    """A role chunk with empty content first, `usage: null` on every chunk until the
+    usage chunk (include_usage), one system_fingerprint, LF line ends."""
+    body = {"model": "tiny-gpt2", "messages": [{"role": "user", "content": "Hi"}]}
+    body |= {"max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    streamed = httpx.post(
+        service.base + "/v1/chat/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        timeout=30,
+    )
+    *chunks, usage, done = sse_data(streamed.content)
+    assert done == "[DONE]" and usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["usage"] is None for c in chunks)
+    assert not any("role" in c["choices"][0]["delta"] for c in chunks[1:])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    fingerprints = {c["system_fingerprint"] for c in [*chunks, usage]}
+    whole = httpx.post(service.base + "/v1/chat/completions", json=body, timeout=30).json()
+    assert fingerprints == {whole["system_fingerprint"]} and whole["system_fingerprint"]
+    plain = httpx.post(
+        service.base + "/v1/completions",
+        json={"model": "tiny-gpt2", "prompt": "Hi", "max_tokens": 2, "stream": True},
+        timeout=30,
+    )
+    assert all("usage" not in c for c in sse_data(plain.content)[:-1])  # not asked for
+
+
+def test_a_list_of_prompts_gets_one_choice_each_streamed_or_not(client):
+    prompts = [PROMPT, "Hello", PROMPT]
+    args = {"model": "tiny-gpt2", "max_tokens": 8, "temperature": 0}
+    alone = [client.completions.create(prompt=p, **args) for p in prompts]
+    # New jobs, not the cached answers (the streamed list below reads those, the
+    # same prompt twice sharing one job).
+    whole = client.completions.create(prompt=prompts, extra_body={"use_cache": False}, **args)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.text for c in whole.choices] == [a.choices[0].text for a in alone]
+    assert whole.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert whole.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    chunks = list(
+        client.completions.create(
+            prompt=prompts, stream=True, stream_options={"include_usage": True}, **args
+        )
+    )
+    texts = ["", "", ""]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    for prompt, why in (([[15496, 995]], "token-id"), ([15496], "token-id"), (["x"] * 33, "32")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(prompt=prompt, **args)
+        assert caught.value.body["param"] == "prompt" and why in caught.value.body["message"]
+
+
+def test_a_list_of_prompts_holds_a_stream_slot_each_and_leaves_nothing_when_refused(
+    make_service,
+):
+    """One job and one stream slot per prompt: past MAX_STREAMS_PER_KEY the request
+    is a 429 whose earlier jobs are stopped and slots given back. A job of a list
+    that fails ends the stream with its error and stops the others."""
+    key = {"Authorization": "Bearer key-one"}
+    svc = make_service(model="fake:20", MAX_STREAMS_PER_KEY="2", API_KEYS="key-one")
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    body = {"model": "fake-20tps", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    refused = httpx.post(
+        svc.base + "/v1/completions", json={**body, "prompt": ["a", "b", "c"]}, headers=key
+    )
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+    started = [k.decode().split(":")[3] for k in client.keys("textstream:job:*:events")]
+    assert len(started) == 2  # the third was refused its slot
+    for job in started:
+        wait_for(lambda job=job: status(svc, key, job) == "cancelled", 10, "its job to stop")
+    with httpx.stream(
+        "POST", svc.base + "/v1/completions", json={**body, "prompt": ["a", "b"]}, headers=key
+    ) as taken:  # the refused request's slots came back
+        assert taken.status_code == 200
+        ids = taken.headers["x-job-id"].split(", ")
+        lines = taken.iter_lines()
+        assert next(lines).startswith("data: ")
+        httpx.delete(f"{svc.base}/jobs/{ids[0]}", headers=key)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "cancelled"
+    wait_for(lambda: status(svc, key, ids[1]) == "cancelled", 10, "the other job to stop")
+    # A client that leaves stops every job of its list.
+    with httpx.stream(
+        "POST", svc.base + "/v1/completions", json={**body, "prompt": ["a", "b"]}, headers=key
+    ) as left:
+        ids = left.headers["x-job-id"].split(", ")
+        assert next(left.iter_lines()).startswith("data: ")
+    for job_id in ids:
+        wait_for(lambda job_id=job_id: status(svc, key, job_id) == "cancelled", 10, "jobs to stop")
+    # Not streamed, a failed job is the answer (cancelled: 409), and stops the other.
+    before = set(client.keys("textstream:job:*:events"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(
+            httpx.post,
+            svc.base + "/v1/completions",
+            json={**body, "stream": False, "prompt": ["a", "b"]},
+            headers=key,
+            timeout=30,
+        )
+        wait_for(lambda: len(set(client.keys("textstream:job:*:events")) - before) == 2, 10, "jobs")
+        ids = [
+            k.decode().split(":")[3] for k in set(client.keys("textstream:job:*:events")) - before
+        ]
+        httpx.delete(f"{svc.base}/jobs/{ids[0]}", headers=key)
+        answer = whole.result()
+    assert answer.status_code == 409 and answer.json()["error"]["code"] == "cancelled"
+    wait_for(lambda: status(svc, key, ids[1]) == "cancelled", 10, "the other job to stop")
+
+
+def status(svc, key, job_id: str) -> str:
+    return httpx.get(f"{svc.base}/jobs/{job_id}", headers=key).json().get("status", "")

@@ -16,11 +16,12 @@ from textstream import keys
 
 def _entry_ms(event_id: str) -> int:
     """A Redis Stream entry id is '<unix ms>-<seq>': when the worker wrote the event."""
-    return int(event_id.split("-")[0])
+    return int(event_id.rpartition(":")[2].split("-")[0])
 
 
 def _id_key(event_id: str) -> tuple[int, int]:
-    ms, seq = event_id.split("-")
+    """/completion ids are `<job id>:<ms>-<seq>`."""
+    ms, seq = event_id.rpartition(":")[2].split("-")
     return int(ms), int(seq)
 
 
@@ -45,7 +46,9 @@ def test_every_event_sent_is_the_one_stored_the_queued_one_included(service, red
     response = stream(service.base, "/completion/Store me", max_new_tokens=4)
     job_id = response.headers["x-job-id"]
     stored = stored_events(redis_client, keys.job_events(job_id))
-    assert [(e.id, e.event) for e in response.events] == [(e.id, e.event) for e in stored]
+    assert [(e.id, e.event) for e in response.events] == [
+        (f"{job_id}:{e.id}", e.event) for e in stored
+    ]
     assert response.events[0].event == "queued"
     assert response.events[0].data == stored[0].data
     assert stored[0].data["job_id"] == job_id
@@ -65,7 +68,9 @@ def test_two_identical_requests_at_once_each_start_from_their_own_queued_event(
     for response in responses:
         job_id = response.headers["x-job-id"]
         stored = stored_events(redis_client, keys.job_events(job_id))
-        assert [(e.id, e.event) for e in response.events] == [(e.id, e.event) for e in stored]
+        assert [(e.id, e.event) for e in response.events] == [
+            (f"{job_id}:{e.id}", e.event) for e in stored
+        ]
         assert response.events[0].data == stored[0].data
         assert stored[0].data["job_id"] == job_id
 

@@ -6,6 +6,7 @@ the code reads `os.environ`; long-lived objects receive a `Settings` instance.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Literal
 
@@ -102,6 +103,11 @@ class Settings(BaseSettings):
     #: caller: each API key has its own response cache (one key never gets another's
     #: job); global: identical requests share answers across keys.
     cache_scope: Literal["caller", "global"] = "caller"
+    #: A stored /v1/responses response (its request and conversation, for
+    #: GET /v1/responses/{id} and previous_response_id) is kept this long from its
+    #: creation; its output is its job's events, kept JOB_TTL after the job ends, so
+    #: the default (and the cap) is JOB_TTL + JOB_TIMEOUT: kept as long as the output is.
+    responses_ttl: int = Field(3900, ge=1, description="seconds a stored response is kept")
     housekeeping_seconds: float = Field(30.0, gt=0, description="API queue housekeeping period")
     #: A job for a model that is not configured here (MODEL_ID / SERVED_MODEL_NAME)
     #: and that no live worker serves ends with `no_worker` after waiting this long
@@ -129,6 +135,10 @@ class Settings(BaseSettings):
     #: its job) is a lease it renews every third of this (api/leases.py): a process
     #: that dies stops holding them within this long.
     api_lease_seconds: float = Field(15.0, ge=1, le=3600)
+    #: A /completion stream whose client drops keeps its job running this long for the
+    #: client's reconnect (EventSource's Last-Event-ID names the job); the job is
+    #: cancelled only when nobody has come back by then. 0: cancelled at once.
+    reconnect_grace_seconds: float = Field(20.0, ge=0, le=3600)
     cors_origins: str = Field("", description="comma-separated origins; empty = none")
     #: Host names the API answers to (`*` any, `*.example.com` a domain); empty: any,
     #: except that a request arriving on a loopback address must name a local host
@@ -205,6 +215,15 @@ class Settings(BaseSettings):
         """A cached answer is a job's stream, which lives JOB_TTL: cap the entry there."""
         job_ttl: int = getattr(info, "data", {}).get("job_ttl", value)
         return min(value, job_ttl)
+
+    @field_validator("responses_ttl")
+    @classmethod
+    def _responses_within_job(cls, value: int, info: object) -> int:
+        """A response without its job's events has no output left: cap it where the
+        events of a job that ran to its deadline end (JOB_TTL + JOB_TIMEOUT)."""
+        data = getattr(info, "data", {})
+        cap: int = data.get("job_ttl", value) + math.ceil(data.get("job_timeout", 0))
+        return min(value, cap)
 
 
 @lru_cache(maxsize=1)

@@ -95,6 +95,12 @@ def cache_entry(digest: str) -> str:
     return f"{PREFIX}:cache:{digest}"
 
 
+def stored_response(job_id: str) -> str:
+    """A /v1/responses response's request and conversation (JSON), for retrieving it
+    and for `previous_response_id`; on the queue's Redis, kept RESPONSES_TTL."""
+    return f"{PREFIX}:response:{job_id}"
+
+
 def rate_window(identity: str, window: int) -> str:
     """Requests counted for one caller (a key's hash, or an IP) in one minute."""
     return f"{PREFIX}:rate:{identity}:{window}"

@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from starlette.staticfiles import StaticFiles
 
 from textstream import __version__
-from textstream.api import janitor, native, openai, operator, tokens
+from textstream.api import janitor, native, openai, openai_responses, operator, tokens
 from textstream.api.cache import forget
 from textstream.api.context_window import PromptTokens
 from textstream.api.deps import KeyBeforeBody, Services
@@ -36,6 +36,7 @@ from textstream.api.limits import BodyLimit
 from textstream.api.origin import SameOrigin
 from textstream.api.requestlog import RequestLog
 from textstream.api.security import Guard
+from textstream.api.submit import prompt_char_limit
 from textstream.config import Settings, get_settings
 from textstream.connections import UNREACHABLE, StreamsClient, async_client, async_streams_client
 from textstream.jobqueue import JobQueue
@@ -134,6 +135,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await client.close()
 
 
+def longest_prompt(app: FastAPI) -> int:
+    """The longest prompt the API takes, in characters (0 before start-up)."""
+    services: Services | None = getattr(app.state, "services", None)
+    return 0 if services is None else prompt_char_limit(services)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
@@ -151,11 +158,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(operator.router)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(openai_responses.router)
     app.include_router(tokens.router)
     app.include_router(tokens.public)
     operator.add_docs(app, open_to_all=docs_are_open(settings))
     app.mount("/static", StaticFiles(packages=[("textstream.api", "static")]), name="static")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, prompt_chars=lambda: longest_prompt(app)
+    )
     app.add_middleware(KeyBeforeBody)  # outside BodyLimit: the key before the body
     app.add_middleware(  # outside both: a page on another site gets nothing started
         SameOrigin, allowed_hosts=settings.allowed_host_list, cors_origins=settings.cors_origin_list

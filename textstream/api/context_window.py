@@ -1,6 +1,6 @@
 """The API's copy of the served model's tokenizer (never the model), to refuse a
-prompt longer than the context window with a 422 before it is queued, as vLLM's
-API server does.
+prompt longer than the context window before it is queued (422, or OpenAI's 400
+`context_length_exceeded` under /v1), as vLLM's API server does.
 
 Workers advertise the model they loaded (registry.WorkerInfo.model_source). A
 background task loads each newly seen source's tokenizer off the event loop. Until
@@ -145,6 +145,18 @@ class PromptTokens:
         if worker is None:
             return False
         return not has_local_tokenizer(worker.model_source) or worker.model_source in self._failed
+
+    def largest_counted_window(self) -> int:
+        """The largest context window live workers serve whose tokens are counted
+        here or by the worker (0 before one is seen). An upstream engine's and the
+        fake engine's are left out: they are not counted (nor always known: an
+        upstream that does not say is assumed a window of 2**20)."""
+        windows = (
+            w.context_length or 0
+            for w in self._workers.values()
+            if has_local_tokenizer(w.model_source)
+        )
+        return max(windows, default=0)
 
     def current(self, model: str) -> tuple[Any, WorkerInfo] | None:
         """The model's tokenizer and a worker serving it, once the tokenizer is

@@ -57,6 +57,23 @@ class InvalidInputError(ServiceError, ValueError):
         self.field = field
 
 
+class ContextLengthError(InvalidInputError):
+    """A prompt over the model's context window, in the words OpenAI's API uses:
+    clients match them (litellm's ContextWindowExceededError looks for "maximum
+    context length is", langchain-openai's ContextOverflowError for the code
+    `context_length_exceeded`), to trim the conversation and retry."""
+
+    error_type = "context_length_exceeded"
+
+    def __init__(self, field: str, tokens: int, window: int) -> None:
+        noun = "messages" if field == "messages" else "prompt"
+        super().__init__(
+            field,
+            f"This model's maximum context length is {window} tokens. However, your {noun}"
+            f" resulted in {tokens} tokens. Please reduce the length of the {noun}.",
+        )
+
+
 class BadEventIdError(InvalidInputError):
     """A Last-Event-ID that cannot name an event of this job: a malformed header is
     a bad request (400), answered at once rather than waited on."""
@@ -151,14 +168,22 @@ JOB_ERROR_STATUS = {
 #: Our error types as OpenAI's `type` field names them.
 OPENAI_TYPES = {
     "invalid_request": "invalid_request_error",
+    "context_length_exceeded": "invalid_request_error",
+    "prompt_too_long": "invalid_request_error",
     "not_found": "invalid_request_error",
     "model_not_found": "invalid_request_error",
     "queue_full": "rate_limit_error",
     "server_busy": "rate_limit_error",
+    "rate_limited": "rate_limit_error",
     "queue_unavailable": "server_error",
     "redis_unavailable": "server_error",
     "internal_error": "server_error",
 }
+
+
+#: Our error types whose OpenAI `code` differs: a worker's `prompt_too_long` (the
+#: API had no tokenizer to check with) is the context-length error clients know.
+OPENAI_CODES = {"prompt_too_long": "context_length_exceeded"}
 
 
 def openai_error_body(error_type: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -168,7 +193,7 @@ def openai_error_body(error_type: str, message: str, param: str | None = None) -
             "message": message,
             "type": OPENAI_TYPES.get(error_type, error_type),
             "param": param,
-            "code": error_type,
+            "code": OPENAI_CODES.get(error_type, error_type),
         }
     }
 

@@ -3,9 +3,12 @@ middleware.
 
 A body over the limit is answered 413 before the app sees it: by its
 Content-Length when it sends one, else by counting while reading (a chunked
-upload is buffered up to the limit, then replayed to the app). Prompts are
-bounded by MAX_PROMPT_CHARS anyway; this bounds what a client can make the API
-read and parse.
+upload is buffered up to the limit, then replayed to the app). This bounds what a
+client can make the API read and parse; the limit grows past MAX_BODY_BYTES to
+hold the longest prompt the API takes (`prompt_chars`: submit.prompt_char_limit,
+which grows with the largest context window served) at 6 bytes a character, a
+`\\uXXXX` escape's size, and 64 KiB for the rest of the body, so a prompt that
+fits its model is never refused here.
 
 A body the JSON parser must not read is marked here too: one that is not UTF-8
 (422; Python's JSON parser would read UTF-16 or UTF-32 as well), or sent as
@@ -21,6 +24,7 @@ validation handler (errors.py) answers with the refusal noted in the scope
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -80,10 +84,28 @@ def _json_media_type(value: bytes) -> bool:
     return is_json and all(c in ("utf-8", "utf8") for c in charsets)
 
 
+#: The most bytes one prompt character takes in a JSON body: a `\uXXXX` escape
+#: (clients that write JSON as ASCII, Python's json.dumps by default).
+JSON_BYTES_PER_CHAR = 6
+#: Room for the rest of such a body: the fields around the prompt, a chat's
+#: message objects.
+BODY_HEADROOM = 1 << 16
+
+
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, prompt_chars: Callable[[], int] = lambda: 0
+    ) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self._max_bytes = max_bytes
+        self._prompt_chars = prompt_chars
+
+    @property
+    def max_bytes(self) -> int:
+        prompt_chars = self._prompt_chars()
+        if not prompt_chars:
+            return self._max_bytes
+        return max(self._max_bytes, JSON_BYTES_PER_CHAR * prompt_chars + BODY_HEADROOM)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
@@ -91,8 +113,9 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, send)
+        max_bytes = self.max_bytes
+        if declared.isdigit() and int(declared) > max_bytes:
+            await self._refuse(scope, send, max_bytes)
             return
         messages: list[Message] = []
         size = 0
@@ -102,8 +125,8 @@ class BodyLimit:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(scope, send)
+            if size > max_bytes:
+                await self._refuse(scope, send, max_bytes)
                 return
             if not message.get("more_body", False):
                 break
@@ -119,10 +142,10 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send, max_bytes: int) -> None:
         from textstream.api.errors import openai_error_body  # errors.py imports this module
 
-        message = f"the request body is over the {self.max_bytes}-byte limit (MAX_BODY_BYTES)"
+        message = f"the request body is over the {max_bytes}-byte limit (MAX_BODY_BYTES)"
         if scope["path"].startswith("/v1/"):  # OpenAI's shape, as every /v1 error
             error = openai_error_body("body_too_large", message)
         else:

@@ -90,25 +90,33 @@ async def completion(
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     """Stream a completion of `question` as SSE: `token` events, then `done` or `error`
-    (`stream=false`: one JSON answer once done). Disconnecting cancels the job.
+    (`stream=false`: one JSON answer once done).
 
-    A browser EventSource reconnects to this URL with Last-Event-ID, also once a
-    stream has ended. When the request is answered by the same job (the response
-    cache, or another reader keeping it), the stream goes on after that event, and
-    a job that ended there answers 204, which tells an EventSource to stop. A new
-    job (the old one was cancelled when its reader left) streams from its start."""
+    Event ids name the job (`<job id>:<event id>`). A browser EventSource reconnects
+    to this URL with Last-Event-ID whenever its connection drops, and also once the
+    stream has ended: it gets the rest of that very job, on any API process, or 204
+    (EventSource then stops) if the job ended there. A client that drops has
+    RECONNECT_GRACE_SECONDS to come back before its job is cancelled."""
     path_text(request)
     after = START_ID
-    if last_event_id_header is not None:
-        after = checked_event_id(last_event_id_header, "Last-Event-ID")
+    if last_event_id_header is not None and params.stream:
+        job_id, after = checked_completion_event_id(last_event_id_header)
+        if job_id is not None:
+            rejoined = await rejoin(request, job_id, after)
+            if rejoined is not None:
+                return rejoined
+            after = START_ID  # that job is gone (expired, lost) or not the caller's
     policy = CancelPolicy.ON_DISCONNECT
     services = services_of(request)
     job = await submit(services, request.state.caller, Prompt("question", question), params, policy)
-    relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first)
+    grace = services.settings.reconnect_grace_seconds if params.stream else 0.0
+    relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first, grace)
     headers = job_headers(job)
     point = ResumePoint.UNKNOWN  # a new job: its events start after no one's id
     try:
-        if params.stream and job.shared and after != START_ID:
+        if job.shared and after != START_ID:
+            # A bare event id (no job in it): resumed only if the cache answers with
+            # a job that has that event.
             point = await services.jobs.resume_point(job.job_id, after)
         if point is ResumePoint.ENDED:
             await release_slot(request, job.slot)
@@ -120,7 +128,7 @@ async def completion(
         raise
     if params.stream:
         start = after if point is ResumePoint.OPEN else START_ID
-        events = stream_job_events(relay, start, splits(request))
+        events = stream_job_events(relay, start, splits(request), named=True)
         return await sse_response(request, events, headers, job.slot)
     status = await completed_job(request, relay, job.slot)
     if status is None:
@@ -138,6 +146,39 @@ async def completion(
     return JSONResponse(body, headers=headers)
 
 
+async def rejoin(request: Request, job_id: str, after: str) -> Response | None:
+    """A /completion client back with the Last-Event-ID of its job: the rest of that
+    job (it takes a reader's claim of its own before the one its drop left behind
+    lapses, so the job goes on), or 204 if the job ended there. None when the job
+    is not there for this caller (expired, lost with Redis's data, another key's:
+    all look alike), and the request is then answered as a new one."""
+    services = services_of(request)
+    caller = request.state.caller
+    try:
+        access = await check_access(services, caller, job_id)
+        deadline = await job_deadline(services, job_id)
+    except JobNotFoundError:
+        return None
+    headers = {"X-Job-Id": job_id}
+    point = await services.jobs.resume_point(job_id, after)
+    if point is ResumePoint.UNKNOWN:
+        raise BadEventIdError(
+            "Last-Event-ID", f"Last-Event-ID: {after} is not an event of job {job_id}"
+        )
+    if point is ResumePoint.ENDED:
+        return Response(status_code=204, headers=headers)
+    slot = await services.guard.open_stream(caller)
+    try:
+        await services.jobs.track(job_id, reader=True)
+    except BaseException:
+        await release_slot(request, slot)
+        raise
+    policy, grace = CancelPolicy.ON_DISCONNECT, services.settings.reconnect_grace_seconds
+    relay = relay_for(request, job_id, access.model, deadline, policy, grace=grace)
+    events = stream_job_events(relay, after, splits(request), named=True)
+    return await sse_response(request, events, headers, slot)
+
+
 @router.post("/jobs", status_code=202)
 async def create_job(request: Request, body: JobRequest) -> dict[str, str | None]:
     """Queue a completion; follow it at `events_url` (resumable), poll `status_url`."""
@@ -151,6 +192,17 @@ async def create_job(request: Request, body: JobRequest) -> dict[str, str | None
         # For a browser EventSource, which cannot send Authorization (None when open).
         "events_token": services.guard.stream_token(job.job_id, caller),
     }
+
+
+def checked_completion_event_id(value: str) -> tuple[str | None, str]:
+    """A /completion Last-Event-ID: `<job id>:<event id>` (what its events carry), or
+    a bare event id (streams before ids named their job)."""
+    job_id, colon, event_id = value.rpartition(":")
+    if not colon:
+        return None, checked_event_id(value, "Last-Event-ID")
+    if not JOB_ID.fullmatch(job_id):
+        raise BadEventIdError("Last-Event-ID", "Last-Event-ID must be an id this stream sent")
+    return job_id, checked_event_id(event_id, "Last-Event-ID")
 
 
 def checked_event_id(value: str, field: str) -> str:

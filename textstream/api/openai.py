@@ -3,27 +3,36 @@
 The official `openai` SDK pointed at `base_url=http://host/v1` works unmodified.
 Requests become the same jobs as `/completion` (same submit(), queue, workers,
 cache); only the shapes differ. Streaming sends OpenAI chunk objects as `data:`
-lines and ends with `data: [DONE]`; errors use OpenAI's error object (errors.py).
+lines (LF-ended) and ends with `data: [DONE]`; errors use OpenAI's error object
+(errors.py). A list of prompts on /v1/completions is a job per prompt, one choice
+each by `index` (fanout.py), as OpenAI's and vLLM's API take it (langchain's
+`OpenAI.batch` sends one).
 
 Supported beyond OpenAI's own fields, as vLLM accepts them: `top_k`,
 `repetition_penalty`, `ignore_eos`, and our `use_cache`. Unsupported options get a
 400 naming the parameter: `n`/`best_of` > 1, `logprobs`, `echo`, `suffix`,
-`logit_bias`, `min_p` > 0, tools, non-text response formats, token-id prompts.
+`logit_bias`, `min_p` > 0, tools, non-text response formats, token-id prompts,
+more than MAX_PROMPTS prompts.
 
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
 
+import contextlib
+import functools
+import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
+from textstream import __version__
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import job_error_response, openai_error_body
+from textstream.api.fanout import completed_jobs, interleaved, submit_all
 from textstream.api.models import ModelNotFoundError, live_models
 from textstream.api.protocol import (
     ChatRequest,
@@ -32,11 +41,12 @@ from textstream.api.protocol import (
     OpenAISampling,
     Prompt,
 )
-from textstream.api.responses import completed_job, job_headers, relay_for, sse_response
-from textstream.api.submit import CancelPolicy, submit
+from textstream.api.responses import job_headers, relay_for, sse_response
+from textstream.api.status import JobStatus
+from textstream.api.submit import CancelPolicy
 from textstream.registry import live_workers
 from textstream.transport.events import EventType, JobEvent
-from textstream.transport.sse import relay_events
+from textstream.transport.sse import Relay, relay_events
 from textstream.transport.thinking import ThinkSplitter
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
@@ -44,35 +54,53 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 #: OpenAI's default `max_tokens` for /v1/completions.
 COMPLETION_MAX_TOKENS = 16
 
+#: The end of an SSE line on /v1: LF, as OpenAI's and vLLM's streams (sse-starlette
+#: writes CRLF unless told; strict line-splitting clients keep the CR otherwise).
+SEP = "\n"
+
 
 class ChunkShape:
-    """Builds one endpoint's OpenAI objects (completion vs chat) for one job."""
+    """Builds one request's OpenAI objects (completion vs chat): its chunks, each
+    for one choice (`index`: the prompt's place in a list of prompts), and its
+    whole answer.
 
-    def __init__(self, chat: bool, job_id: str, model: str) -> None:
+    As OpenAI's stream: a chat choice starts with a chunk of its role and empty
+    content; with `include_usage`, every chunk carries `"usage": null` until the
+    last, which carries the usage and no choices; chat objects carry a
+    `system_fingerprint` (system_fingerprint())."""
+
+    def __init__(self, chat: bool, job_id: str, model: str, include_usage: bool = False) -> None:
         self.chat = chat
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
         self.model = model
         self.created = int(time.time())
-        self._sent_role = False
+        self.include_usage = include_usage
 
     def _object(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
+        made = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        if self.chat:
+            made["system_fingerprint"] = system_fingerprint(self.model)
+        made["choices"] = choices
+        return {**made, **({"usage": None} if self.include_usage else {}), **extra}
+
+    def role_chunk(self, index: int = 0) -> dict[str, Any]:
+        """A chat choice's first chunk: its role, and no text yet."""
+        delta = {"role": "assistant", "content": ""}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self._object("chat.completion.chunk", [choice])
 
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, reasoning: bool = False
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        reasoning: bool = False,
+        index: int = 0,
     ) -> dict[str, Any]:
         """One streamed piece; with `reasoning`, chat sends it as
         `delta.reasoning_content` (as vLLM and DeepSeek do)."""
         if not self.chat:
             choice = {
-                "index": 0,
+                "index": index,
                 "text": text or "",
                 "logprobs": None,
                 "finish_reason": finish_reason,
@@ -81,108 +109,168 @@ class ChunkShape:
         delta: dict[str, Any] = {}
         if text is not None:
             delta["reasoning_content" if reasoning else "content"] = text
-        if not self._sent_role:
-            delta["role"], self._sent_role = "assistant", True
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._object("chat.completion.chunk", [choice])
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return self._object(kind, [], usage=with_total(usage))
 
-    def whole(
-        self, text: str, finish_reason: str | None, usage: dict[str, int], thinking: str = ""
-    ) -> dict[str, Any]:
-        if self.chat:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if thinking:
-                message["reasoning_content"] = thinking
-            choice = {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-            return self._object("chat.completion", [choice], usage=with_total(usage))
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return self._object("text_completion", [choice], usage=with_total(usage))
+    def whole(self, answers: list[JobStatus]) -> dict[str, Any]:
+        """The answer to the request, one choice per job (each done, with usage)."""
+        usage = summed(a.usage or {} for a in answers)
+        choices = []
+        for index, answer in enumerate(answers):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+                if answer.thinking:
+                    message["reasoning_content"] = answer.thinking
+                choice["message"] = message
+            else:
+                choice["text"] = answer.text
+            choices.append({**choice, "logprobs": None, "finish_reason": answer.finish_reason})
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self._object(kind, choices, usage=with_total(usage))
+
+
+@functools.cache
+def system_fingerprint(model: str) -> str:
+    """OpenAI's `system_fingerprint`: what served the answer, so that a client can
+    tell when a change of backend may change answers to the same request. Here the
+    release and the served model's name: stable across processes and replicas of
+    one release, changed by an upgrade or another model under the name."""
+    digest = hashlib.sha256(f"textstream {__version__} {model}".encode()).hexdigest()
+    return f"fp_{digest[:10]}"
 
 
 def with_total(usage: dict[str, int]) -> dict[str, int]:
     return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
+def summed(usages: Iterable[dict[str, int]]) -> dict[str, int]:
+    total = {"prompt_tokens": 0, "completion_tokens": 0}
+    for usage in usages:
+        for name in total:
+            total[name] += usage.get(name, 0)
+    return total
+
+
 def data(payload: dict[str, Any] | str) -> ServerSentEvent:
+    """One `data:` line, ended by LF as OpenAI's (sse-starlette's default is CRLF)."""
     text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return ServerSentEvent(data=text)
+    return ServerSentEvent(data=text, sep=SEP)
 
 
 class ChunkStream:
-    """Job events -> OpenAI stream lines. Chat splits a leading think block into
-    `reasoning_content` (with THINKING=auto); completions stay raw text, as vLLM's."""
+    """One job's events -> its choice's chunks. Chat splits a leading think block
+    into `reasoning_content` (with THINKING=auto); completions stay raw text, as
+    vLLM's. The end of the stream (usage, `[DONE]`, or an error) is the request's,
+    written by `stream_chunks` once every choice has ended: this keeps its usage or
+    its error."""
 
-    def __init__(self, shape: ChunkShape, include_usage: bool, split_thinking: bool) -> None:
+    def __init__(self, shape: ChunkShape, split_thinking: bool, index: int = 0) -> None:
         self.shape = shape
-        self.include_usage = include_usage
+        self.index = index
         self.splitter = ThinkSplitter() if split_thinking and shape.chat else None
+        self._sent_role = False
+        self.usage: dict[str, int] | None = None
+        self.error: dict[str, Any] | None = None
 
     def catch_up(self, events: list[JobEvent]) -> None:
         return None  # OpenAI streams are not resumed
 
-    def _pieces(self, pieces: Iterable[tuple[str, str]]) -> Iterable[ServerSentEvent]:
-        for kind, text in pieces:
-            yield data(self.shape.chunk(text, reasoning=kind == "thinking"))
+    def _chunk(
+        self, text: str | None, finish: str | None = None, reasoning: bool = False
+    ) -> Iterable[ServerSentEvent]:
+        if self.shape.chat and not self._sent_role:
+            self._sent_role = True
+            yield data(self.shape.role_chunk(self.index))
+        yield data(self.shape.chunk(text, finish, reasoning, self.index))
 
     def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]:
         if event.event == EventType.TOKEN:
             text = event.data["text"]
             if self.splitter is None:
-                yield data(self.shape.chunk(text))
+                yield from self._chunk(text)
             else:
-                yield from self._pieces(self.splitter.feed(text))
+                for kind, piece in self.splitter.feed(text):
+                    yield from self._chunk(piece, reasoning=kind == "thinking")
         elif event.event == EventType.DONE:
             if self.splitter is not None:
-                yield from self._pieces(self.splitter.flush())
-            yield data(self.shape.chunk(None, event.data["finish_reason"]))
-            if self.include_usage:
-                yield data(self.shape.usage_chunk(event.data["usage"]))
-            yield data("[DONE]")
+                for kind, piece in self.splitter.flush():
+                    yield from self._chunk(piece, reasoning=kind == "thinking")
+            yield from self._chunk(None, event.data["finish_reason"])
+            self.usage = event.data["usage"]
         elif event.event == EventType.ERROR:
             error = event.data.get("error") or {}
-            yield data(openai_error_body(error.get("type", "error"), error.get("message", "")))
-            yield data("[DONE]")
+            self.error = openai_error_body(error.get("type", "error"), error.get("message", ""))
+
+
+async def stream_chunks(
+    shape: ChunkShape, parts: list[tuple[Relay, ChunkStream]]
+) -> AsyncIterator[bytes]:
+    """The request's stream: each choice's chunks as its job produces them (jobs run
+    side by side, so their chunks interleave), then the summed usage when asked for
+    and `[DONE]`. An error in any job ends the stream with OpenAI's error object,
+    then `[DONE]`; the other jobs are stopped, as if their client had left."""
+    streams = [stream for _, stream in parts]
+    chunks = interleaved([relay_events(relay, stream) for relay, stream in parts])
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            if chunk:
+                yield chunk
+                continue
+            failed = next((s.error for s in streams if s.error is not None), None)
+            if failed is not None:
+                yield data(failed).encode() + data("[DONE]").encode()
+                return
+    ended = [s.usage for s in streams if s.usage is not None]
+    if len(ended) < len(streams):  # a relay that ended with neither answer nor error
+        failed = openai_error_body("generation_failed", "a job ended without an answer")
+        yield data(failed).encode() + data("[DONE]").encode()
+        return
+    tail = [data(shape.usage_chunk(summed(ended)))] if shape.include_usage else []
+    yield b"".join(event.encode() for event in [*tail, data("[DONE]")])
 
 
 async def answer(
-    request: Request, body: OpenAISampling, generation: GenerationRequest, prompt: Prompt
+    request: Request, body: OpenAISampling, generation: GenerationRequest, prompts: list[Prompt]
 ) -> Response:
+    """Submit each prompt, then stream the chunks or answer once every job ended."""
     services = services_of(request)
     body.refuse_unsupported()
+    jobs = await submit_all(request, prompts, generation)
     policy = CancelPolicy.ON_DISCONNECT
-    job = await submit(services, request.state.caller, prompt, generation, policy)
-    relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first)
-    shape = ChunkShape(prompt.messages is not None, job.job_id, job.model)
-    headers = job_headers(job)
+    relays = [relay_for(request, j.job_id, j.model, j.deadline, policy, j.first) for j in jobs]
+    slots = [job.slot for job in jobs]
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    chat = prompts[0].messages is not None
+    shape = ChunkShape(chat, jobs[0].job_id, jobs[0].model, include_usage)
+    headers = {
+        name: ", ".join(job_headers(job)[name] for job in jobs) for name in job_headers(jobs[0])
+    }
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = ChunkStream(shape, include_usage, services.settings.thinking == "auto")
-        return await sse_response(request, relay_events(relay, chunks), headers, job.slot)
-    status = await completed_job(request, relay, job.slot, split_thinking=shape.chat)
-    if status is None:
+        split = services.settings.thinking == "auto"
+        parts = [(relay, ChunkStream(shape, split, i)) for i, relay in enumerate(relays)]
+        return await sse_response(request, stream_chunks(shape, parts), headers, *slots, sep=SEP)
+    ended = await completed_jobs(request, relays, slots, split_thinking=chat)
+    if ended is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
-    if status.status != "done" or status.usage is None:
-        return job_error_response(request, status.error, headers)
-    shape.model = status.model or shape.model
-    whole = shape.whole(status.text, status.finish_reason, status.usage, status.thinking or "")
-    return JSONResponse(whole, headers=headers)
+    answers, failed = ended
+    failed = failed or next((a for a in answers if a.usage is None), None)
+    if failed is not None:
+        return job_error_response(request, failed.error, headers)
+    shape.model = answers[0].model or shape.model
+    return JSONResponse(shape.whole(answers), headers=headers)
 
 
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest) -> Response:
     """As OpenAI's: the prompt is raw text (no chat template), 16 tokens by default."""
-    prompt = Prompt("prompt", body.text(), max_tokens_field="max_tokens")
+    prompts = [Prompt("prompt", text, max_tokens_field="max_tokens") for text in body.prompts()]
     generation = body.generation(body.max_tokens or COMPLETION_MAX_TOKENS, prompt_format="raw")
-    return await answer(request, body, generation, prompt)
+    return await answer(request, body, generation, prompts)
 
 
 @router.post("/chat/completions")
@@ -198,7 +286,7 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
     )
     limit = body.max_completion_tokens or body.max_tokens
     generation = body.generation(limit or services_of(request).settings.max_new_tokens_limit)
-    return await answer(request, body, generation, prompt)
+    return await answer(request, body, generation, [prompt])
 
 
 @router.get("/models")

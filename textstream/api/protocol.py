@@ -369,6 +369,12 @@ class OpenAISampling(Body):
             raise InvalidInputError(field, first["msg"].removeprefix("Value error, ")) from None
 
 
+#: The most prompts one /v1/completions request may list. Each becomes a job of its
+#: own, holding a place in the queue and a stream slot until it ends, so a longer
+#: batch belongs in several requests; langchain's `OpenAI` sends 20 at a time.
+MAX_PROMPTS = 32
+
+
 class CompletionRequest(OpenAISampling):
     prompt: str | list[str]
     echo: bool = False
@@ -376,11 +382,23 @@ class CompletionRequest(OpenAISampling):
     best_of: int | None = None
     suffix: str | None = None
 
-    def text(self) -> str:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise InvalidInputError("prompt", "exactly one prompt per request is supported")
-            return self.prompt[0]
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompts(cls, value: Any) -> Any:
+        """Token ids (a list of numbers, or of lists) are refused by name, rather
+        than with pydantic's account of every union branch they failed."""
+        if isinstance(value, list) and any(not isinstance(item, str) for item in value):
+            raise PydanticCustomError(
+                "text_prompt", "token-id prompts are not supported: send text, or a list of texts"
+            )
+        return value
+
+    def prompts(self) -> list[str]:
+        """The prompt, or each of a list of them (one choice each, by `index`)."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if not self.prompt or len(self.prompt) > MAX_PROMPTS:
+            raise InvalidInputError("prompt", f"give 1 to {MAX_PROMPTS} prompts in a list")
         return self.prompt
 
     def refuse_unsupported(self) -> None:

@@ -1,7 +1,7 @@
 """How a submitted job is answered, for every route: as an SSE stream, or as one
 JSON answer once the job has ended. Either way the request holds one of the
 caller's stream slots (MAX_STREAMS_PER_KEY, taken by submit() or the events
-route) until its answer ends."""
+route) per job until its answer ends."""
 
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ def relay_for(
     deadline: float | None,
     policy: CancelPolicy,
     first: JobEvent | None = None,
+    grace: float = 0.0,
 ) -> Relay:
-    """A relay of the job's stream; the client leaving cancels it under ON_DISCONNECT.
-    `first`: the new job's `queued` event, as its submission wrote it."""
+    """A relay of the job's stream; the client leaving cancels it under ON_DISCONNECT
+    (after `grace` seconds nobody came back in). `first`: the new job's `queued`
+    event, as its submission wrote it."""
     services = services_of(request)
     return Relay(
         services.jobs,
@@ -46,6 +48,7 @@ def relay_for(
         cancel_on_disconnect=policy is CancelPolicy.ON_DISCONNECT,
         queue=queue_hooks(services, model),
         first=first,
+        grace=grace,
     )
 
 
@@ -58,22 +61,30 @@ async def release_slot(request: Request, slot: str | None) -> None:
 
 
 async def sse_response(
-    request: Request, events: AsyncIterator[bytes], headers: dict[str, str], slot: str | None
+    request: Request,
+    events: AsyncIterator[bytes],
+    headers: dict[str, str],
+    *slots: str | None,
+    sep: str | None = None,
 ) -> Response:
-    """An SSE response that gives its stream slot back when it ends."""
+    """An SSE response that gives its stream slots back when it ends (one per job:
+    a list of prompts on /v1/completions holds several). `sep`: the line end
+    (sse-starlette's default is CRLF; /v1 sends LF, as OpenAI does)."""
     services = services_of(request)
 
-    async def holding_slot() -> AsyncIterator[bytes]:
+    async def holding_slots() -> AsyncIterator[bytes]:
         try:
             async for event in events:
                 yield event
         finally:
-            await release_slot(request, slot)
+            for slot in slots:
+                await release_slot(request, slot)
 
     response: Response = EventSourceResponse(
-        holding_slot(),
+        holding_slots(),
         ping=services.settings.sse_ping_seconds,
         headers={**headers, "Cache-Control": "no-cache"},
+        sep=sep,
     )
     return response
 

@@ -20,6 +20,7 @@ from typing import Any
 from textstream.api.cache import cache_key, cached_job, claim, forget
 from textstream.api.deps import Services, tenant_of
 from textstream.api.errors import (
+    ContextLengthError,
     InvalidInputError,
     JobNotFoundError,
     QueueFullError,
@@ -40,6 +41,14 @@ log = logging.getLogger(__name__)
 
 #: Characters allowed in a prompt although Unicode calls them control characters.
 ALLOWED_CONTROLS = frozenset("\n\r\t")
+
+#: Characters per token of context window a prompt may have before it is tokenized.
+#: Tokens decide whether a prompt fits; characters only keep an abusive prompt from
+#: being tokenized at all (in a thread of the API process). English runs about 4
+#: characters a token, code and CJK fewer; tokens past 16 characters are runs of
+#: one character (GPT-2's longest is "-" x 64), so only a prompt that is mostly such
+#: runs (padding, not text) can fit the window and still pass this limit.
+CHARS_PER_TOKEN = 16
 
 
 class CancelPolicy(StrEnum):
@@ -119,13 +128,25 @@ async def submission_turn(services: Services) -> AsyncIterator[None]:
         gate.release()
 
 
+def prompt_char_limit(services: Services) -> int:
+    """The longest prompt, in characters, worth tokenizing: MAX_PROMPT_CHARS, or
+    CHARS_PER_TOKEN per token of the largest context window served if more (of the
+    models whose tokens are counted: not an upstream engine's, whose window may be
+    a guess, nor the fake engine's)."""
+    window = services.prompt_tokens.largest_counted_window()
+    return max(services.settings.max_prompt_chars, CHARS_PER_TOKEN * window)
+
+
 def check_prompt(text: str, services: Services, field: str) -> None:
-    limit = services.settings.max_prompt_chars
+    """Cheap checks before the prompt is tokenized (check_context_window)."""
     if not text.strip():
         raise InvalidInputError(field, "the prompt is empty")
+    limit = prompt_char_limit(services)
     if len(text) > limit:
         raise InvalidInputError(
-            field, f"the prompt is {len(text)} characters; the limit is {limit}"
+            field,
+            f"the prompt is {len(text)} characters; the limit is {limit} (MAX_PROMPT_CHARS,"
+            f" or {CHARS_PER_TOKEN} per token of the largest context window served)",
         )
     for ch in text:
         if ch not in ALLOWED_CONTROLS and unicodedata.category(ch) in ("Cc", "Cs"):
@@ -168,10 +189,8 @@ async def check_context_window(
         model, prompt.text, request.prompt_format, prompt.messages
     )
     if counted is not None and counted[0] >= counted[1]:
-        raise InvalidInputError(
-            prompt.field,  # `messages` for a chat: the field the client sent
-            f"the prompt is {counted[0]} tokens; the model's context window is {counted[1]}",
-        )
+        # `messages` for a chat: the field the client sent
+        raise ContextLengthError(prompt.field, counted[0], counted[1])
 
 
 async def start_job(

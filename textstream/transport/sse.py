@@ -137,8 +137,11 @@ class NativeEvents:
     last carries the stored event's id, and an event whose text is all held back
     gives none, so a client resuming from its last id never misses held text."""
 
-    def __init__(self, split_thinking: bool) -> None:
+    def __init__(self, split_thinking: bool, job_id: str | None = None) -> None:
         self._splitter = ThinkSplitter() if split_thinking else None
+        #: Ids as `<job id>:<event id>` (/completion): a reconnect's Last-Event-ID then
+        #: names its job, which the URL does not.
+        self._prefix = f"{job_id}:" if job_id else ""
 
     def catch_up(self, events: list[JobEvent]) -> None:
         for event in events:
@@ -146,6 +149,14 @@ class NativeEvents:
                 self._splitter.feed(event.data["text"])
 
     def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]:
+        out = self._convert(event)
+        if self._prefix:
+            for sse in out:
+                if sse.id:
+                    sse.id = self._prefix + sse.id
+        return out
+
+    def _convert(self, event: JobEvent) -> list[ServerSentEvent]:
         splitter = self._splitter
         if splitter is None or event.event not in (EventType.TOKEN, *TERMINAL_EVENTS):
             return [to_sse(event)]
@@ -183,6 +194,9 @@ class Relay:
     #: A new job's `queued` event as its submission wrote it (the first entry of its
     #: stream): a read from the start begins after it instead of reading it back.
     first: JobEvent | None = None
+    #: With cancel_on_disconnect: how long the job waits for its client to come back
+    #: (RECONNECT_GRACE_SECONDS) before the claim its leaving drops is dropped.
+    grace: float = 0.0
 
     def wait_ms(self, started: bool) -> int | None:
         """How long a read may wait for the next event: until the next queue report
@@ -261,6 +275,29 @@ class Relay:
                 await asyncio.sleep(0.25)
 
 
+#: Claims kept for a client that may come back (Relay.grace), until they are dropped.
+_PARKED: set[asyncio.Task[None]] = set()
+
+
+def release_later(relay: Relay) -> None:
+    """The client dropped mid-stream: keep its claim on the job for `relay.grace`
+    seconds, then drop it (release). A client that reconnects in time (Last-Event-ID)
+    takes a claim of its own first, so dropping this one leaves the job running.
+
+    The claim stays held by this process meanwhile, under its lease: if the process
+    dies or stops, another one drops it when the lease lapses (api/leases.py), as
+    for any reader of a dead process."""
+    task = asyncio.get_running_loop().create_task(_release_after(relay, relay.grace))
+    _PARKED.add(task)
+    task.add_done_callback(_PARKED.discard)
+
+
+async def _release_after(relay: Relay, delay: float) -> None:
+    await asyncio.sleep(delay)
+    if not shutting_down():  # a stopping process leaves its claims to the lease
+        await release(relay)
+
+
 async def release(relay: Relay) -> None:
     """The client left: drop its claim on the job, which stops the job unless other
     readers share it. Shielded, so the cancellation that ended the request does not
@@ -295,15 +332,19 @@ async def relay_events(
                 yield chunk
     except BaseException:  # CancelledError / GeneratorExit: the client went away
         if relay.cancel_on_disconnect and not finished and not shutting_down():
-            await release(relay)
+            if relay.grace > 0:
+                release_later(relay)
+            else:
+                await release(relay)
         raise
 
 
 async def stream_job_events(
-    relay: Relay, after: str = START_ID, split_thinking: bool = True
+    relay: Relay, after: str = START_ID, split_thinking: bool = True, named: bool = False
 ) -> AsyncIterator[bytes]:
-    """The native SSE stream (NativeEvents)."""
-    async for chunk in relay_events(relay, NativeEvents(split_thinking), after):
+    """The native SSE stream (NativeEvents); `named`: ids name the job too."""
+    converter = NativeEvents(split_thinking, relay.job_id if named else None)
+    async for chunk in relay_events(relay, converter, after):
         yield chunk
 
 

@@ -1,0 +1,111 @@
+"""One request, several jobs: a list of prompts on /v1/completions becomes a job
+per prompt (each through submit(), so they run side by side, each holding a stream
+slot), answered together. What is shared by every such request lives here: the
+submissions, taken back whole when one is refused; their streams, read as one;
+their ends, waited for together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
+
+import anyio
+from fastapi import Request
+
+from textstream.api.deps import services_of
+from textstream.api.protocol import GenerationRequest, Prompt
+from textstream.api.responses import completed_job, relay_for, release_slot
+from textstream.api.status import JobStatus
+from textstream.api.submit import CancelPolicy, Submission, submit
+from textstream.transport.sse import Relay, release
+
+
+async def interleaved(parts: list[AsyncIterator[bytes]]) -> AsyncGenerator[bytes, None]:
+    """The parts' chunks as they come, and b"" each time a part ends. Several parts
+    are read by a task each; closing this stops them, and each part's own cleanup
+    runs (relay_events releases its job). One part is read here, without a task."""
+    if len(parts) == 1:
+        async with contextlib.aclosing(as_generator(parts[0])) as part:
+            async for chunk in part:
+                yield chunk
+        yield b""
+        return
+    arrived: asyncio.Queue[bytes | Exception] = asyncio.Queue()
+
+    async def pump(part: AsyncIterator[bytes]) -> None:
+        try:
+            async with contextlib.aclosing(as_generator(part)) as chunks:
+                async for chunk in chunks:
+                    arrived.put_nowait(chunk)
+        except Exception as exc:  # raised to the reader below
+            arrived.put_nowait(exc)
+            return
+        arrived.put_nowait(b"")
+
+    tasks = [asyncio.create_task(pump(part)) for part in parts]
+    try:
+        ended = 0
+        while ended < len(tasks):
+            got = await arrived.get()
+            if isinstance(got, Exception):
+                raise got
+            ended += not got
+            yield got
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):  # each release is bounded (sse.release)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def as_generator(part: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """relay_events is an async generator, typed as the iterator it is used as."""
+    return cast(AsyncGenerator[bytes, None], part)
+
+
+async def submit_all(
+    request: Request, prompts: list[Prompt], generation: GenerationRequest
+) -> list[Submission]:
+    """Each prompt its own job (submit()), so they run side by side, each holding a
+    stream slot (MAX_STREAMS_PER_KEY counts jobs). A refusal of any gives back what
+    the ones before it took: their jobs stopped (taken off the queue if no worker
+    has them yet) and their slots released."""
+    services = services_of(request)
+    policy = CancelPolicy.ON_DISCONNECT
+    jobs: list[Submission] = []
+    try:
+        for prompt in prompts:
+            jobs.append(await submit(services, request.state.caller, prompt, generation, policy))
+    except BaseException:
+        for job in jobs:
+            await release(relay_for(request, job.job_id, job.model, job.deadline, policy))
+            await release_slot(request, job.slot)
+        raise
+    return jobs
+
+
+async def completed_jobs(
+    request: Request, relays: list[Relay], slots: list[str | None], split_thinking: bool
+) -> tuple[list[JobStatus], JobStatus | None] | None:
+    """Every job's end (non-streaming answers), in order, and the first to fail, if
+    one did: it stops the others, whose answers would not be sent. None if the
+    client left (which stops them all)."""
+    failures: list[JobStatus] = []
+
+    async def one(relay: Relay, slot: str | None) -> JobStatus | None:
+        status = await completed_job(request, relay, slot, split_thinking)
+        if status is not None and status.status != "done" and not failures:
+            failures.append(status)
+            for other in relays:
+                if other is not relay:
+                    await release(other)
+        return status
+
+    statuses = await asyncio.gather(*map(one, relays, slots))
+    done = [status for status in statuses if status is not None]
+    if len(done) < len(statuses):
+        return None
+    return done, failures[0] if failures else None
