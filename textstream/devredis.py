@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import redis
 
 from textstream.config import get_settings
-from textstream.resources import package_dir
+from textstream.resources import package_dir, stop_with_parent
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
@@ -90,7 +90,10 @@ class LocalRedis:
         log = open(workdir / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
         # Its own session: a terminal's Ctrl-C reaches the API and the workers, not
         # Redis, which must outlive the workers' draining and is stopped last.
-        proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        # And it stops when this process dies, however it dies.
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=log, start_new_session=True, preexec_fn=stop_with_parent
+        )
         if not wait_until_up(url):
             proc.kill()
             raise LocalRedisError(f"started redis-server on {url}, but it does not answer")

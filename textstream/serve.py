@@ -39,6 +39,7 @@ from textstream.config import Settings
 from textstream.connections import sync_client
 from textstream.devredis import LocalRedis, LocalRedisError
 from textstream.registry import live_workers_now
+from textstream.resources import stop_with_parent
 from textstream.transport.sse import STOPPING, set_jobs_outlive_api
 
 log = logging.getLogger("textstream.serve")
@@ -170,7 +171,9 @@ def serve(settings: Settings, host: str, port: int, worker_args: list[str]) -> i
     # by the stop cannot be resumed, and the `shutdown` event must not promise it.
     set_jobs_outlive_api(not local.started)
     command = [sys.executable, "-m", "textstream", "worker", *worker_args]
-    workers = subprocess.Popen(command, start_new_session=True)
+    # Killed by SIGKILL, this process runs no clean-up: the workers then get a
+    # SIGTERM from the kernel (and drain, and their supervisor stops them).
+    workers = subprocess.Popen(command, start_new_session=True, preexec_fn=stop_with_parent)
     stop = ServeStop(workers, settings, f"http://{host}:{port}")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop.on_signal)
