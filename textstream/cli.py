@@ -14,6 +14,7 @@ it starts. How `serve` runs and stops: textstream/serve.py.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -154,6 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The log's process column: `serve`, `api`, `worker` rather than "MainProcess"
+    # for all of them (the worker processes are worker-0, worker-1, ...).
+    multiprocessing.current_process().name = args.command
     if getattr(args, "model", None):
         # The command line is an edge, like .env: it hands MODEL_ID to Settings
         # here and to the worker processes through their environment.
