@@ -384,3 +384,22 @@ def test_serve_killed_outright_leaves_no_worker_and_no_redis(installed, tmp_path
     proc.wait(10)
     _, alive = psutil.wait_procs(ours, timeout=20)
     assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_serve_with_no_model_named_serves_the_bundled_model_offline(installed, tmp_path):
+    """pip install + `textstream serve`, no .env, nothing named, no hub: MODEL_ID
+    (openai-community/gpt2) cannot load, and the bundled SmolLM2 answers."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = outside_env(url, "")
+    del env["MODEL_ID"], env["MODEL_FALLBACK"]
+    proc, base = start_serve(installed, env, tmp_path)
+    try:
+        question = "/completion/What is the capital of France?"
+        done = stream(base, question, 120, max_new_tokens=12)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    assert done.last.event == "done", done.events[-2:]
+    assert done.last.data["model"] == "SmolLM2-135M-Instruct.Q4_1" and "Paris" in done.text
+    output = (tmp_path / "serve.log").read_text()
+    assert "ready: http://127.0.0.1:" in output and "serves SmolLM2-135M-Instruct.Q4_1" in output
