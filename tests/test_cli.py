@@ -403,3 +403,17 @@ def test_serve_with_no_model_named_serves_the_bundled_model_offline(installed, t
     assert done.last.data["model"] == "SmolLM2-135M-Instruct.Q4_1" and "Paris" in done.text
     output = (tmp_path / "serve.log").read_text()
     assert "ready: http://127.0.0.1:" in output and "serves SmolLM2-135M-Instruct.Q4_1" in output
+
+
+def test_the_shutdown_message_promises_a_resume_only_where_the_job_is_kept():
+    from textstream.transport.sse import set_jobs_outlive_api, shutdown_data
+
+    job = "0" * 32
+    try:
+        kept = shutdown_data(job)["error"]["message"]  # a Redis of its own: the job goes on
+        set_jobs_outlive_api(False)  # serve's own Redis, stopping with it
+        lost = shutdown_data(job)["error"]["message"]
+    finally:
+        set_jobs_outlive_api(True)
+    assert f"/jobs/{job}/events" in kept and "Last-Event-ID" in kept and "goes on" in kept
+    assert job in lost and "Last-Event-ID" not in lost and "send the request again" in lost

@@ -85,8 +85,8 @@ def shutdown_data(job_id: str) -> dict[str, Any]:
     another API process) only where the job's Redis will keep it."""
     if _jobs_outlive_api:
         message = (
-            f"this API process is shutting down; job {job_id} goes on:"
-            " reconnect with Last-Event-ID to get the rest of it"
+            f"this API process is shutting down; job {job_id} goes on: reconnect with"
+            f" Last-Event-ID (to /completion, or GET /jobs/{job_id}/events) for the rest"
         )
     else:
         message = (
