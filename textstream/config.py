@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from textstream.sources import BUNDLED_MODEL
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
@@ -36,7 +38,7 @@ class Settings(BaseSettings):
 
     # --- model (worker side) -----------------------------------------------------
     model_id: str = "openai-community/gpt2"
-    model_fallback: str = ""
+    model_fallback: str = BUNDLED_MODEL
     #: Name the workers announce and clients pick with `model` (vLLM's
     #: --served-model-name); empty: the model's own name.
     served_model_name: str = ""
@@ -158,7 +160,7 @@ class Settings(BaseSettings):
     # --- logging -----------------------------------------------------------------
     log_level: str = "INFO"
     log_prompts: bool = False
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     @property
     def streams_url(self) -> str:

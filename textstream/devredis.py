@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import redis
 
 from textstream.config import get_settings
-from textstream.resources import package_dir
+from textstream.resources import package_dir, stop_with_parent
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
@@ -70,9 +70,10 @@ class LocalRedisError(RuntimeError):
 class LocalRedis:
     """A redis-server this process started and owns (None of it if one answered)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes] | None, url: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes] | None, url: str, binary: str = "") -> None:
         self.proc = proc
         self.url = url
+        self.binary = binary  # the redis-server it started (for the log)
 
     @classmethod
     def ensure(cls, url: str, workdir: Path) -> LocalRedis:
@@ -82,17 +83,21 @@ class LocalRedis:
         if parsed.hostname not in LOCAL_HOSTS:
             raise LocalRedisError(f"Redis at {url} does not answer, and it is not local")
         workdir.mkdir(parents=True, exist_ok=True)
+        binary = find_redis_server()
         args = server_command(
-            find_redis_server(), parsed.port or 6379, "--bind", "127.0.0.1", "--dir", str(workdir)
+            binary, parsed.port or 6379, "--bind", "127.0.0.1", "--dir", str(workdir)
         )
         log = open(workdir / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
         # Its own session: a terminal's Ctrl-C reaches the API and the workers, not
         # Redis, which must outlive the workers' draining and is stopped last.
-        proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        # And it stops when this process dies, however it dies.
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=log, start_new_session=True, preexec_fn=stop_with_parent
+        )
         if not wait_until_up(url):
             proc.kill()
             raise LocalRedisError(f"started redis-server on {url}, but it does not answer")
-        return cls(proc, url)
+        return cls(proc, url, binary)
 
     @property
     def started(self) -> bool:
@@ -105,6 +110,7 @@ class LocalRedis:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
 
 
 def ensure_redis(url: str, workdir: Path) -> int:

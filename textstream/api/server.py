@@ -24,15 +24,20 @@ head limit: put a proxy in front that bounds headers (nginx does by default).
 from __future__ import annotations
 
 import asyncio
+import sys
+from collections.abc import Callable
+from types import FrameType
 from typing import Any, ClassVar, cast
 
 import httptools
 import uvicorn
 from uvicorn._types import ASGISendEvent
+from uvicorn.main import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from textstream.api.limits import READ_TIMED_OUT
 from textstream.config import Settings
+from textstream.transport.sse import STOPPING
 
 STATUS_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
 STATUS_408 = b"HTTP/1.1 408 Request Timeout\r\n"
@@ -240,12 +245,44 @@ class Http10Cycle(RequestResponseCycle):  # type: ignore[misc]
             self.on_response()
 
 
-def serve_api(settings: Settings, host: str, port: int) -> None:
+#: A stop signal's handler: (signal number, frame).
+SignalHandler = Callable[[int, FrameType | None], object]
+
+
+class SignalForwardingServer(uvicorn.Server):
+    """uvicorn's server for `textstream serve`, which decides what each Ctrl-C does.
+
+    uvicorn force-exits on a second SIGINT, skipping the app's lifespan shutdown
+    and logging its CancelledError as a traceback; and it raises every signal again
+    once it returns. Here every signal starts the (graceful, bounded: open streams
+    end themselves, others get timeout_graceful_shutdown) shutdown and goes, at
+    once and only once, to `on_signal`, which stops the rest. Setting STOPPING
+    stops it too."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: SignalHandler) -> None:
+        super().__init__(config)
+        self.on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.should_exit = True
+        self.on_signal(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        """Stop also when `serve` stops for a reason of its own (its workers could
+        not start), or got a signal before this server listened for them."""
+        return STOPPING.is_set() or await super().on_tick(counter)
+
+
+def serve_api(
+    settings: Settings, host: str, port: int, on_signal: SignalHandler | None = None
+) -> None:
     """Run one API process until SIGTERM/SIGINT (blocks). For more, run more (or
-    replicas behind a load balancer): any API process serves any job's stream."""
+    replicas behind a load balancer): any API process serves any job's stream.
+    `on_signal`: `textstream serve`'s handler, given every stop signal
+    (SignalForwardingServer)."""
     limits = {"max_head": settings.max_header_bytes, "read_seconds": settings.request_read_seconds}
     protocol = type("HttpProtocol", (LimitedHttpTools,), limits)
-    uvicorn.run(
+    config = uvicorn.Config(
         "textstream.api.app:create_app",
         factory=True,
         host=host,
@@ -257,3 +294,10 @@ def serve_api(settings: Settings, host: str, port: int) -> None:
         # any other connection that does not.
         timeout_graceful_shutdown=5,
     )
+    if on_signal is None:
+        server = uvicorn.Server(config)
+    else:
+        server = SignalForwardingServer(config, on_signal)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # as uvicorn.run: the port is taken, the app failed

@@ -68,13 +68,32 @@ QueueReport = Callable[[str], Awaitable[dict[str, Any]]]
 #: Takes a job that ended before a worker claimed it off the queue.
 Withdraw = Callable[[str], Awaitable[object]]
 
-#: The API process is stopping: the stream ends here, and the client may resume it
-#: (Last-Event-ID) from another API process; the job itself goes on.
-SHUTDOWN = error_data(
-    "shutdown",
-    "this API process is shutting down; the job goes on: resume at /jobs/<job id>/events"
-    " with Last-Event-ID",
-)
+#: Whether a job outlives this API process. False under a `textstream serve` that
+#: started its own Redis: that Redis keeps nothing on disk and stops with it, so a
+#: stream it ends cannot be resumed anywhere, and its message must not say so.
+_jobs_outlive_api = True
+
+
+def set_jobs_outlive_api(outlive: bool) -> None:
+    global _jobs_outlive_api
+    _jobs_outlive_api = outlive
+
+
+def shutdown_data(job_id: str) -> dict[str, Any]:
+    """The `error` event (type `shutdown`) that ends a stream when the API process
+    stops: it names the job, and promises a resume (Last-Event-ID, from this URL or
+    another API process) only where the job's Redis will keep it."""
+    if _jobs_outlive_api:
+        message = (
+            f"this API process is shutting down; job {job_id} goes on: reconnect with"
+            f" Last-Event-ID (to /completion, or GET /jobs/{job_id}/events) for the rest"
+        )
+    else:
+        message = (
+            f"the server is shutting down and job {job_id} ends with it (the Redis it"
+            " runs on stops too); send the request again once the server is back"
+        )
+    return error_data("shutdown", message)
 
 
 #: Set on SIGTERM/SIGINT (api/app.py hooks the server's signal handlers). An Event,
@@ -247,7 +266,10 @@ class Relay:
                     self.job_id, after=last_id, block_ms=wait
                 ):
                     if shutting_down() and not (batch and batch[-1].terminal):
-                        yield [*(batch or []), status_event(EventType.ERROR, SHUTDOWN)]
+                        yield [
+                            *(batch or []),
+                            status_event(EventType.ERROR, shutdown_data(self.job_id)),
+                        ]
                         return
                     failing_since = 0.0
                     if batch is None:
@@ -378,6 +400,6 @@ async def collect_events(
         # and the answer says to retry rather than to resume a stream it never had.
         if relay.cancel_on_disconnect:
             await release(relay)
-        if events[-1].data == SHUTDOWN:
+        if events[-1].data == shutdown_data(relay.job_id):
             events[-1] = status_event(EventType.ERROR, SHUTDOWN_UNSTREAMED)
     return events

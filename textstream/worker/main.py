@@ -41,8 +41,17 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
     settings = get_settings()
     configure_logging(settings)
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if stop.is_set():
+            # A second Ctrl-C: stop now. Jobs left running stay in ModelQ's custody
+            # and are taken over (TAKEOVER_AFTER_SECONDS) by another worker.
+            logging.shutdown()
+            os._exit(128 + signal.SIGINT)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
 
     if cpu_threads and not settings.torch_threads:
         # Several worker processes share this host's cores (runner.py's share).
@@ -130,7 +139,12 @@ def drain(
     Jobs still running at the deadline are not lost: they stay in ModelQ's custody
     list, their heartbeats stop with this process, and another worker takes them
     over from the tokens already published."""
-    log.info("worker %s stopping: draining in-flight jobs", heartbeat.info.worker_id)
+    log.info(
+        "worker %s stopping: draining %d job(s) for up to %g s",
+        heartbeat.info.worker_id,
+        heartbeat.info.busy,
+        grace,
+    )
     runner.draining.set()  # a job claimed from now on is left for another worker
     mq.draining.set()  # ModelQ threads stop claiming, quietly
     deadline = time.monotonic() + grace

@@ -4,7 +4,8 @@ Each worker is a separate process (spawned, not forked: torch and ModelQ's
 threads do not survive a fork). A worker that dies unexpectedly is restarted; one
 whose model could not load stops everything, since a restart would fail the same
 way. SIGTERM/SIGINT are passed on to the workers, which drain; stragglers are
-killed after the grace period.
+killed after the grace period, and all of them at once on a second SIGTERM/SIGINT
+(a second Ctrl-C: stop now).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Supervisor:
         self._procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self._restarts: list[float] = []
         self._stopping = False
+        self._hurry = False
 
     def _start(self, index: int) -> None:
         env = {"CUDA_VISIBLE_DEVICES": self._gpus[index]} if self._gpus else {}
@@ -69,6 +71,8 @@ class Supervisor:
         log.info("started worker-%d (pid %s)", index, proc.pid)
 
     def _request_stop(self, *_: object) -> None:
+        if self._stopping:
+            self._hurry = True  # the second Ctrl-C: stop now
         self._stopping = True
 
     def run(self) -> int:
@@ -105,9 +109,11 @@ class Supervisor:
                 proc.terminate()  # SIGTERM: the worker drains its in-flight jobs
         deadline = time.monotonic() + self._grace + 5
         for proc in self._procs.values():
-            proc.join(max(0.0, deadline - time.monotonic()))
+            while proc.is_alive() and not self._hurry and time.monotonic() < deadline:
+                proc.join(0.1)
             if proc.is_alive():
-                log.warning("worker pid %s did not stop in time; killing it", proc.pid)
+                if not self._hurry:
+                    log.warning("worker pid %s did not stop in time; killing it", proc.pid)
                 proc.kill()
                 proc.join()
         log.info("all workers stopped")

@@ -143,7 +143,9 @@ function messageView(msg) {
   actions.append(
     button("Copy", "ghost copy", (e) => copyText(msg.content.trim(), e.currentTarget)),
     button("Regenerate", "ghost regenerate", regenerate));
-  foot.append(actions, el("span", "msg-stats"));
+  // The figures first: the actions, hidden while the answer streams, sit at the
+  // end, so that showing them does not move the figures.
+  foot.append(el("span", "msg-stats"), actions);
   view.append(thinking, el("div", "answer markdown"), el("div", "note"), foot);
   views.set(msg, view);
   paintMessage(msg);
@@ -171,8 +173,9 @@ function paintMessage(msg) {
   if (s.ttft_ms !== undefined) parts.push(s.ttft_ms + " ms to first token");
   if (s.rate !== undefined) parts.push(s.rate + " tokens/s");
   if (s.finish_reason === "length") parts.push("cut at max tokens");
+  if (s.regenerated) parts.push("new answer at temperature " + s.regenerated);
   if (s.model) parts.push(s.model);
-  foot.lastChild.textContent = parts.join(" · ");
+  foot.querySelector(".msg-stats").textContent = parts.join(" · ");
 }
 
 /* While tokens stream the answer is drawn again from its whole text, so one drawing
@@ -298,13 +301,20 @@ async function send(event) {
   await ask(current, params, text);
 }
 
+/* Regenerate asks for a new answer: never the cached one (use_cache false), with a
+   new seed; and at temperature 0, which picks the same answer every time, at
+   REGENERATE_TEMPERATURE instead. The status line and the answer's figures say so. */
+const REGENERATE_TEMPERATURE = 0.7;
 function regenerate() {
   if (active) return;
   const chat = current, last = chat.messages[chat.messages.length - 1];
   if (last && last.role === "assistant") chat.messages.pop();
   const params = readParams();
   if (!params || !chat.messages.length) { renderThread(); return; }
-  ask(chat, params);
+  params.use_cache = false;
+  params.seed = Math.floor(Math.random() * 2 ** 31);
+  if (!params.temperature) params.temperature = REGENERATE_TEMPERATURE;
+  ask(chat, params, undefined, "regenerating: a new answer at temperature " + params.temperature);
 }
 
 /** One answer being followed: what the live figures and Stop need. */
@@ -312,14 +322,15 @@ function newRun(chat, msg, sentAt) {
   return { chat, msg, sentAt, firstAt: 0, lastAt: 0, pieces: 0, source: null, started: false, stopAsked: false };
 }
 
-async function ask(chat, params, typed) {
+async function ask(chat, params, typed, saying) {
   const msg = { role: "assistant", content: "", thinking: "", status: "streaming", stats: {} };
+  if (params.use_cache === false) msg.stats.regenerated = params.temperature;
   chat.messages.push(msg);
   chat.updated = Date.now();
   const run = active = newRun(chat, msg, performance.now());
   if (chat === current) renderThread();
   updateActions(); renderChatList(); saveNow();
-  resetFigures(); setStatus("sending");
+  resetFigures(); setStatus(saying || "sending");
   const body = { messages: conversation(chat, msg), ...params };
   let response, reply;
   try {
@@ -404,7 +415,10 @@ function follow(run) {
     run.pieces += 1;
     run.started = true;
     firstPiece(run);
-    if ($("status").textContent !== "generating" && !run.stopAsked) setStatus("generating");
+    if (!run.saidGenerating && !run.stopAsked) {
+      run.saidGenerating = true;
+      setStatus(msg.stats.regenerated !== undefined ? "generating a new answer" : "generating");
+    }
     $("tokens").textContent = run.pieces;
     run.lastAt = performance.now();
     const seconds = (run.lastAt - run.firstAt) / 1000;
@@ -461,11 +475,13 @@ function finish(run, status, d) {
   if (run.source) { run.source.close(); run.source = null; }  // or it would reconnect
   const { msg, chat } = run;
   msg.status = status;
+  // The figures of what arrived, for a stopped or broken answer too.
+  const seconds = (run.lastAt - run.firstAt) / 1000;  // first to last token, as shown live
+  if (run.firstAt && run.pieces > 1 && seconds > 0) msg.stats.rate = ((run.pieces - 1) / seconds).toFixed(1);
+  if (run.pieces) msg.stats.tokens = run.pieces;
   if (status === "done" && d) {
     const tokens = d.usage ? d.usage.completion_tokens : run.pieces;
-    const seconds = (run.lastAt - run.firstAt) / 1000;  // first to last token, as shown live
     Object.assign(msg.stats, { tokens, finish_reason: d.finish_reason, model: d.model });
-    if (run.firstAt && run.pieces > 1 && seconds > 0) msg.stats.rate = ((run.pieces - 1) / seconds).toFixed(1);
     $("tokens").textContent = tokens;
   }
   if (status === "error") msg.error = (d && d.error && d.error.message) || "The answer failed.";
@@ -477,10 +493,17 @@ function finish(run, status, d) {
   updateActions();
   renderChatList(); saveNow();
   $("queue").textContent = "–";
-  if (status === "done") setStatus("done (" + (d && d.finish_reason) + ")");
+  if (status === "done") setStatus(FINISHED[d && d.finish_reason] || "done");
   else if (status === "stopped") setStatus("stopped");
   else setStatus(status === "interrupted" ? "interrupted" : msg.error, true);
 }
+
+/** A finished answer's status in words (finish_reason is the API's). */
+const FINISHED = {
+  stop: "done",
+  length: "done: cut at max tokens (raise it in Settings)",
+  content_filter: "done: stopped by a filter",
+};
 
 function stop() {
   const run = active;

@@ -184,13 +184,16 @@ const markdown = (() => {
   function codeBlock(lines, i, m, parent) {
     const fence = m[1], indent = indentOf(lines[i]), body = [];
     const lang = m[2].trim().split(/\s/)[0];
+    let closed = false;
     for (i += 1; i < lines.length; i++) {
       const close = /^ {0,3}(`{3,}|~{3,})[ \t]*$/.exec(lines[i]);
-      if (close && close[1][0] === fence[0] && close[1].length >= fence.length) { i += 1; break; }
+      if (close && close[1][0] === fence[0] && close[1].length >= fence.length) { i += 1; closed = true; break; }
       body.push(lines[i].slice(Math.min(indent, indentOf(lines[i]))));
     }
-    parent.append(codeView(body.join("\n"), lang));
-    return i;  // an unclosed fence (still streaming) runs to the end
+    // An unclosed fence (still streaming, or cut at max tokens) runs to the end; one
+    // with nothing in it yet draws nothing, not an empty block.
+    if (closed || body.some((line) => line.trim())) parent.append(codeView(body.join("\n"), lang));
+    return i;
   }
 
   function codeView(code, lang) {
