@@ -52,5 +52,7 @@ def test_fake_engine_streams_fixed_text_at_its_rate(make_service):
     tokens = response.of("token")
     # The worker's own clock (it chooses the entry ids, "<ms>-<n>"), not the
     # client's: a busy client reads a paced stream in bursts.
-    seconds = (int(tokens[-1].id.split("-")[0]) - int(tokens[0].id.split("-")[0])) / 1000
+    # ("<job id>:<ms>-<n>" on /completion).
+    [last, first] = [int(t.id.rpartition(":")[2].split("-")[0]) for t in (tokens[-1], tokens[0])]
+    seconds = (last - first) / 1000
     assert seconds > 0 and 39 / seconds < 200 * 1.5  # paced, not as fast as possible
