@@ -59,6 +59,9 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt $(CLIENTS)/.installed
 $(CLIENTS)/.installed: $(VENV)/.runtime requirements-clients.txt
 	$(PYTHON) -m venv $(CLIENTS)
 	$(VENV)/bin/uv pip install --python $(CLIENTS)/bin/python --quiet -r requirements-clients.txt
+	# Where Python caches no bytecode (PYTHONDONTWRITEBYTECODE, as on CI machines),
+	# each client script would compile litellm and langchain again: write it once.
+	[ -z "$$PYTHONDONTWRITEBYTECODE" ] || PYTHONDONTWRITEBYTECODE= $(CLIENTS)/bin/python -m compileall -q -j 0 $(CLIENTS)/lib > /dev/null || true
 	touch $@
 
 install: $(VENV)/.runtime
