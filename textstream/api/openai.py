@@ -11,8 +11,8 @@ each by `index` (fanout.py), as OpenAI's and vLLM's API take it (langchain's
 Supported beyond OpenAI's own fields, as vLLM accepts them: `top_k`,
 `repetition_penalty`, `ignore_eos`, and our `use_cache`. Unsupported options get a
 400 naming the parameter: `n`/`best_of` > 1, `logprobs`, `echo`, `suffix`,
-`logit_bias`, `min_p` > 0, tools, non-text response formats, token-id prompts,
-more than MAX_PROMPTS prompts.
+`logit_bias`, `min_p` > 0, `functions`, token-id prompts, more than MAX_PROMPTS
+prompts. Tool calls: textstream/tools.py.
 
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
