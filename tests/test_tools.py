@@ -81,6 +81,9 @@ def test_auto_answers_stream_text_until_a_call_begins() -> None:
     use = ToolUse(frozenset({"f"}), constrained=False)
     assert parse_calls('<tool_call>{"name": "g", "arguments": {}}</tool_call>', use) is None
     assert parse_calls("<tool_call>{oops</tool_call>", use) is None
+    # Arguments written as JSON text are not encoded twice.
+    calls = parse_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}', use)
+    assert calls is not None and calls[0]["function"]["arguments"] == '{"a": 1}'
 
 
 def test_tools_render_in_a_template_that_takes_them_else_generically(

@@ -72,7 +72,7 @@ def functions_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     functions: list[dict[str, Any]] = []
     for tool in tools:
         function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, dict):
+        if not isinstance(function, dict) or tool.get("type", "function") != "function":
             raise ToolError('each tool must be {"type": "function", "function": {...}}')
         name = function.get("name")
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
@@ -202,6 +202,9 @@ def parse_calls(text: str, use: ToolUse) -> list[dict[str, Any]] | None:
         if not isinstance(call, dict) or call.get("name") not in use.names:
             return None
         arguments = call.get("arguments", call.get("parameters", {}))
+        if isinstance(arguments, str):  # some models write the arguments as JSON text
+            with contextlib.suppress(ValueError):
+                arguments = json.loads(arguments)
         calls.append(
             {
                 "id": f"call_{secrets.token_hex(12)}",
