@@ -485,7 +485,7 @@ class ChatRequest(OpenAISampling):
         tools = [{"type": "function", "function": f} for f in functions]
         if choice == "auto":
             return tools, ToolUse(names, constrained=False), None
-        if self.response_format is not None:
+        if self.output_schema() is not None:
             raise InvalidInputError("response_format", "not with a required tool call")
         parallel = self.parallel_tool_calls is not False
         try:
