@@ -231,3 +231,14 @@ def test_langchain_bind_tools_gets_a_call(service) -> None:
     )
     assert len(seen) == 1 and seen[0]["name"] == "GetWeather"
     assert isinstance(seen[0]["args"]["city"], str) and len(seen[0]["args"]["city"]) <= 10
+
+
+def test_auto_streams_the_same_text_as_it_answers(client) -> None:
+    """The tiny model writes no call: with `auto`, held-back text is all sent."""
+    asked: dict[str, Any] = {"model": "tiny-gpt2", "messages": ASK, "tools": TOOLS}
+    asked.update(max_tokens=20, temperature=0, extra_body={"use_cache": False})
+    whole = client.chat.completions.create(**asked)
+    streamed = client.chat.completions.create(**asked, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert whole.choices[0].message.tool_calls is None
+    assert text == whole.choices[0].message.content and text
