@@ -53,7 +53,11 @@ GENERIC_INSTRUCTIONS = (
 
 
 class ToolError(ValueError):
-    """`tools` or `tool_choice` is malformed; the text names the problem."""
+    """`tools` or `tool_choice` (`param`) is malformed; the text names the problem."""
+
+    def __init__(self, message: str, param: str = "tools") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,9 @@ def chosen_name(tool_choice: Any) -> str | None:
         name = function.get("name") if isinstance(function, dict) else None
         if tool_choice.get("type") == "function" and isinstance(name, str):
             return name
-    raise ToolError('tool_choice must be none, auto, required or {"type": "function", ...}')
+    raise ToolError(
+        'tool_choice must be none, auto, required or {"type": "function", ...}', "tool_choice"
+    )
 
 
 def call_schema(

@@ -474,12 +474,11 @@ class ChatRequest(OpenAISampling):
             only = None if choice in ("none", "auto", "required") else chosen_name(choice)
             names = frozenset(f["name"] for f in functions)
             if (only is not None or choice == "required") and not names:
-                raise ToolError("tool_choice needs tools")
+                raise ToolError("tool_choice needs tools", "tool_choice")
             if only is not None and only not in names:
-                raise ToolError("tool_choice names a function that is not in tools")
+                raise ToolError("tool_choice names a function that is not in tools", "tool_choice")
         except ToolError as exc:
-            field = "tools" if "tool_choice" not in str(exc) else "tool_choice"
-            raise InvalidInputError(field, str(exc)) from None
+            raise InvalidInputError(exc.param, str(exc)) from None
         if not functions or choice == "none":
             return None, None, None
         tools = [{"type": "function", "function": f} for f in functions]
