@@ -175,3 +175,19 @@ def test_a_schema_is_passed_to_the_upstream_which_enforces_it(relay):
     )
     assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
     assert set(json.loads(answer.choices[0].message.content or "")) == {"name", "age"}
+
+
+def test_tools_on_a_relayed_model_are_refused_not_dropped(relay):
+    """Relaying tool calls (the upstream's tool-call deltas) is not built: a job
+    with tools ends in a clear `invalid_tools` 400 rather than a plain answer."""
+    rel, _ = relay
+    relayed = openai.OpenAI(base_url=f"{rel.base}/v1", api_key="x", max_retries=0)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        relayed.chat.completions.create(
+            model="slow-gpt2",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=5,
+            tools=[tool],  # type: ignore[list-item]
+        )
+    assert caught.value.body["type"] == "invalid_tools"

@@ -12,7 +12,7 @@ The API validates requests against its own limits (settings) before building a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -109,7 +109,9 @@ class CompletionJob(BaseModel):
     prompt: str
     #: Chat requests carry messages (the worker applies the chat template); `prompt`
     #: is then empty.
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    #: OpenAI's `tools` offered to the model (rendered into the prompt; prompts.py).
+    tools: list[dict[str, Any]] | None = None
     #: Continue the last (assistant) message instead of starting a new one.
     continue_final: bool = False
     prompt_format: PromptFormat = "auto"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from textstream.job import PromptFormat
+from textstream.tools import generic_messages, template_messages, template_takes_tools
 
 #: Plain prompt layout for chat requests to models without a chat template (GPT-2):
 #: "Role: content" lines, then "Assistant:". A content that already starts with a
@@ -22,14 +23,27 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def encode_chat(
-    tokenizer: Any, messages: list[dict[str, str]], continue_final: bool = False
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    continue_final: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Messages in the model's chat template, ending with the generation prompt; or,
     with `continue_final`, ending inside the last (assistant) message so that the
-    model continues it (vLLM's `continue_final_message`)."""
+    model continues it (vLLM's `continue_final_message`). `tools` (OpenAI's), and
+    messages with tool calls or results, go through the template when it takes
+    tools, else through the generic rendering (tools.py)."""
     template = None if tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
+    extra: dict[str, Any] = {}
+    if template_takes_tools(tokenizer):
+        messages = template_messages(messages)
+        if tools:
+            extra["tools"] = tools
+    elif tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        messages = generic_messages(messages, tools)
     encoded = tokenizer.apply_chat_template(
         messages,
+        **extra,
         chat_template=template,
         add_generation_prompt=not continue_final,
         continue_final_message=continue_final,

@@ -42,6 +42,8 @@ def cache_key(job: CompletionJob, tenant: str = "") -> str:
         "prompt_format": job.prompt_format,
         "params": job.params.model_dump(mode="json"),
     }
+    if job.tools:  # only then: keys of jobs without tools stay as they were
+        identity["tools"] = job.tools
     encoded = json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()
     return keys.cache_entry(hashlib.sha256(encoded).hexdigest())
 

@@ -171,7 +171,8 @@ class PromptTokens:
         model: str,
         prompt: str,
         prompt_format: PromptFormat,
-        messages: list[dict[str, str]] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[int, int] | None:
         """(prompt tokens, context window), or None when no tokenizer is available."""
         current = self.current(model)
@@ -180,7 +181,7 @@ class PromptTokens:
         tokenizer, worker = current
         default: Any = worker.prompt_format
         if messages is not None:
-            ids = await asyncio.to_thread(encode_chat, tokenizer, messages)
+            ids = await asyncio.to_thread(encode_chat, tokenizer, messages, False, tools)
         else:
             ids = await asyncio.to_thread(encode_prompt, tokenizer, prompt, prompt_format, default)
         return len(ids), worker.context_length

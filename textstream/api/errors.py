@@ -157,6 +157,7 @@ BODY_PARSE_ERROR = "There was an error parsing the body"
 #: Status codes for a job that ended in error, when the answer is not streamed.
 JOB_ERROR_STATUS = {
     "prompt_too_long": 422,
+    "invalid_tools": 400,
     "cancelled": 409,
     "timeout": 504,
     "generation_failed": 502,

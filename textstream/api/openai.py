@@ -11,8 +11,8 @@ each by `index` (fanout.py), as OpenAI's and vLLM's API take it (langchain's
 Supported beyond OpenAI's own fields, as vLLM accepts them: `top_k`,
 `repetition_penalty`, `ignore_eos`, and our `use_cache`. Unsupported options get a
 400 naming the parameter: `n`/`best_of` > 1, `logprobs`, `echo`, `suffix`,
-`logit_bias`, `min_p` > 0, tools, non-text response formats, token-id prompts,
-more than MAX_PROMPTS prompts.
+`logit_bias`, `min_p` > 0, `functions`, token-id prompts, more than MAX_PROMPTS
+prompts. Tool calls: textstream/tools.py.
 
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
@@ -45,6 +45,7 @@ from textstream.api.responses import job_headers, relay_for, sse_response
 from textstream.api.status import JobStatus
 from textstream.api.submit import CancelPolicy
 from textstream.registry import live_workers
+from textstream.tools import CALL_OPEN, CallBuffer, ToolUse, parse_calls
 from textstream.transport.events import EventType, JobEvent
 from textstream.transport.sse import Relay, relay_events
 from textstream.transport.thinking import ThinkSplitter
@@ -69,8 +70,16 @@ class ChunkShape:
     last, which carries the usage and no choices; chat objects carry a
     `system_fingerprint` (system_fingerprint())."""
 
-    def __init__(self, chat: bool, job_id: str, model: str, include_usage: bool = False) -> None:
+    def __init__(
+        self,
+        chat: bool,
+        job_id: str,
+        model: str,
+        include_usage: bool = False,
+        tool_use: ToolUse | None = None,
+    ) -> None:
         self.chat = chat
+        self.tool_use = tool_use
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
         self.model = model
         self.created = int(time.time())
@@ -95,9 +104,11 @@ class ChunkShape:
         finish_reason: str | None = None,
         reasoning: bool = False,
         index: int = 0,
+        calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """One streamed piece; with `reasoning`, chat sends it as
-        `delta.reasoning_content` (as vLLM and DeepSeek do)."""
+        `delta.reasoning_content` (as vLLM and DeepSeek do); `calls` as
+        `delta.tool_calls`, each whole (name and all its arguments) in one piece."""
         if not self.chat:
             choice = {
                 "index": index,
@@ -109,6 +120,8 @@ class ChunkShape:
         delta: dict[str, Any] = {}
         if text is not None:
             delta["reasoning_content" if reasoning else "content"] = text
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._object("chat.completion.chunk", [choice])
 
@@ -122,14 +135,22 @@ class ChunkShape:
         choices = []
         for index, answer in enumerate(answers):
             choice: dict[str, Any] = {"index": index}
+            calls = None
             if self.chat:
                 message: dict[str, Any] = {"role": "assistant", "content": answer.text}
                 if answer.thinking:
                     message["reasoning_content"] = answer.thinking
+                calls = parse_calls(answer.text or "", self.tool_use) if self.tool_use else None
+                if calls:
+                    before = (answer.text or "").split(CALL_OPEN)[0].strip()
+                    constrained = self.tool_use is not None and self.tool_use.constrained
+                    message["content"] = None if constrained or not before else before
+                    message["tool_calls"] = calls
                 choice["message"] = message
             else:
                 choice["text"] = answer.text
-            choices.append({**choice, "logprobs": None, "finish_reason": answer.finish_reason})
+            finish = "tool_calls" if self.chat and calls else answer.finish_reason
+            choices.append({**choice, "logprobs": None, "finish_reason": finish})
         kind = "chat.completion" if self.chat else "text_completion"
         return self._object(kind, choices, usage=with_total(usage))
 
@@ -173,6 +194,7 @@ class ChunkStream:
         self.shape = shape
         self.index = index
         self.splitter = ThinkSplitter() if split_thinking and shape.chat else None
+        self.calls = CallBuffer(shape.tool_use) if shape.tool_use is not None else None
         self._sent_role = False
         self.usage: dict[str, int] | None = None
         self.error: dict[str, Any] | None = None
@@ -181,12 +203,32 @@ class ChunkStream:
         return None  # OpenAI streams are not resumed
 
     def _chunk(
-        self, text: str | None, finish: str | None = None, reasoning: bool = False
+        self,
+        text: str | None,
+        finish: str | None = None,
+        reasoning: bool = False,
+        calls: list[dict[str, Any]] | None = None,
     ) -> Iterable[ServerSentEvent]:
+        if self.calls is not None and text and not reasoning:
+            text = self.calls.feed(text)  # held back from where a call may begin
+            if not text:
+                return
         if self.shape.chat and not self._sent_role:
             self._sent_role = True
             yield data(self.shape.role_chunk(self.index))
-        yield data(self.shape.chunk(text, finish, reasoning, self.index))
+        yield data(self.shape.chunk(text, finish, reasoning, self.index, calls))
+
+    def _end(self, finish: str) -> Iterable[ServerSentEvent]:
+        if self.calls is None:
+            yield from self._chunk(None, finish)
+            return
+        text, calls = self.calls.finish()
+        self.calls = None
+        if text:
+            yield from self._chunk(text)
+        if calls:
+            yield from self._chunk(None, calls=calls)
+        yield from self._chunk(None, "tool_calls" if calls else finish)
 
     def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]:
         if event.event == EventType.TOKEN:
@@ -200,7 +242,7 @@ class ChunkStream:
             if self.splitter is not None:
                 for kind, piece in self.splitter.flush():
                     yield from self._chunk(piece, reasoning=kind == "thinking")
-            yield from self._chunk(None, event.data["finish_reason"])
+            yield from self._end(event.data["finish_reason"])
             self.usage = event.data["usage"]
         elif event.event == EventType.ERROR:
             error = event.data.get("error") or {}
@@ -246,7 +288,7 @@ async def answer(
     slots = [job.slot for job in jobs]
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     chat = prompts[0].messages is not None
-    shape = ChunkShape(chat, jobs[0].job_id, jobs[0].model, include_usage)
+    shape = ChunkShape(chat, jobs[0].job_id, jobs[0].model, include_usage, prompts[0].tool_use)
     headers = {
         name: ", ".join(job_headers(job)[name] for job in jobs) for name in job_headers(jobs[0])
     }
@@ -278,14 +320,18 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
     """As OpenAI's: without a limit, the answer runs until the model stops (here,
     at the latest at MAX_NEW_TOKENS_LIMIT or the context window)."""
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    tools, use, schema = body.tool_use()
     prompt = Prompt(
         "messages",
         messages=body.as_messages(),
         max_tokens_field=field,
         continue_final=body.continue_final_message,
+        tools=tools,
+        tool_use=use,
     )
     limit = body.max_completion_tokens or body.max_tokens
-    generation = body.generation(limit or services_of(request).settings.max_new_tokens_limit)
+    settings = services_of(request).settings
+    generation = body.generation(limit or settings.max_new_tokens_limit, json_schema=schema)
     return await answer(request, body, generation, [prompt])
 
 

@@ -37,6 +37,7 @@ from textstream.job import (
     TopP,
     normalize_stop,
 )
+from textstream.tools import ToolError, ToolUse, call_schema, chosen_name, functions_of
 
 #: A model's name as a request gives it: not empty (that is no name, not the
 #: default), and short (a 404 repeats it).
@@ -49,7 +50,11 @@ class Prompt:
 
     field: str
     text: str = ""
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    #: OpenAI's `tools`, rendered into the prompt (prompts.py).
+    tools: list[dict[str, Any]] | None = None
+    #: How the answer is read for tool calls (None: plain text).
+    tool_use: ToolUse | None = None
     #: The name the client used for the token limit (`max_tokens` on /v1).
     max_tokens_field: str = "max_new_tokens"
     #: Continue the last (assistant) message (vLLM's `continue_final_message`).
@@ -58,13 +63,15 @@ class Prompt:
     @property
     def schema_field(self) -> str:
         """The name the client used for the output's schema (`response_format` on /v1)."""
+        if self.tool_use is not None and self.tool_use.constrained:
+            return "tools"
         return "json_schema" if self.max_tokens_field == "max_new_tokens" else "response_format"
 
     @property
     def checked_text(self) -> str:
         if self.messages is None:
             return self.text
-        return "\n".join(m["content"] for m in self.messages)
+        return "\n".join(m.get("content") or "" for m in self.messages)
 
 
 class Body(BaseModel):
@@ -174,17 +181,38 @@ class TextPart(Body):
     text: str
 
 
+class ToolCallFunction(Body):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(Body):
+    """A call an earlier assistant message made (OpenAI's `tool_calls` item)."""
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    #: An assistant's earlier calls, and a tool result's answer to one of them.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.text()}
+    def as_dict(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 # -- the native API -----------------------------------------------------------------
@@ -344,8 +372,13 @@ class OpenAISampling(Body):
             raise InvalidInputError("response_format", str(exc)) from None
 
     def generation(
-        self, max_tokens: int | None, prompt_format: PromptFormat = "auto"
+        self,
+        max_tokens: int | None,
+        prompt_format: PromptFormat = "auto",
+        json_schema: str | None = None,
     ) -> GenerationRequest:
+        """The common form; `json_schema` (a forced tool call's) overrides
+        `response_format`."""
         try:
             return GenerationRequest(
                 model=self.model,
@@ -361,7 +394,7 @@ class OpenAISampling(Body):
                 frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty,
                 use_cache=self.use_cache,
-                json_schema=self.output_schema(),
+                json_schema=json_schema or self.output_schema(),
             )
         except ValidationError as exc:  # a stop list the native API refuses too
             first = exc.errors()[0]
@@ -427,8 +460,38 @@ class ChatRequest(OpenAISampling):
     continue_final_message: bool = False
     add_generation_prompt: bool = True
 
-    def as_messages(self) -> list[dict[str, str]]:
+    parallel_tool_calls: bool | None = None
+
+    def as_messages(self) -> list[dict[str, Any]]:
         return [m.as_dict() for m in self.messages]
+
+    def tool_use(self) -> tuple[list[dict[str, Any]] | None, ToolUse | None, str | None]:
+        """(the tools to render, how to read the answer, the schema a forced call
+        must match): nothing without tools or with `tool_choice: none`."""
+        choice = self.tool_choice if self.tool_choice is not None else "auto"
+        try:
+            functions = functions_of(self.tools or [])
+            only = None if choice in ("none", "auto", "required") else chosen_name(choice)
+            names = frozenset(f["name"] for f in functions)
+            if (only is not None or choice == "required") and not names:
+                raise ToolError("tool_choice needs tools", "tool_choice")
+            if only is not None and only not in names:
+                raise ToolError("tool_choice names a function that is not in tools", "tool_choice")
+        except ToolError as exc:
+            raise InvalidInputError(exc.param, str(exc)) from None
+        if not functions or choice == "none":
+            return None, None, None
+        tools = [{"type": "function", "function": f} for f in functions]
+        if choice == "auto":
+            return tools, ToolUse(names, constrained=False), None
+        if self.output_schema() is not None:
+            raise InvalidInputError("response_format", "not with a required tool call")
+        parallel = self.parallel_tool_calls is not False
+        try:
+            schema = canonical_schema(call_schema(functions, only, parallel))
+        except GrammarError as exc:
+            raise InvalidInputError("tools", str(exc)) from None
+        return tools, ToolUse(names, constrained=True), schema
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -437,9 +500,7 @@ class ChatRequest(OpenAISampling):
         # Refused rather than ignored: a client that offers functions must not take
         # a plain answer for the model's choice not to call one.
         for field, value in (
-            ("tools", self.tools),
             ("functions", self.functions),
-            ("tool_choice", self.tool_choice not in (None, "none", "auto")),
             ("function_call", self.function_call not in (None, "none", "auto")),
         ):
             if value:

@@ -186,7 +186,7 @@ async def check_context_window(
     services: Services, prompt: Prompt, request: GenerationRequest, model: str
 ) -> None:
     counted = await services.prompt_tokens.count(
-        model, prompt.text, request.prompt_format, prompt.messages
+        model, prompt.text, request.prompt_format, prompt.messages, prompt.tools
     )
     if counted is not None and counted[0] >= counted[1]:
         # `messages` for a chat: the field the client sent
@@ -214,6 +214,7 @@ async def start_job(
                 model=model,
                 prompt=prompt.text,
                 messages=prompt.messages,
+                tools=prompt.tools,
                 continue_final=prompt.continue_final,
                 prompt_format=request.prompt_format,
                 params=params,

@@ -79,7 +79,10 @@ class Engine(ServedModel, Protocol):
     def encode_prompt(self, prompt: str, prompt_format: PromptFormat = "auto") -> list[int]: ...
 
     def encode_chat(
-        self, messages: list[dict[str, str]], continue_final: bool = False
+        self,
+        messages: list[dict[str, Any]],
+        continue_final: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
+from typing import Any
 
 from textstream.grammars import GrammarError
 from textstream.job import PromptFormat, SamplingParams, Step
@@ -99,7 +100,10 @@ class FakeEngine:
         return self.tokenizer.encode(prompt)
 
     def encode_chat(
-        self, messages: list[dict[str, str]], continue_final: bool = False
+        self,
+        messages: list[dict[str, Any]],
+        continue_final: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         return self.tokenizer.encode(" ".join(m["content"] for m in messages))
 

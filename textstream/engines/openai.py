@@ -51,6 +51,7 @@ from textstream.engines.upstream import (
 )
 from textstream.job import CompletionJob, PromptFormat, SamplingParams
 from textstream.sources import ModelLoadError, OpenAISource
+from textstream.tools import ToolError
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class OpenAIEngine:
         """The upstream's pieces, never more than `params.max_new_tokens` of them in
         all (each retry asks only for what is left, and an upstream that ignores
         `max_tokens` is cut off: finish reason `length`)."""
+        if job.tools:  # its tool-call deltas would need relaying back: not built yet
+            raise ToolError("tools are not supported by an upstream (openai) engine's models")
         received, attempt, failing_since, pieces = "", 0, 0.0, 0
         deadline = job.deadline or (time.time() + 300)
         while not should_stop():  # cancelled (or past its deadline) between attempts

@@ -42,6 +42,7 @@ from textstream.job import CompletionJob
 from textstream.logs import brief, redact
 from textstream.metrics import JobMetrics, JobTimings
 from textstream.registry import WorkerHeartbeat
+from textstream.tools import ToolError
 from textstream.transport.events import (
     CANCELLED,
     TIMEOUT,
@@ -190,6 +191,8 @@ class CompletionRunner:
                 # Not the message: llguidance's may quote the schema.
                 log.warning("job=%s response_format refused by the engine", job.job_id)
                 result = self._fail(job, writer, error_data("invalid_response_format", str(exc)))
+            except ToolError as exc:  # tools this engine cannot offer
+                result = self._fail(job, writer, error_data("invalid_tools", str(exc)))
             except REDIS_ERRORS as exc:
                 # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
                 # readers have ended with `redis_unavailable` already. The job ends so too,
@@ -299,7 +302,7 @@ class CompletionRunner:
     ) -> dict[str, Any]:
         started = time.perf_counter()
         prompt_ids = (
-            engine.encode_chat(job.messages, job.continue_final)
+            engine.encode_chat(job.messages, job.continue_final, job.tools)
             if job.messages
             else engine.encode_prompt(job.prompt, job.prompt_format)
         )

@@ -129,9 +129,12 @@ class TransformersEngine:
         return encode_prompt(self.tokenizer, prompt, prompt_format, self.prompt_format)
 
     def encode_chat(
-        self, messages: list[dict[str, str]], continue_final: bool = False
+        self,
+        messages: list[dict[str, Any]],
+        continue_final: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        return encode_chat(self.tokenizer, messages, continue_final)
+        return encode_chat(self.tokenizer, messages, continue_final, tools)
 
     def decode(self, ids: list[int]) -> str:
         return str(
