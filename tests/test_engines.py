@@ -134,23 +134,6 @@ def test_a_killed_relaying_worker_is_taken_over_with_identical_text(upstream, re
     assert relayed.text == reference.text  # nothing lost, nothing doubled
 
 
-def test_the_upstream_going_away_ends_the_stream_with_a_clear_event(upstream, relay):
-    up, _ = upstream
-    rel, _ = relay
-    result: dict[str, Any] = {}
-    reader = threading.Thread(
-        target=lambda: result.update(r=stream(rel.base, f"/completion/{PROMPT}", 90, **LONG))
-    )
-    reader.start()
-    time.sleep(3)
-    up.api.stop(signal.SIGKILL)  # the upstream API dies mid-stream, and stays dead
-    reader.join(90)
-    ended = result["r"]
-    assert ended.last.event == "error"
-    assert ended.last.data["error"]["type"] == "upstream_error"
-    assert ended.of("token")  # what came before it was delivered
-
-
 def test_a_schema_is_passed_to_the_upstream_which_enforces_it(relay):
     """The relaying worker cannot constrain tokens it does not pick: it sends the
     schema on as the upstream's own response_format."""
@@ -175,6 +158,23 @@ def test_a_schema_is_passed_to_the_upstream_which_enforces_it(relay):
     )
     assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
     assert set(json.loads(answer.choices[0].message.content or "")) == {"name", "age"}
+
+
+def test_the_upstream_going_away_ends_the_stream_with_a_clear_event(upstream, relay):
+    up, _ = upstream
+    rel, _ = relay
+    result: dict[str, Any] = {}
+    reader = threading.Thread(
+        target=lambda: result.update(r=stream(rel.base, f"/completion/{PROMPT}", 90, **LONG))
+    )
+    reader.start()
+    time.sleep(3)
+    up.api.stop(signal.SIGKILL)  # the upstream API dies mid-stream, and stays dead
+    reader.join(90)
+    ended = result["r"]
+    assert ended.last.event == "error"
+    assert ended.last.data["error"]["type"] == "upstream_error"
+    assert ended.of("token")  # what came before it was delivered
 
 
 def test_tools_on_a_relayed_model_are_refused_not_dropped(relay):
