@@ -114,7 +114,7 @@ def shutting_down() -> bool:
     return STOPPING.is_set() or bool(AppStatus.should_exit)
 
 
-#: SHUTDOWN for an answer that was not streamed (there is nothing to resume).
+#: shutdown_data() for an answer that was not streamed (there is nothing to resume).
 SHUTDOWN_UNSTREAMED = error_data(
     "shutdown", "this API process is shutting down; send the request again (Retry-After)"
 )
