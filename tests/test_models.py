@@ -176,3 +176,35 @@ def test_a_job_for_a_model_whose_workers_are_gone_ends_no_worker(make_service):
     assert time.monotonic() - started < 30  # JOB_TIMEOUT is 300
     status = httpx.get(f"{svc.base}/jobs/{configured['id']}").json()
     assert status["status"] == "queued", status
+
+
+def test_a_question_asked_while_the_fallback_loads_is_answered_by_it(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """A first run offline: MODEL_ID cannot be loaded and the worker serves
+    MODEL_FALLBACK under its own name. A request that named no model while the
+    worker was loading was queued under MODEL_ID's name; it is answered by the
+    fallback once that is up (not at JOB_TIMEOUT), and so is a request naming
+    MODEL_ID's name afterwards."""
+    proc, url = start_redis(tmp_path)
+    env = service_env(url, "nobody/absent-model", MODEL_FALLBACK=str(tiny_model_dir))
+    api, base = start_api(env, tmp_path)
+    workers = None
+    try:
+        body = {"prompt": "The capital of France is", "max_new_tokens": 30, "temperature": 0}
+        early = httpx.post(base + "/jobs", json=body, timeout=10).json()["id"]
+        workers = start_workers(env, tmp_path, 1)
+        wait_for_workers(base, 1, proc=workers)
+        answered = stream(base, f"/jobs/{early}/events", timeout=30)
+        assert answered.text == TRAINED["The capital of France is"]
+        assert httpx.get(f"{base}/jobs/{early}", timeout=5).json()["model"] == TINY
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        named = sdk.completions.create(
+            model="nobody/absent-model", prompt="The capital of France is", max_tokens=30
+        )
+        assert named.model == TINY and named.choices[0].text == TRAINED["The capital of France is"]
+    finally:
+        for process in (workers, api):
+            if process is not None:
+                process.stop()
+        proc.terminate()

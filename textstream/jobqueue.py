@@ -580,6 +580,19 @@ class JobQueue:
         )
         return int(removed) > 0
 
+    async def move(self, job_id: str, model: str, to: str) -> bool | None:
+        """Move a job no worker has claimed from `model`'s queue to the end of `to`'s
+        (api/models.py: the fallback served in `model`'s place). True when moved;
+        False when it was not waiting there (claimed, withdrawn, moved by another
+        API process: withdraw decides, atomically); None when it was taken off but
+        `to`'s queue is full: the caller ends it."""
+        blob = await self._client.get(keys.modelq_task(job_id))
+        if blob is None or not await self.withdraw(job_id, model):
+            return False
+        job = CompletionJob.model_validate(json.loads(blob)["payload"]["data"])
+        job.model = to
+        return None if await self.submit(job) is None else True
+
 
 async def queue_length(client: aioredis.Redis, model: str) -> int:
     return int(await client.llen(keys.queue_key(model, keys.MODELQ_QUEUE)))

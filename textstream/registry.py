@@ -45,6 +45,10 @@ class WorkerInfo:
     context_length: int = 0
     prompt_format: str = "auto"
     load_seconds: float = 0.0
+    #: The name this deployment's configuration told the worker to serve, when it
+    #: serves another (MODEL_ID could not be loaded, MODEL_FALLBACK was): requests
+    #: and queued jobs for that name go to this worker's model (api/models.py).
+    fallback_for: str = ""
     #: Decode rate of the worker's last finished job (tokens/s).
     last_tokens_per_s: float = 0.0
     started_at: float = field(default_factory=time.time)
@@ -169,6 +173,9 @@ class LiveModels:
     def __init__(self, max_age: float = 1.0) -> None:
         self._max_age = max_age
         self._models: list[str] = []
+        #: name -> the model served in its place (WorkerInfo.fallback_for), for
+        #: names no live worker serves itself; as fresh as the model list.
+        self.aliases: dict[str, str] = {}
         self._read_at = float("-inf")
         self._reading: asyncio.Future[list[str]] | None = None
 
@@ -182,7 +189,13 @@ class LiveModels:
 
     async def _read(self, client: aioredis.Redis, interval: float) -> list[str]:
         try:
-            models = sorted({w.model for w in await live_workers(client, interval)})
+            workers = await live_workers(client, interval)
+            models = sorted({w.model for w in workers})
+            self.aliases = {
+                w.fallback_for: w.model
+                for w in workers
+                if w.fallback_for and w.fallback_for not in models
+            }
             self._models, self._read_at = models, time.monotonic()
             return models
         finally:

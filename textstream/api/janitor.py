@@ -8,6 +8,10 @@
   none of whose workers was seen for NO_WORKER_SECONDS (gone, not restarting),
   ends with `no_worker` once it has waited as long, instead of until JOB_TIMEOUT.
 - ModelQ's ever-growing records are trimmed (jobqueue.trim_records).
+- Every REHOME_SECONDS (not only every HOUSEKEEPING_SECONDS): jobs waiting for a
+  name whose worker serves a fallback in its place (api/models.py) move to the
+  fallback's queue, so a first question asked while the model loads is answered
+  once it has, not at JOB_TIMEOUT.
 
 Every API process runs it; each step is idempotent, so more processes only make it
 run more often. Redis trouble is logged and retried next round.
@@ -30,6 +34,15 @@ log = logging.getLogger(__name__)
 
 #: At most this many expired jobs taken off the queue per round.
 BATCH = 100
+#: How often jobs waiting for a model served under a fallback are moved to it (a
+#: registry read, shared with the submissions' own: LiveModels).
+REHOME_SECONDS = 1.0
+
+
+#: A job moved off a queue whose fallback's queue had no room (MAX_QUEUED_JOBS).
+FALLBACK_FULL = error_data(
+    "queue_full", "the model is served by its fallback now, whose queue is full; try again"
+)
 
 
 def no_worker(model: str) -> dict[str, Any]:
@@ -70,10 +83,30 @@ async def end_unserved(services: Services, model: str, queued_before: float) -> 
     return ended
 
 
+async def rehome(services: Services) -> int:
+    """Move the jobs waiting for a name served by a fallback to the fallback's
+    queue; returns how many moved."""
+    await live_models(services)  # refreshes the aliases
+    moved = 0
+    for name, fallback in services.live_models.aliases.items():
+        for job_id in await waiting_since(services.redis, name, time.time(), BATCH):
+            done = await services.queue.move(job_id, name, fallback)
+            if done is None:  # off one queue, and the other is full
+                await services.jobs.append(job_id, EventType.ERROR, FALLBACK_FULL)
+            moved += bool(done)
+    if moved:
+        log.info("moved %d job(s) to the fallback model's queue", moved)
+    return moved
+
+
 async def run(services: Services, interval: float) -> None:
+    due = 0.0
     while True:
         try:
-            await sweep(services)
+            await rehome(services)
+            if time.monotonic() >= due:
+                await sweep(services)
+                due = time.monotonic() + interval
         except UNREACHABLE as exc:
             log.warning("queue housekeeping skipped: %s", type(exc).__name__)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(min(interval, REHOME_SECONDS))

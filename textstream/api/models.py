@@ -11,6 +11,12 @@ the workers will announce, SERVED_MODEL_NAME or the one MODEL_ID gives (a job
 queued under MODEL_ID's name while the workers announced SERVED_MODEL_NAME
 waited for nobody).
 
+A worker that could not load MODEL_ID and serves MODEL_FALLBACK says so
+(`fallback_for`): while no live worker serves the configured name itself,
+requests for it go to the fallback, and the jobs queued for it before that
+worker was up (a first run offline: the page asks while the model loads) are
+moved to the fallback's queue by the housekeeping (janitor.py), within a second.
+
 A job for a model that is neither configured nor served by a live worker waits
 NO_WORKER_SECONDS at most; then the housekeeping ends it (`no_worker`,
 janitor.py) instead of leaving it until JOB_TIMEOUT.
@@ -57,6 +63,14 @@ async def all_models(services: Services) -> dict[str, KnownModel | None]:
 
 
 async def resolve_model(services: Services, requested: str | None) -> str:
+    """The model a request goes to; a name whose worker serves a fallback in its
+    place (MODEL_ID failed to load) goes to that fallback."""
+    chosen = await _chosen_model(services, requested)
+    await live_models(services)  # refreshes the aliases too
+    return services.live_models.aliases.get(chosen, chosen)
+
+
+async def _chosen_model(services: Services, requested: str | None) -> str:
     if requested:
         known = await all_models(services)
         if requested not in known:

@@ -26,7 +26,7 @@ from textstream.engines.base import AnyEngine
 from textstream.jobqueue import WorkerModelQ, create_worker_modelq, new_server_id
 from textstream.logs import configure_logging
 from textstream.registry import WorkerHeartbeat, WorkerInfo
-from textstream.sources import ModelLoadError
+from textstream.sources import ModelLoadError, served_name
 from textstream.transport.writer import StreamFlusher
 from textstream.worker.completion import CompletionRunner
 from textstream.worker.supervisor import EXIT_MODEL_LOAD_FAILED, Supervisor
@@ -78,6 +78,7 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
             context_length=engine.context_length,
             prompt_format=engine.prompt_format,
             load_seconds=round(engine.load_seconds, 3),
+            fallback_for=fallback_for(settings, engine.name),
         ),
         settings.worker_heartbeat_seconds,
     )
@@ -104,6 +105,14 @@ def serve(concurrency: int = 1, cpu_threads: int = 0) -> int:
             stop.wait(1.0)
     stop.wait()
     return drain(mq, runner, heartbeat, settings.worker_shutdown_grace)
+
+
+def fallback_for(settings: Settings, served: str) -> str:
+    """The name the API expects this worker to serve (api/models.configured_model),
+    when it serves another: it loaded MODEL_FALLBACK. The API then sends requests
+    and queued jobs for that name here instead of letting them wait for nobody."""
+    expected = settings.served_model_name or served_name(settings.model_id)
+    return expected if expected != served else ""
 
 
 def prepare_engine(settings: Settings, concurrency: int) -> tuple[AnyEngine, bool]:
