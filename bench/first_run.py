@@ -7,6 +7,12 @@ installed once), then two ways to write the bytecode the workers would otherwise
 compile at every start (PYTHONDONTWRITEBYTECODE machines): `compileall` over the
 whole venv, as the Makefile did, and importing what a worker and the API import.
 Prints one line per stage with its seconds.
+
+`--make-run`: instead, the whole path a new user takes, timed from the clone:
+`make run PORT=…` in the fresh clone (venv, deps, `.env`, Redis, a worker, the
+API), one streamed question sent as soon as the API answers, and the seconds to
+the API's first answer, the `ready` line and that question's first token; then
+Ctrl-C, and how long the whole tree took to stop.
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,13 +53,93 @@ def pycache_count(venv: Path) -> int:
     return sum(1 for _ in (venv / "lib").rglob("*.pyc"))
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def first_token(base: str) -> float:
+    """Stream one question the way the README's SDK snippet asks it; the time
+    (perf_counter) its first text arrived."""
+    model = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"{reply.status_code}: {reply.read().decode()[:300]}")
+        for line in reply.iter_lines():
+            if '"content":"' in line.replace(" ", "") and '"content":""' not in line:
+                return time.perf_counter()
+    raise RuntimeError(f"no token came: {reply.status_code}")
+
+
+def make_run(root: Path, env: dict[str, str]) -> None:
+    """`make run` in a fresh clone, timed to its first token, then Ctrl-C."""
+    started = time.perf_counter()
+    clone = root / "textstream"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (root / "make-run.log").open("w")
+    make = subprocess.Popen(
+        ["make", "run", f"PORT={port}"],
+        cwd=clone,
+        # A Redis of its own (serve starts one where REDIS_URL does not answer).
+        env={**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        while True:
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                if make.poll() is not None:
+                    raise RuntimeError(f"make run ended: see {root / 'make-run.log'}") from None
+                time.sleep(0.2)
+        api_up = time.perf_counter()
+        token = first_token(base)
+        ready = next(
+            (line for line in (root / "make-run.log").read_text().splitlines() if "ready:" in line),
+            "",
+        )
+        print(f"{'clone + set-up until the API answers':<52} {api_up - started:7.1f} s")
+        print(f"{'first token of a question sent then':<52} {token - started:7.1f} s")
+        print(f"  the ready line: {ready[:120]}")
+    finally:
+        stopping = time.perf_counter()
+        os.killpg(make.pid, signal.SIGINT)
+        try:
+            make.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(make.pid, signal.SIGKILL)
+        print(f"{'Ctrl-C until everything stopped':<52} {time.perf_counter() - stopping:7.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keep", help="clone here and keep it (default: a temporary folder)")
+    parser.add_argument("--make-run", action="store_true", help="time `make run` to a first token")
     args = parser.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="textstream-first-run-"))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("VIRTUAL_ENV", None)
+    if args.make_run:
+        env.pop("PYTHONDONTWRITEBYTECODE")  # a laptop's Python writes its own
+        try:
+            make_run(root, env)
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        return
     try:
         clone = root / "textstream"
         timed("git clone", ["git", "clone", "-q", str(REPO), str(clone)], root, env)

@@ -191,6 +191,9 @@ def test_a_question_asked_while_the_fallback_loads_is_answered_by_it(
     api, base = start_api(env, tmp_path)
     workers = None
     try:
+        # What a client that lists the models first (the README's snippet) is told.
+        (loading,) = httpx.get(base + "/v1/models", timeout=10).json()["data"]
+        assert loading["id"] == "nobody/absent-model" and "max_model_len" not in loading
         body = {"prompt": "The capital of France is", "max_new_tokens": 30, "temperature": 0}
         early = httpx.post(base + "/jobs", json=body, timeout=10).json()["id"]
         workers = start_workers(env, tmp_path, 1)
@@ -203,6 +206,7 @@ def test_a_question_asked_while_the_fallback_loads_is_answered_by_it(
             model="nobody/absent-model", prompt="The capital of France is", max_tokens=30
         )
         assert named.model == TINY and named.choices[0].text == TRAINED["The capital of France is"]
+        assert [m.id for m in sdk.models.list().data] == [TINY]
     finally:
         for process in (workers, api):
             if process is not None:

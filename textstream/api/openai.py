@@ -33,7 +33,7 @@ from textstream import __version__
 from textstream.api.deps import authorize, services_of
 from textstream.api.errors import job_error_response, openai_error_body
 from textstream.api.fanout import completed_jobs, interleaved, submit_all
-from textstream.api.models import ModelNotFoundError, live_models
+from textstream.api.models import ModelNotFoundError, live_models, resolve_model
 from textstream.api.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -337,7 +337,11 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
 
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
-    """Every model live workers serve, with its context window (as vLLM's)."""
+    """Every model live workers serve, with its context window (as vLLM's). With no
+    worker up yet (the first minute of a first run), the one a request naming no
+    model goes to, without a window: a client that lists the models and picks the
+    first (the README's snippet) is answered once the worker is up, not an
+    IndexError."""
     return {"object": "list", "data": await _model_cards(request)}
 
 
@@ -354,15 +358,14 @@ async def model(request: Request, model: str) -> dict[str, Any]:
 async def _model_cards(request: Request) -> list[dict[str, Any]]:
     services = services_of(request)
     workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
-    windows = {w.model: w.context_length for w in workers}
+    windows: dict[str, int | None] = {w.model: w.context_length for w in workers}
+    if not windows:
+        windows[await resolve_model(services, None)] = None  # loading
     created = int(time.time())
-    return [
-        {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "textstream",
-            "max_model_len": windows[name],
-        }
-        for name in sorted(windows)
-    ]
+    cards: list[dict[str, Any]] = []
+    for name in sorted(windows):
+        card = {"id": name, "object": "model", "created": created, "owned_by": "textstream"}
+        if windows[name] is not None:
+            card["max_model_len"] = windows[name]
+        cards.append(card)
+    return cards
