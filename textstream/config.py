@@ -16,6 +16,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from textstream.sources import BUNDLED_MODEL
 
 
+def parse_key_weights(text: str) -> dict[str, float]:
+    """API_KEY_WEIGHTS (`key=weight,…`) by key."""
+    weights: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        key, sep, value = entry.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not key or not 0.01 <= weight <= 100:  # NaN fails too
+            raise ValueError("API_KEY_WEIGHTS entries are key=weight, weights from 0.01 to 100")
+        weights[key] = weight
+    return weights
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
@@ -99,6 +114,9 @@ class Settings(BaseSettings):
     #: job ends there with finish reason `length`.
     max_output_chars: int = Field(1 << 20, ge=1)
     max_queued_jobs: int = Field(1000, ge=1, description="queue length past which 429")
+    #: Jobs one caller (API key, or IP without keys) may have waiting in a model's
+    #: queue, so that one caller never takes all of MAX_QUEUED_JOBS; 0: half of it.
+    max_queued_per_caller: int = Field(0, ge=0)
     queue_status_seconds: float = Field(2.0, gt=0, description="queued-position event period")
     redis_grace_seconds: float = Field(5.0, ge=0, description="an open stream waits this long")
     cache_ttl: int = Field(3600, ge=0, description="response cache lifetime; 0 disables")
@@ -130,6 +148,9 @@ class Settings(BaseSettings):
 
     # --- security ----------------------------------------------------------------
     api_keys: str = Field("", description="comma-separated; empty = open")
+    #: A key's share of the queue relative to the others (default 1 each):
+    #: `key=weight,…` for keys in API_KEYS, weights from 0.01 to 100 (fairness.py).
+    api_key_weights: str = ""
     stream_token_seconds: int = Field(600, ge=1)
     rate_limit: int = Field(0, ge=0, description="requests/minute per key or IP; 0 = off")
     max_streams_per_key: int = Field(0, ge=0, description="concurrent streams; 0 = off")
@@ -171,6 +192,20 @@ class Settings(BaseSettings):
     def streams_shared(self) -> bool:
         """The streams share the queue's Redis (one client serves both roles)."""
         return self.streams_url == self.redis_url and not self.streams_redis_cluster
+
+    @property
+    def queued_per_caller_limit(self) -> int:
+        return self.max_queued_per_caller or max(1, self.max_queued_jobs // 2)
+
+    @property
+    def key_weights(self) -> dict[str, float]:
+        return parse_key_weights(self.api_key_weights)
+
+    @field_validator("api_key_weights")
+    @classmethod
+    def _check_key_weights(cls, value: str) -> str:
+        parse_key_weights(value)  # a bad entry stops the process at start
+        return value
 
     @property
     def api_key_list(self) -> list[str]:

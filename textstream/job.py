@@ -34,6 +34,11 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 #: Past any vocabulary; the bound keeps a 2**70 from reaching an upstream engine.
 TopK = Annotated[int, Field(ge=0, le=2**31 - 1, description="0 = off")]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
+#: vLLM's `priority` (lower first), among the caller's own jobs only (fairness.py).
+Priority = Annotated[
+    int,
+    Field(ge=-1000, le=1000, description="lower first, among this caller's own jobs"),
+]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off")]
 
@@ -119,6 +124,14 @@ class CompletionJob(BaseModel):
     enqueued_at: float = 0.0
     #: Unix time after which the job ends with a `timeout` error (JOB_TIMEOUT).
     deadline: float | None = None
+    #: The fair order's record (fairness.py): whose it is (the caller's identity:
+    #: a key's hash or `ip:…`, never a key), that caller's weight, the job's
+    #: priority among the caller's jobs, and the estimate charged when claimed
+    #: (weighted tokens / weight), settled by the worker when the job ends.
+    caller: str = ""
+    weight: float = 1.0
+    priority: int = 0
+    charge: float = 0.0
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline

@@ -36,7 +36,7 @@ from modelq import ModelQ
 from modelq.app.redis_retry import _RedisWithRetry
 from modelq.app.tasks import Task
 
-from textstream import keys
+from textstream import fairness, keys
 from textstream.config import Settings
 from textstream.connections import sync_client
 from textstream.job import CompletionJob
@@ -140,6 +140,7 @@ def create_worker_modelq(
         task_ttl=settings.job_ttl,  # its claim and requeue rewrite task:{id} with this TTL
     )
     mq.job_ttl = settings.job_ttl
+    mq.model = model
     tune_for_takeover(mq, settings)
 
     def generate_completion(job: CompletionJob) -> dict[str, Any]:
@@ -252,6 +253,10 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._begin = self.redis_client.register_script(BEGIN_SCRIPT)
         self._end = self.redis_client.register_script(RELEASE_SCRIPT)
+        self._fair_claim = self.redis_client.register_script(fairness.CLAIM_SCRIPT)
+        self._settle = self.redis_client.register_script(fairness.SETTLE_SCRIPT)
+        #: The served model whose queue this is (create_worker_modelq).
+        self.model = ""
 
     def start_workers(self, no_of_workers: int = 1) -> None:
         """ModelQ's start-up (recover this server id's leftovers, then its heartbeat
@@ -339,7 +344,43 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         pipe.sadd(self.INFLIGHT_REGISTRY, inflight_key)
         pipe.blmove(keys.MODELQ_QUEUE, inflight_key, self.BLPOP_TIMEOUT, "LEFT", "RIGHT")
         _, task_json = pipe.execute()
-        return task_json
+        return self._fair_pick(task_json, inflight_key) if task_json else task_json
+
+    def _fair_pick(self, head: bytes | str, inflight_key: str) -> Any:
+        """The queue's head, now in custody, swapped for the job the fair order
+        says is next (fairness.CLAIM_SCRIPT). If this call fails, the head stays in
+        custody and `_serve` runs it (it reads the list after a failed claim)."""
+        try:
+            task_id = json.loads(head)["task_id"]
+        except (ValueError, TypeError, KeyError):
+            return head  # not a task: _process_claimed drops it
+        model = self.model
+        return self._fair_claim(
+            keys=[
+                keys.MODELQ_QUEUE,
+                inflight_key,
+                fairness.backlog_key(model),
+                fairness.counters_key(model),
+                fairness.owners_key(model),
+                fairness.floor_key(model),
+            ],
+            args=[head, str(task_id), fairness.waiting_prefix(model), keys.modelq_task("")],
+        )
+
+    def _settle_charge(self, job: CompletionJob, result: Any) -> None:
+        """Replace the estimate charged at claim by the job's cost (fairness.py);
+        a job that ended without usage (an error, a hand-over) keeps the estimate."""
+        usage = result.get("usage") if isinstance(result, dict) else None
+        if not job.caller or not usage:
+            return
+        spent = fairness.cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        try:
+            self._settle(
+                keys=[fairness.counters_key(self.model), fairness.backlog_key(self.model)],
+                args=[job.caller, repr(spent / job.weight - job.charge)],
+            )
+        except Exception as exc:  # a share slightly off; the job itself is done
+            log.warning("job=%s: could not settle its share: %s", job.job_id, type(exc).__name__)
 
     def _persist(self, what: str, call: Callable[[], Any]) -> Any:
         """`call` until Redis takes it: a claimed task's records must neither be
@@ -405,7 +446,8 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         task.status = "failed"
         try:
             assert self.run_job is not None, "create_worker_modelq sets run_job"
-            self.run_job(CompletionJob.model_validate(task.payload["data"]))
+            job = CompletionJob.model_validate(task.payload["data"])
+            self._settle_charge(job, self.run_job(job))
             task.status = "completed"
         except Exception as exc:  # never the payload (the prompt) in a log
             log.error("job=%s: the queue task raised %s", task.task_id, type(exc).__name__)
@@ -466,19 +508,25 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
 #: KEYS[1]: the queue; KEYS[2..]: the key of each recorded command, in order.
 #: ARGV[1]: the bound; ARGV[2]: how many commands; then per command: its name, its
 #: argument count n, and its n arguments after the key.
-ADMIT_SCRIPT = """
+ADMIT_SCRIPT = (
+    """
 local waiting = redis.call('LLEN', KEYS[1])
 if waiting >= tonumber(ARGV[1]) then return -1 end
-local pos = 3
-for i = 1, tonumber(ARGV[2]) do
+if redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[2]) then return -2 end
+local pos = 9
+for i = 1, tonumber(ARGV[8]) do
   local n = tonumber(ARGV[pos + 1])
-  local call = {ARGV[pos], KEYS[i + 1]}
+  local call = {ARGV[pos], KEYS[i + 6]}
   for j = 1, n do call[#call + 1] = ARGV[pos + 1 + j] end
   redis.call(unpack(call))
   pos = pos + 2 + n
 end
+"""
+    + fairness.ADMIT_FAIR
+    + """
 return waiting
 """
+)
 
 #: Takes a task that no worker has claimed yet off the queue, with its records:
 #: a cancelled or expired job must stop counting against MAX_QUEUED_JOBS, and its
@@ -486,8 +534,10 @@ return waiting
 #: worker's claim (BLMOVE): exactly one of the two gets the task. The list entry is
 #: found by its exact text (as `task:{id}` holds it), else by its JSON prefix
 #: (json.dumps writes "task_id" first; a prompt cannot forge it, quotes are escaped).
-#: KEYS: queue, queued index, task:{id}. ARGV: task id. Returns entries removed.
-WITHDRAW_SCRIPT = """
+#: KEYS: queue, queued index, task:{id}, fair owners, fair backlog. ARGV: task id,
+#: the fair waiting prefix. Returns entries removed.
+WITHDRAW_SCRIPT = (
+    """
 local removed = 0
 local blob = redis.call('GET', KEYS[3])
 if blob then removed = redis.call('LREM', KEYS[1], 0, blob) end
@@ -505,9 +555,21 @@ end
 if removed > 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('DEL', KEYS[3])
+"""
+    + fairness.WITHDRAW_FAIR
+    + """
 end
 return removed
 """
+)
+
+
+class CallerQueueFull(Exception):
+    """The caller already has its share of the queue waiting (MAX_QUEUED_PER_CALLER)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this caller already has {limit} jobs waiting; retry shortly")
+        self.limit = limit
 
 
 class JobQueue:
@@ -554,19 +616,42 @@ class JobQueue:
         return [tuple(args) for args, _options in recorder.command_stack]
 
     async def submit(self, job: CompletionJob) -> int | None:
-        """Queue the job on its model's queue; its 1-based place there, or None when
-        MAX_QUEUED_JOBS are already waiting (then nothing was written)."""
-        scope = keys.queue_scope(job.model)
+        """Queue the job on its model's queue, recorded under its caller for the fair
+        order (fairness.py); its 1-based place there, or None when MAX_QUEUED_JOBS
+        are already waiting (then nothing was written). Raises CallerQueueFull when
+        its caller has MAX_QUEUED_PER_CALLER waiting (nothing written either)."""
+        model, scope = job.model, keys.queue_scope(job.model)
         commands = [
             (name, scope.get(key, key), *rest) for name, key, *rest in self._recorded_enqueue(job)
         ]
-        args: list[Any] = [self._settings.max_queued_jobs, len(commands)]
+        per_caller = self._settings.queued_per_caller_limit
+        args: list[Any] = [
+            self._settings.max_queued_jobs,
+            per_caller,
+            job.caller,
+            job.job_id,
+            fairness.order_score(job.priority, job.enqueued_at or None),
+            repr(job.charge),
+            fairness.COUNTERS_TTL,
+            len(commands),
+        ]
         for name, _key, *rest in commands:
             args += [name, len(rest), *rest]
-        waiting = await self._admit(
-            keys=[scope[keys.MODELQ_QUEUE], *(command[1] for command in commands)], args=args
+        fair_keys = [
+            fairness.backlog_key(model),
+            fairness.counters_key(model),
+            fairness.owners_key(model),
+            fairness.floor_key(model),
+            fairness.waiting_prefix(model) + job.caller,
+        ]
+        waiting = int(
+            await self._admit(
+                keys=[scope[keys.MODELQ_QUEUE], *fair_keys, *(c[1] for c in commands)], args=args
+            )
         )
-        return None if int(waiting) < 0 else int(waiting) + 1
+        if waiting == -2:
+            raise CallerQueueFull(per_caller)
+        return None if waiting < 0 else waiting + 1
 
     async def withdraw(self, job_id: str, model: str) -> bool:
         """Take a job no worker has claimed off its queue; False if none had it."""
@@ -575,8 +660,10 @@ class JobQueue:
                 keys.queue_key(model, keys.MODELQ_QUEUE),
                 keys.queue_key(model, keys.MODELQ_QUEUED_INDEX),
                 keys.modelq_task(job_id),
+                fairness.owners_key(model),
+                fairness.backlog_key(model),
             ],
-            args=[job_id],
+            args=[job_id, fairness.waiting_prefix(model)],
         )
         return int(removed) > 0
 

@@ -28,6 +28,7 @@ from textstream.grammars import JSON_OBJECT, GrammarError, canonical_schema
 from textstream.job import (
     MaxNewTokens,
     Penalty,
+    Priority,
     PromptFormat,
     RepetitionPenalty,
     SamplingParams,
@@ -240,6 +241,7 @@ class GenerationRequest(Body):
     json_schema: dict[str, Any] | str | None = Field(
         None, description="a JSON schema (or its JSON text) the output must match"
     )
+    priority: Priority = 0
 
     @field_validator("stop")
     @classmethod
@@ -254,7 +256,15 @@ class GenerationRequest(Body):
 
     def sampling(self, default_max_new_tokens: int) -> SamplingParams:
         fields = self.model_dump(
-            exclude={"model", "prompt_format", "prompt", "messages", "use_cache", "stream"}
+            exclude={
+                "model",
+                "prompt_format",
+                "prompt",
+                "messages",
+                "use_cache",
+                "stream",
+                "priority",
+            }
         )
         fields["max_new_tokens"] = self.max_new_tokens or default_max_new_tokens
         fields["stop"] = normalize_stop(self.stop)
@@ -327,6 +337,7 @@ class OpenAISampling(Body):
     #: `json_object` or `json_schema` (its `strict` is always true here); on
     #: /v1/completions too, as vLLM takes it.
     response_format: dict[str, Any] | None = None
+    priority: Priority = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -395,6 +406,7 @@ class OpenAISampling(Body):
                 repetition_penalty=self.repetition_penalty,
                 use_cache=self.use_cache,
                 json_schema=json_schema or self.output_schema(),
+                priority=self.priority,
             )
         except ValidationError as exc:  # a stop list the native API refuses too
             first = exc.errors()[0]

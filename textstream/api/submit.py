@@ -29,11 +29,12 @@ from textstream.api.errors import (
 )
 from textstream.api.models import resolve_model
 from textstream.api.protocol import GenerationRequest, Prompt
-from textstream.api.security import Caller
+from textstream.api.security import Caller, key_identity
 from textstream.connections import UNREACHABLE
+from textstream.fairness import Share, estimate
 from textstream.grammars import GrammarError, check_schema
 from textstream.job import CompletionJob
-from textstream.jobqueue import queue_length
+from textstream.jobqueue import CallerQueueFull, queue_length
 from textstream.transport.events import JobAccess, JobEvent, entry_seconds
 from textstream.transport.sse import QueueHooks
 
@@ -95,8 +96,9 @@ async def submit(
         slot = await services.guard.open_stream(caller)
     try:
         tenant = tenant_of(services, caller)
+        share = share_of(services, caller, request.priority)
         async with submission_turn(services):
-            submission = await start_job(services, tenant, model, prompt, request, policy)
+            submission = await start_job(services, tenant, model, prompt, request, policy, share)
     except BaseException:
         with contextlib.suppress(*UNREACHABLE):
             await services.guard.close_stream(caller, slot)
@@ -193,6 +195,13 @@ async def check_context_window(
         raise ContextLengthError(prompt.field, counted[0], counted[1])
 
 
+def share_of(services: Services, caller: Caller, priority: int) -> Share:
+    """The caller's place in the fair order (fairness.py): its identity (without
+    API keys, its address, as the rate limit tells callers apart) and weight."""
+    weights = {key_identity(k): w for k, w in services.settings.key_weights.items()}
+    return Share(caller.identity, weights.get(caller.identity, 1.0), priority)
+
+
 async def start_job(
     services: Services,
     tenant: str,
@@ -200,6 +209,7 @@ async def start_job(
     prompt: Prompt,
     request: GenerationRequest,
     policy: CancelPolicy,
+    share: Share,
 ) -> Submission:
     """Answer from the response cache, or queue a new job."""
     settings = services.settings
@@ -220,6 +230,10 @@ async def start_job(
                 params=params,
                 enqueued_at=now,
                 deadline=now + settings.job_timeout,
+                caller=share.caller,
+                weight=share.weight,
+                priority=share.priority,
+                charge=estimate(len(prompt.checked_text), params.max_new_tokens) / share.weight,
             )
             waiting = await queue_length(services.redis, model)
             if waiting >= settings.max_queued_jobs:  # refused before writing anything
@@ -303,19 +317,25 @@ async def queue_job(
         pinned=policy is CancelPolicy.EXPLICIT,
         cache_key=key,
     )
-    if first is not None and await admitted(services, job):
-        return first
+    refusal = QueueFullError(f"{services.settings.max_queued_jobs} jobs are waiting; retry shortly")
+    try:
+        if first is not None and await admitted(services, job):
+            return first
+    except CallerQueueFull as full:  # this caller's share of the queue is taken
+        refusal = QueueFullError(str(full))
     if first is not None:  # never another job's stream (an id taken: not ours to remove)
         await services.jobs.discard(job.job_id)
     if key:
         await forget(services.redis, key, job.job_id)
-    raise QueueFullError(f"{services.settings.max_queued_jobs} jobs are waiting; retry shortly")
+    raise refusal
 
 
 async def admitted(services: Services, job: CompletionJob) -> bool:
     """Queue the job unless MAX_QUEUED_JOBS are waiting (one atomic step)."""
     try:
         return await services.queue.submit(job) is not None
+    except CallerQueueFull:
+        raise  # nothing was written
     except BaseException:
         # Unknown whether it was queued: a job with no stream would be skipped by
         # its worker, so remove the stream rather than leave a job nobody can name.
