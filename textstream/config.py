@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     #: job ends there with finish reason `length`.
     max_output_chars: int = Field(1 << 20, ge=1)
     max_queued_jobs: int = Field(1000, ge=1, description="queue length past which 429")
+    #: Workers take the waiting job of the caller with the least service (fairness.py);
+    #: off: the oldest job, whoever's (arrival order, as ModelQ alone does).
+    fair_queueing: bool = True
     #: Jobs one caller (API key, or IP without keys) may have waiting in a model's
     #: queue, so that one caller never takes all of MAX_QUEUED_JOBS; 0: half of it.
     max_queued_per_caller: int = Field(0, ge=0)

@@ -169,7 +169,7 @@ local function entry_of(id)
   return nil
 end
 
-if not redis.call('HEXISTS', owners, head_id) then return head end
+if redis.call('HEXISTS', owners, head_id) == 0 then return head end
 for _ = 1, 16 do
   local caller = redis.call('ZRANGE', backlog, 0, 0)[1]
   if not caller then break end

@@ -140,7 +140,7 @@ def create_worker_modelq(
         task_ttl=settings.job_ttl,  # its claim and requeue rewrite task:{id} with this TTL
     )
     mq.job_ttl = settings.job_ttl
-    mq.model = model
+    mq.model, mq.fair = model, settings.fair_queueing
     tune_for_takeover(mq, settings)
 
     def generate_completion(job: CompletionJob) -> dict[str, Any]:
@@ -255,8 +255,10 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         self._end = self.redis_client.register_script(RELEASE_SCRIPT)
         self._fair_claim = self.redis_client.register_script(fairness.CLAIM_SCRIPT)
         self._settle = self.redis_client.register_script(fairness.SETTLE_SCRIPT)
-        #: The served model whose queue this is (create_worker_modelq).
+        #: The served model whose queue this is, and whether its claims follow the
+        #: fair order (create_worker_modelq).
         self.model = ""
+        self.fair = True
 
     def start_workers(self, no_of_workers: int = 1) -> None:
         """ModelQ's start-up (recover this server id's leftovers, then its heartbeat
@@ -355,6 +357,8 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         except (ValueError, TypeError, KeyError):
             return head  # not a task: _process_claimed drops it
         model = self.model
+        if not self.fair:
+            return head
         return self._fair_claim(
             keys=[
                 keys.MODELQ_QUEUE,
