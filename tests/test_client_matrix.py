@@ -297,6 +297,8 @@ def test_pydantic_ai_agents_output_a_model_and_call_a_tool(service) -> None:
 
 
 def test_instructor_modes_create_a_pydantic_model(service) -> None:
+    """TOOLS (a named call), JSON_SCHEMA (response_format), a nested model (whose
+    $defs a forced call's schema once lost: a 400), and JSON mode."""
     got = run(
         service,
         """
@@ -318,6 +320,16 @@ def test_instructor_modes_create_a_pydantic_model(service) -> None:
             person = patched.chat.completions.create(response_model=Person, **ask)
             assert isinstance(person, Person)
             out[mode] = {"output": person.model_dump(), "sent": taken()}
+        # A nested model: the tool's parameters reference their own $defs.
+        class Team(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            lead: Person
+            members: list[Person] = Field(max_length=2)
+
+        patched = instructor.from_openai(client, mode=instructor.Mode.TOOLS)
+        team = patched.chat.completions.create(response_model=Team, **ask)
+        assert isinstance(team, Team)
+        out["nested"] = {"output": team.model_dump(), "sent": taken()}
         # JSON mode: json_object, the schema only in a system message.
         patched = instructor.from_openai(client, mode=instructor.Mode.JSON)
         try:
@@ -337,6 +349,13 @@ def test_instructor_modes_create_a_pydantic_model(service) -> None:
     valid_person(schema["output"])
     [sent] = schema["sent"]
     assert schema_of(sent)["additionalProperties"] is False
+    nested = got["nested"]
+    [sent] = nested["sent"]
+    assert "$defs" in sent["tools"][0]["function"]["parameters"]
+    valid_person(nested["output"]["lead"])
+    assert len(nested["output"]["members"]) <= 2
+    for member in nested["output"]["members"]:
+        valid_person(member)
     # The tiny model cannot follow a schema it is only told about: the service held
     # it to an object, cut by max_tokens.
     json_mode = got["JSON"]
