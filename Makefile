@@ -54,7 +54,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt $(CLIENTS)/.installed
 	touch $@
 
 # The third-party clients the tests drive (openai 2.x, openai-agents, litellm,
-# langchain-openai) in a venv of their own: openai-agents wants openai<3, the
+# langchain-openai, pydantic-ai, instructor, the llm CLI) in a venv of their own: openai-agents wants openai<3, the
 # service pins openai 3. Tests run them as subprocesses (tests/clients.py).
 $(CLIENTS)/.installed: $(VENV)/.runtime requirements-clients.txt
 	$(PYTHON) -m venv $(CLIENTS)

@@ -1,7 +1,8 @@
 """Third-party OpenAI clients (the openai 2.x SDK, openai-agents, litellm,
-langchain-openai), run as they are used: a script in their own venv
-(.venv-clients, made by `make install-dev` from requirements-clients.txt), since
-openai-agents wants openai<3 and the service pins openai 3."""
+langchain-openai, pydantic-ai, instructor, the llm CLI), run as they are used: a
+script in their own venv (.venv-clients, made by `make install-dev` from
+requirements-clients.txt), since openai-agents wants openai<3 and the service pins
+openai 3."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import pytest
 from clients import run_client
 from transformers import AutoTokenizer
 
+from textstream.grammars import canonical_schema, check_schema
 from textstream.prompts import encode_chat
 from textstream.tools import CallBuffer, ToolUse, call_schema, functions_of, parse_calls
 
@@ -67,6 +68,54 @@ def test_the_call_schema_names_only_declared_functions() -> None:
     jsonschema.validate([{"name": HOSTILE, "arguments": {"n": True}}], many)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([{"name": "get_weather", "arguments": {"n": True}}], many)
+
+
+#: Parameters as pydantic writes a nested model: its references point into `$defs`
+#: of the parameters' own root; a property may be called like a keyword.
+NESTED = {
+    "$defs": {
+        "Person": {
+            "type": "object",
+            "properties": {"age": {"type": "integer"}, "boss": {"$ref": "#/$defs/Person"}},
+            "required": ["age"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "object",
+    "properties": {
+        "people": {"type": "array", "items": {"$ref": "#/$defs/Person"}, "maxItems": 2},
+        "const": {"$ref": "#/$defs/Person"},
+        "tag": {"const": {"$ref": "#/not/a/reference"}},
+    },
+    "required": ["people"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("only", [None, "nested"])
+def test_call_schemas_keep_references_into_the_parameters_own_defs(
+    only: str | None, parallel: bool
+) -> None:
+    """instructor's `create_iterable`, and any pydantic model with a nested one,
+    sends such parameters: a forced call of it got a 400 ("Pointer '/$defs/Person'
+    does not exist"), the parameters being nested in the call schema."""
+    functions = functions_of(
+        [
+            {"type": "function", "function": {"name": n, "parameters": NESTED}}
+            for n in ("nested", "b")
+        ]
+    )
+    schema = call_schema(functions, only, parallel)
+    check_schema(canonical_schema(schema))  # compiles: every reference resolves
+    good = {"name": "nested", "arguments": {"people": [{"age": 1, "boss": {"age": 2}}]}}
+    bad = {"name": "nested", "arguments": {"people": [{"age": 1, "boss": {"age": "x"}}]}}
+    jsonschema.validate([good] if parallel else good, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([bad] if parallel else bad, schema)
+    text = json.dumps(schema)
+    assert '"#/not/a/reference"' in text  # data, not a reference: unchanged
+    assert text.count('"#/$defs/Person"') == 0
 
 
 def test_auto_answers_stream_text_until_a_call_begins() -> None:

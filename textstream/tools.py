@@ -112,19 +112,62 @@ def call_schema(
     them), each naming a declared function (`only`, if given) with arguments that
     match that function's parameters."""
     chosen = [f for f in functions if only is None or f["name"] == only]
+    # Where each function's arguments sit in the call schema: a parameters schema's
+    # references to its own root (`#/$defs/...`, pydantic's nested models) are
+    # rebased there, as its root is no longer the document's.
+    at = "/items" if parallel else ""
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": rebased_refs(
+                    f["parameters"],
+                    f"{at}{'' if len(chosen) == 1 else f'/anyOf/{i}'}/properties/arguments",
+                ),
+            },
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
-        for f in chosen
+        for i, f in enumerate(chosen)
     ]
     call = options[0] if len(options) == 1 else {"anyOf": options}
     if not parallel:
         return call
     return {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}
+
+
+#: grammars.MAX_SCHEMA_DEPTH (not imported: llguidance is heavy).
+MAX_REBASE_DEPTH = 64
+#: Keywords whose values are data, not schemas: a `$ref` inside them is no reference.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+#: Keywords whose values map names (any text: a property may be called `const`)
+#: to schemas.
+SCHEMA_MAPS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+
+
+def rebased_refs(schema: Any, pointer: str, depth: int = 0) -> Any:
+    """`schema` with each `$ref` to a place in its own document (`#`, `#/...`) made
+    to point there from a document that holds the schema at JSON `pointer`. Past
+    MAX_REBASE_DEPTH levels the rest is left as it is: the call schema is refused
+    as too deep anyway (grammars.canonical_schema), and recursion stays bounded."""
+    if depth > MAX_REBASE_DEPTH or not isinstance(schema, dict | list):
+        return schema
+    if isinstance(schema, list):
+        return [rebased_refs(item, pointer, depth + 1) for item in schema]
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            out[key] = "#" + pointer + value[1:]
+        elif key in DATA_KEYWORDS:
+            out[key] = value
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: rebased_refs(sub, pointer, depth + 2) for name, sub in value.items()}
+        else:
+            out[key] = rebased_refs(value, pointer, depth + 1)
+    return out
 
 
 # -- rendering ------------------------------------------------------------------------
