@@ -55,6 +55,9 @@ class Prompt:
     tools: list[dict[str, Any]] | None = None
     #: How the answer is read for tool calls (None: plain text).
     tool_use: ToolUse | None = None
+    #: `tool_choice` and `parallel_tool_calls` as sent (for an upstream engine).
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     #: The name the client used for the token limit (`max_tokens` on /v1).
     max_tokens_field: str = "max_new_tokens"
     #: Continue the last (assistant) message (vLLM's `continue_final_message`).
