@@ -287,3 +287,26 @@ def test_malformed_tool_call_deltas_are_an_upstream_error(relay):
         assert answer.json()["error"]["type"] == "upstream_error"
         assert time.monotonic() - started < 15
     assert "tool-huge-args" not in relay.workers.output()  # nor the prompt in the log
+
+
+def test_a_takeover_in_the_calls_skips_the_published_ones_and_the_text():
+    """Calls are published whole; a worker taking over asks again and drops the new
+    answer's text and the calls already published: none is doubled or cut."""
+    from textstream.engines.openai import _ToolCalls
+    from textstream.job import CompletionJob
+
+    job = CompletionJob(job_id="j", prompt="", messages=[], tools=[TOOL])
+    deltas = [
+        {"index": 0, "function": {"name": "f", "arguments": '{"a": '}},
+        {"index": 0, "function": {"arguments": "1}"}},
+        {"index": 1, "function": {"name": "f", "arguments": "{}"}},
+    ]
+    first = _ToolCalls(job, 1000, skip=0)
+    published = first.add(deltas[:2], finished=False)
+    assert published == ""  # the call is not whole until the next begins
+    published += first.add(deltas[2:], finished=False)
+    assert published == '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    again = _ToolCalls(job, 1000, skip=published.count("<tool_call>"))
+    assert again.skip_text
+    rest = again.add(deltas, finished=True)
+    assert rest == '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
