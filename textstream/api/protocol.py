@@ -68,6 +68,8 @@ class Prompt:
         """The name the client used for the output's schema (`response_format` on /v1)."""
         if self.tool_use is not None and self.tool_use.constrained:
             return "tools"
+        if self.max_tokens_field == "max_output_tokens":  # /v1/responses: text.format
+            return "text"
         return "json_schema" if self.max_tokens_field == "max_new_tokens" else "response_format"
 
     @property
