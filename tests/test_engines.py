@@ -160,23 +160,6 @@ def test_a_schema_is_passed_to_the_upstream_which_enforces_it(relay):
     assert set(json.loads(answer.choices[0].message.content or "")) == {"name", "age"}
 
 
-def test_the_upstream_going_away_ends_the_stream_with_a_clear_event(upstream, relay):
-    up, _ = upstream
-    rel, _ = relay
-    result: dict[str, Any] = {}
-    reader = threading.Thread(
-        target=lambda: result.update(r=stream(rel.base, f"/completion/{PROMPT}", 90, **LONG))
-    )
-    reader.start()
-    time.sleep(3)
-    up.api.stop(signal.SIGKILL)  # the upstream API dies mid-stream, and stays dead
-    reader.join(90)
-    ended = result["r"]
-    assert ended.last.event == "error"
-    assert ended.last.data["error"]["type"] == "upstream_error"
-    assert ended.of("token")  # what came before it was delivered
-
-
 def test_a_tool_round_trip_through_the_relay(relay):
     """tools and tool_choice pass through; the upstream (a textstream, which forces
     the call) sends tool-call deltas, which come back as OpenAI tool calls,
@@ -216,3 +199,21 @@ def test_a_tool_round_trip_through_the_relay(relay):
     final = relayed.chat.completions.create(**common, messages=back, tools=[tool])
     assert final.choices[0].finish_reason in ("stop", "length")
     assert final.choices[0].message.content is not None and not final.choices[0].message.tool_calls
+
+
+# Last: the upstream stays dead after it.
+def test_the_upstream_going_away_ends_the_stream_with_a_clear_event(upstream, relay):
+    up, _ = upstream
+    rel, _ = relay
+    result: dict[str, Any] = {}
+    reader = threading.Thread(
+        target=lambda: result.update(r=stream(rel.base, f"/completion/{PROMPT}", 90, **LONG))
+    )
+    reader.start()
+    time.sleep(3)
+    up.api.stop(signal.SIGKILL)  # the upstream API dies mid-stream, and stays dead
+    reader.join(90)
+    ended = result["r"]
+    assert ended.last.event == "error"
+    assert ended.last.data["error"]["type"] == "upstream_error"
+    assert ended.of("token")  # what came before it was delivered
