@@ -196,6 +196,16 @@ def test_a_tool_round_trip_through_the_relay(relay):
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
     ]
+    # /v1/responses through the relay: its named choice goes on in chat's shape.
+    named = relayed.responses.create(
+        model="slow-gpt2",
+        input="Weather in Paris?",
+        tools=[{"type": "function", "name": "get_weather", "parameters": weather}],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=40,
+        temperature=0,
+    )
+    assert [item.type for item in named.output] == ["function_call"], named.output
     final = relayed.chat.completions.create(**common, messages=back, tools=[tool])
     assert final.choices[0].finish_reason in ("stop", "length")
     assert final.choices[0].message.content is not None and not final.choices[0].message.tool_calls

@@ -494,3 +494,26 @@ def test_an_auto_answer_is_its_text_then_its_calls_the_same_in_every_process() -
     assert json.loads(call["arguments"]) == {"city": "Paris"} and call["status"] == "completed"
     Response.model_validate(final)
     assert fold("f" * 32, stored, called, split=False).snapshot()["output"] == final["output"]
+
+
+def test_a_named_tool_choice_forces_that_function_and_others_are_refused() -> None:
+    from textstream.api.errors import InvalidInputError
+    from textstream.api.responses_protocol import ResponsesRequest
+
+    two = [*TOOLS, {"type": "function", "name": "other", "parameters": {"type": "object"}}]
+    named = {"type": "function", "name": "get_weather"}
+    tools, use, schema = ResponsesRequest(input="x", tools=two, tool_choice=named).tool_use()
+    assert use is not None and use.constrained and tools and len(tools) == 2
+    assert schema is not None and "other" not in schema  # only the named one
+    for choice, param in (
+        ({"type": "function", "name": "nope"}, "tool_choice"),
+        (3, "tool_choice"),
+    ):
+        with pytest.raises(InvalidInputError) as caught:
+            ResponsesRequest(input="x", tools=two, tool_choice=choice).tool_use()
+        assert caught.value.field == param
+    form = {"type": "json_schema", "name": "p", "schema": {"type": "object"}}
+    with pytest.raises(InvalidInputError):  # a forced call and a text format: one or the other
+        ResponsesRequest(
+            input="x", tools=two, tool_choice="required", text={"format": form}
+        ).tool_use()
