@@ -402,8 +402,10 @@ class _ToolCalls:
             if not isinstance(name, str | None) or not isinstance(arguments, str | None):
                 raise UpstreamMalformedError("the upstream sent a tool call that is not text")
             if index != self.index:
-                if index in self.seen or len(self.seen) >= MAX_TOOLS:
+                if index in self.seen:
                     raise UpstreamMalformedError("the upstream sent tool calls out of order")
+                if len(self.seen) >= MAX_TOOLS:
+                    raise UpstreamMalformedError(f"the upstream sent over {MAX_TOOLS} tool calls")
                 out += self._whole()
                 self.seen.add(index)
                 self.index, self.name, self.arguments = index, "", ""
