@@ -286,6 +286,11 @@ def test_malformed_tool_call_deltas_are_an_upstream_error(relay):
         assert answer.status_code == 502, (mode, answer.text)
         assert answer.json()["error"]["type"] == "upstream_error"
         assert time.monotonic() - started < 15
+    # Streamed: the stream ends with OpenAI's error object, not a hang.
+    body = {**body, "messages": [{"role": "user", "content": "tool-undeclared"}], "stream": True}
+    with httpx.stream("POST", relay.base + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert json.loads(lines[-1].removeprefix("data: "))["error"]["type"] == "upstream_error"
     assert "tool-huge-args" not in relay.workers.output()  # nor the prompt in the log
 
 
