@@ -3,11 +3,13 @@ openai-agents), on two API processes sharing one Redis, with API keys."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import redis
@@ -15,7 +17,7 @@ from clients import run_client
 from conftest import Service
 from helpers import service_env, wait_for
 from openai.types.responses import Response, ResponseStreamEvent
-from pydantic import TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 
 from bench.cluster import start_api
 from textstream.api.conversations import StoredResponse
@@ -119,9 +121,9 @@ def test_input_items_and_instructions_are_the_chat_it_means(one: openai.OpenAI) 
 
 def test_unbuilt_features_are_refused_naming_them(one: openai.OpenAI) -> None:
     refused: list[tuple[str, dict[str, Any]]] = [
-        ("tools", {"tools": [{"type": "function", "name": "f", "parameters": {}}]}),
-        ("tool_choice", {"tool_choice": "required"}),
-        ("text", {"text": {"format": {"type": "json_object"}}}),
+        ("tools", {"tools": [{"type": "web_search"}]}),
+        ("tool_choice", {"tool_choice": "required"}),  # with no tools
+        ("text", {"text": {"format": {"type": "xml"}}}),
         ("reasoning", {"reasoning": {"effort": "high"}}),
         ("include", {"include": ["message.output_text.logprobs"]}),
         ("top_logprobs", {"top_logprobs": 2}),
@@ -367,3 +369,151 @@ def test_an_interrupted_read_is_an_error_event_and_a_failed_job_fails() -> None:
     assert last["response"]["error"] == {"code": "server_error", "message": "t"}
     for event in [error, *closed, last]:
         SDK_EVENT.validate_python(event)
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS: list[Any] = [
+    {"type": "function", "name": "get_weather", "parameters": WEATHER, "strict": True}
+]
+
+
+def test_a_required_function_call_and_its_output_round_trip(one: openai.OpenAI) -> None:
+    """tool_choice required constrains the tiny model to a valid call, streamed as
+    OpenAI's function_call events; its output, sent back, gets a text answer."""
+    ask = {"input": "Weather in Paris?", "tools": TOOLS, "max_output_tokens": 40, **GREEDY}
+    whole = one.responses.create(**ask, tool_choice="required")
+    assert whole.status == "completed" and [item.type for item in whole.output] == ["function_call"]
+    call = whole.output[0]
+    assert call.name == "get_weather" and call.status == "completed"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(call.arguments), WEATHER)  # type: ignore[union-attr]
+    assert whole.tool_choice == "required" and whole.tools[0].name == "get_weather"
+
+    events = list(one.responses.create(**ask, tool_choice="required", stream=True))
+    for event in events:
+        SDK_EVENT.validate_python(event.to_dict())
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[-1].response.output[0].arguments == call.arguments  # type: ignore[union-attr]
+    assert events[2].item.arguments == "" and events[3].delta == call.arguments  # type: ignore[union-attr]
+
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}  # type: ignore[union-attr]
+    after = one.responses.create(
+        previous_response_id=whole.id, input=[result], tools=TOOLS, max_output_tokens=8, **GREEDY
+    )
+    assert after.output[-1].type == "message" and after.status in ("completed", "incomplete")
+    # The same conversation sent back whole, as items, is the same chat.
+    items: list[Any] = [{"role": "user", "content": "Weather in Paris?"}, call.model_dump(), result]
+    again = one.responses.create(input=items, tools=TOOLS, max_output_tokens=8, **GREEDY)
+    assert again.output_text == after.output_text
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=8)
+    age: int = Field(ge=0, le=99)
+
+
+def test_text_format_json_schema_is_constrained(one: openai.OpenAI) -> None:
+    parsed = one.responses.parse(
+        input="Describe a person.", text_format=Person, max_output_tokens=60, **GREEDY
+    )
+    assert parsed.status == "completed", parsed.output_text
+    assert isinstance(parsed.output_parsed, Person)
+    assert parsed.text.format.type == "json_schema"  # type: ignore[union-attr]
+
+
+def test_openai_agents_calls_a_function_tool(svc: tuple[Service, str]) -> None:
+    script = f"""
+        import asyncio, json
+        from typing import Literal
+        from agents import Agent, ModelSettings, Runner, function_tool
+        from agents.models.openai_responses import OpenAIResponsesModel
+        from openai import AsyncOpenAI
+
+        seen = []
+
+        @function_tool
+        def get_weather(city: Literal["Paris", "Tokyo"]) -> str:
+            \"\"\"The weather in a city.\"\"\"
+            seen.append(city)
+            return "sunny"
+
+        async def main():
+            client = AsyncOpenAI(base_url="{svc[0].base}/v1", api_key="key-one")
+            agent = Agent(
+                name="t",
+                instructions="Use the tool.",
+                tools=[get_weather],
+                tool_use_behavior="stop_on_first_tool",
+                model=OpenAIResponsesModel(model="{MODEL}", openai_client=client),
+                model_settings=ModelSettings(
+                    temperature=0,
+                    max_tokens=40,
+                    tool_choice="required",
+                    parallel_tool_calls=False,
+                ),
+            )
+            result = await Runner.run(agent, "Weather in Paris?")
+            return [result.final_output, len(seen)]
+
+        print(json.dumps(asyncio.run(main())))
+    """
+    final, calls = run_client(script)
+    assert final == "sunny" and calls == 1
+
+
+def test_an_auto_answer_is_its_text_then_its_calls_the_same_in_every_process() -> None:
+    stored = StoredResponse(model=MODEL, tools=TOOLS, tool_choice="auto")
+    called = job_events(
+        (EventType.QUEUED, {"job_id": "j"}),
+        (EventType.STARTED, {}),
+        (EventType.TOKEN, {"text": "Let me look.<tool_"}),
+        (EventType.TOKEN, {"text": 'call>{"name": "get_weather", "arguments": {"city": "Paris"}}'}),
+        (EventType.TOKEN, {"text": "</tool_call>"}),
+        (
+            EventType.DONE,
+            {"finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 4}},
+        ),
+    )
+    sent = fold("f" * 32, stored, called, split=False)
+    final = sent.snapshot()
+    assert [item["type"] for item in final["output"]] == ["message", "function_call"]
+    assert sent.output_text == "Let me look."
+    call = final["output"][1]
+    assert json.loads(call["arguments"]) == {"city": "Paris"} and call["status"] == "completed"
+    Response.model_validate(final)
+    assert fold("f" * 32, stored, called, split=False).snapshot()["output"] == final["output"]
+
+
+def test_a_named_tool_choice_forces_that_function_and_others_are_refused() -> None:
+    from textstream.api.errors import InvalidInputError
+    from textstream.api.responses_protocol import ResponsesRequest
+
+    two = [*TOOLS, {"type": "function", "name": "other", "parameters": {"type": "object"}}]
+    named = {"type": "function", "name": "get_weather"}
+    tools, use, schema = ResponsesRequest(input="x", tools=two, tool_choice=named).tool_use()
+    assert use is not None and use.constrained and tools and len(tools) == 2
+    assert schema is not None and "other" not in schema  # only the named one
+    for choice, param in (
+        ({"type": "function", "name": "nope"}, "tool_choice"),
+        (3, "tool_choice"),
+    ):
+        with pytest.raises(InvalidInputError) as caught:
+            ResponsesRequest(input="x", tools=two, tool_choice=choice).tool_use()
+        assert caught.value.field == param
+    form = {"type": "json_schema", "name": "p", "schema": {"type": "object"}}
+    with pytest.raises(InvalidInputError):  # a forced call and a text format: one or the other
+        ResponsesRequest(
+            input="x", tools=two, tool_choice="required", text={"format": form}
+        ).tool_use()

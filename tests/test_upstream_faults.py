@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import httpx
+import openai
 import pytest
 import redis
 from helpers import completion_chunk, start_event_stream, stream, wait_for
@@ -26,7 +27,19 @@ MODES = (
     "cut-short",
     "done-then-junk",
     "reasoning",
+    "tool-split",
+    "tool-no-index",
+    "tool-args-object",
+    "tool-huge-args",
+    "tool-undeclared",
 )
+#: What each hostile tool mode sends as its one tool-call delta.
+BAD_CALLS: dict[str, dict[str, Any]] = {
+    "tool-no-index": {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+    "tool-args-object": {"index": 0, "function": {"name": "f", "arguments": {"a": 1}}},
+    "tool-huge-args": {"index": 0, "function": {"name": "f", "arguments": "x" * (1 << 20)}},
+    "tool-undeclared": {"index": 0, "function": {"name": "rm_rf", "arguments": "{}"}},
+}
 
 
 def chat_chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
@@ -87,6 +100,19 @@ class Hostile(BaseHTTPRequestHandler):
                 send(chat_chunk({}, "stop"))  # the finish alone, then the usage alone
                 usage = {"prompt_tokens": 7, "completion_tokens": 3}
                 send(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+            elif mode == "tool-split":  # as OpenAI streams two parallel calls
+                start = {"id": "u1", "type": "function", "function": {"name": "f", "arguments": ""}}
+                send(chat_chunk({"role": "assistant", "content": "Looking."}))
+                send(chat_chunk({"tool_calls": [{"index": 0, **start}]}))  # type: ignore[dict-item]
+                for part in ['{"city": ', '"Paris"', "}"]:
+                    delta = [{"index": 0, "function": {"arguments": part}}]
+                    send(chat_chunk({"tool_calls": delta}))  # type: ignore[dict-item]
+                again = {"index": 1, "id": "u2", "function": {"name": "f", "arguments": "{}"}}
+                send(chat_chunk({"tool_calls": [again]}))  # type: ignore[dict-item]
+                send(chat_chunk({}, "tool_calls"))
+            elif mode in BAD_CALLS:
+                send(chat_chunk({"tool_calls": [BAD_CALLS[mode]]}))  # type: ignore[dict-item]
+                send(chat_chunk({}, "tool_calls"))
             elif mode == "done-then-junk":  # whole, then a broken chunk instead of [DONE]
                 send(completion_chunk(" w0"))
                 send(completion_chunk(" w1", "stop"))
@@ -207,3 +233,85 @@ def test_an_upstream_url_is_shown_without_user_info_or_query_values():
     }
     for url, expected in shown.items():
         assert without_credentials(url) == expected
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def test_an_upstreams_streamed_tool_calls_come_back_whole(relay):
+    """Tools, the choice and the conversation's calls and results pass through;
+    the upstream's call deltas (split, two in parallel) become OpenAI tool calls,
+    streamed and not."""
+    client = openai.OpenAI(base_url=relay.base + "/v1", api_key="x", max_retries=0)
+    earlier = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages: list[Any] = [
+        {"role": "user", "content": "tool-split"},
+        {"role": "assistant", "content": None, "tool_calls": [earlier]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    asked = {"model": "hostile", "messages": messages, "tools": [TOOL], "tool_choice": "auto"}
+    for streamed in (False, True):
+        Hostile.asked.clear()
+        if streamed:
+            chunks = list(client.chat.completions.create(**asked, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            answer = client.chat.completions.create(**asked).choices[0]
+            text, finish = answer.message.content or "", answer.finish_reason
+            calls = answer.message.tool_calls or []  # type: ignore[assignment]
+        assert finish == "tool_calls" and text == "Looking."
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [  # type: ignore[union-attr]
+            ("f", {"city": "Paris"}),
+            ("f", {}),
+        ]
+        sent = Hostile.asked[0]
+        assert sent["tools"] == [TOOL] and sent["tool_choice"] == "auto"
+        assert sent["messages"][1]["tool_calls"][0]["id"] == "call_1"
+        assert sent["messages"][2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+def test_malformed_tool_call_deltas_are_an_upstream_error(relay):
+    """No index, arguments that are no text, 1 MB of them, an undeclared name:
+    each ends the job with a clear upstream_error (a 502), at once."""
+    for mode in sorted(BAD_CALLS):
+        started = time.monotonic()
+        body = {
+            "model": "hostile",
+            "messages": [{"role": "user", "content": mode}],
+            "tools": [TOOL],
+        }
+        answer = httpx.post(relay.base + "/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 502, (mode, answer.text)
+        assert answer.json()["error"]["type"] == "upstream_error"
+        assert time.monotonic() - started < 15
+    # Streamed: the stream ends with OpenAI's error object, not a hang.
+    body = {**body, "messages": [{"role": "user", "content": "tool-undeclared"}], "stream": True}
+    with httpx.stream("POST", relay.base + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert json.loads(lines[-1].removeprefix("data: "))["error"]["type"] == "upstream_error"
+    assert "tool-huge-args" not in relay.workers.output()  # nor the prompt in the log
+
+
+def test_a_takeover_in_the_calls_skips_the_published_ones_and_the_text():
+    """Calls are published whole; a worker taking over asks again and drops the new
+    answer's text and the calls already published: none is doubled or cut."""
+    from textstream.engines.openai import _ToolCalls
+    from textstream.job import CompletionJob
+
+    job = CompletionJob(job_id="j", prompt="", messages=[], tools=[TOOL])
+    deltas = [
+        {"index": 0, "function": {"name": "f", "arguments": '{"a": '}},
+        {"index": 0, "function": {"arguments": "1}"}},
+        {"index": 1, "function": {"name": "f", "arguments": "{}"}},
+    ]
+    first = _ToolCalls(job, 1000, skip=0)
+    published = first.add(deltas[:2], finished=False)
+    assert published == ""  # the call is not whole until the next begins
+    published += first.add(deltas[2:], finished=False)
+    assert published == '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    again = _ToolCalls(job, 1000, skip=published.count("<tool_call>"))
+    assert again.skip_text
+    rest = again.add(deltas, finished=True)
+    assert rest == '<tool_call>{"name": "f", "arguments": {}}</tool_call>'

@@ -117,6 +117,10 @@ class CompletionJob(BaseModel):
     messages: list[dict[str, Any]] | None = None
     #: OpenAI's `tools` offered to the model (rendered into the prompt; prompts.py).
     tools: list[dict[str, Any]] | None = None
+    #: OpenAI's `tool_choice` and `parallel_tool_calls` as the client sent them (an
+    #: upstream engine passes them on; the built-in one has `params.json_schema`).
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     #: Continue the last (assistant) message instead of starting a new one.
     continue_final: bool = False
     prompt_format: PromptFormat = "auto"

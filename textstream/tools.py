@@ -231,7 +231,9 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
 def parse_calls(text: str, use: ToolUse) -> list[dict[str, Any]] | None:
     """The answer's calls as OpenAI's `tool_calls`, or None if it is text."""
     found: list[Any]
-    if use.constrained:
+    # An upstream engine's calls come as `<tool_call>` blocks whatever the choice
+    # (engines/openai.py); a constrained answer is never one.
+    if use.constrained and not text.lstrip().startswith(CALL_OPEN):
         try:
             parsed = json.loads(text)
         except ValueError:  # cut by max_tokens

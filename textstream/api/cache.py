@@ -44,6 +44,7 @@ def cache_key(job: CompletionJob, tenant: str = "") -> str:
     }
     if job.tools:  # only then: keys of jobs without tools stay as they were
         identity["tools"] = job.tools
+        identity["tool_choice"] = [job.tool_choice, job.parallel_tool_calls]
     encoded = json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()
     return keys.cache_entry(hashlib.sha256(encoded).hexdigest())
 

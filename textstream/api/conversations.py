@@ -22,6 +22,7 @@ from typing import Any
 
 from textstream import keys
 from textstream.api.deps import Services
+from textstream.tools import ToolUse
 
 #: What a response's id is made of: `resp_` and its job's id.
 RESPONSE_PREFIX = "resp_"
@@ -50,12 +51,25 @@ class StoredResponse:
     metadata: dict[str, str] = field(default_factory=dict)
     previous_response_id: str | None = None
     parallel_tool_calls: bool = True
-    tool_choice: str = "auto"
+    #: As sent: none, auto, required or {"type": "function", "name": ...}.
+    tool_choice: Any = "auto"
+    #: The function tools, in Responses' flat shape.
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    #: `text` as sent: its `format` is text, json_object or json_schema.
+    text: dict[str, Any] = field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: str = "disabled"
-    #: Every message of the conversation up to this turn's input (no instructions).
-    messages: list[dict[str, str]] = field(default_factory=list)
+    #: Every message of the conversation up to this turn's input (no instructions),
+    #: chat's: with assistant `tool_calls` and `role: tool` results.
+    messages: list[dict[str, Any]] = field(default_factory=list)
 
-    def prompt_messages(self) -> list[dict[str, str]]:
+    def tool_use(self) -> ToolUse | None:
+        """How the answer is read for calls (as the request's tool_use() decided)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        names = frozenset(tool["name"] for tool in self.tools)
+        return ToolUse(names, constrained=self.tool_choice != "auto")
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
         """What the model is given: the instructions first, then the conversation."""
         system = [{"role": "system", "content": self.instructions}] if self.instructions else []
         return system + self.messages

@@ -328,6 +328,8 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
         continue_final=body.continue_final_message,
         tools=tools,
         tool_use=use,
+        tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
     )
     limit = body.max_completion_tokens or body.max_tokens
     settings = services_of(request).settings

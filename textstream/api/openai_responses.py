@@ -81,14 +81,23 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
         metadata=body.metadata or {},
         previous_response_id=body.previous_response_id,
         parallel_tool_calls=body.parallel_tool_calls is not False,
-        tool_choice="none" if body.tool_choice == "none" else "auto",
+        tool_choice=body.tool_choice if body.tool_choice is not None else "auto",
+        tools=body.chat_tools()[0],
+        text=body.text or {"format": {"type": "text"}},
         truncation=body.truncation or "disabled",
         messages=earlier + body.input_messages(),
     )
+    tools, use, schema = body.tool_use()
     prompt = Prompt(
-        "input", messages=stored.prompt_messages(), max_tokens_field="max_output_tokens"
+        "input",
+        messages=stored.prompt_messages(),
+        max_tokens_field="max_output_tokens",
+        tools=tools,
+        tool_use=use,
+        tool_choice=_chat_choice(body.tool_choice),
+        parallel_tool_calls=body.parallel_tool_calls,
     )
-    generation = body.generation(services.settings.max_new_tokens_limit)
+    generation = body.generation(services.settings.max_new_tokens_limit, json_schema=schema)
     policy = CancelPolicy.EXPLICIT if body.background else CancelPolicy.ON_DISCONNECT
     # A background stream holds a slot as /jobs/{id}/events does; taken first, so
     # that a refusal leaves no job running that nobody knows the id of.
@@ -139,11 +148,18 @@ async def whole_response(
     return JSONResponse(events.snapshot(), headers=headers)
 
 
+def _chat_choice(choice: Any) -> Any:
+    """A Responses `tool_choice` as chat's (an upstream engine passes it on)."""
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
 async def conversation_before(
     request: Request, previous_response_id: str | None
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """The messages of the conversation a previous response ended: its own (its
-    chain's and its input), then its answer."""
+    chain's and its input), then its answer: its text and its function calls."""
     if previous_response_id is None:
         return []
     field = "previous_response_id"
@@ -155,7 +171,19 @@ async def conversation_before(
     previous = fold(job_id, stored, history, splits(request))
     if previous.status in ("queued", "in_progress"):
         raise InvalidInputError(field, "the previous response has not finished yet")
-    return [*stored.messages, {"role": "assistant", "content": previous.output_text}]
+    answer: dict[str, Any] = {"role": "assistant", "content": previous.output_text}
+    calls = [
+        {
+            "id": item["call_id"],
+            "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]},
+        }
+        for item in previous.output
+        if item["type"] == "function_call"
+    ]
+    if calls:
+        answer["tool_calls"] = calls
+    return [*stored.messages, answer]
 
 
 async def owned_response(

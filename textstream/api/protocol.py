@@ -56,6 +56,9 @@ class Prompt:
     tools: list[dict[str, Any]] | None = None
     #: How the answer is read for tool calls (None: plain text).
     tool_use: ToolUse | None = None
+    #: `tool_choice` and `parallel_tool_calls` as sent (for an upstream engine).
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     #: The name the client used for the token limit (`max_tokens` on /v1).
     max_tokens_field: str = "max_new_tokens"
     #: Continue the last (assistant) message (vLLM's `continue_final_message`).
@@ -66,6 +69,8 @@ class Prompt:
         """The name the client used for the output's schema (`response_format` on /v1)."""
         if self.tool_use is not None and self.tool_use.constrained:
             return "tools"
+        if self.max_tokens_field == "max_output_tokens":  # /v1/responses: text.format
+            return "text"
         return "json_schema" if self.max_tokens_field == "max_new_tokens" else "response_format"
 
     @property

@@ -18,6 +18,12 @@ One job event gives:
 - text: with THINKING=auto, a leading `<think>` block is a `reasoning` output item
   (`response.reasoning_text.delta`/`.done`), the rest a `message` item
   (`output_item.added`, `content_part.added`, `output_text.delta`...);
+- with tools: answer text from where a call may begin is held (tools.CallBuffer);
+  at `done` it becomes `function_call` items (`output_item.added`,
+  `function_call_arguments.delta` with the whole arguments, `.done`,
+  `output_item.done`), or text if it did not parse into calls. Their ids are
+  made from the job's id and the call's place, so that every process derives
+  the same ones;
 - `done`: the items closed, then `response.completed`, or `response.incomplete`
   (`incomplete_details.reason = "max_output_tokens"`) if it stopped at its limit;
 - `error`: `response.failed` with `response.error`. A cancelled response ends with
@@ -33,6 +39,7 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from textstream.api.conversations import StoredResponse, response_id
+from textstream.tools import CallBuffer
 from textstream.transport.events import EventType, JobEvent, entry_seconds
 from textstream.transport.thinking import ThinkSplitter
 
@@ -48,6 +55,8 @@ class ResponseEvents:
         self.job_id = job_id
         self.stored = stored
         self.splitter = ThinkSplitter() if split_thinking else None
+        use = stored.tool_use()
+        self.calls = CallBuffer(use) if use is not None else None
         self.sequence = 0
         self.created_at = 0.0
         self.status = "queued" if stored.background else "in_progress"
@@ -72,8 +81,6 @@ class ResponseEvents:
             "incomplete_details": self.incomplete,
             "output": json.loads(json.dumps(self.output)),  # a copy, as it is now
             "usage": self.usage,
-            "tools": [],
-            "text": {"format": {"type": "text"}},
             "reasoning": None,
             "user": None,
             **echo,
@@ -140,6 +147,10 @@ class ResponseEvents:
         out: list[dict[str, Any]] = []
         for kind, text in pieces:
             wanted = "reasoning" if kind == "thinking" else "message"
+            if wanted == "message" and self.calls is not None:
+                text = self.calls.feed(text)  # held back from where a call may begin
+            if not text:
+                continue
             if self.open != wanted:
                 out += self._close("completed") + self._open(wanted)
             item = self.output[-1]
@@ -198,11 +209,47 @@ class ResponseEvents:
         self.open = None
         return done
 
-    def _done(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+    def _held(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the events of text still held, the calls it parsed into)."""
         out = self._pieces(self.splitter.flush()) if self.splitter is not None else []
-        if not any(item["type"] == "message" for item in self.output):
+        if self.calls is None:
+            return out, []
+        text, calls = self.calls.finish()
+        self.calls = None
+        return out + self._pieces([("answer", text)]), calls or []
+
+    def _function_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = self._close("completed")
+        for number, call in enumerate(calls):
+            index, arguments = len(self.output), call["function"]["arguments"]
+            item = {
+                "id": f"fc_{self.job_id}_{number}",
+                "type": "function_call",
+                "call_id": f"call_{self.job_id}_{number}",
+                "name": call["function"]["name"],
+                "arguments": "",
+                "status": "in_progress",
+            }
+            out.append(self._event("response.output_item.added", output_index=index, item=item))
+            where = {"item_id": item["id"], "output_index": index}
+            out.append(
+                self._event("response.function_call_arguments.delta", **where, delta=arguments)
+            )
+            out.append(
+                self._event("response.function_call_arguments.done", **where, arguments=arguments)
+            )
+            item = {**item, "arguments": arguments, "status": "completed"}
+            self.output.append(item)
+            out.append(self._event("response.output_item.done", output_index=index, item=item))
+        return out
+
+    def _done(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        out, calls = self._held()
+        if calls:
+            out += self._function_calls(calls)
+        elif not any(item["type"] == "message" for item in self.output):
             out += self._close("completed") + self._open("message")  # an empty answer
-        length = data.get("finish_reason") == "length"
+        length = data.get("finish_reason") == "length" and not calls
         out += self._close("incomplete" if length else "completed")
         usage = data.get("usage") or {}
         prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
@@ -220,7 +267,7 @@ class ResponseEvents:
         return [*out, self._response_event("response.completed")]
 
     def _failed(self, error: dict[str, Any]) -> list[dict[str, Any]]:
-        out = self._pieces(self.splitter.flush()) if self.splitter is not None else []
+        out, _ = self._held()  # what was held is text: an unfinished call is none
         out += self._close("incomplete")
         if error.get("type") == "cancelled":
             self.status = "cancelled"

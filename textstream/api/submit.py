@@ -225,6 +225,8 @@ async def start_job(
                 prompt=prompt.text,
                 messages=prompt.messages,
                 tools=prompt.tools,
+                tool_choice=prompt.tool_choice if prompt.tools else None,
+                parallel_tool_calls=prompt.parallel_tool_calls if prompt.tools else None,
                 continue_final=prompt.continue_final,
                 prompt_format=request.prompt_format,
                 params=params,

@@ -29,6 +29,17 @@ Each job is one streaming request through the official `openai` SDK:
   UpstreamError.
 - Reasoning deltas (`reasoning_content`, as vLLM and DeepSeek send them) are
   wrapped in `<think>...</think>`, the form the API splits into `thinking` events.
+- Tools: `tools`, `tool_choice`, `parallel_tool_calls` and the conversation's
+  assistant `tool_calls` and `role: tool` messages pass through; the upstream
+  picks and constrains the calls. Its tool-call deltas are gathered per `index`
+  and each whole call is published as one piece in the generic form
+  (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`, tools.py), the text
+  the built-in engine's calls travel as: the API turns it into `tool_calls`
+  exactly as for them. A call is published only once whole, so a takeover (or a
+  retry) finds whole calls: it asks again and skips the answer's text and as many
+  calls as were already published. Deltas without an index, a name or arguments
+  that are not text, an undeclared name, or arguments over UPSTREAM_MAX_PIECE_CHARS
+  are an UpstreamError (not retried).
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ from textstream.engines.upstream import (
 )
 from textstream.job import CompletionJob, PromptFormat, SamplingParams
 from textstream.sources import ModelLoadError, OpenAISource
-from textstream.tools import ToolError
+from textstream.tools import CALL_CLOSE, CALL_OPEN, MAX_TOOLS, functions_of
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +133,6 @@ class OpenAIEngine:
         """The upstream's pieces, never more than `params.max_new_tokens` of them in
         all (each retry asks only for what is left, and an upstream that ignores
         `max_tokens` is cut off: finish reason `length`)."""
-        if job.tools:  # its tool-call deltas would need relaying back: not built yet
-            raise ToolError("tools are not supported by an upstream (openai) engine's models")
         received, attempt, failing_since, pieces = "", 0, 0.0, 0
         deadline = job.deadline or (time.time() + 300)
         while not should_stop():  # cancelled (or past its deadline) between attempts
@@ -225,8 +234,9 @@ class OpenAIEngine:
             # Resumed inside the reasoning (a retry or takeover cut it short): it
             # goes on, without a second `<think>`.
             thinking = resume.rfind(THINK_START) > resume.rfind(THINK_END)
+            calls = _ToolCalls(job, self.max_piece_chars, skip=resume.count(CALL_OPEN))
             for chunk in reader.chunks():
-                for reasoning, content, finish, usage in self._deltas(chunk):
+                for reasoning, content, finish, usage, tool_deltas in self._deltas(chunk):
                     if max(len(reasoning), len(content)) > self.max_piece_chars:
                         raise UpstreamOversizeError(
                             f"the upstream sent a piece over {self.max_piece_chars} characters"
@@ -235,8 +245,12 @@ class OpenAIEngine:
                     if reasoning:
                         piece = reasoning if thinking else THINK_START + reasoning
                         thinking = True
-                    if thinking and (content or finish):
+                    if calls.skip_text:  # a takeover's new answer: its text was sent
+                        reasoning = content = ""
+                    whole = calls.add(tool_deltas, finished=finish is not None)
+                    if thinking and (content or finish or whole):
                         piece, thinking = piece + THINK_END, False
+                    content += whole
                     # Text UTF-8 (so Redis) can hold: a lone surrogate from the
                     # upstream's JSON ("\\ud800") becomes "?".
                     piece = (piece + content).encode("utf-8", "replace").decode("utf-8")
@@ -307,7 +321,17 @@ class OpenAIEngine:
             return self.client.completions.create(
                 prompt=job.prompt + resume, extra_body=extra or None, **common
             )
-        if resume:
+        if job.tools:
+            common["tools"] = job.tools
+            if job.tool_choice is not None:
+                common["tool_choice"] = job.tool_choice
+            if job.parallel_tool_calls is not None:
+                common["parallel_tool_calls"] = job.parallel_tool_calls
+            if job.tool_choice not in (None, "auto", "none"):
+                # params.json_schema is the forced call's (tools.call_schema): the
+                # upstream forces the call itself.
+                extra.pop("response_format", None)
+        if resume and CALL_OPEN not in resume:
             messages = [*messages, {"role": "assistant", "content": resume}]
             extra.update(continue_final_message=True, add_generation_prompt=False)
         return self.client.chat.completions.create(
@@ -317,8 +341,11 @@ class OpenAIEngine:
         )
 
     @staticmethod
-    def _deltas(chunk: Any) -> Generator[tuple[str, str, str | None, dict[str, int] | None]]:
-        """(reasoning text, answer text, finish_reason, usage) of one chunk."""
+    def _deltas(
+        chunk: Any,
+    ) -> Generator[tuple[str, str, str | None, dict[str, int] | None, list[Any]]]:
+        """(reasoning text, answer text, finish_reason, usage, tool-call deltas) of
+        one chunk."""
         usage = None
         if getattr(chunk, "usage", None) is not None:
             counts = (chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
@@ -328,18 +355,93 @@ class OpenAIEngine:
                 usage = {"prompt_tokens": counts[0], "completion_tokens": counts[1]}
         if not chunk.choices:
             if usage is not None:
-                yield "", "", None, usage
+                yield "", "", None, usage, []
             return
         choice = chunk.choices[0]
         finish = _finish(choice.finish_reason)
         delta = getattr(choice, "delta", None)
         if delta is None:  # a completions chunk
-            yield "", choice.text or "", finish, usage
+            yield "", choice.text or "", finish, usage, []
             return
         reasoning = getattr(delta, "reasoning_content", None) or (
             (delta.model_extra or {}).get("reasoning_content") or ""
         )
-        yield reasoning, delta.content or "", finish, usage
+        tool_deltas = getattr(delta, "tool_calls", None) or []
+        if not isinstance(tool_deltas, list):
+            raise UpstreamMalformedError("the upstream sent tool_calls that are not a list")
+        yield reasoning, delta.content or "", finish, usage, tool_deltas
+
+
+class _ToolCalls:
+    """The upstream's tool-call deltas, gathered per `index` into whole calls,
+    each published as `<tool_call>{"name": ..., "arguments": ...}</tool_call>`
+    once the next call begins or the answer ends. After a takeover (`skip` calls
+    already published), the new answer's text and first `skip` calls are dropped."""
+
+    def __init__(self, job: CompletionJob, max_chars: int, skip: int) -> None:
+        self.names = frozenset(f["name"] for f in functions_of(job.tools or []))
+        self.max_chars = max_chars
+        self.skip = skip
+        #: A takeover in the calls: the new answer's text was published already.
+        self.skip_text = skip > 0
+        self.seen: set[int] = set()
+        self.index: int | None = None
+        self.name = ""
+        self.arguments = ""
+
+    def add(self, deltas: list[Any], finished: bool) -> str:
+        """The text of the calls these deltas (and the answer's end) made whole."""
+        out = ""
+        for delta in deltas:
+            index = _field(delta, "index")
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise UpstreamMalformedError("the upstream sent a tool call without an index")
+            function = _field(delta, "function")
+            name = _field(function, "name") if function is not None else None
+            arguments = _field(function, "arguments") if function is not None else None
+            if not isinstance(name, str | None) or not isinstance(arguments, str | None):
+                raise UpstreamMalformedError("the upstream sent a tool call that is not text")
+            if index != self.index:
+                if index in self.seen:
+                    raise UpstreamMalformedError("the upstream sent tool calls out of order")
+                if len(self.seen) >= MAX_TOOLS:
+                    raise UpstreamMalformedError(f"the upstream sent over {MAX_TOOLS} tool calls")
+                out += self._whole()
+                self.seen.add(index)
+                self.index, self.name, self.arguments = index, "", ""
+            if name and name != self.name:
+                self.name += name
+            self.arguments += arguments or ""
+            if len(self.arguments) + len(self.name) > self.max_chars:
+                raise UpstreamOversizeError(
+                    f"the upstream sent a tool call over {self.max_chars} characters"
+                )
+        if finished:
+            out += self._whole()
+            self.index = None
+        return out
+
+    def _whole(self) -> str:
+        if self.index is None:
+            return ""
+        if self.name not in self.names:
+            raise UpstreamMalformedError("the upstream called a function that is not in tools")
+        if self.skip:
+            self.skip -= 1
+            return ""
+        arguments: Any = self.arguments or "{}"
+        with contextlib.suppress(ValueError):
+            arguments = json.loads(arguments)
+        call = json.dumps({"name": self.name, "arguments": arguments}, ensure_ascii=False)
+        self.index = None
+        return CALL_OPEN + call + CALL_CLOSE
+
+
+def _field(item: Any, key: str) -> Any:
+    """A field of a chunk's part, as the SDK built it (an object) or left it (a dict)."""
+    if isinstance(item, dict):
+        return item.get(key)
+    return getattr(item, key, None)
 
 
 class UpstreamTruncatedError(Exception):
