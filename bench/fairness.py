@@ -13,6 +13,7 @@ each key's share of the tokens generated in a window, beside its weight's share.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,11 @@ import redis
 
 from bench.cluster import (
     iter_sse_lines,
+    service_env,
+    start_api,
+    start_redis,
+    start_workers,
+    wait_for_workers,
 )
 from textstream import keys
 from textstream.transport.events import EventType, parse_entry
@@ -64,6 +70,51 @@ def tokens_between(url: str, jobs: list[str], start: float, end: float) -> int:
             total += sum(1 for e in parse_entry(raw_id, fields) if e.event == EventType.TOKEN)
     client.close()
     return total
+
+
+def scenario(workdir: Path, fair: bool, args: argparse.Namespace) -> dict[str, float]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc, url = start_redis(workdir)
+    env = service_env(
+        url,
+        f"fake:{args.rate}",
+        API_KEYS=",".join(KEYS),
+        API_KEY_WEIGHTS=",".join(f"{k}={i + 1}" for i, k in enumerate(KEYS)),
+        FAIR_QUEUEING=str(fair).lower(),
+        MAX_QUEUED_PER_CALLER="1000",
+        JOB_TIMEOUT="900",
+    )
+    workers = start_workers(env, workdir, 1, concurrency=4)
+    api, base = start_api(env, workdir)
+    try:
+        wait_for_workers(base, 1, proc=workers)
+        a, b = KEYS[0], KEYS[1]
+        flood = [post(base, a, args.tokens) for _ in range(args.flood)]
+        time.sleep(1)  # A's backlog is running
+        window_start = time.time()
+        ttfts = [first_token_seconds(base, b, 16) for _ in range(8)]
+        window_end = time.time()
+        a_rate = tokens_between(url, flood, window_start, window_end) / (window_end - window_start)
+        for job in flood:  # an empty queue for the weighted round
+            httpx.delete(f"{base}/jobs/{job}", headers={"Authorization": f"Bearer {a}"})
+        result = {
+            "b_ttft_p50": statistics.median(ttfts),
+            "b_ttft_max": max(ttfts),
+            "a_tokens_per_s_shared": a_rate,
+        }
+        if fair:
+            # The weighted round's backlogs are queued with no worker running, so
+            # that every key waits from the window's start.
+            workers.stop()
+            posted = backlogs(base, args)
+            workers = start_workers(env, workdir, 1, concurrency=4)
+            wait_for_workers(base, 1, proc=workers)
+            result |= weighted(url, posted, args)
+        return result
+    finally:
+        workers.stop()
+        api.stop()
+        proc.terminate()
 
 
 def backlogs(base: str, args: argparse.Namespace) -> dict[str, list[str]]:
