@@ -191,3 +191,13 @@ def test_tools_on_a_relayed_model_are_refused_not_dropped(relay):
             tools=[tool],  # type: ignore[list-item]
         )
     assert caught.value.body["type"] == "invalid_tools"
+
+
+def test_logprobs_on_a_relayed_model_are_refused_not_dropped(relay):
+    """Relaying the upstream's logprobs is not built either: `invalid_logprobs`, a
+    400, rather than an answer without them."""
+    rel, _ = relay
+    relayed = openai.OpenAI(base_url=f"{rel.base}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        relayed.completions.create(model="slow-gpt2", prompt="Hi", max_tokens=5, logprobs=1)
+    assert caught.value.body["type"] == "invalid_logprobs"

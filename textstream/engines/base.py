@@ -111,6 +111,12 @@ class UpstreamError(RuntimeError):
     the job ends with an `upstream_error` event."""
 
 
+class LogprobsError(ValueError):
+    """The job asks for logprobs this engine cannot give (the fake engine; an
+    upstream engine, which does not relay them yet): the job ends with an
+    `invalid_logprobs` error (a 400 when not streamed), never a plain answer."""
+
+
 class TextEngine(ServedModel, Protocol):
     """Generates text (an upstream server detokenizes)."""
 

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import openai
 
 from textstream.config import Settings
-from textstream.engines.base import TextStep, UpstreamError
+from textstream.engines.base import LogprobsError, TextStep, UpstreamError
 from textstream.engines.upstream import (
     UpstreamOversizeError,
     UpstreamReader,
@@ -124,6 +124,8 @@ class OpenAIEngine:
         `max_tokens` is cut off: finish reason `length`)."""
         if job.tools:  # its tool-call deltas would need relaying back: not built yet
             raise ToolError("tools are not supported by an upstream (openai) engine's models")
+        if params.logprobs is not None:  # not relayed from the upstream yet
+            raise LogprobsError("logprobs are not supported by an upstream (openai) engine")
         received, attempt, failing_since, pieces = "", 0, 0.0, 0
         deadline = job.deadline or (time.time() + 300)
         while not should_stop():  # cancelled (or past its deadline) between attempts
