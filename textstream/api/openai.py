@@ -9,10 +9,11 @@ each by `index` (fanout.py), as OpenAI's and vLLM's API take it (langchain's
 `OpenAI.batch` sends one).
 
 Supported beyond OpenAI's own fields, as vLLM accepts them: `top_k`,
-`repetition_penalty`, `ignore_eos`, and our `use_cache`. Unsupported options get a
-400 naming the parameter: `n`/`best_of` > 1, `logprobs`, `echo`, `suffix`,
-`logit_bias`, `min_p` > 0, `functions`, token-id prompts, more than MAX_PROMPTS
-prompts. Tool calls: textstream/tools.py.
+`repetition_penalty`, `ignore_eos`, and our `use_cache`. `n` choices are a job
+each, as listed prompts are (seed + i for choice i); `logprobs` come from the token
+events (worker/completion.py). Unsupported options get a 400 naming the parameter:
+`best_of` > 1, `echo`, `suffix`, `logit_bias`, `min_p` > 0, `functions`, token-id
+prompts, more than MAX_PROMPTS prompts (prompts × n). Tool calls: textstream/tools.py.
 
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
