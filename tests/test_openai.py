@@ -12,6 +12,7 @@ import pytest
 import redis
 from clients import run_client
 from helpers import stream, wait_for
+from test_jobs import create, read_some
 from tiny_models import TRAINED
 
 PROMPT = "The capital of France is"
@@ -587,3 +588,18 @@ def test_n_choices_are_seeded_per_choice_and_summed(client):
     )
     assert [c.index for c in chat.choices] == [0, 1]
     assert all(len(c.logprobs.content) >= 1 for c in chat.choices)
+
+
+def test_token_events_carry_logprobs_for_a_reader_that_resumes(service):
+    """The worker publishes logprobs in the token events (with their ids): a
+    reader resuming after Last-Event-ID gets them as the first reader did."""
+    job_id = create(service.base, prompt=PROMPT, max_new_tokens=6, temperature=0, logprobs=2)
+    events = read_some(service.base, job_id, 100)
+    tokens = [e for e in events if e.event == "token"]
+    assert events[-1].event == "done" and len(tokens) == 6
+    for event in tokens:
+        token, logprob, top = event.data["logprobs"][0]
+        assert token == event.data["text"] and logprob <= 0 and top[0] == [token, logprob]
+    resumed = read_some(service.base, job_id, 100, **{"Last-Event-ID": tokens[2].id})
+    again = [e.data for e in resumed if e.event == "token"]
+    assert again == [e.data for e in tokens[3:]]
