@@ -427,6 +427,7 @@ def valid_sampling(draw: st.DrawFn) -> SamplingParams:
         frequency_penalty=draw(st.floats(-2.0, 2.0)),
         repetition_penalty=draw(st.one_of(st.just(1.0), unit, st.floats(1e-300, 10.0))),
         ignore_eos=draw(st.booleans()),
+        logprobs=draw(st.one_of(st.none(), st.integers(0, 20))),
     )
 
 
