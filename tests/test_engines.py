@@ -193,11 +193,32 @@ def test_tools_on_a_relayed_model_are_refused_not_dropped(relay):
     assert caught.value.body["type"] == "invalid_tools"
 
 
-def test_logprobs_on_a_relayed_model_are_refused_not_dropped(relay):
-    """Relaying the upstream's logprobs is not built either: `invalid_logprobs`, a
-    400, rather than an answer without them."""
+def test_logprobs_on_a_relayed_model_are_the_upstreams(relay, upstream):
+    """The relaying engine asks its upstream for logprobs and relays what it
+    sends, in OpenAI's shapes (chat and the legacy completions), streamed or not."""
     rel, _ = relay
+    up, _ = upstream
     relayed = openai.OpenAI(base_url=f"{rel.base}/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as caught:
-        relayed.completions.create(model="slow-gpt2", prompt="Hi", max_tokens=5, logprobs=1)
-    assert caught.value.body["type"] == "invalid_logprobs"
+    direct = openai.OpenAI(base_url=f"{up.base}/v1", api_key="x", max_retries=0)
+    args = {"model": "slow-gpt2", "prompt": "Hi", "max_tokens": 5, "temperature": 0}
+    want = direct.completions.create(**args, logprobs=2).choices[0].logprobs
+    got = relayed.completions.create(**args, logprobs=2).choices[0].logprobs
+    assert got.tokens == want.tokens and got.token_logprobs == want.token_logprobs
+    assert got.top_logprobs == want.top_logprobs and got.text_offset == want.text_offset
+    chat = {
+        "model": "slow-gpt2",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    want_chat = direct.chat.completions.create(**chat).choices[0].logprobs.content
+    chunks = list(relayed.chat.completions.create(**chat, stream=True))
+    got_chat = [
+        t
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [t.model_dump() for t in got_chat] == [t.model_dump() for t in want_chat]

@@ -40,6 +40,8 @@ RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off
 #: (`top_logprobs` 0..20; completions' `logprobs` is 0..5, checked in protocol.py).
 MAX_TOP_LOGPROBS = 20
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+#: A logprob of -inf (a token a schema forbids) as JSON can carry it (as vLLM's).
+LOWEST_LOGPROB = -9999.0
 
 
 def normalize_stop(value: str | list[str] | None) -> list[str]:

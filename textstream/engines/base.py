@@ -104,6 +104,9 @@ class TextStep:
     text: str
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
+    #: The piece's tokens' logprobs, as token events carry them
+    #: ([token, logprob, [[token, logprob(, bytes)], ...](, bytes)]), when asked.
+    logprobs: list[list[Any]] | None = None
 
 
 class UpstreamError(RuntimeError):
@@ -112,8 +115,8 @@ class UpstreamError(RuntimeError):
 
 
 class LogprobsError(ValueError):
-    """The job asks for logprobs this engine cannot give (the fake engine; an
-    upstream engine, which does not relay them yet): the job ends with an
+    """The job asks for logprobs this engine cannot give (the fake engine): the
+    job ends with an
     `invalid_logprobs` error (a 400 when not streamed), never a plain answer."""
 
 

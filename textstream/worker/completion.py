@@ -119,9 +119,12 @@ class TokenPublisher:
         if piece:
             self._release(self._stops.feed(piece))
 
-    def add_text(self, piece: str) -> None:
+    def add_text(self, piece: str, logprobs: list[list[Any]] | None = None) -> None:
         """A piece from a text engine: no ids, already whole characters. (An empty
-        one, a chunk carrying only the finish reason or usage, is no token.)"""
+        one, a chunk carrying only the finish reason or usage, is no token.) Its
+        tokens' logprobs, if the upstream sent them, go with the event that
+        releases the text."""
+        self._logprobs.extend(logprobs or ())
         if piece:
             self.pieces += 1
             self._release(self._stops.feed(piece))
@@ -395,7 +398,7 @@ class CompletionRunner:
         steps = engine.generate_text(job, params, self._should_stop(job, writer), delivered)
         try:
             for step in steps if remaining > 0 and not publisher.capped else ():
-                publisher.add_text(step.text)
+                publisher.add_text(step.text, step.logprobs)
                 upstream = step.usage or upstream
                 finish_reason = "stop" if publisher.stopped else step.finish_reason or finish_reason
                 if publisher.stopped or publisher.capped:

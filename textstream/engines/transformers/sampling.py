@@ -33,10 +33,7 @@ import torch
 
 from textstream.engines.base import PromptTooLongError
 from textstream.engines.transformers.constraints import advance, constrain
-from textstream.job import SamplingParams, Step
-
-#: A logprob of -inf (a token a schema forbids) as JSON can carry it (as vLLM's).
-LOWEST_LOGPROB = -9999.0
+from textstream.job import LOWEST_LOGPROB, SamplingParams, Step
 
 #: Largest finite float32: penalized logits are clamped into ±this.
 FINITE = torch.finfo(torch.float32).max
