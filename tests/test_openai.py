@@ -15,6 +15,11 @@ from helpers import stream, wait_for
 from test_jobs import create, read_some
 from tiny_models import TRAINED
 
+from textstream.api.errors import JOB_ERROR_STATUS
+from textstream.engines.base import LogprobsError
+from textstream.engines.fake import FakeEngine
+from textstream.job import SamplingParams
+
 PROMPT = "The capital of France is"
 
 
@@ -603,3 +608,10 @@ def test_token_events_carry_logprobs_for_a_reader_that_resumes(service):
     resumed = read_some(service.base, job_id, 100, **{"Last-Event-ID": tokens[2].id})
     again = [e.data for e in resumed if e.event == "token"]
     assert again == [e.data for e in tokens[3:]]
+
+
+def test_the_fake_engine_refuses_logprobs_rather_than_answering_without():
+    engine = FakeEngine("fake:1000")
+    with pytest.raises(LogprobsError):
+        next(engine.generate([0], SamplingParams(max_new_tokens=2, logprobs=1)))
+    assert JOB_ERROR_STATUS["invalid_logprobs"] == 400  # how the worker's error answers
