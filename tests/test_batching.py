@@ -135,6 +135,24 @@ def test_each_request_keeps_its_own_sampling_parameters(alone, batched):
     assert staggered(batched, jobs) == expected
 
 
+def test_a_logprobs_row_leaves_its_greedy_batch_mate_unchanged(alone, batched):
+    """Only the row that asks pays for logprobs (and leaves the shared argmax): its
+    plain greedy batch-mate gets the same tokens as alone, without logprobs; the
+    logprobs row's top-1 is the token it took."""
+    jobs = [(PROMPTS[0], greedy(30), 0), ("Hello", greedy(30, logprobs=3), 0)]
+    expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
+    assert staggered(batched, jobs) == expected
+    steps = list(batched.generate(batched.encode_prompt("Hello"), greedy(10, logprobs=3)))
+    assert [s.token_id for s in steps] == expected[1][:10]
+    for step in steps:
+        assert step.logprobs is not None
+        chosen, top = step.logprobs
+        assert len(top) == 3 and top[0][0] == step.token_id and top[0][1] == chosen <= 0
+        assert sum(torch.tensor([lp for _, lp in top]).exp()) <= 1 + 1e-5
+    plain = list(batched.generate(batched.encode_prompt("Hello"), greedy(3)))
+    assert all(step.logprobs is None for step in plain)
+
+
 def test_cancelling_one_request_does_not_disturb_the_others(alone, batched):
     jobs = [(prompt, greedy(60), 0) for prompt in PROMPTS]
     expected = [ids(alone, prompt, params) for prompt, params, _ in jobs]
@@ -409,6 +427,7 @@ def valid_sampling(draw: st.DrawFn) -> SamplingParams:
         frequency_penalty=draw(st.floats(-2.0, 2.0)),
         repetition_penalty=draw(st.one_of(st.just(1.0), unit, st.floats(1e-300, 10.0))),
         ignore_eos=draw(st.booleans()),
+        logprobs=draw(st.one_of(st.none(), st.integers(0, 20))),
     )
 
 

@@ -148,6 +148,17 @@ def test_openai_requests_share_the_cache(make_service):
     again = client.completions.with_raw_response.create(**args)
     assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"
     assert first.parse().choices[0].text == again.parse().choices[0].text
+    # n seeded choices are n samples (seed + i), each cached apart: never n copies
+    # of one answer; the same request again gets the same n from the cache.
+    sampled = {**args, "prompt": "a b c", "temperature": 1.0, "seed": 11, "n": 3}
+    first = client.completions.with_raw_response.create(**sampled)
+    again = client.completions.with_raw_response.create(**sampled)
+    assert first.headers["x-cache"] == "miss, miss, miss"
+    assert again.headers["x-cache"] == "hit, hit, hit"
+    jobs = first.headers["x-job-id"].split(", ")
+    assert len(set(jobs)) == 3 and again.headers["x-job-id"] == first.headers["x-job-id"]
+    texts = [c.text for c in first.parse().choices]
+    assert len(set(texts)) > 1 and texts == [c.text for c in again.parse().choices]
 
 
 def test_a_claim_whose_job_is_still_being_created_is_followed_not_dropped(redis_url):

@@ -211,6 +211,38 @@ def test_a_tool_round_trip_through_the_relay(relay):
     assert final.choices[0].message.content is not None and not final.choices[0].message.tool_calls
 
 
+def test_logprobs_on_a_relayed_model_are_the_upstreams(relay, upstream):
+    """The relaying engine asks its upstream for logprobs and relays what it
+    sends, in OpenAI's shapes (chat and the legacy completions), streamed or not.
+    (Before the test that kills the upstream: it asks the upstream directly too.)"""
+    rel, _ = relay
+    up, _ = upstream
+    relayed = openai.OpenAI(base_url=f"{rel.base}/v1", api_key="x", max_retries=0)
+    direct = openai.OpenAI(base_url=f"{up.base}/v1", api_key="x", max_retries=0)
+    args = {"model": "slow-gpt2", "prompt": "Hi", "max_tokens": 5, "temperature": 0}
+    want = direct.completions.create(**args, logprobs=2).choices[0].logprobs
+    got = relayed.completions.create(**args, logprobs=2).choices[0].logprobs
+    assert got.tokens == want.tokens and got.token_logprobs == want.token_logprobs
+    assert got.top_logprobs == want.top_logprobs and got.text_offset == want.text_offset
+    chat = {
+        "model": "slow-gpt2",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    want_chat = direct.chat.completions.create(**chat).choices[0].logprobs.content
+    chunks = list(relayed.chat.completions.create(**chat, stream=True))
+    got_chat = [
+        t
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [t.model_dump() for t in got_chat] == [t.model_dump() for t in want_chat]
+
+
 # Last: the upstream stays dead after it.
 def test_the_upstream_going_away_ends_the_stream_with_a_clear_event(upstream, relay):
     up, _ = upstream

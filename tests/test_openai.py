@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 
 import httpx
 import openai
@@ -11,7 +12,13 @@ import pytest
 import redis
 from clients import run_client
 from helpers import stream, wait_for
+from test_jobs import create, read_some
 from tiny_models import TRAINED
+
+from textstream.api.errors import JOB_ERROR_STATUS
+from textstream.engines.base import LogprobsError
+from textstream.engines.fake import FakeEngine
+from textstream.job import SamplingParams
 
 PROMPT = "The capital of France is"
 
@@ -148,8 +155,12 @@ def test_null_means_unset_for_optional_fields_as_openai_takes_it(service):
 @pytest.mark.parametrize(
     "kwargs,param",
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 16, "max_tokens": 100}, "n"),  # 1600 tokens: past MAX_NEW_TOKENS_LIMIT
+        ({"n": 2, "prompt": [PROMPT] * 17}, "n"),  # 34 jobs: past MAX_PROMPTS
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
         ({"echo": True}, "echo"),
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -470,3 +481,137 @@ def test_a_list_of_prompts_holds_a_stream_slot_each_and_leaves_nothing_when_refu
 
 def status(svc, key, job_id: str) -> str:
     return httpx.get(f"{svc.base}/jobs/{job_id}", headers=key).json().get("status", "")
+
+
+def spelt(tokens) -> str:
+    return b"".join(bytes(t.bytes) for t in tokens).decode(errors="replace")
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    """OpenAI's shape; greedy: each token is its own top-1, a logprob is <= 0, and
+    the alternatives' probabilities sum to at most 1. Streamed chunks carry the
+    logprobs of their own tokens."""
+    kwargs = {
+        "model": "tiny-gpt2",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    whole = client.chat.completions.create(**kwargs)
+    content = whole.choices[0].logprobs.content
+    # The tiny model answers with emoji: a piece of a character is spelt U+FFFD,
+    # its bytes kept in `bytes`.
+    assert content and spelt(content) == whole.choices[0].message.content
+    for token in content:
+        assert token.logprob <= 0
+        assert "\ufffd" in token.token or token.bytes == list(token.token.encode())
+        assert len(token.top_logprobs) == 3 and token.top_logprobs[0].token == token.token
+        assert token.top_logprobs[0].logprob == token.logprob
+        assert sum(math.exp(t.logprob) for t in token.top_logprobs) <= 1 + 1e-6
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [
+        t
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].delta.content:
+            assert spelt(chunk.choices[0].logprobs.content) == chunk.choices[0].delta.content
+    plain = client.chat.completions.create(**{**kwargs, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == whole.choices[0].message.content
+
+
+def test_completion_logprobs_in_the_legacy_shape(client):
+    kwargs = {"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+    whole = client.completions.create(**kwargs, logprobs=2)
+    choice = whole.choices[0]
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == 5
+    assert all(value <= 0 for value in lp.token_logprobs)
+    assert [max(top, key=top.get) for top in lp.top_logprobs] == lp.tokens
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(5)]
+    chunks = [c for c in client.completions.create(**kwargs, logprobs=2, stream=True) if c.choices]
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [
+        o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+    ]
+    assert tokens == lp.tokens and offsets == lp.text_offset
+
+
+def test_chat_refuses_bad_top_logprobs_naming_it(client):
+    messages = [{"role": "user", "content": "Hi"}]
+    for value in (21, -1, "x"):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="tiny-gpt2", messages=messages, logprobs=True, top_logprobs=value
+            )
+        assert caught.value.body["param"] == "top_logprobs", value
+    with pytest.raises(openai.BadRequestError) as caught:  # without logprobs: true
+        client.chat.completions.create(model="tiny-gpt2", messages=messages, top_logprobs=2)
+    assert caught.value.body["param"] == "top_logprobs"
+
+
+def test_n_choices_are_seeded_per_choice_and_summed(client):
+    """n=3 with a seed: three choices (seed, seed+1, seed+2), the same three again
+    for the same request; at temperature 1 they differ. Usage is summed."""
+    kwargs = {
+        "model": "tiny-gpt2",
+        "prompt": "a b c",  # untrained: sampled at temperature 1, answers differ
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "seed": 11,
+        "n": 3,
+        "extra_body": {"ignore_eos": True},
+    }
+    first = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.text for c in again.choices] and len(set(texts)) > 1
+    assert first.usage.completion_tokens == 24
+    one = client.completions.create(**{**kwargs, "n": 1, "seed": 12})
+    assert one.choices[0].text == texts[1]  # choice 1 is seed 12's answer
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == texts
+    chat = client.chat.completions.create(
+        model="tiny-gpt2",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=1.0,
+        n=2,
+        logprobs=True,
+    )
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert all(len(c.logprobs.content) >= 1 for c in chat.choices)
+
+
+def test_token_events_carry_logprobs_for_a_reader_that_resumes(service):
+    """The worker publishes logprobs in the token events (with their ids): a
+    reader resuming after Last-Event-ID gets them as the first reader did."""
+    job_id = create(service.base, prompt=PROMPT, max_new_tokens=6, temperature=0, logprobs=2)
+    events = read_some(service.base, job_id, 100)
+    tokens = [e for e in events if e.event == "token"]
+    assert events[-1].event == "done" and len(tokens) == 6
+    for event in tokens:
+        token, logprob, top = event.data["logprobs"][0]
+        assert token == event.data["text"] and logprob <= 0 and top[0] == [token, logprob]
+    resumed = read_some(service.base, job_id, 100, **{"Last-Event-ID": tokens[2].id})
+    again = [e.data for e in resumed if e.event == "token"]
+    assert again == [e.data for e in tokens[3:]]
+
+
+def test_the_fake_engine_refuses_logprobs_rather_than_answering_without():
+    engine = FakeEngine("fake:1000")
+    with pytest.raises(LogprobsError):
+        next(engine.generate([0], SamplingParams(max_new_tokens=2, logprobs=1)))
+    assert JOB_ERROR_STATUS["invalid_logprobs"] == 400  # how the worker's error answers

@@ -4,6 +4,7 @@ compiled is refused before anything is queued."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from pydantic import BaseModel, Field
 from test_batching import load
 from test_jobs import create, read_some
 
+from textstream import keys
 from textstream.api.cache import cache_key
 from textstream.engines.transformers.engine import TransformersEngine
 from textstream.grammars import canonical_schema
@@ -176,12 +178,49 @@ def test_max_tokens_cutting_the_json_short_finishes_with_length(engine) -> None:
     assert finish == "length" and text.startswith("{")
 
 
+def test_logprobs_under_a_schema_are_the_masked_distribution(engine) -> None:
+    """A schema's mask is part of the distribution logprobs report: a forbidden
+    token never appears with a usable probability, -inf is given as -9999 (JSON
+    has no -inf), and the chosen token is among the allowed."""
+    params = SamplingParams(
+        max_new_tokens=12, temperature=0, json_schema=canonical_schema(PERSON), logprobs=5
+    )
+    steps = list(engine.generate(engine.encode_prompt(PROMPT), params))
+    for step in steps:
+        assert step.logprobs is not None
+        chosen, top = step.logprobs
+        assert top[0] == (step.token_id, chosen) and chosen > -9999
+        assert all(-9999 <= lp <= 0 for _, lp in top)
+    assert engine.decode([s.token_id for s in steps]).startswith("{")
+
+
 def test_the_schema_is_part_of_the_cache_key() -> None:
     def key(schema: str | None) -> str:
         params = SamplingParams(json_schema=schema)
         return cache_key(CompletionJob(job_id="j", prompt=PROMPT, params=params))
 
     assert len({key(None), key('{"type":"object"}'), key(canonical_schema(PERSON))}) == 3
+
+
+def test_logprobs_are_part_of_the_cache_key_and_absent_ones_change_no_key() -> None:
+    def key(**params: Any) -> str:
+        return cache_key(CompletionJob(job_id="j", prompt=PROMPT, params=SamplingParams(**params)))
+
+    assert len({key(), key(logprobs=0), key(logprobs=3)}) == 3
+    # A key as it was before logprobs existed: the field is left out when unset.
+    identity = {
+        "tenant": "",
+        "model": "",
+        "prompt": PROMPT,
+        "messages": None,
+        "continue_final": False,
+        "prompt_format": "auto",
+        "params": {
+            k: v for k, v in SamplingParams().model_dump(mode="json").items() if k != "logprobs"
+        },
+    }
+    encoded = json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()
+    assert key() == keys.cache_entry(hashlib.sha256(encoded).hexdigest())
 
 
 # -- the API -----------------------------------------------------------------------------

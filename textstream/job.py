@@ -41,6 +41,12 @@ Priority = Annotated[
 ]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off")]
+#: Alternatives per token reported with its logprob: OpenAI's chat bound
+#: (`top_logprobs` 0..20; completions' `logprobs` is 0..5, checked in protocol.py).
+MAX_TOP_LOGPROBS = 20
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+#: A logprob of -inf (a token a schema forbids) as JSON can carry it (as vLLM's).
+LOWEST_LOGPROB = -9999.0
 
 
 def normalize_stop(value: str | list[str] | None) -> list[str]:
@@ -60,6 +66,9 @@ class Step:
 
     token_id: int
     finish_reason: str | None = None
+    #: With `SamplingParams.logprobs`: (the token's logprob, [(id, logprob)] of the
+    #: most likely alternatives, best first). None when not asked for.
+    logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
 
 class SamplingParams(BaseModel):
@@ -86,6 +95,10 @@ class SamplingParams(BaseModel):
     #: JSON text (textstream/grammars.py); None for free text. Part of the
     #: response-cache key, as every parameter here.
     json_schema: str | None = None
+    #: Report each token's logprob and this many most likely alternatives (None:
+    #: off). From the distribution the sampler draws from after penalties (and a
+    #: schema's mask), before temperature, top-k and top-p (README, "logprobs").
+    logprobs: TopLogprobs | None = None
 
     @property
     def greedy(self) -> bool:

@@ -42,6 +42,8 @@ def cache_key(job: CompletionJob, tenant: str = "") -> str:
         "prompt_format": job.prompt_format,
         "params": job.params.model_dump(mode="json"),
     }
+    if job.params.logprobs is None:  # keys of jobs without logprobs stay as they were
+        identity["params"].pop("logprobs", None)
     if job.tools:  # only then: keys of jobs without tools stay as they were
         identity["tools"] = job.tools
         identity["tool_choice"] = [job.tool_choice, job.parallel_tool_calls]

@@ -158,6 +158,7 @@ BODY_PARSE_ERROR = "There was an error parsing the body"
 JOB_ERROR_STATUS = {
     "prompt_too_long": 422,
     "invalid_tools": 400,
+    "invalid_logprobs": 400,
     "cancelled": 409,
     "timeout": 504,
     "generation_failed": 502,

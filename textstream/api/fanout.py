@@ -67,9 +67,9 @@ def as_generator(part: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
 
 
 async def submit_all(
-    request: Request, prompts: list[Prompt], generation: GenerationRequest
+    request: Request, prompts: list[tuple[Prompt, GenerationRequest]]
 ) -> list[Submission]:
-    """Each prompt its own job (submit()), so they run side by side, each holding a
+    """Each prompt (or choice: `n`) its own job (submit()), so they run side by side, each holding a
     stream slot (MAX_STREAMS_PER_KEY counts jobs). A refusal of any gives back what
     the ones before it took: their jobs stopped (taken off the queue if no worker
     has them yet) and their slots released."""
@@ -77,7 +77,7 @@ async def submit_all(
     policy = CancelPolicy.ON_DISCONNECT
     jobs: list[Submission] = []
     try:
-        for prompt in prompts:
+        for prompt, generation in prompts:
             jobs.append(await submit(services, request.state.caller, prompt, generation, policy))
     except BaseException:
         for job in jobs:

@@ -9,10 +9,11 @@ each by `index` (fanout.py), as OpenAI's and vLLM's API take it (langchain's
 `OpenAI.batch` sends one).
 
 Supported beyond OpenAI's own fields, as vLLM accepts them: `top_k`,
-`repetition_penalty`, `ignore_eos`, and our `use_cache`. Unsupported options get a
-400 naming the parameter: `n`/`best_of` > 1, `logprobs`, `echo`, `suffix`,
-`logit_bias`, `min_p` > 0, `functions`, token-id prompts, more than MAX_PROMPTS
-prompts. Tool calls: textstream/tools.py.
+`repetition_penalty`, `ignore_eos`, and our `use_cache`. `n` choices are a job
+each, as listed prompts are (seed + i for choice i); `logprobs` come from the token
+events (worker/completion.py). Unsupported options get a 400 naming the parameter:
+`best_of` > 1, `echo`, `suffix`, `logit_bias`, `min_p` > 0, `functions`, token-id
+prompts, more than MAX_PROMPTS prompts (prompts × n). Tool calls: textstream/tools.py.
 
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
@@ -77,8 +78,11 @@ class ChunkShape:
         model: str,
         include_usage: bool = False,
         tool_use: ToolUse | None = None,
+        logprobs: int | None = None,
     ) -> None:
         self.chat = chat
+        #: Alternatives per token the request asked logprobs for (None: no logprobs).
+        self.logprobs = logprobs
         self.tool_use = tool_use
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job_id}"
         self.model = model
@@ -105,15 +109,17 @@ class ChunkShape:
         reasoning: bool = False,
         index: int = 0,
         calls: list[dict[str, Any]] | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One streamed piece; with `reasoning`, chat sends it as
         `delta.reasoning_content` (as vLLM and DeepSeek do); `calls` as
-        `delta.tool_calls`, each whole (name and all its arguments) in one piece."""
+        `delta.tool_calls`, each whole (name and all its arguments) in one piece;
+        `logprobs` those of the piece's tokens (logprobs_object())."""
         if not self.chat:
             choice = {
                 "index": index,
                 "text": text or "",
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
             return self._object("text_completion", [choice])
@@ -122,8 +128,42 @@ class ChunkShape:
             delta["reasoning_content" if reasoning else "content"] = text
         if calls:
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
         return self._object("chat.completion.chunk", [choice])
+
+    def logprobs_object(self, entries: list[list[Any]], offset: int = 0) -> dict[str, Any] | None:
+        """OpenAI's `logprobs` of a choice (or a chunk) from token events' entries
+        ([token, logprob, [[token, logprob], ...]], worker/completion.py): chat's
+        `{"content": [...]}`, or the legacy completions shape, whose `text_offset`
+        counts from `offset` (the characters of the choice's tokens before these).
+        None when the request did not ask for logprobs."""
+        if self.logprobs is None:
+            return None
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        **_token_logprob(token, logprob, *raw),
+                        "top_logprobs": [_token_logprob(*alt) for alt in top],
+                    }
+                    for token, logprob, top, *raw in entries
+                ]
+            }
+        offsets = []
+        for token, *_ in entries:
+            offsets.append(offset)
+            offset += len(token)
+        return {
+            "tokens": [entry[0] for entry in entries],
+            "token_logprobs": [entry[1] for entry in entries],
+            "top_logprobs": [{alt[0]: alt[1] for alt in entry[2]} for entry in entries],
+            "text_offset": offsets,
+        }
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -135,6 +175,7 @@ class ChunkShape:
         choices = []
         for index, answer in enumerate(answers):
             choice: dict[str, Any] = {"index": index}
+            logprobs = self.logprobs_object(answer.logprobs or [])
             calls = None
             if self.chat:
                 message: dict[str, Any] = {"role": "assistant", "content": answer.text}
@@ -150,7 +191,7 @@ class ChunkShape:
             else:
                 choice["text"] = answer.text
             finish = "tool_calls" if self.chat and calls else answer.finish_reason
-            choices.append({**choice, "logprobs": None, "finish_reason": finish})
+            choices.append({**choice, "logprobs": logprobs, "finish_reason": finish})
         kind = "chat.completion" if self.chat else "text_completion"
         return self._object(kind, choices, usage=with_total(usage))
 
@@ -163,6 +204,12 @@ def system_fingerprint(model: str) -> str:
     one release, changed by an upgrade or another model under the name."""
     digest = hashlib.sha256(f"textstream {__version__} {model}".encode()).hexdigest()
     return f"fp_{digest[:10]}"
+
+
+def _token_logprob(token: str, logprob: float, raw: list[int] | None = None) -> dict[str, Any]:
+    """One token as OpenAI's logprobs name it; `bytes`: its UTF-8, or the raw bytes
+    the worker added for a piece of a character (whose text is U+FFFD)."""
+    return {"token": token, "logprob": logprob, "bytes": raw or list(token.encode())}
 
 
 def with_total(usage: dict[str, int]) -> dict[str, int]:
@@ -198,6 +245,9 @@ class ChunkStream:
         self._sent_role = False
         self.usage: dict[str, int] | None = None
         self.error: dict[str, Any] | None = None
+        #: Token events' logprobs not yet sent, and the characters of those sent.
+        self._logprobs: list[list[Any]] = []
+        self._offset = 0
 
     def catch_up(self, events: list[JobEvent]) -> None:
         return None  # OpenAI streams are not resumed
@@ -216,7 +266,12 @@ class ChunkStream:
         if self.shape.chat and not self._sent_role:
             self._sent_role = True
             yield data(self.shape.role_chunk(self.index))
-        yield data(self.shape.chunk(text, finish, reasoning, self.index, calls))
+        logprobs = None
+        if self.shape.logprobs is not None and (self._logprobs or finish is None):
+            logprobs = self.shape.logprobs_object(self._logprobs, self._offset)
+            self._offset += sum(len(entry[0]) for entry in self._logprobs)
+            self._logprobs = []
+        yield data(self.shape.chunk(text, finish, reasoning, self.index, calls, logprobs))
 
     def _end(self, finish: str) -> Iterable[ServerSentEvent]:
         if self.calls is None:
@@ -233,6 +288,7 @@ class ChunkStream:
     def convert(self, event: JobEvent) -> Iterable[ServerSentEvent]:
         if event.event == EventType.TOKEN:
             text = event.data["text"]
+            self._logprobs.extend(event.data.get("logprobs") or ())
             if self.splitter is None:
                 yield from self._chunk(text)
             else:
@@ -282,13 +338,23 @@ async def answer(
     """Submit each prompt, then stream the chunks or answer once every job ended."""
     services = services_of(request)
     body.refuse_unsupported()
-    jobs = await submit_all(request, prompts, generation)
+    # n choices per prompt, each a job: choice j of prompt i has index i × n + j.
+    jobs = await submit_all(
+        request, [(prompt, one) for prompt in prompts for one in body.choices(generation)]
+    )
     policy = CancelPolicy.ON_DISCONNECT
     relays = [relay_for(request, j.job_id, j.model, j.deadline, policy, j.first) for j in jobs]
     slots = [job.slot for job in jobs]
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     chat = prompts[0].messages is not None
-    shape = ChunkShape(chat, jobs[0].job_id, jobs[0].model, include_usage, prompts[0].tool_use)
+    shape = ChunkShape(
+        chat,
+        jobs[0].job_id,
+        jobs[0].model,
+        include_usage,
+        prompts[0].tool_use,
+        generation.logprobs,
+    )
     headers = {
         name: ", ".join(job_headers(job)[name] for job in jobs) for name in job_headers(jobs[0])
     }
@@ -310,8 +376,11 @@ async def answer(
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest) -> Response:
     """As OpenAI's: the prompt is raw text (no chat template), 16 tokens by default."""
+    body.refuse_unsupported()
     prompts = [Prompt("prompt", text, max_tokens_field="max_tokens") for text in body.prompts()]
-    generation = body.generation(body.max_tokens or COMPLETION_MAX_TOKENS, prompt_format="raw")
+    limit = services_of(request).settings.max_new_tokens_limit
+    max_tokens = body.choice_limit(body.max_tokens or COMPLETION_MAX_TOKENS, limit, "max_tokens")
+    generation = body.generation(max_tokens, prompt_format="raw")
     return await answer(request, body, generation, prompts)
 
 
@@ -319,6 +388,7 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
 async def chat_completions(request: Request, body: ChatRequest) -> Response:
     """As OpenAI's: without a limit, the answer runs until the model stops (here,
     at the latest at MAX_NEW_TOKENS_LIMIT or the context window)."""
+    body.refuse_unsupported()
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     tools, use, schema = body.tool_use()
     prompt = Prompt(
@@ -331,9 +401,10 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
         tool_choice=body.tool_choice,
         parallel_tool_calls=body.parallel_tool_calls,
     )
-    limit = body.max_completion_tokens or body.max_tokens
     settings = services_of(request).settings
-    generation = body.generation(limit or settings.max_new_tokens_limit, json_schema=schema)
+    most = settings.max_new_tokens_limit
+    limit = body.choice_limit(body.max_completion_tokens or body.max_tokens, most, field)
+    generation = body.generation(limit or most, json_schema=schema)
     return await answer(request, body, generation, [prompt])
 
 

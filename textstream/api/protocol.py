@@ -35,6 +35,7 @@ from textstream.job import (
     Seed,
     Temperature,
     TopK,
+    TopLogprobs,
     TopP,
     normalize_stop,
 )
@@ -247,6 +248,9 @@ class GenerationRequest(Body):
         None, description="a JSON schema (or its JSON text) the output must match"
     )
     priority: Priority = 0
+    logprobs: TopLogprobs | None = Field(
+        None, description="each token's logprob and this many alternatives (token events)"
+    )
 
     @field_validator("stop")
     @classmethod
@@ -360,8 +364,8 @@ class OpenAISampling(Body):
         }
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise InvalidInputError("n", "only n=1 is supported")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidInputError("n", f"n must be 1 to {MAX_N}")
         if self.logit_bias:
             raise InvalidInputError("logit_bias", "logit_bias is not supported")
         if self.min_p:
@@ -386,6 +390,37 @@ class OpenAISampling(Body):
             return canonical_schema(spec["schema"])
         except GrammarError as exc:
             raise InvalidInputError("response_format", str(exc)) from None
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives per token the request asks logprobs for (None: no
+        logprobs)."""
+        return None
+
+    def choice_limit(self, max_tokens: int | None, limit: int, field: str) -> int | None:
+        """Each choice's token limit with `n` > 1: the request as a whole may
+        generate no more than MAX_NEW_TOKENS_LIMIT, so `n` × `max_tokens` must fit
+        it, and a request without `max_tokens` gives each choice its share."""
+        if self.n <= 1 or not 1 <= self.n <= MAX_N:
+            return max_tokens
+        if max_tokens is None:
+            return max(1, limit // self.n)
+        if self.n * max_tokens > limit:
+            raise InvalidInputError(
+                "n", f"n × {field} is {self.n * max_tokens}; the limit is {limit}"
+            )
+        return max_tokens
+
+    def choices(self, generation: GenerationRequest) -> list[GenerationRequest]:
+        """Each of the `n` choices' generation: a seeded request's choice i uses
+        seed + i, so that its n answers differ and each can be reproduced."""
+        if self.n <= 1:
+            return [generation]
+        if generation.seed is None:
+            return [generation] * self.n
+        return [
+            generation.model_copy(update={"seed": (generation.seed + i) % 2**63})
+            for i in range(self.n)
+        ]
 
     def generation(
         self,
@@ -412,6 +447,7 @@ class OpenAISampling(Body):
                 use_cache=self.use_cache,
                 json_schema=json_schema or self.output_schema(),
                 priority=self.priority,
+                logprobs=self.top_logprobs_asked(),
             )
         except ValidationError as exc:  # a stop list the native API refuses too
             first = exc.errors()[0]
@@ -424,11 +460,18 @@ class OpenAISampling(Body):
 #: batch belongs in several requests; langchain's `OpenAI` sends 20 at a time.
 MAX_PROMPTS = 32
 
+#: The most choices (`n`) one request may ask for: each is a job of its own, as a
+#: listed prompt is (with a list of prompts, prompts × n is at most MAX_PROMPTS).
+MAX_N = 16
+
+#: OpenAI's bound on /v1/completions' `logprobs` (the legacy API's).
+MAX_COMPLETION_LOGPROBS = 5
+
 
 class CompletionRequest(OpenAISampling):
     prompt: str | list[str]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -449,13 +492,19 @@ class CompletionRequest(OpenAISampling):
             return [self.prompt]
         if not self.prompt or len(self.prompt) > MAX_PROMPTS:
             raise InvalidInputError("prompt", f"give 1 to {MAX_PROMPTS} prompts in a list")
+        if len(self.prompt) * self.n > MAX_PROMPTS:
+            raise InvalidInputError(
+                "n", f"prompts × n is {len(self.prompt) * self.n}; the limit is {MAX_PROMPTS}"
+            )
         return self.prompt
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         for field, value in (
             ("echo", self.echo),
-            ("logprobs", self.logprobs is not None),
             ("best_of", self.best_of not in (None, 1)),
             ("suffix", bool(self.suffix)),
         ):
@@ -467,7 +516,7 @@ class ChatRequest(OpenAISampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxNewTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None  # the older form of tools
@@ -478,6 +527,9 @@ class ChatRequest(OpenAISampling):
     add_generation_prompt: bool = True
 
     parallel_tool_calls: bool | None = None
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def as_messages(self) -> list[dict[str, Any]]:
         return [m.as_dict() for m in self.messages]
@@ -512,8 +564,8 @@ class ChatRequest(OpenAISampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise InvalidInputError("logprobs", "logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidInputError("top_logprobs", "top_logprobs needs logprobs: true")
         # Refused rather than ignored: a client that offers functions must not take
         # a plain answer for the model's choice not to call one.
         for field, value in (

@@ -27,6 +27,8 @@ class JobStatus(BaseModel):
     model: str | None = None
     usage: dict[str, int] | None = None
     error: dict[str, Any] | None = None
+    #: Its tokens' logprobs, as token events carry them (when the job asked).
+    logprobs: list[list[Any]] | None = None
     #: How many times a worker took the job over after another one stopped.
     takeovers: int = 0
     last_event_id: str
@@ -50,7 +52,9 @@ def summarize(job_id: str, history: list[JobEvent], split_thinking: bool = True)
             summary["error"] = event.data.get("error")
             cancelled = (summary["error"] or {}).get("type") == "cancelled"
             status = "cancelled" if cancelled else "error"
-    raw = "".join(e.data["text"] for e in history if e.event == EventType.TOKEN)
+    tokens = [e for e in history if e.event == EventType.TOKEN]
+    raw = "".join(e.data["text"] for e in tokens)
+    logprobs = [entry for e in tokens for entry in e.data.get("logprobs") or ()]
     text, thinking = raw, None
     if split_thinking:
         splitter = ThinkSplitter()
@@ -65,6 +69,7 @@ def summarize(job_id: str, history: list[JobEvent], split_thinking: bool = True)
         thinking=thinking,
         created_at=entry_seconds(stored[0]) if stored else time.time(),
         takeovers=sum(e.event == EventType.RESUMED for e in history),
+        logprobs=logprobs or None,
         last_event_id=stored[-1] if stored else "",
         **summary,
     )

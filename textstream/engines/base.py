@@ -104,11 +104,20 @@ class TextStep:
     text: str
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
+    #: The piece's tokens' logprobs, as token events carry them
+    #: ([token, logprob, [[token, logprob(, bytes)], ...](, bytes)]), when asked.
+    logprobs: list[list[Any]] | None = None
 
 
 class UpstreamError(RuntimeError):
     """The engine's upstream refused or failed for good (retries are the engine's):
     the job ends with an `upstream_error` event."""
+
+
+class LogprobsError(ValueError):
+    """The job asks for logprobs this engine cannot give (the fake engine): the
+    job ends with an
+    `invalid_logprobs` error (a 400 when not streamed), never a plain answer."""
 
 
 class TextEngine(ServedModel, Protocol):

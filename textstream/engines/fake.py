@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
+from textstream.engines.base import LogprobsError
 from textstream.grammars import GrammarError
 from textstream.job import PromptFormat, SamplingParams, Step
 from textstream.sources import served_name
@@ -123,6 +124,8 @@ class FakeEngine:
         STOP_CHECK_SECONDS, not only between words."""
         if params.json_schema is not None:
             raise GrammarError("the fake engine cannot constrain its output (response_format)")
+        if params.logprobs is not None:
+            raise LogprobsError("the fake engine has no logprobs to give")
         interval, next_at = 1.0 / self.rate, time.monotonic()
         for produced in range(1, params.max_new_tokens + 1):
             next_at += interval

@@ -60,7 +60,7 @@ from textstream.engines.upstream import (
     UpstreamReader,
     UpstreamStalledError,
 )
-from textstream.job import CompletionJob, PromptFormat, SamplingParams
+from textstream.job import LOWEST_LOGPROB, CompletionJob, PromptFormat, SamplingParams
 from textstream.sources import ModelLoadError, OpenAISource
 from textstream.tools import CALL_CLOSE, CALL_OPEN, MAX_TOOLS, functions_of
 
@@ -166,7 +166,7 @@ class OpenAIEngine:
                                 "prompt_tokens": max(0, usage["prompt_tokens"] - before),
                                 "completion_tokens": before + usage["completion_tokens"],
                             }
-                        yield TextStep(step.text, step.finish_reason, usage)
+                        yield TextStep(step.text, step.finish_reason, usage, step.logprobs)
                 if finished or should_stop():
                     return
                 if not seen:  # a 200 that held no completion chunk: an HTML page, JSON
@@ -236,6 +236,7 @@ class OpenAIEngine:
             thinking = resume.rfind(THINK_START) > resume.rfind(THINK_END)
             calls = _ToolCalls(job, self.max_piece_chars, skip=resume.count(CALL_OPEN))
             for chunk in reader.chunks():
+                logprobs = _logprobs_of(chunk) if params.logprobs is not None else None
                 for reasoning, content, finish, usage, tool_deltas in self._deltas(chunk):
                     if max(len(reasoning), len(content)) > self.max_piece_chars:
                         raise UpstreamOversizeError(
@@ -255,7 +256,8 @@ class OpenAIEngine:
                     # upstream's JSON ("\\ud800") becomes "?".
                     piece = (piece + content).encode("utf-8", "replace").decode("utf-8")
                     received += piece
-                    yield TextStep(piece, finish, usage)
+                    yield TextStep(piece, finish, usage, logprobs)
+                    logprobs = None
                 if should_stop():
                     return
         except (
@@ -317,6 +319,9 @@ class OpenAIEngine:
         fmt = self.prompt_format if job.prompt_format == "auto" else job.prompt_format
         if messages is None and fmt != "raw":
             messages = [{"role": "user", "content": job.prompt}]
+        if params.logprobs is not None:  # relayed from its chunks (_logprobs_of)
+            chat = {"logprobs": True, "top_logprobs": params.logprobs}
+            common.update(chat if messages is not None else {"logprobs": params.logprobs})
         if messages is None:
             return self.client.completions.create(
                 prompt=job.prompt + resume, extra_body=extra or None, **common
@@ -460,6 +465,45 @@ class _Partial(Exception):
         super().__init__(str(error))
         self.text = text
         self.error = error
+
+
+def _logprobs_of(chunk: Any) -> list[list[Any]] | None:
+    """The upstream chunk's logprobs as token events carry them (chat's `content`
+    list, or completions' legacy lists); None when it sent none."""
+    if not chunk.choices or getattr(chunk.choices[0], "logprobs", None) is None:
+        return None
+    got = chunk.choices[0].logprobs
+    if getattr(got, "content", None) is not None:  # chat
+        return [
+            _entry(
+                item.token,
+                item.logprob,
+                item.bytes,
+                [_entry(t.token, t.logprob, t.bytes) for t in item.top_logprobs or []],
+            )
+            for item in got.content
+        ]
+    tokens, values = getattr(got, "tokens", None) or [], getattr(got, "token_logprobs", None) or []
+    tops = getattr(got, "top_logprobs", None) or [None] * len(tokens)
+    return [
+        _entry(
+            token,
+            value,
+            None,
+            [_entry(t, v, None) for t, v in sorted((top or {}).items(), key=lambda kv: -kv[1])],
+        )
+        for token, value, top in zip(tokens, values, tops, strict=False)
+    ]
+
+
+def _entry(token: str, logprob: float | None, raw: list[int] | None, *top: Any) -> list[Any]:
+    """One token's entry; its bytes only when its text does not hold them. A
+    logprob JSON cannot carry or that is no logprob (null, NaN, -inf, > 0) is
+    brought into [LOWEST_LOGPROB, 0]."""
+    value = float(logprob) if logprob is not None else LOWEST_LOGPROB
+    value = min(value, 0.0) if value >= LOWEST_LOGPROB else LOWEST_LOGPROB
+    keep = raw is not None and raw != list(token.encode())
+    return [token, round(value, 6), *top, *([raw] if keep else [])]
 
 
 def _finish(reason: str | None) -> str | None:

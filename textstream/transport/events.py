@@ -5,7 +5,9 @@ the id it last saw and misses nothing; the entry id doubles as the SSE `id:`.
 
 Each entry has the fields `event` (the SSE event name), `data` (JSON text) and, on
 token events, `ids`: the token ids whose text the event completes. A worker that
-takes over a job rebuilds the exact token prefix from them. A `tokens` entry is a
+takes over a job rebuilds the exact token prefix from them. A token event's data
+may hold `logprobs` beside its `text` (the job asked for them: one entry per token
+whose text it completes, worker/completion.py); absent, there are none. A `tokens` entry is a
 run of one job's consecutive tokens written together (scripts.NewEvent): each has
 an id of its own, the run's first one the entry's, and parse_entry splits it, so
 readers, Last-Event-ID and the SSE `id:` only ever see single `token` events.

@@ -32,6 +32,7 @@ from textstream.connections import REDIS_ERRORS, SyncStreamsClient
 from textstream.engines.base import (
     AnyEngine,
     Engine,
+    LogprobsError,
     PromptTooLongError,
     TextEngine,
     UpstreamError,
@@ -91,6 +92,7 @@ class TokenPublisher:
         self._stops = stops
         self._skip = skip_chars  # already delivered by the worker we took over from
         self._pending: list[int] = []  # ids whose text is not yet fully released
+        self._logprobs: list[list[Any]] = []  # theirs, when the job asked for logprobs
         #: Pieces a text engine gave (its stand-in for a token count).
         self.pieces = 0
         #: The text this attempt released (for LOG_PROMPTS).
@@ -104,16 +106,25 @@ class TokenPublisher:
     def ids(self) -> list[int]:
         return self._detokenizer.ids if self._detokenizer is not None else []
 
-    def add(self, token_id: int) -> None:
+    def add(
+        self, token_id: int, logprobs: tuple[float, list[tuple[int, float]]] | None = None
+    ) -> None:
+        """A generated id, with its logprobs (Step.logprobs) if the job asked: they
+        travel in the event that carries the id (`logprobs`, see _logprob_entry)."""
         assert self._detokenizer is not None
         self._pending.append(token_id)
+        if logprobs is not None:
+            self._logprobs.append(self._logprob_entry(token_id, logprobs))
         piece = self._detokenizer.add(token_id)
         if piece:
             self._release(self._stops.feed(piece))
 
-    def add_text(self, piece: str) -> None:
+    def add_text(self, piece: str, logprobs: list[list[Any]] | None = None) -> None:
         """A piece from a text engine: no ids, already whole characters. (An empty
-        one, a chunk carrying only the finish reason or usage, is no token.)"""
+        one, a chunk carrying only the finish reason or usage, is no token.) Its
+        tokens' logprobs, if the upstream sent them, go with the event that
+        releases the text."""
+        self._logprobs.extend(logprobs or ())
         if piece:
             self.pieces += 1
             self._release(self._stops.feed(piece))
@@ -133,10 +144,28 @@ class TokenPublisher:
             return
         self.released += text
         complete = not self._stops.held
-        self._writer.write(EventType.TOKEN, {"text": text}, self._pending if complete else ())
+        data: dict[str, Any] = {"text": text}
+        if complete and self._logprobs:
+            data["logprobs"] = self._logprobs
+        self._writer.write(EventType.TOKEN, data, self._pending if complete else ())
         self._on_token()
         if complete:
-            self._pending = []
+            self._pending, self._logprobs = [], []
+
+    def _logprob_entry(
+        self, token_id: int, logprobs: tuple[float, list[tuple[int, float]]]
+    ) -> list[Any]:
+        """[token, logprob, [[token, logprob(, bytes)], ...](, bytes)] for a token
+        event's `logprobs`: each token as its own text (special tokens spelt out; a
+        piece of a character as U+FFFD, its UTF-8 bytes then added as a list),
+        logprobs rounded to 6 places (compact in Redis)."""
+        chosen, top = logprobs
+        return self._spelt(token_id, chosen, [self._spelt(alt, value) for alt, value in top])
+
+    def _spelt(self, token_id: int, logprob: float, *more: Any) -> list[Any]:
+        assert self._detokenizer is not None
+        text, raw = self._detokenizer.spell(token_id)
+        return [text, round(logprob, 6), *more, *([raw] if raw is not None else [])]
 
 
 class CompletionRunner:
@@ -193,6 +222,8 @@ class CompletionRunner:
                 result = self._fail(job, writer, error_data("invalid_response_format", str(exc)))
             except ToolError as exc:  # tools this engine cannot offer
                 result = self._fail(job, writer, error_data("invalid_tools", str(exc)))
+            except LogprobsError as exc:  # logprobs this engine cannot give
+                result = self._fail(job, writer, error_data("invalid_logprobs", str(exc)))
             except REDIS_ERRORS as exc:
                 # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
                 # readers have ended with `redis_unavailable` already. The job ends so too,
@@ -329,7 +360,7 @@ class CompletionRunner:
             prompt_ids + published, params, self._should_stop(job, writer), len(published)
         )
         for step in steps if remaining > 0 and not publisher.capped else ():
-            publisher.add(step.token_id)
+            publisher.add(step.token_id, step.logprobs)
             finish_reason = "stop" if publisher.stopped else step.finish_reason
             if publisher.stopped or publisher.capped:
                 break
@@ -367,7 +398,7 @@ class CompletionRunner:
         steps = engine.generate_text(job, params, self._should_stop(job, writer), delivered)
         try:
             for step in steps if remaining > 0 and not publisher.capped else ():
-                publisher.add_text(step.text)
+                publisher.add_text(step.text, step.logprobs)
                 upstream = step.usage or upstream
                 finish_reason = "stop" if publisher.stopped else step.finish_reason or finish_reason
                 if publisher.stopped or publisher.capped:

@@ -55,3 +55,49 @@ class IncrementalDetokenizer:
             self._read_offset = len(self.ids)
             return piece
         return ""
+
+    def spell(self, token_id: int) -> tuple[str, list[int] | None]:
+        """One token's own text (special tokens included), as logprobs name it, and
+        its bytes when the text does not hold them: a piece of a character decodes
+        to U+FFFD, its bytes are read from the token itself (token_bytes)."""
+        text = self._tokenizer.decode(
+            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        if REPLACEMENT_CHAR not in text:
+            return text, None
+        return text, token_bytes(self._tokenizer, token_id)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE spells each byte as one printable character: the
+    inverse of its `bytes_to_unicode` table."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(char): byte for byte, char in zip(printable, chars, strict=True)}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer: Decoder, token_id: int) -> list[int] | None:
+    """A token's raw bytes, read from its vocabulary entry: byte-level BPE's
+    characters (GPT-2, Llama 3, Qwen) or SentencePiece's `<0xHH>` byte tokens;
+    None when it is neither."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    piece = convert(token_id) if convert is not None else None
+    if not isinstance(piece, str) or not piece:
+        return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return [int(piece[3:5], 16)]
+        except ValueError:
+            return None
+    if all(ch in BYTE_LEVEL for ch in piece):
+        return [BYTE_LEVEL[ch] for ch in piece]
+    return None

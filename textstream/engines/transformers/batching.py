@@ -178,9 +178,9 @@ class Batcher:
 
     def _hand_over(self, request: _Request, token: int) -> None:
         request.produced += 1
-        finish = request.sequence.finish_reason(token, request.produced)
-        request.out.put(Step(token, finish))
-        request.last_token, request.finished = token, finish is not None
+        step = request.sequence.step(token, request.produced)
+        request.out.put(step)
+        request.last_token, request.finished = token, step.finish_reason is not None
 
     # -- prefill ------------------------------------------------------------------
 

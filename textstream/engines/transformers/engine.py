@@ -187,9 +187,9 @@ class TransformersEngine:
             logits = self.passes.prefill(cache, [prompt[start : start + chunk]], [start])
         length = len(prompt)
         for produced in range(1, sequence.budget + 1):
-            token = sequence.choose(logits[0])  # logits: (1, V)
-            finish = sequence.finish_reason(token, produced)
-            yield Step(token, finish)
+            step = sequence.step(sequence.choose(logits[0]), produced)  # logits: (1, V)
+            yield step
+            token, finish = step.token_id, step.finish_reason
             if finish is not None or should_stop():
                 return
             logits = self.passes.decode(cache, [token], [length])
@@ -205,9 +205,9 @@ class TransformersEngine:
         for produced in range(1, sequence.budget + 1):
             out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            token = sequence.choose(out.logits[0, -1, :])  # logits: (1, T, V)
-            finish = sequence.finish_reason(token, produced)
-            yield Step(token, finish)
+            step = sequence.step(sequence.choose(out.logits[0, -1, :]), produced)  # (1, T, V)
+            yield step
+            token, finish = step.token_id, step.finish_reason
             if finish is not None or should_stop():
                 return
             input_ids = torch.tensor([[token]], device=self.device)  # (1, 1)

@@ -16,6 +16,12 @@ A request with an output schema carries its own grammar matcher (constraints.py)
 its logits are masked after the penalties and before temperature, top-k, top-p
 and the choice, so it can only pick a token the grammar allows; the token then
 advances the matcher, and the sequence ends (`stop`) where the grammar does.
+
+A request that asks for logprobs (`params.logprobs`) gets them from the logits the
+choice starts from: after the penalties and a schema's mask, before temperature,
+top-k and top-p (vLLM by default reports the raw model's instead; here they are
+what was actually weighed, so a greedy token is always the top-1). That row alone
+pays for them: one log_softmax and one topk on its own (V,) logits.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 from textstream.engines.base import PromptTooLongError
 from textstream.engines.transformers.constraints import advance, constrain
-from textstream.job import SamplingParams
+from textstream.job import LOWEST_LOGPROB, SamplingParams, Step
 
 #: Largest finite float32: penalized logits are clamped into ±this.
 FINITE = torch.finfo(torch.float32).max
@@ -50,6 +56,8 @@ class Sequence:
     matcher: Any = None
     #: The grammar is complete: the sequence ends here.
     complete: bool = False
+    #: The last chosen token's logprobs (Step.logprobs), when params.logprobs asks.
+    logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this sequence's logits (V,): penalties (when a penalty
@@ -69,6 +77,8 @@ class Sequence:
         if self.matcher is not None:
             logits = constrain(logits, self.matcher)
         token = next_token(logits, self.params, self.generator)
+        if self.params.logprobs is not None:
+            self.logprobs = token_logprobs(logits, token, self.params.logprobs)
         if self.matcher is not None:
             self.complete = advance(self.matcher, token)
         if self.history is not None:
@@ -85,7 +95,17 @@ class Sequence:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with no penalty: the batch picks these rows with one shared argmax."""
-        return self.params.greedy and not self.params.penalized and self.matcher is None
+        return (
+            self.params.greedy
+            and not self.params.penalized
+            and self.matcher is None
+            and self.params.logprobs is None
+        )
+
+    def step(self, token: int, produced: int) -> Step:
+        """The Step for `token` (its `produced`-th), with its logprobs if asked for."""
+        logprobs, self.logprobs = self.logprobs, None
+        return Step(token, self.finish_reason(token, produced), logprobs)
 
 
 def start_sequence(
@@ -150,6 +170,18 @@ def penalize(
     # A tiny repetition penalty divides a logit into inf: keep them comparable. (NaN,
     # from the model, stays NaN: clamp leaves it, and sampling refuses it.)
     return logits.clamp(-FINITE, FINITE)
+
+
+def token_logprobs(
+    logits: torch.Tensor, token: int, top: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s logprob under logits (V,) and the `top` most likely (id, logprob)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOWEST_LOGPROB)
+    chosen = float(logprobs[token].item())
+    if not top:
+        return chosen, []
+    values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+    return chosen, list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
 def next_token(
