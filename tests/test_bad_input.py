@@ -318,7 +318,7 @@ def idle_api(make_service):
     """An API with no workers and a full queue: every valid request meets a 429, so
     none waits for a worker that never comes (a cancelled job leaves the queue, so
     the fuzzer's own requests would not keep it full)."""
-    svc = make_service(workers=0, MAX_QUEUED_JOBS="5")
+    svc = make_service(workers=0, MAX_QUEUED_JOBS="5", MAX_QUEUED_PER_CALLER="5")
     for _ in range(5):
         assert httpx.post(svc.base + "/jobs", json={"prompt": "hold"}).status_code == 202
     return svc

@@ -323,7 +323,8 @@ def test_a_killed_api_process_s_reader_claims_are_released_and_its_jobs_stop(mak
 
 
 def test_the_queue_bound_holds_under_a_burst_and_cancelled_jobs_stop_counting(make_service):
-    svc = make_service(workers=0, MAX_QUEUED_JOBS="5")
+    # One caller may take the whole queue here: the bound itself is under test.
+    svc = make_service(workers=0, MAX_QUEUED_JOBS="5", MAX_QUEUED_PER_CALLER="5")
     client = redis.Redis.from_url(svc.env["REDIS_URL"])
     with ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(lambda _: post_job(svc.base, {}), range(50)))
@@ -349,7 +350,7 @@ def test_a_saturated_api_answers_429_not_503_and_writes_nothing(make_service):
         # Above the 2 s pause: Redis lifts a pause on its next cron tick (up to 100 ms
         # late), and a write held past REDIS_TIMEOUT would fail as Redis trouble.
         REDIS_TIMEOUT="5",
-        DEFAULT_MODEL="tiny-gpt2",  # no Redis write before the turn (live_workers prunes)
+        DEFAULT_MODEL="tiny-gpt2",
     )
     client = redis.Redis.from_url(svc.env["REDIS_URL"])
     assert post_job(svc.base, {}).status_code == 202

@@ -22,7 +22,7 @@ def job_history(url: str, job_id: str) -> list[str]:
 
 
 def test_queue_full_gets_429_and_enqueues_nothing(make_service, isolated_redis_url):
-    svc = make_service(workers=0, MAX_QUEUED_JOBS="2")
+    svc = make_service(workers=0, MAX_QUEUED_JOBS="2", MAX_QUEUED_PER_CALLER="2")
     for _ in range(2):
         create(svc.base, prompt="Hi")
     response = httpx.post(svc.base + "/jobs", json={"prompt": "Hi"}, timeout=5)

@@ -125,6 +125,11 @@ class WorkerHeartbeat:
         pipe = self._client.pipeline(transaction=True)
         pipe.set(keys.worker_info(self.info.worker_id), body, ex=ttl)
         pipe.zadd(keys.WORKERS, {self.info.worker_id: self.info.heartbeat_at})
+        # Dead workers' entries are pruned here, by the living, so that a reader
+        # (every submission resolving its model) never writes: under CLIENT PAUSE
+        # WRITE or a read-only replica a submission must still reach its turn.
+        stale = self.info.heartbeat_at - self._interval * MISSED_HEARTBEATS
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", stale)
         pipe.hset(keys.MODELS, self.info.model, json.dumps(self.info.model_record()))
         pipe.execute()
 
@@ -148,12 +153,10 @@ class WorkerHeartbeat:
 
 
 async def live_workers(client: aioredis.Redis, interval: float) -> list[WorkerInfo]:
-    """Workers whose last heartbeat is recent. Stale index entries are pruned."""
+    """Workers whose last heartbeat is recent, read without writing (the living
+    workers prune the stale entries: Heartbeat.beat)."""
     cutoff = time.time() - interval * MISSED_HEARTBEATS
-    async with client.pipeline(transaction=False) as pipe:  # one round trip, not two
-        pipe.zremrangebyscore(keys.WORKERS, "-inf", cutoff)
-        pipe.zrange(keys.WORKERS, 0, -1)
-        _, members = await pipe.execute()
+    members = await client.zrangebyscore(keys.WORKERS, cutoff, "+inf")
     ids = [i.decode() for i in members]
     if not ids:
         return []
