@@ -117,3 +117,53 @@ def test_weights_are_checked_at_start(tmp_path: Path):
     for bad in ("k1=0", "k1=nan", "k1=1e9", "k1", "=2", "k1=-1"):
         with pytest.raises(ValueError, match="API_KEY_WEIGHTS"):
             parse_key_weights(bad)
+
+
+def events_of(svc: Service, who: str, job_id: str) -> list[str]:
+    headers = {"Authorization": f"Bearer {KEYS[who]}"}
+    url = f"{svc.base}/jobs/{job_id}/events"
+    with httpx.stream("GET", url, headers=headers, timeout=60) as reply:
+        return [f"{e.event} {e.data}" for e in iter_sse_lines(reply.iter_lines()) if e.id]
+
+
+def test_a_job_past_its_queue_timeout_never_runs(svc: Service):
+    """Behind a 4 s job, one that will wait 0.5 s (body field or header) leaves the
+    queue with `queue_timeout` while the slot is still taken, and never starts; one
+    that will wait longer runs. A bad wait is refused and queues nothing."""
+    auth = {"Authorization": f"Bearer {KEYS['c']}"}
+    blocker = post(svc, "c", 800).json()["id"]
+    by_body = post(svc, "a", 5, queue_timeout=0.5).json()["id"]
+    by_header = httpx.post(
+        svc.base + "/jobs",
+        json={"prompt": "Hi", "max_new_tokens": 5},
+        headers={"Authorization": f"Bearer {KEYS['b']}", "X-Queue-Timeout": "0.5"},
+        timeout=10,
+    ).json()["id"]
+    patient = post(svc, "a", 5, queue_timeout=60).json()["id"]
+    for who, job in (("a", by_body), ("b", by_header)):
+        seen = events_of(svc, who, job)
+        assert [e.split(" ")[0] for e in seen] == ["queued", "error"], seen
+        assert "queue_timeout" in seen[-1]
+        status = httpx.get(
+            f"{svc.base}/jobs/{job}", headers={"Authorization": f"Bearer {KEYS[who]}"}
+        )
+        assert status.json()["status"] == "error"
+    # Ended by the janitor while the blocker still ran, not when a worker got to it.
+    assert httpx.get(f"{svc.base}/jobs/{blocker}", headers=auth).json()["status"] == "running"
+    assert events_of(svc, "a", patient)[-1].startswith("done")  # after the blocker
+    for bad in ("0", "-1", "nan", "inf", "soon", "1e9"):
+        reply = httpx.post(
+            svc.base + "/jobs",
+            json={"prompt": "Hi"},
+            headers={**auth, "X-Queue-Timeout": bad},
+            timeout=10,
+        )
+        assert reply.status_code == 400 and "X-Queue-Timeout" in reply.text, (bad, reply.text)
+    for bad in (0, -1, 1e9, "soon"):
+        assert post_status(svc, queue_timeout=bad) == 422
+
+
+def post_status(svc: Service, **body: object) -> int:
+    headers = {"Authorization": f"Bearer {KEYS['c']}"}
+    reply = httpx.post(svc.base + "/jobs", json={"prompt": "Hi", **body}, headers=headers)
+    return reply.status_code

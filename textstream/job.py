@@ -39,6 +39,17 @@ Priority = Annotated[
     int,
     Field(ge=-1000, le=1000, description="lower first, among this caller's own jobs"),
 ]
+#: How long a request will wait in the queue for a worker, in seconds (a day at
+#: most; JOB_TIMEOUT still bounds the whole job).
+MAX_QUEUE_TIMEOUT = 86400.0
+QueueTimeout = Annotated[
+    float,
+    Field(
+        gt=0.0,
+        le=MAX_QUEUE_TIMEOUT,
+        description="seconds to wait for a worker, then `queue_timeout`",
+    ),
+]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off")]
 #: Alternatives per token reported with its logprob: OpenAI's chat bound
@@ -141,6 +152,9 @@ class CompletionJob(BaseModel):
     enqueued_at: float = 0.0
     #: Unix time after which the job ends with a `timeout` error (JOB_TIMEOUT).
     deadline: float | None = None
+    #: Unix time by which a worker must have started it (the request's
+    #: `queue_timeout`); past it the job ends with `queue_timeout`, never run.
+    queue_deadline: float | None = None
     #: The fair order's record (fairness.py): whose it is (the caller's identity:
     #: a key's hash or `ip:…`, never a key), that caller's weight, the job's
     #: priority among the caller's jobs, and the estimate charged when claimed
@@ -152,3 +166,6 @@ class CompletionJob(BaseModel):
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
+
+    def waited_too_long(self, now: float) -> bool:
+        return self.queue_deadline is not None and now > self.queue_deadline

@@ -617,6 +617,8 @@ class JobQueue:
         finally:
             self._mq.redis_client = None
         recorder.set(keys.modelq_task(job.job_id), json.dumps(task_dict), ex=self._settings.job_ttl)
+        if job.queue_deadline is not None:  # for the janitor (api/janitor.end_overdue)
+            recorder.zadd(keys.queue_deadlines(job.model), {job.job_id: job.queue_deadline})
         return [tuple(args) for args, _options in recorder.command_stack]
 
     async def submit(self, job: CompletionJob) -> int | None:
@@ -693,6 +695,13 @@ async def queue_position(client: aioredis.Redis, model: str, job_id: str) -> int
     """1-based place of a job in its model's queue; None once a worker claimed it."""
     rank = await client.zrank(keys.queue_key(model, keys.MODELQ_QUEUED_INDEX), job_id)
     return None if rank is None else int(rank) + 1
+
+
+async def overdue(client: aioredis.Redis, model: str, now: float, limit: int) -> list[str]:
+    """Ids of jobs of `model`'s queue whose queue_timeout has passed (some may have
+    been claimed or withdrawn since: JobQueue.withdraw decides)."""
+    ids = await client.zrangebyscore(keys.queue_deadlines(model), "-inf", now, start=0, num=limit)
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
 
 async def waiting_since(client: aioredis.Redis, model: str, before: float, limit: int) -> list[str]:

@@ -46,6 +46,12 @@ def queue_scope(model: str) -> dict[str, str]:
     return {name: queue_key(model, name) for name in MODELQ_QUEUE_NAMES}
 
 
+def queue_deadlines(model: str) -> str:
+    """Sorted set: the jobs of `model`'s queue that asked to wait at most so long
+    (queue_timeout), by the time they must have started (api/janitor.py ends them)."""
+    return f"{PREFIX}:queue:{model}:deadlines"
+
+
 def modelq_task(task_id: str) -> str:
     """ModelQ's record of one task (its task wrapper writes it after enqueueing)."""
     return f"task:{task_id}"

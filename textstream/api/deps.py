@@ -4,18 +4,25 @@ on `app.state`) and who is calling (`authorize`, a FastAPI dependency)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import redis.asyncio as aioredis
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from textstream.api.context_window import PromptTokens
-from textstream.api.errors import InvalidInputError, UnauthorizedError, error_response
+from textstream.api.errors import (
+    BadHeaderError,
+    InvalidInputError,
+    UnauthorizedError,
+    error_response,
+)
 from textstream.api.limits import undecodable
 from textstream.api.queue_watch import QueueWatch
 from textstream.api.security import Caller, Guard
 from textstream.config import Settings
+from textstream.job import MAX_QUEUE_TIMEOUT
 from textstream.jobqueue import JobQueue
 from textstream.registry import LiveModels
 from textstream.transport.events import JobEvents
@@ -62,11 +69,28 @@ async def authorize(request: Request) -> Caller:
     job_id = request.path_params.get("job_id", "") if request.url.path.endswith("/events") else ""
     caller = identify(guard, request, job_id, request.query_params.get("access_token", ""))
     request.state.refund = await guard.count_request(caller)
+    caller = replace(caller, queue_timeout=queue_timeout_header(request))
     request.state.caller = caller
     part = undecodable(request.scope)
     if part is not None:  # the server decoded it with U+FFFD in place of its bytes
         raise InvalidInputError(part, f"{part} must be valid UTF-8 once percent-decoded")
     return caller
+
+
+def queue_timeout_header(request: Request) -> float | None:
+    """`X-Queue-Timeout: <seconds>`: how long the request will wait for a worker."""
+    value = request.headers.get("x-queue-timeout")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_QUEUE_TIMEOUT:  # NaN and inf fail this too
+        raise BadHeaderError(
+            "X-Queue-Timeout", f"X-Queue-Timeout must be seconds in (0, {MAX_QUEUE_TIMEOUT:g}]"
+        )
+    return seconds
 
 
 def tenant_of(services: Services, caller: Caller) -> str:

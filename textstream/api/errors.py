@@ -74,11 +74,15 @@ class ContextLengthError(InvalidInputError):
         )
 
 
-class BadEventIdError(InvalidInputError):
-    """A Last-Event-ID that cannot name an event of this job: a malformed header is
-    a bad request (400), answered at once rather than waited on."""
+class BadHeaderError(InvalidInputError):
+    """A request header the API cannot use: a bad request (400) naming it."""
 
     status = 400
+
+
+class BadEventIdError(BadHeaderError):
+    """A Last-Event-ID that cannot name an event of this job: a malformed header is
+    a bad request (400), answered at once rather than waited on."""
 
 
 class JobNotFoundError(ServiceError, LookupError):
@@ -161,6 +165,7 @@ JOB_ERROR_STATUS = {
     "invalid_logprobs": 400,
     "cancelled": 409,
     "timeout": 504,
+    "queue_timeout": 503,
     "generation_failed": 502,
     "redis_unavailable": 503,
     "shutdown": 503,

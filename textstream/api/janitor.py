@@ -11,7 +11,9 @@
 - Every REHOME_SECONDS (not only every HOUSEKEEPING_SECONDS): jobs waiting for a
   name whose worker serves a fallback in its place (api/models.py) move to the
   fallback's queue, so a first question asked while the model loads is answered
-  once it has, not at JOB_TIMEOUT.
+  once it has, not at JOB_TIMEOUT; and jobs still waiting past their
+  `queue_timeout` leave the queue with `queue_timeout` (a worker that claims one
+  first skips it too, so it never runs either way).
 
 Every API process runs it; each step is idempotent, so more processes only make it
 run more often. Redis trouble is logged and retried next round.
@@ -27,8 +29,9 @@ from typing import Any
 from textstream.api.deps import Services
 from textstream.api.models import all_models, configured_model, live_models
 from textstream.connections import UNREACHABLE
-from textstream.jobqueue import expired_head, trim_records, waiting_since
-from textstream.transport.events import TIMEOUT, EventType, error_data
+from textstream.jobqueue import expired_head, overdue, trim_records, waiting_since
+from textstream.keys import queue_deadlines
+from textstream.transport.events import QUEUE_TIMEOUT, TIMEOUT, EventType, error_data
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +102,28 @@ async def rehome(services: Services) -> int:
     return moved
 
 
+async def end_overdue(services: Services) -> int:
+    """End the jobs still waiting past their queue_timeout; returns how many."""
+    now, ended = time.time(), 0
+    for model in await all_models(services):
+        due = await overdue(services.redis, model, now, BATCH)
+        for job_id in due:
+            if await services.queue.withdraw(job_id, model):  # else a worker has it
+                await services.jobs.append(job_id, EventType.ERROR, QUEUE_TIMEOUT)
+                ended += 1
+        if due:
+            await services.redis.zrem(queue_deadlines(model), *due)
+    if ended:
+        log.info("ended %d job(s) past their queue_timeout", ended)
+    return ended
+
+
 async def run(services: Services, interval: float) -> None:
     due = 0.0
     while True:
         try:
             await rehome(services)
+            await end_overdue(services)
             if time.monotonic() >= due:
                 await sweep(services)
                 due = time.monotonic() + interval

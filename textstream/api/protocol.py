@@ -30,6 +30,7 @@ from textstream.job import (
     Penalty,
     Priority,
     PromptFormat,
+    QueueTimeout,
     RepetitionPenalty,
     SamplingParams,
     Seed,
@@ -248,6 +249,7 @@ class GenerationRequest(Body):
         None, description="a JSON schema (or its JSON text) the output must match"
     )
     priority: Priority = 0
+    queue_timeout: QueueTimeout | None = None
     logprobs: TopLogprobs | None = Field(
         None, description="each token's logprob and this many alternatives (token events)"
     )
@@ -273,6 +275,7 @@ class GenerationRequest(Body):
                 "use_cache",
                 "stream",
                 "priority",
+                "queue_timeout",
             }
         )
         fields["max_new_tokens"] = self.max_new_tokens or default_max_new_tokens
@@ -347,6 +350,7 @@ class OpenAISampling(Body):
     #: /v1/completions too, as vLLM takes it.
     response_format: dict[str, Any] | None = None
     priority: Priority = 0
+    queue_timeout: QueueTimeout | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -447,6 +451,7 @@ class OpenAISampling(Body):
                 use_cache=self.use_cache,
                 json_schema=json_schema or self.output_schema(),
                 priority=self.priority,
+                queue_timeout=self.queue_timeout,
                 logprobs=self.top_logprobs_asked(),
             )
         except ValidationError as exc:  # a stop list the native API refuses too

@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from textstream.api.errors import InvalidInputError
 from textstream.api.protocol import Body, GenerationRequest, ModelName
 from textstream.grammars import JSON_OBJECT, GrammarError, canonical_schema
-from textstream.job import MaxNewTokens, Temperature, TopP
+from textstream.job import MaxNewTokens, Priority, QueueTimeout, Temperature, TopP
 from textstream.tools import ToolError, ToolUse, call_schema, functions_of
 
 #: The roles a message item may have (chat templates know these).
@@ -66,6 +66,9 @@ class ResponsesRequest(Body):
     logprobs: Any = None
     prompt: Any = None
     conversation: Any = None
+    # Extras, as on the other routes.
+    priority: Priority = 0
+    queue_timeout: QueueTimeout | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -202,6 +205,8 @@ class ResponsesRequest(Body):
                 temperature=self.temperature,
                 top_p=self.top_p,
                 json_schema=json_schema or self.output_schema(),
+                priority=self.priority,
+                queue_timeout=self.queue_timeout,
                 # A response's id is its job's: two responses must never share a job.
                 use_cache=False,
             )

@@ -24,7 +24,7 @@ import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -38,9 +38,12 @@ MAX_TOKEN_CHARS = 512
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking: `key:<hash>` or `ip:<address>`; never the key itself."""
+    """Who is asking: `key:<hash>` or `ip:<address>`; never the key itself. And how
+    long this request will wait in the queue for a worker (`X-Queue-Timeout`; a
+    body's `queue_timeout` wins), which is not part of who it is."""
 
     identity: str
+    queue_timeout: float | None = field(default=None, compare=False)
 
 
 def key_identity(key: str) -> str:

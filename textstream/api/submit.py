@@ -97,8 +97,11 @@ async def submit(
     try:
         tenant = tenant_of(services, caller)
         share = share_of(services, caller, request.priority)
+        wait = request.queue_timeout or caller.queue_timeout
         async with submission_turn(services):
-            submission = await start_job(services, tenant, model, prompt, request, policy, share)
+            submission = await start_job(
+                services, tenant, model, prompt, request, policy, share, wait
+            )
     except BaseException:
         with contextlib.suppress(*UNREACHABLE):
             await services.guard.close_stream(caller, slot)
@@ -210,8 +213,10 @@ async def start_job(
     request: GenerationRequest,
     policy: CancelPolicy,
     share: Share,
+    wait: float | None = None,
 ) -> Submission:
-    """Answer from the response cache, or queue a new job."""
+    """Answer from the response cache, or queue a new job (that a worker must start
+    within `wait` seconds, if given, or it ends with `queue_timeout`)."""
     settings = services.settings
     params = request.sampling(settings.default_max_new_tokens)
     job_id = ""
@@ -232,6 +237,7 @@ async def start_job(
                 params=params,
                 enqueued_at=now,
                 deadline=now + settings.job_timeout,
+                queue_deadline=now + min(wait, settings.job_timeout) if wait else None,
                 caller=share.caller,
                 weight=share.weight,
                 priority=share.priority,
@@ -240,7 +246,9 @@ async def start_job(
             waiting = await queue_length(services.redis, model)
             if waiting >= settings.max_queued_jobs:  # refused before writing anything
                 raise QueueFullError(f"{waiting} jobs are waiting; retry shortly")
-            key = await cache_key_for(services, job, tenant, request.use_cache)
+            # A job that may end unrun (queue_timeout) is no answer for others.
+            cacheable = request.use_cache and job.queue_deadline is None
+            key = await cache_key_for(services, job, tenant, cacheable)
             if key:
                 followed = await follow_cached(services, key, model, policy)
                 if followed is None and not await claim(

@@ -59,6 +59,7 @@ from textstream.transport.scripts import (
 
 __all__ = [
     "CANCELLED",
+    "QUEUE_TIMEOUT",
     "REDIS_LOST",
     "START_ID",
     "TERMINAL_EVENTS",
@@ -147,6 +148,9 @@ def error_data(error_type: str, message: str) -> dict[str, Any]:
 
 CANCELLED = error_data("cancelled", "the job was cancelled")
 TIMEOUT = error_data("timeout", "the job did not finish within JOB_TIMEOUT")
+QUEUE_TIMEOUT = error_data(
+    "queue_timeout", "no worker started the job within its queue_timeout; it never ran"
+)
 REDIS_LOST = error_data("redis_unavailable", "the event store is unreachable; reconnect later")
 
 

@@ -46,6 +46,7 @@ from textstream.registry import WorkerHeartbeat
 from textstream.tools import ToolError
 from textstream.transport.events import (
     CANCELLED,
+    QUEUE_TIMEOUT,
     TIMEOUT,
     EventType,
     JobEvent,
@@ -58,6 +59,9 @@ from textstream.worker.detokenize import IncrementalDetokenizer
 from textstream.worker.stops import StopMatcher
 
 log = logging.getLogger(__name__)
+
+#: The usage of a job that never ran (settles its fair-share estimate to nothing).
+NOTHING_USED = {"prompt_tokens": 0, "completion_tokens": 0}
 
 
 class TokenPublisher:
@@ -312,10 +316,18 @@ class CompletionRunner:
         self, job: CompletionJob, writer: EventWriter, timings: JobTimings
     ) -> dict[str, Any]:
         history = writer.history()
+        # A job that never ran costs its caller's share nothing (fairness.py): the
+        # estimate this claim charged is taken back. (One that ran elsewhere was
+        # settled, or keeps its estimate, there.)
+        started = any(e.event in (EventType.STARTED, EventType.RESUMED) for e in history)
+        unused = {} if started else {"usage": NOTHING_USED}
         if any(event.terminal for event in history):
-            return {"status": "skipped"}  # cancelled or timed out before it ran
-        if job.expired(time.time()):
-            return self._fail(job, writer, TIMEOUT)
+            return {"status": "skipped", **unused}  # cancelled or timed out before it ran
+        now = time.time()
+        if job.expired(now):
+            return {**self._fail(job, writer, TIMEOUT), **unused}
+        if not started and job.waited_too_long(now):
+            return {**self._fail(job, writer, QUEUE_TIMEOUT), **unused}
         if is_text_engine(self._engine):
             return self._run_text(self._engine, job, writer, timings, history)
         return self._run_tokens(cast(Engine, self._engine), job, writer, timings, history)
