@@ -167,3 +167,114 @@ def post_status(svc: Service, **body: object) -> int:
     headers = {"Authorization": f"Bearer {KEYS['c']}"}
     reply = httpx.post(svc.base + "/jobs", json={"prompt": "Hi", **body}, headers=headers)
     return reply.status_code
+
+
+def test_a_token_quota_refuses_past_it_and_charges_what_was_used(make_service):
+    """TOKEN_RATE_LIMIT: a request reserves its prompt and max_new_tokens; one past
+    the quota gets a 429 (Retry-After, OpenAI's x-ratelimit-* headers) and queues
+    nothing, another key is untouched, and once a job ends its caller is charged
+    what it used, not what it reserved."""
+    svc = make_service(
+        model="fake:50",
+        API_KEYS=",".join(KEYS.values()),
+        TOKEN_RATE_LIMIT="200",
+        RATE_LIMIT="100",
+    )
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    if time.time() % 60 > 40:  # the quota's minute must not turn over mid-test
+        time.sleep(61 - time.time() % 60)
+    a = {"Authorization": f"Bearer {KEYS['a']}"}
+
+    def ask(headers: dict[str, str], tokens: int, **body: object) -> httpx.Response:
+        job = {"prompt": "Hi", "max_new_tokens": tokens, **body}
+        return httpx.post(svc.base + "/jobs", json=job, headers=headers, timeout=10)
+
+    # B's job holds the one slot for 3.8 s: A's waits behind it, its tokens reserved.
+    assert ask({"Authorization": f"Bearer {KEYS['b']}"}, 190).status_code == 202
+    first = ask(a, 150, stop=["lazy"])  # reserves 151; will stop after 7 words
+    assert first.status_code == 202, first.text
+    assert first.headers["x-ratelimit-limit-tokens"] == "200"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "200"
+    assert first.headers["x-ratelimit-limit-requests"] == "100"
+    assert first.headers["x-ratelimit-remaining-requests"] == "99"
+    assert first.headers["x-ratelimit-reset-tokens"].endswith("s")
+    refused = ask(a, 100)
+    assert refused.status_code == 429 and "tokens a minute" in refused.text
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert int(refused.headers["x-ratelimit-remaining-tokens"]) < 100
+    assert len(client.keys("textstream:job:*:events")) == 2  # the refusal wrote nothing
+    assert ask({"Authorization": f"Bearer {KEYS['c']}"}, 100).status_code == 202
+    too_big = ask(a, 250)
+    assert too_big.status_code == 422 and "max_new_tokens" in too_big.text
+    events_url = f"{svc.base}/jobs/{first.json()['id']}/events"
+    with httpx.stream("GET", events_url, headers=a, timeout=30) as reply:
+        ends = [e.event for e in iter_sse_lines(reply.iter_lines()) if e.event == "done"]
+    assert ends == ["done"]
+    # Charged what it used (a few tokens), the 100 fit now.
+    deadline = time.time() + 10
+    while (second := ask(a, 100)).status_code == 429 and time.time() < deadline:
+        time.sleep(0.2)
+    assert second.status_code == 202, second.text
+
+
+def fair_records(client: redis.Redis) -> dict[str, int]:
+    """What the fair order holds now, by kind of key (fairness.py)."""
+    held: dict[str, int] = {}
+    for key in client.scan_iter("textstream:queue:*:fair:*"):
+        kind = key.decode().split(":fair:")[1].split(":")[0]
+        size = {b"hash": client.hlen, b"zset": client.zcard}.get(client.type(key))
+        held[kind] = held.get(kind, 0) + (size(key) if size else 1)
+    return held
+
+
+def test_cancelling_thousands_games_nothing_and_leaves_no_records(svc: Service):
+    """A key that queues and cancels jobs by the hundred earns no place ahead of
+    another key, and its cancelled jobs leave nothing in the fair order."""
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    a = {"Authorization": f"Bearer {KEYS['a']}"}
+    blocker = post(svc, "c", 400).json()["id"]  # 2 s: everything below waits
+    for _ in range(10):
+        ids = [post(svc, "a", 50).json()["id"] for _ in range(20)]
+        for job in ids:
+            assert httpx.delete(f"{svc.base}/jobs/{job}", headers=a).status_code == 202
+    held = fair_records(client)
+    assert held.get("jobs", 0) == 0 and held.get("waiting", 0) == 0, held
+    a_jobs = [post(svc, "a", 10).json()["id"] for _ in range(4)]
+    b_jobs = [post(svc, "b", 10).json()["id"] for _ in range(4)]
+    started_at(svc, "c", blocker)
+    times = {job: started_at(svc, "a", job) for job in a_jobs}
+    times |= {job: started_at(svc, "b", job) for job in b_jobs}
+    order = sorted(a_jobs + b_jobs, key=times.__getitem__)
+    owners = "".join("a" if job in a_jobs else "b" for job in order)
+    # Shared, not all of A's first: no run of more than two of one key.
+    assert "aaa" not in owners and "bbb" not in owners, owners
+
+
+def test_priority_bounds(svc: Service):
+    for priority, status in ((-1000, 202), (1000, 202), (-1001, 422), (1001, 422), (0.5, 422)):
+        reply = httpx.post(
+            svc.base + "/jobs",
+            json={"prompt": "Hi", "max_new_tokens": 1, "priority": priority},
+            headers={"Authorization": f"Bearer {KEYS['c']}"},
+            timeout=10,
+        )
+        assert reply.status_code == status, (priority, reply.text)
+
+
+def test_the_order_rebuilds_itself_when_its_records_are_lost(svc: Service):
+    """Redis losing the fair order (a restart without it) while jobs wait: each
+    waiting job still runs, once, and new jobs are ordered fairly again."""
+    client = redis.Redis.from_url(svc.env["REDIS_URL"])
+    blocker = post(svc, "c", 300).json()["id"]
+    waiting = [post(svc, "a", 10).json()["id"] for _ in range(5)]
+    for key in client.scan_iter("textstream:queue:*:fair:*"):
+        client.delete(key)
+    later = [(who, post(svc, who, 10).json()["id"]) for who in "abab"]
+    started_at(svc, "c", blocker)
+    for job in waiting:
+        events = events_of(svc, "a", job)
+        assert sum(e.startswith("started") for e in events) == 1, events
+        assert events[-1].startswith("done")
+    for who, job in later:
+        assert events_of(svc, who, job)[-1].startswith("done")
+    assert fair_records(client).get("jobs", 0) == 0

@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     api_key_weights: str = ""
     stream_token_seconds: int = Field(600, ge=1)
     rate_limit: int = Field(0, ge=0, description="requests/minute per key or IP; 0 = off")
+    #: Prompt and generated tokens a minute per key or IP, as OpenAI's TPM: a request
+    #: reserves its prompt and max_tokens when queued, and is charged what it used
+    #: once it ends (api/security.Guard.reserve_tokens).
+    token_rate_limit: int = Field(0, ge=0, description="tokens/minute per key or IP; 0 = off")
     max_streams_per_key: int = Field(0, ge=0, description="concurrent streams; 0 = off")
     #: What an API process holds for its callers (stream slots, a reader's claim on
     #: its job) is a lease it renews every third of this (api/leases.py): a process

@@ -195,6 +195,15 @@ charge(head_id)
 return head
 """
 
+#: A job's token reservation (TOKEN_RATE_LIMIT) replaced by what it used, in the
+#: minute it was reserved in if that window is still there. KEYS: the window.
+#: ARGV: the correction (may be negative).
+SETTLE_TOKENS_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('INCRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+return 1
+"""
+
 #: A claimed job's estimate replaced by what it cost: KEYS: counters, backlog.
 #: ARGV: caller, the correction (may be negative).
 SETTLE_SCRIPT = """

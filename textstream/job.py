@@ -163,6 +163,10 @@ class CompletionJob(BaseModel):
     weight: float = 1.0
     priority: int = 0
     charge: float = 0.0
+    #: TOKEN_RATE_LIMIT's window this job reserved `quota_tokens` in (its prompt and
+    #: max_new_tokens, estimated): the worker replaces that by what it used.
+    quota_key: str = ""
+    quota_tokens: int = 0
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline

@@ -255,6 +255,7 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         self._end = self.redis_client.register_script(RELEASE_SCRIPT)
         self._fair_claim = self.redis_client.register_script(fairness.CLAIM_SCRIPT)
         self._settle = self.redis_client.register_script(fairness.SETTLE_SCRIPT)
+        self._settle_tokens = self.redis_client.register_script(fairness.SETTLE_TOKENS_SCRIPT)
         #: The served model whose queue this is, and whether its claims follow the
         #: fair order (create_worker_modelq).
         self.model = ""
@@ -372,17 +373,26 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         )
 
     def _settle_charge(self, job: CompletionJob, result: Any) -> None:
-        """Replace the estimate charged at claim by the job's cost (fairness.py);
-        a job that ended without usage (an error, a hand-over) keeps the estimate."""
+        """Replace the estimates made for the job by what it cost: the fair share's
+        charged at claim (fairness.py) and the tokens reserved against its caller's
+        TOKEN_RATE_LIMIT. A job that ended without usage (an error, a hand-over)
+        keeps the estimates."""
         usage = result.get("usage") if isinstance(result, dict) else None
-        if not job.caller or not usage:
+        if not usage:
             return
-        spent = fairness.cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         try:
-            self._settle(
-                keys=[fairness.counters_key(self.model), fairness.backlog_key(self.model)],
-                args=[job.caller, repr(spent / job.weight - job.charge)],
-            )
+            if job.caller:
+                self._settle(
+                    keys=[fairness.counters_key(self.model), fairness.backlog_key(self.model)],
+                    args=[
+                        job.caller,
+                        repr(fairness.cost(prompt, completion) / job.weight - job.charge),
+                    ],
+                )
+            if job.quota_key:
+                used = int(prompt) + int(completion)
+                self._settle_tokens(keys=[job.quota_key], args=[used - job.quota_tokens])
         except Exception as exc:  # a share slightly off; the job itself is done
             log.warning("job=%s: could not settle its share: %s", job.job_id, type(exc).__name__)
 

@@ -112,6 +112,11 @@ def rate_window(identity: str, window: int) -> str:
     return f"{PREFIX}:rate:{identity}:{window}"
 
 
+def token_window(identity: str, window: int) -> str:
+    """Tokens reserved or used by one caller in one minute (TOKEN_RATE_LIMIT)."""
+    return f"{PREFIX}:tokens:{identity}:{window}"
+
+
 def open_streams(identity: str) -> str:
     """Sorted set of one caller's open streams, scored by when their lease lapses."""
     return f"{PREFIX}:streams:{identity}"

@@ -22,6 +22,7 @@ from textstream.api.limits import undecodable
 from textstream.api.queue_watch import QueueWatch
 from textstream.api.security import Caller, Guard
 from textstream.config import Settings
+from textstream.connections import UNREACHABLE
 from textstream.job import MAX_QUEUE_TIMEOUT
 from textstream.jobqueue import JobQueue
 from textstream.registry import LiveModels
@@ -68,13 +69,40 @@ async def authorize(request: Request) -> Caller:
     guard: Guard = services.guard
     job_id = request.path_params.get("job_id", "") if request.url.path.endswith("/events") else ""
     caller = identify(guard, request, job_id, request.query_params.get("access_token", ""))
-    request.state.refund = await guard.count_request(caller)
+    try:
+        request.state.refund = await guard.count_request(caller)
+    finally:  # a 429 for the rate carries them too
+        await rate_headers(services, request, caller)
     caller = replace(caller, queue_timeout=queue_timeout_header(request))
     request.state.caller = caller
     part = undecodable(request.scope)
     if part is not None:  # the server decoded it with U+FFFD in place of its bytes
         raise InvalidInputError(part, f"{part} must be valid UTF-8 once percent-decoded")
     return caller
+
+
+async def rate_headers(services: Services, request: Request, caller: Caller) -> None:
+    """OpenAI's x-ratelimit-* headers for this caller's minute, when RATE_LIMIT or
+    TOKEN_RATE_LIMIT is on (headers.SecurityHeaders adds them to the answer). Tokens
+    remaining are before this request's own reservation."""
+    settings = services.settings
+    if not (settings.rate_limit or settings.token_rate_limit):
+        return
+    try:
+        used = await services.guard.usage(caller)
+    except UNREACHABLE:
+        return  # the request itself says what Redis trouble means
+    reset = f"{math.ceil(used.reset_seconds)}s"
+    headers: dict[str, str] = {}
+    for kind, limit, count in (
+        ("requests", settings.rate_limit, used.requests),
+        ("tokens", settings.token_rate_limit, used.tokens),
+    ):
+        if limit:
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - count))
+            headers[f"x-ratelimit-reset-{kind}"] = reset
+    request.state.ratelimit_headers = headers
 
 
 def queue_timeout_header(request: Request) -> float | None:

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from textstream import keys
 from textstream.api.errors import RateLimitedError, UnauthorizedError
 from textstream.config import Settings
+from textstream.fairness import SETTLE_TOKENS_SCRIPT
 
 #: A stream token is ~110 characters; anything much longer is not one.
 MAX_TOKEN_CHARS = 512
@@ -46,6 +47,23 @@ class Caller:
     queue_timeout: float | None = field(default=None, compare=False)
 
 
+@dataclass(frozen=True)
+class TokenHold:
+    """Tokens a request reserved in a minute's window of TOKEN_RATE_LIMIT."""
+
+    key: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class RateUsage:
+    """A caller's requests and tokens counted this minute, and the seconds left."""
+
+    requests: int
+    tokens: int
+    reset_seconds: float
+
+
 def key_identity(key: str) -> str:
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -56,6 +74,8 @@ class Guard:
         self._client = client
         self._keys = [k.encode() for k in settings.api_key_list]
         self._rate = client.register_script(RATE_SCRIPT)
+        self._tokens = client.register_script(TOKENS_SCRIPT)
+        self._settle_tokens = client.register_script(SETTLE_TOKENS_SCRIPT)
         self._refund = client.register_script(REFUND_SCRIPT)
         self._slot = client.register_script(SLOT_SCRIPT)
         self._renew = client.register_script(RENEW_SCRIPT)
@@ -146,6 +166,36 @@ class Guard:
 
         return refund
 
+    async def reserve_tokens(self, caller: Caller, tokens: int) -> TokenHold | None:
+        """Reserve `tokens` (a request's prompt and max_tokens) in the caller's
+        minute of TOKEN_RATE_LIMIT (raises past it); None when there is no limit.
+        The worker replaces the reservation by what the job used (jobqueue)."""
+        limit = self._settings.token_rate_limit
+        if not limit:
+            return None
+        now = time.time()
+        key = keys.token_window(caller.identity, int(now // 60))
+        if int(await self._tokens(keys=[key], args=[tokens, limit, 120])) < 0:
+            raise RateLimitedError(
+                f"more than {limit} tokens a minute (this request may use {tokens}); retry later",
+                max(1, int(60 - now % 60)),
+            )
+        return TokenHold(key, tokens)
+
+    async def release_tokens(self, hold: TokenHold | None) -> None:
+        """Give a reservation back (the request was refused, or answered from cache)."""
+        if hold is not None:
+            await self._settle_tokens(keys=[hold.key], args=[-hold.tokens])
+
+    async def usage(self, caller: Caller) -> RateUsage:
+        """This minute's counts for the x-ratelimit-* headers (one read)."""
+        now = time.time()
+        window = int(now // 60)
+        requests, tokens = await self._client.mget(
+            keys.rate_window(caller.identity, window), keys.token_window(caller.identity, window)
+        )
+        return RateUsage(int(requests or 0), int(tokens or 0), 60 - now % 60)
+
     async def open_stream(self, caller: Caller) -> str | None:
         """Take a stream slot (raises when the caller has too many); returns its id.
         The slot is a lease this process renews until `close_stream`."""
@@ -193,6 +243,15 @@ if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 
 local count = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return count
+"""
+
+#: KEYS: the caller's token window. ARGV: tokens to reserve, the limit, TTL.
+TOKENS_SCRIPT = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return -1 end
+local total = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return total
 """
 
 #: KEYS: the caller's window. A refused request gives its count back.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from textstream import fairness
 from textstream.api.cache import cache_key, cached_job, claim, forget
 from textstream.api.deps import Services, tenant_of
 from textstream.api.errors import (
@@ -29,7 +30,7 @@ from textstream.api.errors import (
 )
 from textstream.api.models import resolve_model
 from textstream.api.protocol import GenerationRequest, Prompt
-from textstream.api.security import Caller, key_identity
+from textstream.api.security import Caller, TokenHold, key_identity
 from textstream.connections import UNREACHABLE
 from textstream.fairness import Share, estimate
 from textstream.grammars import GrammarError, check_schema
@@ -90,24 +91,40 @@ async def submit(
     check_request(request, services, prompt.max_tokens_field)
     await check_output_schema(request, prompt.schema_field)
     model = await resolve_model(services, request.model)
-    await check_context_window(services, prompt, request, model)
+    prompt_tokens = await check_context_window(services, prompt, request, model)
+    hold = await reserve_tokens(services, caller, prompt, request, prompt_tokens)
     slot = None
-    if policy is CancelPolicy.ON_DISCONNECT:
-        slot = await services.guard.open_stream(caller)
     try:
+        if policy is CancelPolicy.ON_DISCONNECT:
+            slot = await services.guard.open_stream(caller)
         tenant = tenant_of(services, caller)
         share = share_of(services, caller, request.priority)
         wait = request.queue_timeout or caller.queue_timeout
         async with submission_turn(services):
             submission = await start_job(
-                services, tenant, model, prompt, request, policy, share, wait
+                services, tenant, model, prompt, request, policy, Place(share, wait, hold)
             )
     except BaseException:
         with contextlib.suppress(*UNREACHABLE):
             await services.guard.close_stream(caller, slot)
+        with contextlib.suppress(*UNREACHABLE):
+            await services.guard.release_tokens(hold)
         raise
+    if submission.shared:  # answered by a job someone else's request made
+        with contextlib.suppress(*UNREACHABLE):
+            await services.guard.release_tokens(hold)
     submission.slot = slot
     return submission
+
+
+@dataclass(frozen=True)
+class Place:
+    """Whose a new job is and what it may hold: its share of the fair order, how
+    long it will wait for a worker, and the tokens it reserved (TOKEN_RATE_LIMIT)."""
+
+    share: Share
+    wait: float | None = None
+    hold: TokenHold | None = None
 
 
 @contextlib.asynccontextmanager
@@ -189,13 +206,34 @@ async def check_output_schema(request: GenerationRequest, field: str) -> None:
 
 async def check_context_window(
     services: Services, prompt: Prompt, request: GenerationRequest, model: str
-) -> None:
+) -> int:
+    """The prompt's tokens (counted, or estimated from its characters where this
+    process cannot count them); raises past the model's context window."""
     counted = await services.prompt_tokens.count(
         model, prompt.text, request.prompt_format, prompt.messages, prompt.tools
     )
-    if counted is not None and counted[0] >= counted[1]:
+    if counted is None:
+        return len(prompt.checked_text) // fairness.CHARS_PER_TOKEN + 1
+    if counted[0] >= counted[1]:
         # `messages` for a chat: the field the client sent
         raise ContextLengthError(prompt.field, counted[0], counted[1])
+    return counted[0]
+
+
+async def reserve_tokens(
+    services: Services, caller: Caller, prompt: Prompt, request: GenerationRequest, tokens: int
+) -> TokenHold | None:
+    """Reserve the request's most (its prompt and max_tokens) against the caller's
+    TOKEN_RATE_LIMIT; a request that could never fit in it is refused outright."""
+    limit = services.settings.token_rate_limit
+    most = tokens + (request.max_new_tokens or services.settings.default_max_new_tokens)
+    if limit and most > limit:
+        raise InvalidInputError(
+            prompt.max_tokens_field,
+            f"this request may use {most} tokens (prompt and {prompt.max_tokens_field});"
+            f" the limit is {limit} a minute",
+        )
+    return await services.guard.reserve_tokens(caller, most)
 
 
 def share_of(services: Services, caller: Caller, priority: int) -> Share:
@@ -212,12 +250,11 @@ async def start_job(
     prompt: Prompt,
     request: GenerationRequest,
     policy: CancelPolicy,
-    share: Share,
-    wait: float | None = None,
+    place: Place,
 ) -> Submission:
     """Answer from the response cache, or queue a new job (that a worker must start
-    within `wait` seconds, if given, or it ends with `queue_timeout`)."""
-    settings = services.settings
+    within `place.wait` seconds, if given, or it ends with `queue_timeout`)."""
+    settings, share, wait = services.settings, place.share, place.wait
     params = request.sampling(settings.default_max_new_tokens)
     job_id = ""
     try:
@@ -242,6 +279,8 @@ async def start_job(
                 weight=share.weight,
                 priority=share.priority,
                 charge=estimate(len(prompt.checked_text), params.max_new_tokens) / share.weight,
+                quota_key=place.hold.key if place.hold else "",
+                quota_tokens=place.hold.tokens if place.hold else 0,
             )
             waiting = await queue_length(services.redis, model)
             if waiting >= settings.max_queued_jobs:  # refused before writing anything
