@@ -3,12 +3,10 @@
 No `from __future__ import annotations`: FastAPI reads these signatures at run time.
 """
 
-import contextlib
 import re
 from typing import Annotated
 from urllib.parse import unquote_to_bytes
 
-import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
@@ -32,9 +30,8 @@ from textstream.api.responses import (
 )
 from textstream.api.status import JobStatus, summarize
 from textstream.api.submit import CancelPolicy, check_access, job_deadline, submit
-from textstream.connections import UNREACHABLE
 from textstream.transport.events import START_ID, CancelOutcome, ResumePoint
-from textstream.transport.sse import stream_job_events
+from textstream.transport.sse import release, stream_job_events
 
 
 class AnyTextConvertor(Convertor[str]):
@@ -122,9 +119,8 @@ async def completion(
             await release_slot(request, job.slot)
             return Response(status_code=204, headers=headers)
     except BaseException:  # Redis failing (503), or the client gone: give back what
-        await release_slot(request, job.slot)  # submit took, as a reader leaving does
-        with anyio.CancelScope(shield=True), contextlib.suppress(*UNREACHABLE):
-            await services.jobs.cancel(job.job_id, release=True)
+        await release_slot(request, job.slot)  # submit took, as a reader leaving does:
+        await release(relay)  # its claim dropped and, if no one else reads it, off the queue
         raise
     if params.stream:
         start = after if point is ResumePoint.OPEN else START_ID
