@@ -61,7 +61,7 @@ def test_live_models_one_read_for_a_burst_of_submissions(isolated_redis_url):
             answers = await asyncio.gather(*(live.get(client, 1.0) for _ in range(200)))
             assert all(a == ["m1"] for a in answers)
             stats = counting.info("commandstats")
-            return int(stats["cmdstat_zrange"]["calls"])
+            return int(stats["cmdstat_zrangebyscore"]["calls"])
         finally:
             await client.close()
 

@@ -226,6 +226,23 @@ def test_a_token_quota_refuses_past_it_and_charges_what_was_used(make_service):
     assert ask({"Authorization": f"Bearer {KEYS['c']}"}, 100).status_code == 202
     too_big = ask(a, 250)
     assert too_big.status_code == 422 and "max_new_tokens" in too_big.text
+    # Choices that together could never fit: 422 up front, not a 429 for ever.
+    c = {"Authorization": f"Bearer {KEYS['c']}"}
+    model = httpx.get(svc.base + "/v1/models", headers=c).json()["data"][0]["id"]
+    choices = httpx.post(
+        svc.base + "/v1/completions",
+        json={"model": model, "prompt": "Hi", "max_tokens": 120, "n": 2},
+        headers=c,
+        timeout=10,
+    )
+    assert choices.status_code == 400 and "2 choices" in choices.text, choices.text
+    # A job cancelled before it ran gives its reservation back at once.
+    held = ask(a, 150, stop=["lazy"])
+    assert held.status_code == 429  # `first` holds 151 of the 200
+    first_id = first.json()["id"]
+    assert httpx.delete(f"{svc.base}/jobs/{first_id}", headers=a).status_code == 202
+    first = ask(a, 150, stop=["lazy"])
+    assert first.status_code == 202, first.text
     events_url = f"{svc.base}/jobs/{first.json()['id']}/events"
     with httpx.stream("GET", events_url, headers=a, timeout=30) as reply:
         ends = [e.event for e in iter_sse_lines(reply.iter_lines()) if e.event == "done"]

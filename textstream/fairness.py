@@ -200,7 +200,8 @@ return head
 #: ARGV: the correction (may be negative).
 SETTLE_TOKENS_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('INCRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+local left = redis.call('INCRBY', KEYS[1], ARGV[1])
+if left < 0 then redis.call('INCRBY', KEYS[1], -left) end  -- never below 0; TTL kept
 return 1
 """
 

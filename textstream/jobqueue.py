@@ -603,6 +603,7 @@ class JobQueue:
         self._settings = settings
         self._admit = client.register_script(ADMIT_SCRIPT)
         self._withdraw = client.register_script(WITHDRAW_SCRIPT)
+        self._settle_tokens = client.register_script(fairness.SETTLE_TOKENS_SCRIPT)
         # With registration skipped, the constructor makes no Redis call; the client
         # it makes for itself never connects: each submit swaps in a recorder.
         self._mq = ProducerModelQ(redis_client=None, server_id=f"api-{new_server_id()}")
@@ -669,8 +670,13 @@ class JobQueue:
             raise CallerQueueFull(per_caller)
         return None if waiting < 0 else waiting + 1
 
-    async def withdraw(self, job_id: str, model: str) -> bool:
-        """Take a job no worker has claimed off its queue; False if none had it."""
+    async def withdraw(self, job_id: str, model: str, give_back: bool = True) -> bool:
+        """Take a job no worker has claimed off its queue; False if none had it. Its
+        tokens reserved against TOKEN_RATE_LIMIT are given back (it never ran),
+        unless `give_back` is False (it is moved to another queue, not ended)."""
+        blob = None
+        if give_back and self._settings.token_rate_limit:  # read before the script deletes it
+            blob = await self._client.get(keys.modelq_task(job_id))
         removed = await self._withdraw(
             keys=[
                 keys.queue_key(model, keys.MODELQ_QUEUE),
@@ -681,7 +687,18 @@ class JobQueue:
             ],
             args=[job_id, fairness.waiting_prefix(model)],
         )
+        if int(removed) > 0 and blob is not None:
+            await self._give_back_tokens(blob)
         return int(removed) > 0
+
+    async def _give_back_tokens(self, blob: bytes | str) -> None:
+        try:
+            data = json.loads(blob)["payload"]["data"]
+            key, tokens = str(data.get("quota_key") or ""), int(data.get("quota_tokens") or 0)
+        except (ValueError, KeyError, TypeError):
+            return
+        if key and tokens:
+            await self._settle_tokens(keys=[key], args=[-tokens])
 
     async def move(self, job_id: str, model: str, to: str) -> bool | None:
         """Move a job no worker has claimed from `model`'s queue to the end of `to`'s
@@ -690,7 +707,7 @@ class JobQueue:
         API process: withdraw decides, atomically); None when it was taken off but
         `to`'s queue is full: the caller ends it."""
         blob = await self._client.get(keys.modelq_task(job_id))
-        if blob is None or not await self.withdraw(job_id, model):
+        if blob is None or not await self.withdraw(job_id, model, give_back=False):
             return False
         job = CompletionJob.model_validate(json.loads(blob)["payload"]["data"])
         job.model = to

@@ -128,7 +128,9 @@ class WorkerHeartbeat:
         # Dead workers' entries are pruned here, by the living, so that a reader
         # (every submission resolving its model) never writes: under CLIENT PAUSE
         # WRITE or a read-only replica a submission must still reach its turn.
-        stale = self.info.heartbeat_at - self._interval * MISSED_HEARTBEATS
+        # Generously: readers filter by score anyway, and a pruning worker whose clock
+        # runs ahead must not drop the living.
+        stale = self.info.heartbeat_at - max(PRUNE_AFTER_SECONDS, 10 * self._interval)
         pipe.zremrangebyscore(keys.WORKERS, "-inf", stale)
         pipe.hset(keys.MODELS, self.info.model, json.dumps(self.info.model_record()))
         pipe.execute()
@@ -162,6 +164,10 @@ async def live_workers(client: aioredis.Redis, interval: float) -> list[WorkerIn
         return []
     bodies = await client.mget([keys.worker_info(i) for i in ids])
     return [WorkerInfo(**json.loads(body)) for body in bodies if body]
+
+
+#: A registry entry this much older than the pruning worker's own beat is dead.
+PRUNE_AFTER_SECONDS = 60.0
 
 
 class LiveModels:

@@ -15,6 +15,7 @@ from textstream.api.context_window import PromptTokens
 from textstream.api.errors import (
     BadHeaderError,
     InvalidInputError,
+    RateLimitedError,
     UnauthorizedError,
     error_response,
 )
@@ -71,8 +72,10 @@ async def authorize(request: Request) -> Caller:
     caller = identify(guard, request, job_id, request.query_params.get("access_token", ""))
     try:
         request.state.refund = await guard.count_request(caller)
-    finally:  # a 429 for the rate carries them too
+    except RateLimitedError:  # a 429 for the rate carries them too
         await rate_headers(services, request, caller)
+        raise
+    await rate_headers(services, request, caller)
     caller = replace(caller, queue_timeout=queue_timeout_header(request))
     request.state.caller = caller
     part = undecodable(request.scope)

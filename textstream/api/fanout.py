@@ -15,7 +15,9 @@ from typing import cast
 import anyio
 from fastapi import Request
 
-from textstream.api.deps import services_of
+from textstream import fairness
+from textstream.api.deps import Services, services_of
+from textstream.api.errors import InvalidInputError
 from textstream.api.protocol import GenerationRequest, Prompt
 from textstream.api.responses import completed_job, relay_for, release_slot
 from textstream.api.status import JobStatus
@@ -74,6 +76,7 @@ async def submit_all(
     the ones before it took: their jobs stopped (taken off the queue if no worker
     has them yet) and their slots released."""
     services = services_of(request)
+    check_fits_quota(services, prompts)
     policy = CancelPolicy.ON_DISCONNECT
     jobs: list[Submission] = []
     try:
@@ -85,6 +88,27 @@ async def submit_all(
             await release_slot(request, job.slot)
         raise
     return jobs
+
+
+def check_fits_quota(services: Services, prompts: list[tuple[Prompt, GenerationRequest]]) -> None:
+    """Jobs that together could never fit in a minute's TOKEN_RATE_LIMIT are a 422
+    up front (each alone is checked by submit()): otherwise the last ones would get a
+    429 for ever, however long the client waited."""
+    limit = services.settings.token_rate_limit
+    if not limit or len(prompts) < 2:
+        return
+    default = services.settings.default_max_new_tokens
+    most = sum(
+        len(prompt.checked_text) // fairness.CHARS_PER_TOKEN + 1 + (gen.max_new_tokens or default)
+        for prompt, gen in prompts
+    )
+    if most > limit:
+        field = prompts[0][0].max_tokens_field
+        raise InvalidInputError(
+            field,
+            f"these {len(prompts)} choices may use {most} tokens (prompts and {field});"
+            f" the limit is {limit} a minute",
+        )
 
 
 async def completed_jobs(

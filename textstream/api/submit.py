@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import anyio
+
 from textstream import fairness
 from textstream.api.cache import cache_key, cached_job, claim, forget
 from textstream.api.deps import Services, tenant_of
@@ -104,11 +106,12 @@ async def submit(
             submission = await start_job(
                 services, tenant, model, prompt, request, policy, Place(share, wait, hold)
             )
-    except BaseException:
-        with contextlib.suppress(*UNREACHABLE):
-            await services.guard.close_stream(caller, slot)
-        with contextlib.suppress(*UNREACHABLE):
-            await services.guard.release_tokens(hold)
+    except BaseException:  # shielded: a cancelled request still gives back
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            with contextlib.suppress(*UNREACHABLE):
+                await services.guard.close_stream(caller, slot)
+            with contextlib.suppress(*UNREACHABLE):
+                await services.guard.release_tokens(hold)
         raise
     if submission.shared:  # answered by a job someone else's request made
         with contextlib.suppress(*UNREACHABLE):

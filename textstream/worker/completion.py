@@ -459,18 +459,20 @@ class CompletionRunner:
         if writer.lost_job:
             log.warning("job=%s stopped: %s", job.job_id, writer.outcome.value)
             return {"status": writer.outcome.value}
+        # A job stopped early is charged what it used (its caller's share, its
+        # TOKEN_RATE_LIMIT reservation: jobqueue.WorkerModelQ._settle_charge).
         if writer.cancel_requested:
             log.info("job=%s cancelled after %d tokens", job.job_id, usage["completion_tokens"])
-            return self._fail(job, writer, CANCELLED)
+            return {**self._fail(job, writer, CANCELLED), "usage": usage}
         if finish_reason is None:  # stopped between steps: the deadline passed
-            return self._fail(job, writer, TIMEOUT)
+            return {**self._fail(job, writer, TIMEOUT), "usage": usage}
         timings.prompt_tokens = usage["prompt_tokens"]
         timings.completion_tokens = usage["completion_tokens"]
         data = {"finish_reason": finish_reason, "model": self._engine.name, "usage": usage}
         if writer.write(EventType.DONE, data) is WriteOutcome.CANCEL:
             # A cancel came first: the script wrote neither the last tokens nor `done`.
             log.info("job=%s cancelled at its end", job.job_id)
-            return self._fail(job, writer, CANCELLED)
+            return {**self._fail(job, writer, CANCELLED), "usage": usage}
         seconds = time.perf_counter() - started
         self._log_done(job, finish_reason, usage, seconds, publisher.released)
         return {"status": "done", "finish_reason": finish_reason, "usage": usage}
