@@ -29,6 +29,7 @@ torch.set_num_threads(1)
 #: process running a long file alone while the other sits idle.
 LONGEST_FIRST = [
     "test_reliability.py",
+    "test_client_matrix.py",
     "test_operator.py",
     "test_isolation.py",
     "test_bad_input.py",
@@ -40,6 +41,15 @@ LONGEST_FIRST = [
     "test_models.py",
     "test_batching.py",
     "test_llama_pass.py",
+    "test_tools.py",
+    "test_fairness.py",
+    "test_responses_api.py",
+    "test_reconnect.py",
+    "test_smollm2.py",
+    "test_structured.py",
+    "test_scale_out.py",
+    "test_thinking.py",
+    "test_cli.py",
 ]
 
 
