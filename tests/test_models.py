@@ -62,7 +62,10 @@ def test_models_are_listed_and_an_unknown_one_is_404_with_nothing_queued(pools):
     assert caught.value.body["param"] == "model"
     refused = httpx.post(base + "/jobs", json={"prompt": "Hi", "model": "gpt-9"})
     assert refused.status_code == 404 and refused.json()["error"]["type"] == "model_not_found"
-    # With two models served, a request must say which.
+    # With two models served, a request must say which. (The API keeps its read of
+    # the live models for up to a second, registry.LiveModels: one made while the
+    # second worker was still registering names one model; it is read again here.)
+    time.sleep(1.1)
     ambiguous = httpx.post(base + "/jobs", json={"prompt": "Hi"})
     assert ambiguous.status_code == 422 and ambiguous.json()["error"]["field"] == "model"
     assert set(client.keys("textstream:job:*")) == before and queued(client) == 0
