@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import redis
 from conftest import Service
@@ -156,7 +157,8 @@ def test_a_job_past_its_queue_timeout_never_runs(svc: Service):
     by_header = httpx.post(
         svc.base + "/jobs",
         json={"prompt": "Hi", "max_new_tokens": 5},
-        headers={"Authorization": f"Bearer {KEYS['b']}", "X-Queue-Timeout": "0.5"},
+        # The smallest wait there is: gone at the janitor's next look, never run.
+        headers={"Authorization": f"Bearer {KEYS['b']}", "X-Queue-Timeout": "1e-300"},
         timeout=10,
     ).json()["id"]
     patient = post(svc, "a", 5, queue_timeout=60).json()["id"]
@@ -195,7 +197,7 @@ def test_a_token_quota_refuses_past_it_and_charges_what_was_used(make_service):
     nothing, another key is untouched, and once a job ends its caller is charged
     what it used, not what it reserved."""
     svc = make_service(
-        model="fake:50",
+        model="fake:25",
         API_KEYS=",".join(KEYS.values()),
         TOKEN_RATE_LIMIT="200",
         RATE_LIMIT="100",
@@ -209,7 +211,7 @@ def test_a_token_quota_refuses_past_it_and_charges_what_was_used(make_service):
         job = {"prompt": "Hi", "max_new_tokens": tokens, **body}
         return httpx.post(svc.base + "/jobs", json=job, headers=headers, timeout=10)
 
-    # B's job holds the one slot for 3.8 s: A's waits behind it, its tokens reserved.
+    # B's job holds the one slot for 7.6 s: A's waits behind it, its tokens reserved.
     assert ask({"Authorization": f"Bearer {KEYS['b']}"}, 190).status_code == 202
     first = ask(a, 150, stop=["lazy"])  # reserves 151; will stop after 7 words
     assert first.status_code == 202, first.text
@@ -236,6 +238,20 @@ def test_a_token_quota_refuses_past_it_and_charges_what_was_used(make_service):
         timeout=10,
     )
     assert choices.status_code == 400 and "2 choices" in choices.text, choices.text
+    # Through the openai SDK: the headers, and queue_timeout as an extra body field.
+    sdk = openai.OpenAI(base_url=svc.base + "/v1", api_key=KEYS["c"], max_retries=0)
+    raw = sdk.completions.with_raw_response.create(  # streamed: the headers come at once
+        model=model, prompt="Hi", max_tokens=5, stream=True, extra_body={"queue_timeout": 30}
+    )
+    assert raw.headers["x-ratelimit-limit-tokens"] == "200"
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) <= 99  # C's 100 + 1 held
+    raw.parse().close()  # leaving stops it
+    with pytest.raises(openai.RateLimitError):
+        sdk.completions.create(model=model, prompt="Hi", max_tokens=150)
+    with pytest.raises(openai.BadRequestError):
+        sdk.completions.create(
+            model=model, prompt="Hi", max_tokens=5, extra_body={"queue_timeout": 1e9}
+        )
     # A job cancelled before it ran gives its reservation back at once.
     held = ask(a, 150, stop=["lazy"])
     assert held.status_code == 429  # `first` holds 151 of the 200

@@ -15,13 +15,18 @@ from typing import cast
 import anyio
 from fastapi import Request
 
-from textstream import fairness
 from textstream.api.deps import Services, services_of
 from textstream.api.errors import InvalidInputError
 from textstream.api.protocol import GenerationRequest, Prompt
 from textstream.api.responses import completed_job, relay_for, release_slot
 from textstream.api.status import JobStatus
-from textstream.api.submit import CancelPolicy, Submission, submit
+from textstream.api.submit import (
+    CancelPolicy,
+    Submission,
+    estimated_prompt_tokens,
+    submit,
+    token_bound,
+)
 from textstream.transport.sse import Relay, release
 
 
@@ -97,10 +102,8 @@ def check_fits_quota(services: Services, prompts: list[tuple[Prompt, GenerationR
     limit = services.settings.token_rate_limit
     if not limit or len(prompts) < 2:
         return
-    default = services.settings.default_max_new_tokens
     most = sum(
-        len(prompt.checked_text) // fairness.CHARS_PER_TOKEN + 1 + (gen.max_new_tokens or default)
-        for prompt, gen in prompts
+        token_bound(services, estimated_prompt_tokens(prompt), gen) for prompt, gen in prompts
     )
     if most > limit:
         field = prompts[0][0].max_tokens_field

@@ -216,11 +216,21 @@ async def check_context_window(
         model, prompt.text, request.prompt_format, prompt.messages, prompt.tools
     )
     if counted is None:
-        return len(prompt.checked_text) // fairness.CHARS_PER_TOKEN + 1
+        return estimated_prompt_tokens(prompt)
     if counted[0] >= counted[1]:
         # `messages` for a chat: the field the client sent
         raise ContextLengthError(prompt.field, counted[0], counted[1])
     return counted[0]
+
+
+def token_bound(services: Services, prompt_tokens: int, request: GenerationRequest) -> int:
+    """The most tokens a request may use: its prompt and all of its max_tokens."""
+    return prompt_tokens + (request.max_new_tokens or services.settings.default_max_new_tokens)
+
+
+def estimated_prompt_tokens(prompt: Prompt) -> int:
+    """A prompt's tokens where they cannot be counted (fairness.CHARS_PER_TOKEN)."""
+    return len(prompt.checked_text) // fairness.CHARS_PER_TOKEN + 1
 
 
 async def reserve_tokens(
@@ -229,7 +239,7 @@ async def reserve_tokens(
     """Reserve the request's most (its prompt and max_tokens) against the caller's
     TOKEN_RATE_LIMIT; a request that could never fit in it is refused outright."""
     limit = services.settings.token_rate_limit
-    most = tokens + (request.max_new_tokens or services.settings.default_max_new_tokens)
+    most = token_bound(services, tokens, request)
     if limit and most > limit:
         raise InvalidInputError(
             prompt.max_tokens_field,
