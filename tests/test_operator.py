@@ -54,7 +54,22 @@ def test_metrics_parse_move_after_a_request_and_agree_across_api_processes(make_
     before = metric_values(svc.base)
     response = stream(svc.base, "/completion/Hello", max_new_tokens=12, ignore_eos=True)
     assert response.last.event == "done"
-    time.sleep(0.3)
+    route = (
+        "textstream_http_requests_total",
+        (("method", "GET"), ("route", "/completion/{question:text}"), ("status", "200")),
+    )
+    # Request counts are written when the response has ended, and batched over a
+    # quarter of a second: on a loaded machine the count lands a little after the
+    # client has read the last event.
+    tokens = ("textstream_generation_tokens_total", (("model", "tiny-gpt2"),))
+
+    def counted() -> bool:
+        now = metric_values(svc.base)
+        return now.get(route, 0) > before.get(route, 0) and now.get(tokens, 0) > before.get(
+            tokens, 0
+        )
+
+    wait_for(counted, 10, "the request's counts")
     after = metric_values(svc.base)
     model = (("model", "tiny-gpt2"),)  # job figures carry the model they were for
     for name in (
@@ -67,12 +82,7 @@ def test_metrics_parse_move_after_a_request_and_agree_across_api_processes(make_
         assert after[key] == before.get(key, 0) + 1, name
     itl = ("textstream_inter_token_latency_seconds_count", model)
     assert after[itl] >= before.get(itl, 0) + 5
-    tokens = ("textstream_generation_tokens_total", model)
     assert after[tokens] - before.get(tokens, 0) == 12
-    route = (
-        "textstream_http_requests_total",
-        (("method", "GET"), ("route", "/completion/{question:text}"), ("status", "200")),
-    )
     assert after[route] == before.get(route, 0) + 1
     assert after[("textstream_workers", model)] == 1
 
