@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from bench.cluster import start_redis
 from textstream import keys
-from textstream.metrics import RequestCounts
+from textstream.api.metrics import RequestCounts
 from textstream.registry import LiveModels, WorkerHeartbeat, WorkerInfo
 
 

@@ -15,7 +15,7 @@ from helpers import parse_sse_lines, stream, wait_for
 
 from textstream import keys
 from textstream.api.cache import cached_job, claim
-from textstream.transport.events import JobEvents
+from textstream.api.relay.job_events import JobEvents
 
 CACHED = {"CACHE_TTL": "60"}
 

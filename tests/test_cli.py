@@ -406,7 +406,7 @@ def test_serve_with_no_model_named_serves_the_bundled_model_offline(installed, t
 
 
 def test_the_shutdown_message_promises_a_resume_only_where_the_job_is_kept():
-    from textstream.transport.sse import set_jobs_outlive_api, shutdown_data
+    from textstream.api.relay.sse import set_jobs_outlive_api, shutdown_data
 
     job = "0" * 32
     try:

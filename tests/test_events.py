@@ -20,18 +20,12 @@ import redis.asyncio as aioredis
 from helpers import stored_events, wait_for
 
 from textstream import keys
+from textstream.api.relay.job_events import CancelOutcome, JobEvents, ReaderClaims, ResumePoint
+from textstream.api.relay.mux import ReadMux
 from textstream.transport import scripts as scripts_module
-from textstream.transport import writer as writer_module
-from textstream.transport.events import (
-    CancelOutcome,
-    EventType,
-    JobEvents,
-    ReaderClaims,
-    ResumePoint,
-    WriteOutcome,
-)
-from textstream.transport.mux import ReadMux, id_key
-from textstream.transport.writer import EventWriter, StreamFlusher
+from textstream.transport.events import EventType, WriteOutcome, id_key
+from textstream.worker import writer as writer_module
+from textstream.worker.writer import EventWriter, StreamFlusher
 
 DONE = {"finish_reason": "length", "model": "m", "usage": {}}
 

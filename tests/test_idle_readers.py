@@ -22,12 +22,13 @@ from redis.asyncio.connection import Connection
 from test_jobs import create
 
 from textstream import keys
+from textstream.api.relay.job_events import JobEvents, JobVanishedError
+from textstream.api.relay.mux import ReadMux, _pack_xread
+from textstream.api.relay.sse import Relay
 from textstream.config import Settings
 from textstream.registry import WorkerHeartbeat, WorkerInfo
 from textstream.sources import served_name
-from textstream.transport.events import EventType, JobEvents, JobVanishedError
-from textstream.transport.mux import ReadMux, _pack_xread
-from textstream.transport.sse import Relay
+from textstream.transport.events import EventType
 
 READERS = 50
 PERIOD = 0.5  # QUEUE_STATUS_SECONDS

@@ -1,5 +1,5 @@
 """The worker's side of the queue, in process against a real Redis: our claim loop
-over ModelQ's records (jobqueue.WorkerModelQ) and the gathered metrics writes
+over ModelQ's records (worker/queue.WorkerModelQ) and the gathered metrics writes
 (metrics.JobMetrics)."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from modelq.app.tasks import Task
 
 from bench.cluster import start_redis
 from textstream import keys
+from textstream.api.queue import JobQueue
 from textstream.config import Settings
 from textstream.job import CompletionJob
-from textstream.jobqueue import JobQueue, create_worker_modelq, new_server_id
-from textstream.metrics import JobMetrics, JobTimings
+from textstream.worker.metrics import JobMetrics, JobTimings
+from textstream.worker.queue import create_worker_modelq, new_server_id
 
 MODEL = "queue-test"
 

@@ -19,12 +19,13 @@ from test_jobs import create
 
 from bench.cluster import start_redis
 from textstream import keys
+from textstream.api.relay.job_events import JobEvents
+from textstream.api.relay.sse import Relay
 from textstream.config import Settings
 from textstream.engines.fake import WORDS
-from textstream.transport.events import JobEvent, JobEvents
+from textstream.transport.events import JobEvent
 from textstream.transport.scripts import EventType
-from textstream.transport.sse import Relay
-from textstream.transport.writer import EventWriter, StreamFlusher
+from textstream.worker.writer import EventWriter, StreamFlusher
 
 PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
 

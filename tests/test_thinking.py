@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tiny_models import build_tiny_gpt2
 
 from bench.cluster import start_redis
-from textstream.transport.thinking import ThinkSplitter
+from textstream.api.relay.thinking import ThinkSplitter
 
 
 def split(pieces: list[str]) -> tuple[str, str]:

@@ -3,20 +3,23 @@
 One folder per process, and what both share at the top:
 
     api/        the API process: HTTP in (native.py, openai.py), submit.py onto
-                the queue, the stream back out as SSE
-    worker/     the worker process: claims jobs (main.py), runs the task body
-                (completion.py), turns ids into text (detokenize.py, stops.py)
-    engines/    what generates: base.py (the interface), transformers/, fake.py;
-                the only package that imports torch
-    transport/  worker -> client: the job stream contract (events.py), mux, sse
+                the queue (queue.py), the stream back out as SSE (relay/)
+    worker/     the worker process: claims jobs (main.py, queue.py), runs the task
+                body (completion.py), turns ids into text (detokenize.py, stops.py),
+                writes the job's stream (writer.py)
+    engines/    what generates: base.py (the interface), transformers/, openai.py,
+                fake.py; the only package that imports torch
+    transport/  the contract between the two: the job stream's format and its Lua
+                scripts; imports neither side
 
     shared:     config, keys (every Redis key), connections (every Redis client),
-                logs, job (the job and its sampling parameters), jobqueue (ModelQ),
-                registry (worker heartbeats), metrics, sources (what MODEL_ID means)
+                logs, job (the job and its sampling parameters), registry (worker
+                heartbeats), fairness (the fair order's scripts), metrics (names),
+                sources (what MODEL_ID means), prompts, grammars, tools
 
 A request's journey: app.py -> api/native.py or api/openai.py -> api/submit.py ->
-jobqueue.py (ModelQ) -> worker/main.py -> worker/completion.py -> engines/ ->
-transport/events.py (Redis Stream) -> transport/sse.py -> client.
+api/queue.py (ModelQ) -> worker/main.py -> worker/completion.py -> engines/ ->
+worker/writer.py (Redis Stream) -> api/relay/sse.py -> client.
 """
 
 __version__ = "0.1.0"

@@ -26,7 +26,15 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import (
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from textstream.config import Settings
 
@@ -44,6 +52,18 @@ SyncStreamsClient: TypeAlias = redis.Redis | RedisCluster
 REDIS_ERRORS = (RedisError, RedisClusterException)
 #: ... and a Redis that cannot be reached in time at all.
 UNREACHABLE = (RedisError, RedisClusterException, OSError, TimeoutError)
+#: ... of which those worth retrying (within REDIS_GRACE_SECONDS): Redis restarting,
+#: a cluster failing over (CLUSTERDOWN, no reachable node, a slot not covered yet),
+#: a slot being migrated (TRYAGAIN), a demoted master (READONLY). A worker's stream
+#: writes retry these (worker/writer.py).
+TRANSIENT = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,
+    TryAgainError,
+    ReadOnlyError,
+    RedisClusterException,
+)
 
 
 def _options(settings: Settings, read_timeout: float | None = None) -> dict[str, Any]:

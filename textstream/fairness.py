@@ -2,7 +2,7 @@
 ("Fairness in Serving LLMs", OSDI '24), kept in Redis beside ModelQ's queue.
 
 Both sides use it: the API records each job it queues under its caller
-(jobqueue.JobQueue.submit, in the same step as ADMIT_SCRIPT) and forgets one it
+(api/queue.JobQueue.submit, in the same step as ADMIT_SCRIPT) and forgets one it
 withdraws; a worker, having taken the head of ModelQ's list (BLMOVE, as ever),
 swaps it for the job the fair order says is next (CLAIM_SCRIPT), and settles the
 job's charge when it ends (`settle`).
@@ -31,8 +31,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from textstream import keys
-
 #: Weighted cost of one prompt token and one generated token.
 PROMPT_WEIGHT, OUTPUT_WEIGHT = 1.0, 2.0
 #: Prompt tokens are estimated from characters until the job has run.
@@ -42,31 +40,6 @@ CHARS_PER_TOKEN = 4
 PRIORITY_LIMIT = 1000
 #: Counters of callers who have gone quiet are kept this long after their last job.
 COUNTERS_TTL = 86400
-
-
-def backlog_key(model: str) -> str:
-    """Sorted set: caller -> its counter, for the callers with jobs waiting."""
-    return keys.queue_key(model, "fair:backlog")
-
-
-def counters_key(model: str) -> str:
-    """Hash: caller -> its counter (callers not waiting too)."""
-    return keys.queue_key(model, "fair:counters")
-
-
-def owners_key(model: str) -> str:
-    """Hash: waiting job id -> `<charge> <caller>` (the estimate charged at claim)."""
-    return keys.queue_key(model, "fair:jobs")
-
-
-def floor_key(model: str) -> str:
-    """The counter of the caller whose job was claimed last."""
-    return keys.queue_key(model, "fair:floor")
-
-
-def waiting_prefix(model: str) -> str:
-    """`<prefix><caller>`: sorted set of that caller's waiting job ids."""
-    return keys.queue_key(model, "fair:waiting:")
 
 
 @dataclass(frozen=True)

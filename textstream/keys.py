@@ -5,7 +5,7 @@ Two roles (config.py): the job streams and their state hashes (`job_events`,
 key lives on REDIS_URL. By default both are the same Redis.
 
 ModelQ fixes its own key names (`ml_tasks`, `servers`, `task:{id}`, ...). The
-per-queue ones are scoped to a model here (`queue_key`): jobqueue.py hands
+per-queue ones are scoped to a model here (`queue_key`): worker/queue.py hands
 ModelQ a client that renames them, so each served model has a queue of its own.
 """
 
@@ -21,6 +21,11 @@ MODELQ_QUEUE = "ml_tasks"
 MODELQ_QUEUED_INDEX = "queued_requests"
 #: ModelQ's registry of worker servers (hash server_id -> JSON).
 MODELQ_SERVERS = "servers"
+#: ModelQ's set of tasks being processed, and their in-flight heartbeats (a hash).
+MODELQ_PROCESSING = "processing_tasks"
+MODELQ_TASK_HEARTBEATS = "task_heartbeats"
+#: ModelQ's record of every task (a sorted set that only grows unless trimmed).
+MODELQ_TASK_HISTORY = "task_history"
 #: Every fixed name ModelQ uses for one queue's state: its list, indexes, custody
 #: registry, in-flight heartbeats, server registry. Each model gets its own set, so
 #: a job waits only for its model's workers, and a worker's sweeps (requeueing a
@@ -29,11 +34,11 @@ MODELQ_QUEUE_NAMES = (
     MODELQ_QUEUE,
     MODELQ_QUEUED_INDEX,
     MODELQ_SERVERS,
-    "processing_tasks",
+    MODELQ_PROCESSING,
     "inflight_lists",
-    "task_heartbeats",
+    MODELQ_TASK_HEARTBEATS,
     "delayed_tasks",
-    "task_history",
+    MODELQ_TASK_HISTORY,
 )
 
 
@@ -44,6 +49,32 @@ def queue_key(model: str, name: str) -> str:
 
 def queue_scope(model: str) -> dict[str, str]:
     return {name: queue_key(model, name) for name in MODELQ_QUEUE_NAMES}
+
+
+#: The fair order of a model's queue (fairness.py).
+def fair_backlog(model: str) -> str:
+    """Sorted set: caller -> its counter, for the callers with jobs waiting."""
+    return queue_key(model, "fair:backlog")
+
+
+def fair_counters(model: str) -> str:
+    """Hash: caller -> its counter (callers not waiting too)."""
+    return queue_key(model, "fair:counters")
+
+
+def fair_owners(model: str) -> str:
+    """Hash: waiting job id -> `<charge> <caller>` (the estimate charged at claim)."""
+    return queue_key(model, "fair:jobs")
+
+
+def fair_floor(model: str) -> str:
+    """The counter of the caller whose job was claimed last."""
+    return queue_key(model, "fair:floor")
+
+
+def fair_waiting_prefix(model: str) -> str:
+    """`<prefix><caller>`: sorted set of that caller's waiting job ids."""
+    return queue_key(model, "fair:waiting:")
 
 
 def queue_deadlines(model: str) -> str:

@@ -30,6 +30,8 @@ TEXT_DATE_FORMAT = "%H:%M:%S"
 #: Paths whose remainder is the prompt itself.
 PROMPT_PATH_PREFIXES = ("/completion/",)
 
+#: LOG_PROMPTS, as the process's configure_logging read it: the one switch that
+#: redact() and redact_path() both follow.
 _log_prompts = False
 
 
@@ -136,6 +138,6 @@ def configure_logging(settings: Settings) -> None:
     access.addFilter(RedactPromptPaths())
 
 
-def redact(text: str, settings: Settings) -> str:
+def redact(text: str) -> str:
     """The text itself when LOG_PROMPTS=true, otherwise only its length."""
-    return repr(text) if settings.log_prompts else f"<{len(text)} chars>"
+    return repr(text) if _log_prompts else f"<{len(text)} chars>"

@@ -35,12 +35,12 @@ from types import FrameType
 
 import redis
 
+from textstream.api.relay.sse import STOPPING, set_jobs_outlive_api
 from textstream.config import Settings
 from textstream.connections import sync_client
 from textstream.devredis import LocalRedis, LocalRedisError
 from textstream.registry import live_workers_now
 from textstream.resources import stop_with_parent
-from textstream.transport.sse import STOPPING, set_jobs_outlive_api
 
 log = logging.getLogger("textstream.serve")
 

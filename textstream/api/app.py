@@ -2,7 +2,7 @@
 the repo calls it; tests call it with their own settings).
 
 The app never runs a model. A request becomes a `CompletionJob` on the ModelQ queue
-(submit.py) and a stream of events read back from Redis (transport/sse.py).
+(submit.py) and a stream of events read back from Redis (relay/sse.py).
 Long-lived clients (the asyncio Redis pool, the streams' client when the streams
 have a Redis of their own, the ModelQ producer) are made in `lifespan` and kept on
 `app.state.services`.
@@ -34,15 +34,16 @@ from textstream.api.headers import SecurityHeaders
 from textstream.api.leases import Leases
 from textstream.api.limits import BodyLimit
 from textstream.api.origin import SameOrigin
+from textstream.api.queue import JobQueue
+from textstream.api.relay.job_events import JobEvents, ReaderClaims
+from textstream.api.relay.sse import mark_shutting_down
 from textstream.api.requestlog import RequestLog
 from textstream.api.security import Guard
 from textstream.api.submit import prompt_char_limit
 from textstream.config import Settings, get_settings
 from textstream.connections import UNREACHABLE, StreamsClient, async_client, async_streams_client
-from textstream.jobqueue import JobQueue
 from textstream.logs import configure_logging
-from textstream.transport.events import JobEvents, ReaderClaims, stream_maxlen
-from textstream.transport.sse import mark_shutting_down
+from textstream.transport.events import stream_maxlen
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from textstream import keys
+from textstream.api.relay.job_events import JobEvents
 from textstream.job import CompletionJob
-from textstream.transport.events import JobEvents
 
 
 def cache_key(job: CompletionJob, tenant: str = "") -> str:

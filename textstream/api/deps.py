@@ -20,14 +20,14 @@ from textstream.api.errors import (
     error_response,
 )
 from textstream.api.limits import undecodable
+from textstream.api.queue import JobQueue
 from textstream.api.queue_watch import QueueWatch
+from textstream.api.relay.job_events import JobEvents
 from textstream.api.security import Caller, Guard
 from textstream.config import Settings
 from textstream.connections import UNREACHABLE
 from textstream.job import MAX_QUEUE_TIMEOUT
-from textstream.jobqueue import JobQueue
 from textstream.registry import LiveModels
-from textstream.transport.events import JobEvents
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Services:
     queue: JobQueue
     prompt_tokens: PromptTokens
     guard: Guard
-    #: Bounds the submissions in hand at once (MAX_SUBMITTING): see submit.admitted_turn.
+    #: Bounds the submissions in hand at once (MAX_SUBMITTING): see submit.submission_turn.
     submitting: asyncio.Semaphore
     #: The models live workers serve, as submissions resolve theirs (re-read each second).
     live_models: LiveModels = field(default_factory=LiveModels)

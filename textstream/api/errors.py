@@ -1,6 +1,8 @@
 """Domain errors, and the one place they become HTTP (as vLLM's `build_app` does).
 
-Code inside the API raises these; routes never build error responses themselves.
+Code inside the API raises these, and the handlers here answer them; the few
+answers given outside a handler (an ASGI middleware's refusal, a job that ended in
+error and was not streamed) go through the same builder, `error_response`.
 Each error class carries its status, its `type` and its headers. Bodies come in
 two shapes, chosen by path:
 
@@ -26,8 +28,9 @@ from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.limits import BODY_REFUSAL
+from textstream.connections import UNREACHABLE
 from textstream.logs import redact_path
-from textstream.transport.events import error_data
+from textstream.transport.events import ErrorType, error_data
 
 log = logging.getLogger(__name__)
 
@@ -159,19 +162,21 @@ class RateLimitedError(ServiceError):
 BODY_PARSE_ERROR = "There was an error parsing the body"
 
 #: Status codes for a job that ended in error, when the answer is not streamed.
-JOB_ERROR_STATUS = {
-    "prompt_too_long": 422,
-    "invalid_tools": 400,
-    "invalid_logprobs": 400,
-    "cancelled": 409,
-    "timeout": 504,
-    "queue_timeout": 503,
-    "generation_failed": 502,
-    "redis_unavailable": 503,
-    "shutdown": 503,
-    "no_worker": 503,
+JOB_ERROR_STATUS: dict[str, int] = {
+    ErrorType.PROMPT_TOO_LONG: 422,
+    ErrorType.INVALID_RESPONSE_FORMAT: 400,
+    ErrorType.INVALID_TOOLS: 400,
+    ErrorType.INVALID_LOGPROBS: 400,
+    ErrorType.CANCELLED: 409,
+    ErrorType.TIMEOUT: 504,
+    ErrorType.QUEUE_TIMEOUT: 503,
+    ErrorType.QUEUE_FULL: 429,
+    ErrorType.GENERATION_FAILED: 502,
+    ErrorType.UPSTREAM_ERROR: 502,
+    ErrorType.REDIS_UNAVAILABLE: 503,
+    ErrorType.SHUTDOWN: 503,
+    ErrorType.NO_WORKER: 503,
 }
-
 #: Our error types as OpenAI's `type` field names them.
 OPENAI_TYPES = {
     "invalid_request": "invalid_request_error",
@@ -252,7 +257,7 @@ async def refund(request: Request) -> None:
     give_back = getattr(request.state, "refund", None)
     request.state.refund = None
     if give_back is not None:
-        with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
+        with contextlib.suppress(*UNREACHABLE):
             await give_back()
 
 

@@ -18,6 +18,7 @@ from fastapi import Request
 from textstream.api.deps import Services, services_of
 from textstream.api.errors import InvalidInputError
 from textstream.api.protocol import GenerationRequest, Prompt
+from textstream.api.relay.sse import Relay, release
 from textstream.api.responses import completed_job, relay_for, release_slot
 from textstream.api.status import JobStatus
 from textstream.api.submit import (
@@ -27,7 +28,6 @@ from textstream.api.submit import (
     submit,
     token_bound,
 )
-from textstream.transport.sse import Relay, release
 
 
 async def interleaved(parts: list[AsyncIterator[bytes]]) -> AsyncGenerator[bytes, None]:

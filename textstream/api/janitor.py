@@ -7,7 +7,7 @@
 - A job for a model that is neither configured here nor served by a live worker,
   none of whose workers was seen for NO_WORKER_SECONDS (gone, not restarting),
   ends with `no_worker` once it has waited as long, instead of until JOB_TIMEOUT.
-- ModelQ's ever-growing records are trimmed (jobqueue.trim_records).
+- ModelQ's ever-growing records are trimmed (api/queue.trim_records).
 - Every REHOME_SECONDS (not only every HOUSEKEEPING_SECONDS): jobs waiting for a
   name whose worker serves a fallback in its place (api/models.py) move to the
   fallback's queue, so a first question asked while the model loads is answered
@@ -28,10 +28,10 @@ from typing import Any
 
 from textstream.api.deps import Services
 from textstream.api.models import all_models, configured_model, live_models
+from textstream.api.queue import expired_head, overdue, trim_records, waiting_since
 from textstream.connections import UNREACHABLE
-from textstream.jobqueue import expired_head, overdue, trim_records, waiting_since
 from textstream.keys import queue_deadlines
-from textstream.transport.events import QUEUE_TIMEOUT, TIMEOUT, EventType, error_data
+from textstream.transport.events import QUEUE_TIMEOUT, TIMEOUT, ErrorType, EventType, error_data
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,13 @@ REHOME_SECONDS = 1.0
 
 #: A job moved off a queue whose fallback's queue had no room (MAX_QUEUED_JOBS).
 FALLBACK_FULL = error_data(
-    "queue_full", "the model is served by its fallback now, whose queue is full; try again"
+    ErrorType.QUEUE_FULL, "the model is served by its fallback now, whose queue is full; try again"
 )
 
 
 def no_worker(model: str) -> dict[str, Any]:
     why = f"no worker serves the model `{model}` now (none came within NO_WORKER_SECONDS)"
-    return error_data("no_worker", why)
+    return error_data(ErrorType.NO_WORKER, why)
 
 
 async def sweep(services: Services) -> int:

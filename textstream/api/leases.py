@@ -5,7 +5,7 @@ Every third of API_LEASE_SECONDS each process, in one round trip to the queue's
 Redis, renews
 - its own lease: its id in `keys.API_PROCESSES`, scored by when the lease lapses;
 - the list of jobs it holds reader claims on (`keys.api_claims`: a /completion
-  client whose leaving cancels its job; transport/events.ReaderClaims);
+  client whose leaving cancels its job; api/relay/job_events.ReaderClaims);
 and its callers' stream slots (security.Guard.renew_leases).
 
 Claims taken since the last renewal are published within PUBLISH_SECONDS, one
@@ -27,9 +27,9 @@ import logging
 
 from textstream import keys
 from textstream.api.deps import Services
+from textstream.api.relay.job_events import CancelOutcome
 from textstream.api.security import LUA_NOW
 from textstream.connections import UNREACHABLE
-from textstream.transport.events import CancelOutcome
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Which model a request goes to. One deployment may serve several: each worker
 announces the model it serves (registry.py), and each model has a queue of its
-own (jobqueue.py), so a job waits only for its model's workers.
+own (keys.queue_scope), so a job waits only for its model's workers.
 
 A request that names a model gets it if some worker serves it or has lately
 (then it waits for one, with `"workers": 0` in its queued events), else 404

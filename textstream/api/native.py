@@ -21,6 +21,8 @@ from textstream.api.errors import (
     job_error_response,
 )
 from textstream.api.protocol import CompletionQuery, JobRequest, Prompt
+from textstream.api.relay.job_events import CancelOutcome, ResumePoint
+from textstream.api.relay.sse import release, stream_job_events
 from textstream.api.responses import (
     completed_job,
     job_headers,
@@ -30,8 +32,7 @@ from textstream.api.responses import (
 )
 from textstream.api.status import JobStatus, summarize
 from textstream.api.submit import CancelPolicy, check_access, job_deadline, submit
-from textstream.transport.events import START_ID, CancelOutcome, ResumePoint
-from textstream.transport.sse import release, stream_job_events
+from textstream.transport.events import START_ID
 
 
 class AnyTextConvertor(Convertor[str]):

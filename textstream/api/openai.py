@@ -42,14 +42,14 @@ from textstream.api.protocol import (
     OpenAISampling,
     Prompt,
 )
+from textstream.api.relay.sse import Relay, relay_events
+from textstream.api.relay.thinking import ThinkSplitter
 from textstream.api.responses import job_headers, relay_for, sse_response
 from textstream.api.status import JobStatus
 from textstream.api.submit import CancelPolicy
 from textstream.registry import live_workers
 from textstream.tools import CALL_OPEN, CallBuffer, ToolUse, parse_calls
 from textstream.transport.events import EventType, JobEvent
-from textstream.transport.sse import Relay, relay_events
-from textstream.transport.thinking import ThinkSplitter
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 

@@ -41,13 +41,14 @@ from textstream.api.deps import Services, authorize, services_of
 from textstream.api.errors import InvalidInputError, JobNotFoundError, job_error_response
 from textstream.api.native import JOB_ID, splits
 from textstream.api.protocol import Prompt
+from textstream.api.relay.job_events import CancelOutcome, JobAccess
+from textstream.api.relay.sse import collect_events, relay_events
 from textstream.api.response_events import ResponseEvents, ResponseStream, fold
 from textstream.api.responses import job_headers, relay_for, release_slot, sse_response
 from textstream.api.responses_protocol import ResponsesRequest
 from textstream.api.submit import CancelPolicy, Submission, check_access, job_deadline, submit
 from textstream.connections import UNREACHABLE
-from textstream.transport.events import CancelOutcome, JobAccess, JobEvent
-from textstream.transport.sse import collect_events, relay_events
+from textstream.transport.events import JobEvent
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])

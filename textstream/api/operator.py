@@ -17,10 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textstream.api.deps import Services, authorize, services_of
 from textstream.api.errors import RETRY_AFTER
+from textstream.api.metrics import render
 from textstream.api.models import all_models
+from textstream.api.queue import queue_length
 from textstream.connections import UNREACHABLE
-from textstream.jobqueue import queue_length
-from textstream.metrics import render
 from textstream.registry import WorkerInfo, live_workers
 from textstream.resources import package_dir
 

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
 
-from textstream.jobqueue import queue_order
+from textstream.api.queue import queue_order
 from textstream.registry import live_workers
 
 T = TypeVar("T")

@@ -15,12 +15,12 @@ import re
 import time
 import uuid
 
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from textstream.api.limits import READ_TIMED_OUT
+from textstream.api.metrics import RequestCounts
+from textstream.connections import UNREACHABLE
 from textstream.logs import redact_path
-from textstream.metrics import RequestCounts
 
 PROBES = frozenset({"/health", "/ready", "/metrics"})
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
@@ -83,5 +83,5 @@ class RequestLog:
         services = getattr(scope.get("app"), "state", None)
         client = getattr(getattr(services, "services", None), "redis", None)
         if client is not None and route != "unmatched":
-            with contextlib.suppress(RedisError, OSError):  # metrics never fail a request
+            with contextlib.suppress(*UNREACHABLE):  # metrics never fail a request
                 await self.counts.add(client, scope["method"], route, status)

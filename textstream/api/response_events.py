@@ -39,9 +39,9 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from textstream.api.conversations import StoredResponse, response_id
+from textstream.api.relay.thinking import ThinkSplitter
 from textstream.tools import CallBuffer
-from textstream.transport.events import EventType, JobEvent, entry_seconds
-from textstream.transport.thinking import ThinkSplitter
+from textstream.transport.events import ErrorType, EventType, JobEvent, entry_seconds
 
 #: Our job error types as the codes of a Responses `error` object (ResponseError).
 ERROR_CODES = {"prompt_too_long": "invalid_prompt"}
@@ -269,7 +269,7 @@ class ResponseEvents:
     def _failed(self, error: dict[str, Any]) -> list[dict[str, Any]]:
         out, _ = self._held()  # what was held is text: an unfinished call is none
         out += self._close("incomplete")
-        if error.get("type") == "cancelled":
+        if error.get("type") == ErrorType.CANCELLED:
             self.status = "cancelled"
         else:
             self.status = "failed"
@@ -279,7 +279,7 @@ class ResponseEvents:
 
 
 class ResponseStream:
-    """The relay's converter (transport/sse.py): Responses events as SSE, those
+    """The relay's converter (relay/sse.py): Responses events as SSE, those
     numbered `starting_after` or less left out (a resumed stream: see the module)."""
 
     def __init__(self, events: ResponseEvents, starting_after: int = -1) -> None:

@@ -15,12 +15,12 @@ from sse_starlette import EventSourceResponse
 
 from textstream.api.deps import services_of
 from textstream.api.errors import JobNotFoundError
+from textstream.api.relay.sse import Relay, collect_events
 from textstream.api.security import Caller
 from textstream.api.status import JobStatus, summarize
 from textstream.api.submit import CancelPolicy, Submission, queue_hooks
 from textstream.connections import UNREACHABLE
 from textstream.transport.events import JobEvent
-from textstream.transport.sse import Relay, collect_events
 
 
 def job_headers(submission: Submission) -> dict[str, str]:

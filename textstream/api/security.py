@@ -169,7 +169,7 @@ class Guard:
     async def reserve_tokens(self, caller: Caller, tokens: int) -> TokenHold | None:
         """Reserve `tokens` (a request's prompt and max_tokens) in the caller's
         minute of TOKEN_RATE_LIMIT (raises past it); None when there is no limit.
-        The worker replaces the reservation by what the job used (jobqueue)."""
+        The worker replaces the reservation by what the job used (worker/queue.py)."""
         limit = self._settings.token_rate_limit
         if not limit:
             return None

@@ -36,8 +36,8 @@ from uvicorn.main import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from textstream.api.limits import READ_TIMED_OUT
+from textstream.api.relay.sse import STOPPING
 from textstream.config import Settings
-from textstream.transport.sse import STOPPING
 
 STATUS_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
 STATUS_408 = b"HTTP/1.1 408 Request Timeout\r\n"
@@ -290,7 +290,7 @@ def serve_api(
         http=protocol,
         access_log=False,
         log_config=None,  # our logging (logs.configure_logging), not uvicorn's
-        # Open streams end themselves on shutdown (transport/sse.py); this bounds
+        # Open streams end themselves on shutdown (relay/sse.py); this bounds
         # any other connection that does not.
         timeout_graceful_shutdown=5,
     )

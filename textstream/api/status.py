@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from textstream.transport.events import EventType, JobEvent, entry_seconds
-from textstream.transport.thinking import ThinkSplitter
+from textstream.api.relay.thinking import ThinkSplitter
+from textstream.transport.events import ErrorType, EventType, JobEvent, entry_seconds
 
 JobStatusName = Literal["queued", "running", "done", "error", "cancelled"]
 
@@ -36,7 +36,7 @@ class JobStatus(BaseModel):
 
 def summarize(job_id: str, history: list[JobEvent], split_thinking: bool = True) -> JobStatus:
     """With `split_thinking`, a `<think>` block opening the text is `thinking`,
-    apart from `text` (as the streams split it: transport/thinking.py). `history`
+    apart from `text` (as the streams split it: relay/thinking.py). `history`
     may end with an error the relay made up (no id: Redis lost mid-answer); ids and
     times come from the stored events."""
     stored = [event.id for event in history if event.id]
@@ -50,7 +50,7 @@ def summarize(job_id: str, history: list[JobEvent], split_thinking: bool = True)
             summary.update(event.data)
         elif event.event == EventType.ERROR:
             summary["error"] = event.data.get("error")
-            cancelled = (summary["error"] or {}).get("type") == "cancelled"
+            cancelled = (summary["error"] or {}).get("type") == ErrorType.CANCELLED
             status = "cancelled" if cancelled else "error"
     tokens = [e for e in history if e.event == EventType.TOKEN]
     raw = "".join(e.data["text"] for e in tokens)

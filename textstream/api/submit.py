@@ -32,14 +32,15 @@ from textstream.api.errors import (
 )
 from textstream.api.models import resolve_model
 from textstream.api.protocol import GenerationRequest, Prompt
+from textstream.api.queue import CallerQueueFull, queue_length
+from textstream.api.relay.job_events import JobAccess
+from textstream.api.relay.sse import QueueHooks
 from textstream.api.security import Caller, TokenHold, key_identity
 from textstream.connections import UNREACHABLE
 from textstream.fairness import Share, estimate
 from textstream.grammars import GrammarError, check_schema
 from textstream.job import CompletionJob
-from textstream.jobqueue import CallerQueueFull, queue_length
-from textstream.transport.events import JobAccess, JobEvent, entry_seconds
-from textstream.transport.sse import QueueHooks
+from textstream.transport.events import JobEvent, entry_seconds
 
 log = logging.getLogger(__name__)
 

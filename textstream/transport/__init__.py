@@ -1,2 +1,3 @@
-"""Worker -> client: the job stream contract (events.py), read by the API process
-through one multiplexed XREAD (mux.py) and relayed as Server-Sent Events (sse.py)."""
+"""The contract between the two processes: the job stream's format and its Lua
+scripts (events.py, scripts.py). The worker writes it (worker/writer.py), the API
+reads it (api/relay/); this package imports neither side."""

@@ -41,22 +41,23 @@ from textstream.engines.base import (
 from textstream.grammars import GrammarError
 from textstream.job import CompletionJob
 from textstream.logs import brief, redact
-from textstream.metrics import JobMetrics, JobTimings
 from textstream.registry import WorkerHeartbeat
 from textstream.tools import ToolError
 from textstream.transport.events import (
     CANCELLED,
     QUEUE_TIMEOUT,
     TIMEOUT,
+    ErrorType,
     EventType,
     JobEvent,
     WriteOutcome,
     error_data,
     stream_maxlen,
 )
-from textstream.transport.writer import EventWriter, StreamFlusher
 from textstream.worker.detokenize import IncrementalDetokenizer
+from textstream.worker.metrics import JobMetrics, JobTimings
 from textstream.worker.stops import StopMatcher
+from textstream.worker.writer import EventWriter, StreamFlusher
 
 log = logging.getLogger(__name__)
 
@@ -219,15 +220,17 @@ class CompletionRunner:
             try:
                 result = self._generate(job, writer, timings)
             except PromptTooLongError as exc:
-                result = self._fail(job, writer, error_data("prompt_too_long", str(exc)))
+                result = self._fail(job, writer, error_data(ErrorType.PROMPT_TOO_LONG, str(exc)))
             except GrammarError as exc:  # a schema this engine cannot enforce
                 # Not the message: llguidance's may quote the schema.
                 log.warning("job=%s response_format refused by the engine", job.job_id)
-                result = self._fail(job, writer, error_data("invalid_response_format", str(exc)))
+                result = self._fail(
+                    job, writer, error_data(ErrorType.INVALID_RESPONSE_FORMAT, str(exc))
+                )
             except ToolError as exc:  # tools this engine cannot offer
-                result = self._fail(job, writer, error_data("invalid_tools", str(exc)))
+                result = self._fail(job, writer, error_data(ErrorType.INVALID_TOOLS, str(exc)))
             except LogprobsError as exc:  # logprobs this engine cannot give
-                result = self._fail(job, writer, error_data("invalid_logprobs", str(exc)))
+                result = self._fail(job, writer, error_data(ErrorType.INVALID_LOGPROBS, str(exc)))
             except REDIS_ERRORS as exc:
                 # The stream was unreachable for longer than REDIS_GRACE_SECONDS: its
                 # readers have ended with `redis_unavailable` already. The job ends so too,
@@ -237,7 +240,7 @@ class CompletionRunner:
             except Exception as exc:  # e.g. out of memory: end this job, keep serving
                 log.exception("job=%s generation failed", job.job_id)
                 message = f"{type(exc).__name__}: {exc}"
-                result = self._fail(job, writer, error_data("generation_failed", message))
+                result = self._fail(job, writer, error_data(ErrorType.GENERATION_FAILED, message))
             self._record(timings, result)
         finally:
             # After the figures: a draining worker waits for busy == 0, then writes
@@ -275,10 +278,12 @@ class CompletionRunner:
         if not writer.has_pending_end():
             writer.enqueue(
                 EventType.ERROR,
-                error_data("redis_unavailable", "Redis was unreachable; the job was stopped"),
+                error_data(
+                    ErrorType.REDIS_UNAVAILABLE, "Redis was unreachable; the job was stopped"
+                ),
             )
         self._publish_when_back(job, writer)
-        return {"status": "error", "error": "redis_unavailable"}
+        return {"status": "error", "error": ErrorType.REDIS_UNAVAILABLE}
 
     def _publish_when_back(self, job: CompletionJob, writer: EventWriter) -> None:
         """Send what the writer holds (given back by a send that failed), retrying
@@ -421,7 +426,7 @@ class CompletionRunner:
             cause = exc.__cause__ or exc
             status = getattr(cause, "status_code", "")
             log.warning("job=%s upstream failed: %s %s", job.job_id, type(cause).__name__, status)
-            return self._fail(job, writer, error_data("upstream_error", str(exc)[:500]))
+            return self._fail(job, writer, error_data(ErrorType.UPSTREAM_ERROR, str(exc)[:500]))
         finally:
             steps.close()  # closes the upstream stream: the upstream stops generating
         # The upstream counts tokens; after a takeover, its prompt held the text
@@ -460,7 +465,7 @@ class CompletionRunner:
             log.warning("job=%s stopped: %s", job.job_id, writer.outcome.value)
             return {"status": writer.outcome.value}
         # A job stopped early is charged what it used (its caller's share, its
-        # TOKEN_RATE_LIMIT reservation: jobqueue.WorkerModelQ._settle_charge).
+        # TOKEN_RATE_LIMIT reservation: worker/queue.WorkerModelQ._settle_charge).
         if writer.cancel_requested:
             log.info("job=%s cancelled after %d tokens", job.job_id, usage["completion_tokens"])
             return {**self._fail(job, writer, CANCELLED), "usage": usage}
@@ -489,6 +494,6 @@ class CompletionRunner:
             usage["completion_tokens"],
             seconds,
             usage["completion_tokens"] / seconds if seconds else 0.0,
-            redact(job.prompt, self._settings),
-            redact(text, self._settings),
+            redact(job.prompt),
+            redact(text),
         )

@@ -23,13 +23,13 @@ from textstream.config import Settings, get_settings
 from textstream.connections import sync_client, sync_streams_client
 from textstream.engines import load_engine
 from textstream.engines.base import AnyEngine
-from textstream.jobqueue import WorkerModelQ, create_worker_modelq, new_server_id
 from textstream.logs import configure_logging
 from textstream.registry import WorkerHeartbeat, WorkerInfo
 from textstream.sources import ModelLoadError, served_name
-from textstream.transport.writer import StreamFlusher
 from textstream.worker.completion import CompletionRunner
+from textstream.worker.queue import WorkerModelQ, create_worker_modelq, new_server_id
 from textstream.worker.supervisor import EXIT_MODEL_LOAD_FAILED, Supervisor
+from textstream.worker.writer import StreamFlusher
 
 log = logging.getLogger(__name__)
 

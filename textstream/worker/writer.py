@@ -1,18 +1,13 @@
 """A worker's side of a job stream: one job's events for one attempt (EventWriter),
 and the thread that sends gathered tokens (StreamFlusher).
 
-Cost per token. Every write is an APPEND_SCRIPT call, which reads each job's state
-once (is it over, is it still ours, was it cancelled) and adds its events; it
-refreshes the keys' TTLs only every TTL_REFRESH_SECONDS (and with the job's claim
-and its last event), not on every token. With STREAM_FLUSH_MS > 0 (the default:
-50) a worker process gathers the tokens all its jobs have ready within that
-window and sends them together: one script call per slot (on one Redis, one call
-for every job), one round trip per Redis node, and one stream entry per job (a run
-of tokens, scripts.NewEvent), which readers split back into one event per token.
-An attempt's first token goes at once (a client's time to first token is not
-traded away), as do other events (a claim, the last event), behind the tokens
-their job has waiting. A writer with tokens waiting does not poll the job's state
-between them: their flush reports it within the window.
+Cost per token. Every write is one APPEND_SCRIPT call; TTLs are refreshed only
+every TTL_REFRESH_SECONDS (and with the claim and the last event). Within
+STREAM_FLUSH_MS (default 50) a worker process gathers the tokens all its jobs
+have ready and sends them together: one script call per slot, one round trip
+per Redis node, one stream entry per job (a run of tokens, scripts.NewEvent).
+An attempt's first token and its other events go at once: time to first token
+is never traded away.
 
 Ids chosen here. A worker picks each event's stream id itself, ascending
 (`<ms>-<n>`, from its clock, above the last id it has seen), instead of letting
@@ -42,19 +37,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.cluster import RedisCluster
-from redis.exceptions import (
-    ClusterError,
-    ConnectionError,
-    ReadOnlyError,
-    RedisClusterException,
-    TimeoutError,
-    TryAgainError,
-)
 
 from textstream import keys
-from textstream.connections import SyncStreamsClient
-from textstream.transport.events import JobEvent, WriteOutcome, parse_entries, parse_entry
-from textstream.transport.mux import id_key
+from textstream.connections import TRANSIENT, SyncStreamsClient
+from textstream.transport.events import JobEvent, WriteOutcome, id_key, parse_entries, parse_entry
 from textstream.transport.scripts import (
     APPEND_SCRIPT,
     EventType,
@@ -66,18 +52,6 @@ from textstream.transport.scripts import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Errors after which a write is retried (within REDIS_GRACE_SECONDS): Redis
-#: restarting, a cluster failing over (CLUSTERDOWN, no reachable node, a slot not
-#: covered yet), a slot being migrated (TRYAGAIN), a demoted master (READONLY).
-TRANSIENT = (
-    ConnectionError,
-    TimeoutError,
-    ClusterError,
-    TryAgainError,
-    ReadOnlyError,
-    RedisClusterException,
-)
 
 #: The longest a job's keys go without a TTL refresh while it runs.
 TTL_REFRESH_SECONDS = 60.0

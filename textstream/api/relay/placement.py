@@ -11,7 +11,7 @@ share one slot (CROSSSLOT otherwise), and each blocking XREAD holds a connection
 With random tags, an API process relaying a thousand streams would need about a
 thousand blocking reads and connections. With home tags, every API process puts
 all of one master's new streams in one slot, and reads them with one XREAD
-(transport/mux.py). When slots move (a reshard, a new master) the home tags are
+(mux.py). When slots move (a reshard, a new master) the home tags are
 recomputed from the client's slot map; streams already placed stay readable, on
 a read of their own slot.
 """

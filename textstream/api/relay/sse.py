@@ -41,6 +41,9 @@ import anyio
 from sse_starlette import ServerSentEvent
 from sse_starlette.sse import AppStatus
 
+from textstream.api.relay.job_events import CancelOutcome, JobEvents, JobVanishedError
+from textstream.api.relay.mux import ReadsFailedError
+from textstream.api.relay.thinking import ThinkSplitter
 from textstream.config import Settings
 from textstream.connections import REDIS_ERRORS
 from textstream.logs import brief
@@ -49,16 +52,12 @@ from textstream.transport.events import (
     START_ID,
     TERMINAL_EVENTS,
     TIMEOUT,
-    CancelOutcome,
+    ErrorType,
     EventType,
     JobEvent,
-    JobEvents,
-    JobVanishedError,
     WriteOutcome,
     error_data,
 )
-from textstream.transport.mux import ReadsFailedError
-from textstream.transport.thinking import ThinkSplitter
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ def shutdown_data(job_id: str) -> dict[str, Any]:
             f"the server is shutting down and job {job_id} ends with it (the Redis it"
             " runs on stops too); send the request again once the server is back"
         )
-    return error_data("shutdown", message)
+    return error_data(ErrorType.SHUTDOWN, message)
 
 
 #: Set on SIGTERM/SIGINT (api/app.py hooks the server's signal handlers). An Event,
@@ -116,12 +115,12 @@ def shutting_down() -> bool:
 
 #: shutdown_data() for an answer that was not streamed (there is nothing to resume).
 SHUTDOWN_UNSTREAMED = error_data(
-    "shutdown", "this API process is shutting down; send the request again (Retry-After)"
+    ErrorType.SHUTDOWN, "this API process is shutting down; send the request again (Retry-After)"
 )
 
 #: The job's stream vanished under an open reader: Redis lost its data.
 JOB_LOST = error_data(
-    "redis_unavailable", "the event store lost this job (Redis restarted without its data)"
+    ErrorType.REDIS_UNAVAILABLE, "the event store lost this job (Redis restarted without its data)"
 )
 
 

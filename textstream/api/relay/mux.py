@@ -1,53 +1,33 @@
 """One blocking XREAD for every job stream an API process is waiting on.
 
-A relay that blocks on its own `XREAD` costs one Redis command, one reply to parse
-and one timeout per token per stream: at a thousand streams that was 40 % of the
-API process's CPU. Here each waiting reader registers (stream, last id) and one
-loop issues a single `XREAD BLOCK ... STREAMS k1 k2 ... id1 id2 ...` for all of
-them, handing each reader the entries of its stream. Under load one command
-serves hundreds of streams.
+Each waiting reader registers (stream, last id) and one loop issues a single
+`XREAD BLOCK ... STREAMS k1 k2 ... id1 id2 ...` for all of them, handing each
+reader its stream's entries (a read per relay per token was most of the API's CPU
+at a thousand streams: BENCHMARKS.md, "Open, mostly idle streams").
 
-A reader that registers while that XREAD is blocked on other streams must not wait
-for it to time out: the loop's connection is woken with `CLIENT UNBLOCK` (sent from
-another connection), and the loop re-issues the read with the new stream in it.
-Where the Redis user may not run CLIENT commands (a restricted ACL), the loop
-blocks for SHORT_BLOCK_MS at a time instead, which bounds that wait.
-
-On a Redis Cluster a multi-key command must keep to one slot (CROSSSLOT
-otherwise), and a blocking read holds its connection. So the multiplexer keeps
-one such loop (a *lane*) per slot that has waiting readers, each on its own
-connection to the master that owns the slot, woken by CLIENT UNBLOCK sent to that
-same master. New jobs' streams are put in one slot per master (placement.py), so
-that is one XREAD per master. Lanes idle for a while close their connection.
-
-A lane whose read fails (a timeout, a lost connection, a cluster's TRYAGAIN or
-CLUSTERDOWN) retries that one read itself, with a short backoff, for up to
-REDIS_GRACE_SECONDS (`grace`), its readers waiting in it, each from its own last
-id: they see a delay. Failing them at once instead made each retry on its own,
-and at 10,000 streams one timed-out read (a busy process) set off 10,000 retries
-that kept the process and Redis saturated until thousands of streams gave up.
-Only when the grace runs out, or the cluster's map gives the lane's slot to
-another master (MOVED after a reshard, a failover), does the lane fail its
-readers, with ReadsFailedError, which says since when: the relay (transport/sse.py)
-then gives up, or retries for what is left of the grace, through the cluster
-client and a lane on the slot's new master.
-
-After a read that returned entries, a lane waits GATHER_MS before the next one:
-the relays it served come back with their next id meanwhile (no CLIENT UNBLOCK to
-take them in), and the next read returns more entries for the same cost. An
-XREAD's cost grows with its number of streams, so at 64 streams this cuts Redis's
-CPU per relayed token severalfold, for at most GATHER_MS of added latency.
+The rules that are not obvious:
+- A reader that registers while the XREAD blocks must not wait for it to time out:
+  the loop's connection is woken with `CLIENT UNBLOCK` from another connection
+  (where an ACL forbids it, the loop blocks SHORT_BLOCK_MS at a time instead).
+- On a Redis Cluster a multi-key command keeps to one slot and a blocking read
+  holds its connection, so there is one loop (a *lane*) per slot with waiting
+  readers, on a connection to the master that owns it; new jobs' streams are put
+  in one slot per master (placement.py), so that is one XREAD per master.
+- A lane whose read fails retries that one read itself for up to
+  REDIS_GRACE_SECONDS, its readers waiting in it (failing them at once made each
+  retry on its own: a retry storm at 10,000 streams). Only when the grace runs
+  out, or the slot moves to another master, are its readers failed, with
+  ReadsFailedError saying since when (relay/sse.py then retries for what is
+  left of the grace through the cluster client).
+- After a read that returned entries a lane waits GATHER_MS, so the next read
+  serves the relays that come back meanwhile (an XREAD's cost grows with its
+  streams, not its entries).
+- An idle reader costs no round trip: each lane checks every PRESENCE_SECONDS
+  that its streams exist, in one `EXISTS k1 k2 ...`, and fails the readers of a
+  vanished one (Redis lost its data) with StreamMissingError.
 
 Non-blocking reads (a relay's first read, the re-read after a job ended) do not
 come here: they answer at once on the shared client.
-
-A reader with nothing to read costs nothing but its place in the XREAD: it is
-handed an empty read only when its own wait ends (the relay's next queue report
-or its deadline), and it makes no round trip of its own to learn whether its
-stream still exists. Instead each lane checks, every PRESENCE_SECONDS, that all
-its streams exist, in one `EXISTS k1 k2 ...` (one slot on a cluster, so one
-command there too), and fails the readers of a stream that vanished (Redis lost
-its data) with StreamMissingError (`check_presence`, as JobEvents reads).
 """
 
 from __future__ import annotations
@@ -67,6 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from textstream.connections import UNREACHABLE
+from textstream.transport.events import id_key
 from textstream.transport.scripts import as_text
 
 log = logging.getLogger(__name__)
@@ -87,15 +68,6 @@ class ReadsFailedError(RedisConnectionError):
     def __init__(self, message: str, since: float) -> None:
         super().__init__(message)
         self.since = since
-
-
-#: A stream id as (ms, seq), to compare ids in order.
-IdKey = tuple[int, int]
-
-
-def id_key(entry_id: bytes | str) -> IdKey:
-    ms, _, seq = as_text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass(eq=False)
