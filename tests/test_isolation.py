@@ -529,6 +529,12 @@ def test_odd_request_ids_are_replaced_and_never_crash(service):
 def test_an_oversized_request_head_gets_431_not_a_reset(service):
     response = httpx.get(service.base + "/health", headers={"X-Padding": "p" * 40_000})
     assert response.status_code == 431
+    assert response.json()["error"]["type"] == "headers_too_large"
+    # under /v1, in OpenAI's error shape, as every /v1 refusal
+    openai = httpx.get(service.base + "/v1/models", headers={"X-Padding": "p" * 40_000})
+    assert openai.status_code == 431
+    assert openai.json()["error"]["code"] == "headers_too_large"
+    assert openai.json()["error"]["type"] == "headers_too_large"
     assert httpx.get(service.base + "/health").status_code == 200
 
 

@@ -28,7 +28,7 @@ from textstream import __version__
 from textstream.api import janitor, native, openai, openai_responses, operator, tokens
 from textstream.api.cache import forget
 from textstream.api.context_window import PromptTokens
-from textstream.api.deps import KeyBeforeBody, Services
+from textstream.api.deps import KeyBeforeBody, Services, authorize
 from textstream.api.errors import add_error_handlers
 from textstream.api.headers import SecurityHeaders
 from textstream.api.leases import Leases
@@ -154,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.state.settings = settings
-    add_error_handlers(app)
+    add_error_handlers(app, authorize)
     app.include_router(operator.public)
     app.include_router(operator.router)
     app.include_router(native.router)

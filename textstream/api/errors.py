@@ -16,9 +16,10 @@ two shapes, chosen by path:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -27,7 +28,6 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from textstream.api.limits import BODY_REFUSAL
 from textstream.connections import UNREACHABLE
 from textstream.logs import redact_path
 from textstream.transport.events import ErrorType, error_data
@@ -158,6 +158,10 @@ class RateLimitedError(ServiceError):
         return {"Retry-After": str(self.retry_after)}
 
 
+#: The scope key under which a body refused by limits.BodyLimit waits, as (status,
+#: error type, message), for the validation handler here.
+BODY_REFUSAL = "textstream.body_refusal"
+
 #: FastAPI's HTTPException detail for a body it could not parse at all.
 BODY_PARSE_ERROR = "There was an error parsing the body"
 
@@ -214,6 +218,14 @@ def is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+def refusal_body(path: str, error_type: str, message: str) -> bytes:
+    """An error body written outside the app (an ASGI middleware's or the server's
+    refusal, where there is no Request): OpenAI's shape under /v1, else ours."""
+    if path.startswith("/v1/"):
+        return json.dumps(openai_error_body(error_type, message)).encode()
+    return json.dumps(error_data(error_type, message)).encode()
+
+
 def route_of(request: Request) -> str:
     """What a log line may say of where a request went: its route's template
     (`/completion/{question:text}`), never the path itself, which can hold a
@@ -261,8 +273,10 @@ async def refund(request: Request) -> None:
             await give_back()
 
 
-def add_error_handlers(app: FastAPI) -> None:
-    """Every refusal goes through one of these, and takes its rate count back."""
+def add_error_handlers(app: FastAPI, authorize: Callable[[Request], Awaitable[Any]]) -> None:
+    """Every refusal goes through one of these, and takes its rate count back.
+    `authorize` is the routes' caller check (deps.authorize), run here for a body
+    refused before it could run."""
 
     async def _unauthorized(request: Request) -> JSONResponse | None:
         """FastAPI parses a JSON body before it runs a route's dependencies, so a
@@ -273,8 +287,6 @@ def add_error_handlers(app: FastAPI) -> None:
         dependant = getattr(route, "dependant", None)
         if hasattr(request.state, "caller") or dependant is None:
             return None
-        from textstream.api.deps import authorize
-
         if not any(d.call is authorize for d in dependant.dependencies):
             return None
         try:

@@ -23,15 +23,12 @@ validation handler (errors.py) answers with the refusal noted in the scope
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-#: The scope key under which a refused body's (status, error type, message) waits
-#: for the validation handler.
-BODY_REFUSAL = "textstream.body_refusal"
+from textstream.api.errors import BODY_REFUSAL, refusal_body
 
 #: Set in a request's scope when the server answered it 408 (server.py): what the
 #: app then sends goes nowhere, and the request log says 408, as the client saw.
@@ -143,14 +140,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, send: Send, max_bytes: int) -> None:
-        from textstream.api.errors import openai_error_body  # errors.py imports this module
-
         message = f"the request body is over the {max_bytes}-byte limit (MAX_BODY_BYTES)"
-        if scope["path"].startswith("/v1/"):  # OpenAI's shape, as every /v1 error
-            error = openai_error_body("body_too_large", message)
-        else:
-            error = {"error": {"type": "body_too_large", "message": message}}
-        body = json.dumps(error).encode()
+        body = refusal_body(scope["path"], "body_too_large", message)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

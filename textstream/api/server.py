@@ -35,17 +35,17 @@ from uvicorn._types import ASGISendEvent
 from uvicorn.main import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from textstream.api.errors import refusal_body
 from textstream.api.limits import READ_TIMED_OUT
 from textstream.api.relay.sse import STOPPING
 from textstream.config import Settings
 
 STATUS_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
 STATUS_408 = b"HTTP/1.1 408 Request Timeout\r\n"
-BODY_431 = b'{"error": {"type": "headers_too_large", "message": "request head too large"}}'
-BODY_408 = (
-    b'{"error": {"type": "request_timeout", "message": "the request did not arrive whole'
-    b' within REQUEST_READ_SECONDS"}}'
-)
+#: (error type, message) of the two refusals the server writes itself, before or
+#: without the app; their bodies take the route's shape (errors.refusal_body).
+REFUSAL_431 = ("headers_too_large", "request head too large")
+REFUSAL_408 = ("request_timeout", "the request did not arrive whole within REQUEST_READ_SECONDS")
 
 
 class HeadTooLargeError(Exception):
@@ -70,6 +70,8 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head = 0
+        #: The request target's first bytes (an error body's shape follows the path).
+        self._target = b""
         self._read_timer: asyncio.TimerHandle | None = None
         self._reading = False  # between a request's first byte and its last
         #: The cycle of the request being read, once its head is in (None before).
@@ -95,6 +97,7 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
 
     def on_message_begin(self) -> None:
         self._head = 0
+        self._target = b""
         self._reading = True
         self._read_cycle = None
         if self._answering():
@@ -145,7 +148,7 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
             self._arm_read_timer()  # it be, a pipelined request waits its turn)
             return
         if cycle is None or not cycle.response_started:
-            self._write_refusal(STATUS_408, BODY_408)
+            self._write_refusal(STATUS_408, REFUSAL_408)
         if cycle is not None and not cycle.response_complete:
             cycle.scope[READ_TIMED_OUT] = True  # type: ignore[literal-required]
             cycle.disconnected = True
@@ -159,6 +162,8 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
+        if len(self._target) < 8:
+            self._target += url[:8]
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -192,10 +197,11 @@ class LimitedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
 
     def _send_431(self) -> None:
         self._cancel_read_timer()
-        self._write_refusal(STATUS_431, BODY_431)
+        self._write_refusal(STATUS_431, REFUSAL_431)
         self.transport.close()
 
-    def _write_refusal(self, status_line: bytes, body: bytes) -> None:
+    def _write_refusal(self, status_line: bytes, refusal: tuple[str, str]) -> None:
+        body = refusal_body(self._target.decode("latin-1"), *refusal)
         head = [status_line]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
