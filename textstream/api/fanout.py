@@ -18,8 +18,8 @@ from fastapi import Request
 from textstream.api.deps import Services, services_of
 from textstream.api.errors import InvalidInputError
 from textstream.api.protocol import GenerationRequest, Prompt
-from textstream.api.relay.sse import Relay, release
-from textstream.api.responses import completed_job, relay_for, release_slot
+from textstream.api.relay.sse import release
+from textstream.api.responses import Hold, relay_for
 from textstream.api.status import JobStatus
 from textstream.api.submit import (
     CancelPolicy,
@@ -75,24 +75,23 @@ def as_generator(part: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
 
 async def submit_all(
     request: Request, prompts: list[tuple[Prompt, GenerationRequest]]
-) -> list[Submission]:
-    """Each prompt (or choice: `n`) its own job (submit()), so they run side by side, each holding a
-    stream slot (MAX_STREAMS_PER_KEY counts jobs). A refusal of any gives back what
-    the ones before it took: their jobs stopped (taken off the queue if no worker
-    has them yet) and their slots released."""
+) -> tuple[list[Submission], Hold]:
+    """Each prompt (or choice: `n`) its own job (submit()), so they run side by side,
+    each holding a stream slot (MAX_STREAMS_PER_KEY counts jobs); the Hold on them
+    all. A refusal of any gives back what the ones before it took: their jobs
+    stopped (taken off the queue if no worker has them yet) and their slots."""
     services = services_of(request)
     check_fits_quota(services, prompts)
     policy = CancelPolicy.ON_DISCONNECT
     jobs: list[Submission] = []
-    try:
+    async with Hold(request) as hold:
         for prompt, generation in prompts:
-            jobs.append(await submit(services, request.state.caller, prompt, generation, policy))
-    except BaseException:
-        for job in jobs:
-            await release(relay_for(request, job.job_id, job.model, job.deadline, policy))
-            await release_slot(request, job.slot)
-        raise
-    return jobs
+            job = await submit(services, request.state.caller, prompt, generation, policy)
+            jobs.append(job)
+            hold.add(
+                relay_for(request, job.job_id, job.model, job.deadline, policy, job.first), job.slot
+            )
+    return jobs, hold
 
 
 def check_fits_quota(services: Services, prompts: list[tuple[Prompt, GenerationRequest]]) -> None:
@@ -115,23 +114,24 @@ def check_fits_quota(services: Services, prompts: list[tuple[Prompt, GenerationR
 
 
 async def completed_jobs(
-    request: Request, relays: list[Relay], slots: list[str | None], split_thinking: bool
+    request: Request, hold: Hold, split_thinking: bool
 ) -> tuple[list[JobStatus], JobStatus | None] | None:
     """Every job's end (non-streaming answers), in order, and the first to fail, if
     one did: it stops the others, whose answers would not be sent. None if the
-    client left (which stops them all)."""
+    client left (which stops them all). Each job's slot goes back as it ends."""
     failures: list[JobStatus] = []
+    relays = hold.relays
 
-    async def one(relay: Relay, slot: str | None) -> JobStatus | None:
-        status = await completed_job(request, relay, slot, split_thinking)
+    async def one(held: Hold) -> JobStatus | None:
+        status = await held.completed(split_thinking)
         if status is not None and status.status != "done" and not failures:
             failures.append(status)
             for other in relays:
-                if other is not relay:
+                if other is not held.relays[0]:
                     await release(other)
         return status
 
-    statuses = await asyncio.gather(*map(one, relays, slots))
+    statuses = await asyncio.gather(*map(one, hold.split()))
     done = [status for status in statuses if status is not None]
     if len(done) < len(statuses):
         return None

@@ -22,14 +22,8 @@ from textstream.api.errors import (
 )
 from textstream.api.protocol import CompletionQuery, JobRequest, Prompt
 from textstream.api.relay.job_events import CancelOutcome, ResumePoint
-from textstream.api.relay.sse import release, stream_job_events
-from textstream.api.responses import (
-    completed_job,
-    job_headers,
-    relay_for,
-    release_slot,
-    sse_response,
-)
+from textstream.api.relay.sse import stream_job_events
+from textstream.api.responses import Hold, job_headers, relay_for
 from textstream.api.status import JobStatus, summarize
 from textstream.api.submit import CancelPolicy, check_access, job_deadline, submit
 from textstream.transport.events import START_ID
@@ -110,24 +104,21 @@ async def completion(
     grace = services.settings.reconnect_grace_seconds if params.stream else 0.0
     relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first, grace)
     headers = job_headers(job)
-    point = ResumePoint.UNKNOWN  # a new job: its events start after no one's id
-    try:
+    async with Hold(request, [relay], [job.slot]) as hold:
         if job.shared and after != START_ID:
             # A bare event id (no job in it): resumed only if the cache answers with
             # a job that has that event.
             point = await services.jobs.resume_point(job.job_id, after)
+        else:
+            point = ResumePoint.UNKNOWN  # a new job: its events start after no one's id
         if point is ResumePoint.ENDED:
-            await release_slot(request, job.slot)
+            await hold.end()
             return Response(status_code=204, headers=headers)
-    except BaseException:  # Redis failing (503), or the client gone: give back what
-        await release_slot(request, job.slot)  # submit took, as a reader leaving does:
-        await release(relay)  # its claim dropped and, if no one else reads it, off the queue
-        raise
-    if params.stream:
-        start = after if point is ResumePoint.OPEN else START_ID
-        events = stream_job_events(relay, start, splits(request), named=True)
-        return await sse_response(request, events, headers, job.slot)
-    status = await completed_job(request, relay, job.slot)
+        if params.stream:
+            start = after if point is ResumePoint.OPEN else START_ID
+            events = stream_job_events(relay, start, splits(request), named=True)
+            return hold.stream(events, headers)
+        status = await hold.completed()
     if status is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     if status.status != "done":
@@ -165,15 +156,12 @@ async def rejoin(request: Request, job_id: str, after: str) -> Response | None:
     if point is ResumePoint.ENDED:
         return Response(status_code=204, headers=headers)
     slot = await services.guard.open_stream(caller)
-    try:
+    async with Hold(request, slots=[slot]) as hold:
         await services.jobs.track(job_id, reader=True)
-    except BaseException:
-        await release_slot(request, slot)
-        raise
-    policy, grace = CancelPolicy.ON_DISCONNECT, services.settings.reconnect_grace_seconds
-    relay = relay_for(request, job_id, access.model, deadline, policy, grace=grace)
-    events = stream_job_events(relay, after, splits(request), named=True)
-    return await sse_response(request, events, headers, slot)
+        policy, grace = CancelPolicy.ON_DISCONNECT, services.settings.reconnect_grace_seconds
+        relay = relay_for(request, job_id, access.model, deadline, policy, grace=grace)
+        events = stream_job_events(relay, after, splits(request), named=True)
+        return hold.stream(events, headers)
 
 
 @router.post("/jobs", status_code=202)
@@ -242,7 +230,7 @@ async def job_events(
     slot = await services.guard.open_stream(request.state.caller)
     relay = relay_for(request, job_id, access.model, deadline, CancelPolicy.EXPLICIT)
     events = stream_job_events(relay, after, splits(request))
-    return await sse_response(request, events, {"X-Job-Id": job_id}, slot)
+    return Hold(request, slots=[slot]).stream(events, {"X-Job-Id": job_id})
 
 
 @router.get("/jobs/{job_id}")

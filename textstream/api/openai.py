@@ -44,9 +44,8 @@ from textstream.api.protocol import (
 )
 from textstream.api.relay.sse import Relay, relay_events
 from textstream.api.relay.thinking import ThinkSplitter
-from textstream.api.responses import job_headers, relay_for, sse_response
+from textstream.api.responses import job_headers
 from textstream.api.status import JobStatus
-from textstream.api.submit import CancelPolicy
 from textstream.registry import live_workers
 from textstream.tools import CALL_OPEN, CallBuffer, ToolUse, parse_calls
 from textstream.transport.events import EventType, JobEvent
@@ -339,30 +338,30 @@ async def answer(
     services = services_of(request)
     body.refuse_unsupported()
     # n choices per prompt, each a job: choice j of prompt i has index i × n + j.
-    jobs = await submit_all(
+    jobs, hold = await submit_all(
         request, [(prompt, one) for prompt in prompts for one in body.choices(generation)]
     )
-    policy = CancelPolicy.ON_DISCONNECT
-    relays = [relay_for(request, j.job_id, j.model, j.deadline, policy, j.first) for j in jobs]
-    slots = [job.slot for job in jobs]
-    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    chat = prompts[0].messages is not None
-    shape = ChunkShape(
-        chat,
-        jobs[0].job_id,
-        jobs[0].model,
-        include_usage,
-        prompts[0].tool_use,
-        generation.logprobs,
-    )
-    headers = {
-        name: ", ".join(job_headers(job)[name] for job in jobs) for name in job_headers(jobs[0])
-    }
-    if body.stream:
-        split = services.settings.thinking == "auto"
-        parts = [(relay, ChunkStream(shape, split, i)) for i, relay in enumerate(relays)]
-        return await sse_response(request, stream_chunks(shape, parts), headers, *slots, sep=SEP)
-    ended = await completed_jobs(request, relays, slots, split_thinking=chat)
+    async with hold:
+        include_usage = bool(
+            body.stream and body.stream_options and body.stream_options.include_usage
+        )
+        chat = prompts[0].messages is not None
+        shape = ChunkShape(
+            chat,
+            jobs[0].job_id,
+            jobs[0].model,
+            include_usage,
+            prompts[0].tool_use,
+            generation.logprobs,
+        )
+        headers = {
+            name: ", ".join(job_headers(job)[name] for job in jobs) for name in job_headers(jobs[0])
+        }
+        if body.stream:
+            split = services.settings.thinking == "auto"
+            parts = [(relay, ChunkStream(shape, split, i)) for i, relay in enumerate(hold.relays)]
+            return hold.stream(stream_chunks(shape, parts), headers, sep=SEP)
+        ended = await completed_jobs(request, hold, split_thinking=chat)
     if ended is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     answers, failed = ended

@@ -26,7 +26,6 @@ import contextlib
 import logging
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -37,17 +36,16 @@ from textstream.api.conversations import (
     load,
     save,
 )
-from textstream.api.deps import Services, authorize, services_of
+from textstream.api.deps import authorize, services_of
 from textstream.api.errors import InvalidInputError, JobNotFoundError, job_error_response
 from textstream.api.native import JOB_ID, splits
 from textstream.api.protocol import Prompt
 from textstream.api.relay.job_events import CancelOutcome, JobAccess
 from textstream.api.relay.sse import collect_events, relay_events
 from textstream.api.response_events import ResponseEvents, ResponseStream, fold
-from textstream.api.responses import job_headers, relay_for, release_slot, sse_response
+from textstream.api.responses import Hold, job_headers, relay_for
 from textstream.api.responses_protocol import ResponsesRequest
 from textstream.api.submit import CancelPolicy, Submission, check_access, job_deadline, submit
-from textstream.connections import UNREACHABLE
 from textstream.transport.events import JobEvent
 
 log = logging.getLogger(__name__)
@@ -103,40 +101,34 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
     # A background stream holds a slot as /jobs/{id}/events does; taken first, so
     # that a refusal leaves no job running that nobody knows the id of.
     slot = await services.guard.open_stream(caller) if body.background and body.stream else None
-    job: Submission | None = None
-    try:
+    async with Hold(request, slots=[slot]) as hold:
         job = await submit(services, caller, prompt, generation, policy)
+        relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first)
+        hold.add(relay, job.slot)  # from here a failure stops the job: nobody has its id
         stored.model = job.model
         if body.store:
             await save(services, job.job_id, stored)
-    except BaseException:
-        await release_slot(request, slot)
-        if job is not None:  # queued, but its record could not be written
-            await stop_job(services, job.job_id, job.model)
-            await release_slot(request, job.slot)
-        raise
-    events = ResponseEvents(job.job_id, stored, splits(request))
-    headers = job_headers(job)
-    if body.stream:
-        relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first)
-        chunks = relay_events(relay, ResponseStream(events))
-        return await sse_response(request, chunks, headers, slot or job.slot, sep="\n")
-    if body.background:
-        if job.first is not None:
-            events.feed(job.first)
-        return JSONResponse(events.snapshot(), headers=headers)
-    return await whole_response(request, job, events, headers)
+        events = ResponseEvents(job.job_id, stored, splits(request))
+        headers = job_headers(job)
+        if body.stream:
+            return hold.stream(relay_events(relay, ResponseStream(events)), headers, sep="\n")
+        if body.background:
+            if job.first is not None:
+                events.feed(job.first)
+            await hold.end()
+            return JSONResponse(events.snapshot(), headers=headers)
+        history = await hold.history(relay)
+    return whole_response(request, job, events, history, headers)
 
 
-async def whole_response(
-    request: Request, job: Submission, events: ResponseEvents, headers: dict[str, str]
+def whole_response(
+    request: Request,
+    job: Submission,
+    events: ResponseEvents,
+    history: list[JobEvent] | None,
+    headers: dict[str, str],
 ) -> Response:
     """A foreground response, not streamed: once its job has ended."""
-    relay = relay_for(request, job.job_id, job.model, job.deadline, CancelPolicy.ON_DISCONNECT)
-    try:
-        history = await collect_events(relay, request.is_disconnected)
-    finally:
-        await release_slot(request, job.slot)
     if history is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     if not history:
@@ -232,7 +224,7 @@ async def retrieve_response(
     after = -1 if starting_after is None else starting_after
     converter = ResponseStream(ResponseEvents(job_id, stored, splits(request)), after)
     chunks = relay_events(relay, converter)
-    return await sse_response(request, chunks, {"X-Job-Id": job_id}, slot, sep="\n")
+    return Hold(request, slots=[slot]).stream(chunks, {"X-Job-Id": job_id}, sep="\n")
 
 
 @router.post("/responses/{response_id}/cancel")
@@ -279,10 +271,3 @@ async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
         await services.jobs.discard(job_id)
     log.info("job=%s response deleted (%s)", job_id, outcome.value)
     return {"id": response_id, "object": "response", "deleted": True}
-
-
-async def stop_job(services: Services, job_id: str, model: str) -> None:
-    """Cancel the job if it has not ended (shielded: it runs on a way out too)."""
-    with anyio.CancelScope(shield=True), contextlib.suppress(*UNREACHABLE):
-        if await services.jobs.cancel(job_id) is CancelOutcome.CANCELLED:
-            await services.queue.withdraw(job_id, model)

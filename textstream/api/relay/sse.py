@@ -333,6 +333,18 @@ async def release(relay: Relay) -> None:
             log.warning("job=%s could not request cancel: %s", relay.job_id, exc)
 
 
+async def stop(relay: Relay) -> None:
+    """End a job outright, readers or not (a request that started it failed before
+    anyone had its id): cancelled, and off the queue if no worker has it yet."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+        try:
+            outcome = await relay.jobs.cancel(relay.job_id)
+            if outcome is CancelOutcome.CANCELLED and relay.queue is not None:
+                await relay.queue.withdraw(relay.job_id)
+        except REDIS_ERRORS as exc:
+            log.warning("job=%s could not request cancel: %s", relay.job_id, exc)
+
+
 async def relay_events(
     relay: Relay, converter: Converter, after: str = START_ID
 ) -> AsyncIterator[bytes]:
