@@ -6,18 +6,50 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import redis
 import redis.asyncio as aioredis
-from helpers import parse_sse_lines, stream, wait_for
+from conftest import Service
+from helpers import parse_sse_lines, service_env, stream, wait_for
 
+from bench.cluster import start_redis
 from textstream import keys
 from textstream.api.cache import cached_job, claim
 from textstream.api.relay.job_events import JobEvents
 
 CACHED = {"CACHE_TTL": "60"}
+
+
+def cached_service(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[Service]:
+    """A service with the cache on, on a Redis of its own, shared by the tests that
+    leave its workers running (each asks what no other test of the module asks, so
+    no answer is cached for another test)."""
+    proc, url = start_redis(tmp_path_factory.mktemp("cache-redis"))
+    svc = Service(tmp_path_factory.mktemp("cached"), service_env(url, str(model), **CACHED), 1)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Service]:
+    yield from cached_service(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def cached_slow(
+    tmp_path_factory: pytest.TempPathFactory, slow_model_dir: Path
+) -> Iterator[Service]:
+    """The same on the slow GPT-2 (a job still runs while the next request comes)."""
+    yield from cached_service(tmp_path_factory, slow_model_dir)
 
 
 def started_events(url: str, job_id: str) -> int:
@@ -48,10 +80,8 @@ def test_identical_request_is_replayed_with_no_worker_running(make_service):
     assert status == "queued"
 
 
-def test_simultaneous_identical_requests_cause_one_generation(
-    make_service, slow_model_dir, isolated_redis_url
-):
-    svc = make_service(model=slow_model_dir, **CACHED)
+def test_simultaneous_identical_requests_cause_one_generation(cached_slow):
+    svc = cached_slow
     stream(svc.base, "/completion/warm up", max_new_tokens=1)  # the served model is known
     results: list = [None] * 4
 
@@ -67,11 +97,11 @@ def test_simultaneous_identical_requests_cause_one_generation(
     assert len(job_ids) == 1
     assert sorted(r.headers["x-cache"] for r in results) == ["hit", "hit", "hit", "miss"]
     assert len({r.text for r in results}) == 1 and all(r.last.event == "done" for r in results)
-    assert started_events(isolated_redis_url, job_ids.pop()) == 1
+    assert started_events(svc.env["REDIS_URL"], job_ids.pop()) == 1
 
 
-def test_sampling_without_a_seed_is_never_cached(make_service):
-    svc = make_service(**CACHED)
+def test_sampling_without_a_seed_is_never_cached(cached):
+    svc = cached
     stream(svc.base, "/completion/warm up", max_new_tokens=1)
     sampled = [
         stream(svc.base, "/completion/Hello", temperature=1.0, max_new_tokens=5) for _ in range(2)
@@ -98,8 +128,8 @@ def test_use_cache_false_and_cache_ttl_zero_turn_it_off(make_service):
     assert [r.headers["x-cache"] for r in runs] == ["miss", "miss"]
 
 
-def test_cancelled_generation_is_not_cached(make_service, slow_model_dir):
-    svc = make_service(model=slow_model_dir, **CACHED)
+def test_cancelled_generation_is_not_cached(cached_slow):
+    svc = cached_slow
     stream(svc.base, "/completion/warm up", max_new_tokens=1)
     params = {"max_new_tokens": 300, "ignore_eos": "true"}
     with httpx.stream("GET", svc.base + "/completion/Hello", params=params, timeout=30) as r:
@@ -114,8 +144,8 @@ def test_cancelled_generation_is_not_cached(make_service, slow_model_dir):
     assert again.last.event == "done"
 
 
-def test_a_shared_job_keeps_running_when_one_reader_leaves(make_service, slow_model_dir):
-    svc = make_service(model=slow_model_dir, **CACHED)
+def test_a_shared_job_keeps_running_when_one_reader_leaves(cached_slow):
+    svc = cached_slow
     stream(svc.base, "/completion/warm up", max_new_tokens=1)
     params = {"max_new_tokens": 200, "ignore_eos": "true"}
     result = {}
@@ -135,8 +165,8 @@ def test_a_shared_job_keeps_running_when_one_reader_leaves(make_service, slow_mo
     assert result["r"].last.event == "done" and not result["r"].of("error")
 
 
-def test_openai_requests_share_the_cache(make_service):
-    svc = make_service(**CACHED)
+def test_openai_requests_share_the_cache(cached):
+    svc = cached
     client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="x", max_retries=0)
     args = {
         "model": "tiny-gpt2",
@@ -195,11 +225,11 @@ def test_a_claim_whose_job_is_still_being_created_is_followed_not_dropped(redis_
     assert gone is None and took < 1 and left is None
 
 
-def test_an_eventsource_reconnecting_to_completion_resumes_or_stops(make_service):
+def test_an_eventsource_reconnecting_to_completion_resumes_or_stops(cached):
     """A browser EventSource reconnects to the same /completion URL with
     Last-Event-ID, also after `done`. Answered by the same (cached) job, it gets
     what follows that event, or 204 at the end, never the whole answer again."""
-    service = make_service(**CACHED)
+    service = cached
     url = "/completion/Resume me"
     params = {"max_new_tokens": 12, "ignore_eos": "true"}
     whole = stream(service.base, url, **params)

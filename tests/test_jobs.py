@@ -148,7 +148,7 @@ def test_unknown_and_malformed_job_ids_are_404(service):
 
 
 def test_expired_job_is_404_with_a_clear_message(make_service):
-    svc = make_service(JOB_TTL="1")
+    svc = make_service(model="fake:200", JOB_TTL="1")  # JOB_TTL is under test, not the model
     job_id = create(svc.base, prompt="Hi", max_new_tokens=2)
     assert stream(svc.base, f"/jobs/{job_id}/events").last.event == "done"
     wait_for(

@@ -69,10 +69,8 @@ def test_cancelled_queued_job_is_never_generated(make_service, isolated_redis_ur
     assert worker.workers is not None and job_id not in worker.workers.output().split("done")[0]
 
 
-def test_running_job_past_its_deadline_times_out_and_stops(
-    make_service, slow_model_dir, isolated_redis_url
-):
-    svc = make_service(model=slow_model_dir, JOB_TIMEOUT="1.5")
+def test_running_job_past_its_deadline_times_out_and_stops(make_service, isolated_redis_url):
+    svc = make_service(model="fake:20", JOB_TIMEOUT="1.5")  # 1000 words at 20 a second
     response = stream(svc.base, "/completion/Hello", max_new_tokens=1000, ignore_eos=True)
     assert response.last.event == "error" and response.last.data["error"]["type"] == "timeout"
     tokens = len(response.of("token"))
@@ -106,8 +104,9 @@ def test_killed_worker_is_taken_over_with_identical_greedy_text(make_service, sl
     assert status["takeovers"] == 1 and status["text"] == reference.text
 
 
-def test_sigterm_lets_the_running_job_finish(make_service, slow_model_dir):
-    svc = make_service(workers=1, model=slow_model_dir, WORKER_SHUTDOWN_GRACE="30")
+def test_sigterm_lets_the_running_job_finish(make_service):
+    # The worker's stop is under test, not the model: 150 words at 50 a second.
+    svc = make_service(workers=1, model="fake:50", WORKER_SHUTDOWN_GRACE="30")
     job_id = create(svc.base, prompt="Hello", max_new_tokens=150, ignore_eos=True)
     read_some(svc.base, job_id, tokens=5)
     assert httpx.get(f"{svc.base}/jobs/{job_id}", timeout=5).json()["status"] == "running"

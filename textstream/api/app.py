@@ -28,7 +28,8 @@ from textstream import __version__
 from textstream.api import janitor, native, openai, openai_responses, operator, tokens
 from textstream.api.cache import forget
 from textstream.api.context_window import PromptTokens
-from textstream.api.deps import KeyBeforeBody, Services, authorize
+from textstream.api.deps import Services
+from textstream.api.edge import CallerEdge
 from textstream.api.errors import add_error_handlers
 from textstream.api.headers import SecurityHeaders
 from textstream.api.leases import Leases
@@ -154,7 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.state.settings = settings
-    add_error_handlers(app, authorize)
+    add_error_handlers(app)
     app.include_router(operator.public)
     app.include_router(operator.router)
     app.include_router(native.router)
@@ -167,7 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, prompt_chars=lambda: longest_prompt(app)
     )
-    app.add_middleware(KeyBeforeBody)  # outside BodyLimit: the key before the body
+    app.add_middleware(CallerEdge)  # outside BodyLimit: the caller before the body
     app.add_middleware(  # outside both: a page on another site gets nothing started
         SameOrigin, allowed_hosts=settings.allowed_host_list, cors_origins=settings.cors_origin_list
     )

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -158,10 +158,6 @@ class RateLimitedError(ServiceError):
         return {"Retry-After": str(self.retry_after)}
 
 
-#: The scope key under which a body refused by limits.BodyLimit waits, as (status,
-#: error type, message), for the validation handler here.
-BODY_REFUSAL = "textstream.body_refusal"
-
 #: FastAPI's HTTPException detail for a body it could not parse at all.
 BODY_PARSE_ERROR = "There was an error parsing the body"
 
@@ -265,7 +261,7 @@ def job_error_response(
 
 
 async def refund(request: Request) -> None:
-    """A refused request takes back its count against RATE_LIMIT (deps.authorize)."""
+    """A refused request takes back its count against RATE_LIMIT (edge.settle)."""
     give_back = getattr(request.state, "refund", None)
     request.state.refund = None
     if give_back is not None:
@@ -273,27 +269,9 @@ async def refund(request: Request) -> None:
             await give_back()
 
 
-def add_error_handlers(app: FastAPI, authorize: Callable[[Request], Awaitable[Any]]) -> None:
-    """Every refusal goes through one of these, and takes its rate count back.
-    `authorize` is the routes' caller check (deps.authorize), run here for a body
-    refused before it could run."""
-
-    async def _unauthorized(request: Request) -> JSONResponse | None:
-        """FastAPI parses a JSON body before it runs a route's dependencies, so a
-        body that is not JSON reached its 422 before `authorize` ran: without a key,
-        anyone could have the API parse a megabyte and describe it. Who is calling
-        is settled first; the 401 (or 429) wins."""
-        route = request.scope.get("route")
-        dependant = getattr(route, "dependant", None)
-        if hasattr(request.state, "caller") or dependant is None:
-            return None
-        if not any(d.call is authorize for d in dependant.dependencies):
-            return None
-        try:
-            await authorize(request)
-        except ServiceError as refusal:
-            return await _service(request, refusal)
-        return None
+def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal raised inside the app goes through one of these, and takes its
+    rate count back. (The caller's own refusals are answered before: edge.py.)"""
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
@@ -334,14 +312,7 @@ def add_error_handlers(app: FastAPI, authorize: Callable[[Request], Awaitable[An
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        refused = await _unauthorized(request)
-        if refused is not None:
-            return refused
         await refund(request)
-        noted = request.scope.get(BODY_REFUSAL)
-        if noted is not None:  # limits.BodyLimit passed the app an empty body instead
-            status, error_type, why = noted
-            return error_response(request, status, error_type, why, "body")
         errors = exc.errors()
         field = field_of(errors[0]["loc"]) if errors else ""
         if errors and errors[0]["type"] == "json_invalid":

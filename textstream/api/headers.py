@@ -92,7 +92,7 @@ class SecurityHeaders:
                 headers["X-Frame-Options"] = "DENY"
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["Referrer-Policy"] = "same-origin"
-                # OpenAI's x-ratelimit-* (deps.rate_headers), in the request's state.
+                # OpenAI's x-ratelimit-* (edge.rate_headers), in the request's state.
                 for name, value in scope.get("state", {}).get("ratelimit_headers", {}).items():
                     headers[name] = value
                 if path.startswith("/static/") and "cache-control" not in headers:

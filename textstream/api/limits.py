@@ -10,15 +10,13 @@ which grows with the largest context window served) at 6 bytes a character, a
 `\\uXXXX` escape's size, and 64 KiB for the rest of the body, so a prompt that
 fits its model is never refused here.
 
-A body the JSON parser must not read is marked here too: one that is not UTF-8
+A body the JSON parser must not read is refused here too: one that is not UTF-8
 (422; Python's JSON parser would read UTF-16 or UTF-32 as well), or sent as
 something other than JSON or with no Content-Type at all (415: a browser's
-cross-site "simple" request may carry a body, never a JSON type). It is not
-answered here: who is calling is settled first (a caller without a key gets its
-401), so the app gets an empty body instead, fails to parse it, and the
-validation handler (errors.py) answers with the refusal noted in the scope
-(BODY_REFUSAL). Path and query values that are not UTF-8 are refused by
-`deps.authorize`, after the same check (`undecodable`).
+cross-site "simple" request may carry a body, never a JSON type). The caller was
+settled before (edge.py: a caller without a key got its 401 without a byte of
+its body read), and its rate count is taken back. Path and query values that are
+not UTF-8 are refused at the edge, with the same check (`undecodable`).
 """
 
 from __future__ import annotations
@@ -26,9 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from textstream.api.errors import BODY_REFUSAL, refusal_body
+from textstream.api.errors import error_response, refund, refusal_body
 
 #: Set in a request's scope when the server answered it 408 (server.py): what the
 #: app then sends goes nowhere, and the request log says 408, as the client saw.
@@ -131,8 +130,12 @@ class BodyLimit:
         body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
         refusal = _body_refusal(body, headers.get(b"content-type"))
         if refusal is not None:
-            scope[BODY_REFUSAL] = refusal
-            messages = [{"type": "http.request", "body": b"", "more_body": False}]
+            request = Request(scope)
+            await refund(request)  # counted at the edge (edge.py), which ran first
+            status, error_type, why = refusal
+            response = error_response(request, status, error_type, why, "body")
+            await response(scope, receive, send)
+            return
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from textstream.api.deps import authorize, services_of
+from textstream.api.deps import services_of
+from textstream.api.edge import authorize
 from textstream.api.errors import (
     BadEventIdError,
     InvalidInputError,

@@ -31,7 +31,8 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import ServerSentEvent
 
 from textstream import __version__
-from textstream.api.deps import authorize, services_of
+from textstream.api.deps import services_of
+from textstream.api.edge import authorize
 from textstream.api.errors import job_error_response, openai_error_body
 from textstream.api.fanout import completed_jobs, interleaved, submit_all
 from textstream.api.models import ModelNotFoundError, live_models, resolve_model

@@ -36,7 +36,8 @@ from textstream.api.conversations import (
     load,
     save,
 )
-from textstream.api.deps import authorize, services_of
+from textstream.api.deps import services_of
+from textstream.api.edge import authorize
 from textstream.api.errors import InvalidInputError, JobNotFoundError, job_error_response
 from textstream.api.native import JOB_ID, splits
 from textstream.api.protocol import Prompt

@@ -15,7 +15,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from textstream.api.deps import Services, authorize, services_of
+from textstream.api.deps import Services, services_of
+from textstream.api.edge import authorize
 from textstream.api.errors import RETRY_AFTER
 from textstream.api.metrics import render
 from textstream.api.models import all_models

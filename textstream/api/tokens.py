@@ -19,7 +19,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
 from textstream import __version__
-from textstream.api.deps import authorize, services_of
+from textstream.api.deps import services_of
+from textstream.api.edge import authorize
 from textstream.api.errors import InvalidInputError, ServiceError
 from textstream.api.models import resolve_model
 from textstream.api.protocol import Body, ChatMessage, Prompt

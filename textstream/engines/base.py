@@ -8,7 +8,10 @@ benchmarks). The worker (worker/completion.py) sees only these interfaces.
 There are two kinds. An `Engine` generates token ids, which the worker turns
 into text (and which let a takeover continue from exactly the ids published). A
 `TextEngine` yields text pieces (an upstream server has no ids to give); a
-takeover continues from the text already published.
+takeover continues from the text already published. The worker does not tell
+them apart: it calls `generate(engine, job, published)` (below), which yields the
+same `Piece`s for both and continues a job from what earlier attempts published,
+from ids where the engine has them and from text where not.
 
 `generate` yields one `Step` per generated token id. It stops on an end-of-text id
 (finish_reason "stop"), after `params.max_new_tokens` or at the context window
@@ -24,8 +27,8 @@ is the caller's to reduce.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeGuard
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeGuard, cast
 
 from textstream.job import CompletionJob, PromptFormat, SamplingParams, Step
 
@@ -144,3 +147,116 @@ AnyEngine = Engine | TextEngine
 
 def is_text_engine(engine: Any) -> TypeGuard[TextEngine]:
     return bool(getattr(engine, "produces_text", False))
+
+
+@dataclass
+class Published:
+    """What earlier attempts at a job published, from its `token` events (nothing on
+    a first attempt): their token ids (an engine with ids resumes from them), their
+    text (one without resumes after it), and how many events they were."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    events: int = 0
+
+
+@dataclass
+class Piece:
+    """One step of a job's generation, whatever the engine: a token id to
+    detokenize (an engine with ids) or a piece of text (one without), with its
+    logprobs if the job asked; the last has `finish_reason`, and `usage` where the
+    engine counts it."""
+
+    token_id: int | None = None
+    text: str = ""
+    logprobs: Any = None
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+
+
+class Generation:
+    """One attempt at one job on one engine (made by `generate`). Read `pieces`
+    once; `usage` is the whole job's, earlier attempts included."""
+
+    #: ids -> text for the worker's detokenizer (None: the pieces are text).
+    decoder: Decoder | None = None
+    #: Characters the client already has that this attempt generates again (text
+    #: released before a takeover whose ids were still held back by a stop string).
+    skip_chars = 0
+
+    def __init__(self, job: CompletionJob, published: Published) -> None:
+        self.job = job
+        self.published = published
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far by earlier attempts (counted against the budget)."""
+        return self.published.events
+
+    def pieces(self, params: SamplingParams, should_stop: Callable[[], bool]) -> Generator[Piece]:
+        raise NotImplementedError
+
+    def usage(self, ids: list[int], pieces: int, counted: dict[str, int] | None) -> dict[str, int]:
+        """The job's usage: `ids` every id generated (earlier attempts' included),
+        `pieces` the text pieces this attempt had, `counted` the engine's own count."""
+        raise NotImplementedError
+
+
+class _IdGeneration(Generation):
+    def __init__(self, engine: Engine, job: CompletionJob, published: Published) -> None:
+        super().__init__(job, published)
+        self._engine = engine
+        self.decoder = engine.tokenizer
+        self._prompt_ids = (
+            engine.encode_chat(job.messages, job.continue_final, job.tools)
+            if job.messages
+            else engine.encode_prompt(job.prompt, job.prompt_format)
+        )
+        self.skip_chars = max(0, len(published.text) - len(engine.decode(published.ids)))
+
+    @property
+    def generated(self) -> int:
+        return len(self.published.ids)
+
+    def pieces(self, params: SamplingParams, should_stop: Callable[[], bool]) -> Generator[Piece]:
+        ids = self.published.ids
+        steps = self._engine.generate(self._prompt_ids + ids, params, should_stop, len(ids))
+        try:
+            for step in steps:
+                yield Piece(step.token_id, "", step.logprobs, step.finish_reason)
+        finally:
+            steps.close()  # a stop string matched: its batch slot is freed now, not at GC
+
+    def usage(self, ids: list[int], pieces: int, counted: dict[str, int] | None) -> dict[str, int]:
+        return {"prompt_tokens": len(self._prompt_ids), "completion_tokens": len(ids)}
+
+
+class _TextGeneration(Generation):
+    def __init__(self, engine: TextEngine, job: CompletionJob, published: Published) -> None:
+        super().__init__(job, published)
+        self._engine = engine
+
+    def pieces(self, params: SamplingParams, should_stop: Callable[[], bool]) -> Generator[Piece]:
+        steps = self._engine.generate_text(self.job, params, should_stop, self.published.text)
+        try:
+            for step in steps:
+                yield Piece(None, step.text, step.logprobs, step.finish_reason, step.usage)
+        finally:
+            steps.close()  # closes the upstream stream: the upstream stops generating
+
+    def usage(self, ids: list[int], pieces: int, counted: dict[str, int] | None) -> dict[str, int]:
+        # The upstream counts tokens; after a takeover its prompt held the text
+        # published before, which the completion counts instead.
+        before = self.published.events
+        return {
+            "prompt_tokens": max(0, (counted or {}).get("prompt_tokens", 0) - before),
+            "completion_tokens": before + (counted or {}).get("completion_tokens", pieces),
+        }
+
+
+def generate(engine: AnyEngine, job: CompletionJob, published: Published) -> Generation:
+    """The one way a worker runs a job on an engine. Raises PromptTooLongError (and
+    the engine's refusals) before anything is generated."""
+    if is_text_engine(engine):
+        return _TextGeneration(engine, job, published)
+    return _IdGeneration(cast(Engine, engine), job, published)

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import redis
 
@@ -31,12 +31,12 @@ from textstream.config import Settings
 from textstream.connections import REDIS_ERRORS, SyncStreamsClient
 from textstream.engines.base import (
     AnyEngine,
-    Engine,
     LogprobsError,
+    Piece,
     PromptTooLongError,
-    TextEngine,
+    Published,
     UpstreamError,
-    is_text_engine,
+    generate,
 )
 from textstream.grammars import GrammarError
 from textstream.job import CompletionJob
@@ -111,28 +111,26 @@ class TokenPublisher:
     def ids(self) -> list[int]:
         return self._detokenizer.ids if self._detokenizer is not None else []
 
-    def add(
-        self, token_id: int, logprobs: tuple[float, list[tuple[int, float]]] | None = None
-    ) -> None:
-        """A generated id, with its logprobs (Step.logprobs) if the job asked: they
-        travel in the event that carries the id (`logprobs`, see _logprob_entry)."""
-        assert self._detokenizer is not None
-        self._pending.append(token_id)
-        if logprobs is not None:
-            self._logprobs.append(self._logprob_entry(token_id, logprobs))
-        piece = self._detokenizer.add(token_id)
-        if piece:
-            self._release(self._stops.feed(piece))
-
-    def add_text(self, piece: str, logprobs: list[list[Any]] | None = None) -> None:
-        """A piece from a text engine: no ids, already whole characters. (An empty
-        one, a chunk carrying only the finish reason or usage, is no token.) Its
-        tokens' logprobs, if the upstream sent them, go with the event that
+    def add(self, piece: Piece) -> None:
+        """A generated piece: a token id, with its logprobs (Step.logprobs) if the
+        job asked, which travel in the event that carries the id (`logprobs`, see
+        _logprob_entry); or a text engine's text, whole characters, no ids (an empty
+        one, a chunk carrying only the finish reason or usage, is no token), its
+        tokens' logprobs, if the upstream sent them, going with the event that
         releases the text."""
-        self._logprobs.extend(logprobs or ())
-        if piece:
-            self.pieces += 1
-            self._release(self._stops.feed(piece))
+        if piece.token_id is None:
+            self._logprobs.extend(piece.logprobs or ())
+            if piece.text:
+                self.pieces += 1
+                self._release(self._stops.feed(piece.text))
+            return
+        assert self._detokenizer is not None
+        self._pending.append(piece.token_id)
+        if piece.logprobs is not None:
+            self._logprobs.append(self._logprob_entry(piece.token_id, piece.logprobs))
+        text = self._detokenizer.add(piece.token_id)
+        if text:
+            self._release(self._stops.feed(text))
 
     def flush(self) -> None:
         """Generation ended: release text still held for a possible stop string."""
@@ -333,91 +331,47 @@ class CompletionRunner:
             return {**self._fail(job, writer, TIMEOUT), **unused}
         if not started and job.waited_too_long(now):
             return {**self._fail(job, writer, QUEUE_TIMEOUT), **unused}
-        if is_text_engine(self._engine):
-            return self._run_text(self._engine, job, writer, timings, history)
-        return self._run_tokens(cast(Engine, self._engine), job, writer, timings, history)
+        return self._run(job, writer, timings, history)
 
     def _should_stop(self, job: CompletionJob, writer: EventWriter) -> Callable[[], bool]:
         return lambda: writer.should_stop or job.expired(time.time())
 
-    def _run_tokens(
-        self,
-        engine: Engine,
-        job: CompletionJob,
-        writer: EventWriter,
-        timings: JobTimings,
-        history: list[JobEvent],
+    def _run(
+        self, job: CompletionJob, writer: EventWriter, timings: JobTimings, history: list[JobEvent]
     ) -> dict[str, Any]:
-        started = time.perf_counter()
-        prompt_ids = (
-            engine.encode_chat(job.messages, job.continue_final, job.tools)
-            if job.messages
-            else engine.encode_prompt(job.prompt, job.prompt_format)
-        )
-        tokens = [event for event in history if event.event == EventType.TOKEN]
-        published = [i for event in tokens for i in event.token_ids]
-        delivered = sum(len(event.data["text"]) for event in tokens)
-        skip_chars = max(0, delivered - len(engine.decode(published)))
-        if not self._start(job, writer, history, len(published)):
-            return self._stopped_at_start(job, writer)
-
-        publisher = TokenPublisher(
-            writer,
-            IncrementalDetokenizer(engine.tokenizer, initial_ids=published),
-            StopMatcher(job.params.stop),
-            skip_chars,
-            on_token=timings.token,
-            max_chars=self._settings.max_output_chars,
-            delivered=delivered,
-        )
-        remaining = job.params.max_new_tokens - len(published)
-        params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
-        finish_reason: str | None = "length" if remaining <= 0 else None
-        steps = engine.generate(
-            prompt_ids + published, params, self._should_stop(job, writer), len(published)
-        )
-        for step in steps if remaining > 0 and not publisher.capped else ():
-            publisher.add(step.token_id, step.logprobs)
-            finish_reason = "stop" if publisher.stopped else step.finish_reason
-            if publisher.stopped or publisher.capped:
-                break
-        steps.close()  # a stop string matched: free its batch slot now, not at GC
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(publisher.ids)}
-        return self._finish(job, writer, publisher, finish_reason, usage, timings, started)
-
-    def _run_text(
-        self,
-        engine: TextEngine,
-        job: CompletionJob,
-        writer: EventWriter,
-        timings: JobTimings,
-        history: list[JobEvent],
-    ) -> dict[str, Any]:
-        """A text engine continues after all the text already published (no ids,
-        nothing held back to regenerate)."""
+        """Generate the job, or the rest of it after what earlier attempts published."""
         started = time.perf_counter()
         tokens = [event for event in history if event.event == EventType.TOKEN]
-        delivered = "".join(event.data["text"] for event in tokens)
-        if not self._start(job, writer, history, len(tokens)):
+        published = Published(
+            ids=[i for event in tokens for i in event.token_ids],
+            text="".join(event.data["text"] for event in tokens),
+            events=len(tokens),
+        )
+        generation = generate(self._engine, job, published)
+        if not self._start(job, writer, history, generation.generated):
             return self._stopped_at_start(job, writer)
+        decoder = generation.decoder
         publisher = TokenPublisher(
             writer,
-            None,
+            IncrementalDetokenizer(decoder, initial_ids=published.ids) if decoder else None,
             StopMatcher(job.params.stop),
+            generation.skip_chars,
             on_token=timings.token,
             max_chars=self._settings.max_output_chars,
-            delivered=len(delivered),
+            delivered=len(published.text),
         )
-        remaining = job.params.max_new_tokens - len(tokens)
+        remaining = job.params.max_new_tokens - generation.generated
         params = job.params.model_copy(update={"max_new_tokens": max(remaining, 1)})
         finish_reason: str | None = "length" if remaining <= 0 else None
-        upstream: dict[str, int] | None = None
-        steps = engine.generate_text(job, params, self._should_stop(job, writer), delivered)
+        counted: dict[str, int] | None = None
+        pieces = generation.pieces(params, self._should_stop(job, writer))
         try:
-            for step in steps if remaining > 0 and not publisher.capped else ():
-                publisher.add_text(step.text, step.logprobs)
-                upstream = step.usage or upstream
-                finish_reason = "stop" if publisher.stopped else step.finish_reason or finish_reason
+            for piece in pieces if remaining > 0 and not publisher.capped else ():
+                publisher.add(piece)
+                counted = piece.usage or counted
+                finish_reason = (
+                    "stop" if publisher.stopped else piece.finish_reason or finish_reason
+                )
                 if publisher.stopped or publisher.capped:
                     break
         except UpstreamError as exc:
@@ -428,15 +382,8 @@ class CompletionRunner:
             log.warning("job=%s upstream failed: %s %s", job.job_id, type(cause).__name__, status)
             return self._fail(job, writer, error_data(ErrorType.UPSTREAM_ERROR, str(exc)[:500]))
         finally:
-            steps.close()  # closes the upstream stream: the upstream stops generating
-        # The upstream counts tokens; after a takeover, its prompt held the text
-        # published before, which the completion counts instead.
-        before = len(tokens)
-        usage = {
-            "prompt_tokens": max(0, (upstream or {}).get("prompt_tokens", 0) - before),
-            "completion_tokens": before
-            + (upstream or {}).get("completion_tokens", publisher.pieces),
-        }
+            pieces.close()  # frees a batch slot, or closes the upstream's stream, now
+        usage = generation.usage(publisher.ids, publisher.pieces, counted)
         return self._finish(job, writer, publisher, finish_reason, usage, timings, started)
 
     def _stopped_at_start(self, job: CompletionJob, writer: EventWriter) -> dict[str, Any]:
