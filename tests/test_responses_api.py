@@ -198,9 +198,12 @@ def test_cancel_stops_a_background_response_and_races_no_500(one: openai.OpenAI)
         one.responses.cancel(foreground.id)
 
 
-def test_a_streamed_response_stops_when_its_client_leaves(svc: tuple[Service, str]) -> None:
-    base, headers = svc[0].base, {"Authorization": "Bearer key-one"}
-    body = {"input": "Hello", "stream": True, "max_output_tokens": 1000, **GREEDY}
+def test_a_streamed_response_stops_when_its_client_leaves(make_service) -> None:
+    # The fake engine: 1000 words at 20 a second, never an early end of text (the
+    # tiny GPT-2 ends "Hello" after 31 tokens, which could beat the client's leaving).
+    base = make_service(model="fake:20", **KEYS).base
+    headers = {"Authorization": "Bearer key-one"}
+    body = {"input": "Hello", "stream": True, "max_output_tokens": 1000}
     with httpx.stream("POST", f"{base}/v1/responses", json=body, headers=headers) as r:
         job_id = r.headers["X-Job-Id"]
         next(line for line in r.iter_lines() if line.startswith("data:"))  # created
