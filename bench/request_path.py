@@ -56,7 +56,7 @@ class Tracer:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, url = start_redis(Path(tmp))
-        env = service_env(url, "fake:2000")
+        env = service_env(url, "fake:2000", LOG_LEVEL="WARNING")
         worker = subprocess.Popen(
             [sys.executable, "-m", "textstream", "worker"],
             env={**os.environ, **env},
@@ -99,7 +99,8 @@ def main() -> None:
             worker.wait(10)
             redis_proc.terminate()
             redis_proc.wait(10)
-    print(f"files one native request runs code in: {len(tracer.order)}")
+    inside = [name for name in tracer.order if name.startswith("api/")]
+    print(f"files one native request runs code in: {len(tracer.order)}, {len(inside)} in api/")
     print(f"moves from one file to another: {tracer.moves}")
     for name in tracer.order:
         print("  " + name)

@@ -58,8 +58,9 @@ def brief(exc: BaseException) -> str:
 
 
 def quiet_modelq_logging() -> None:
-    """ModelQ logs task arguments (prompts) at INFO; keep only its warnings. (By the
-    logger's name: configuring logging must not import ModelQ.)"""
+    """ModelQ (1.0.19) calls logging.basicConfig(INFO) at import and logs task
+    arguments (prompts) at INFO; keep only its warnings. (By the logger's name:
+    configuring logging must not import ModelQ.)"""
     logging.getLogger("modelq").setLevel(logging.WARNING)
 
 

@@ -1,7 +1,7 @@
 """The API's side of ModelQ, the queue our users chose: it puts jobs on a model's
 queue and takes unclaimed ones off, and never runs one (worker/queue.py claims).
 
-Two ModelQ behaviours are worked around here:
+Two ModelQ behaviours (modelq 1.0.19) are worked around here:
 - ModelQ wraps its Redis client in a proxy that retries forever (15 s sleeps),
   right for a worker waiting out an outage, wrong for the API, where a dead Redis
   must be a 503 within seconds: ModelQ's enqueue runs against a recording pipeline

@@ -2,6 +2,9 @@
 
 `textstream api` (and `textstream serve`) run the app under uvicorn with:
 
+Each works around uvicorn 0.34's httptools protocol (`LimitedHttpTools`, `Http10Cycle`
+subclass it, so an upgrade of uvicorn must be checked against them):
+
 - a bounded request head: uvicorn's httptools protocol accepts any amount of
   request line and headers (8 MB was seen to pass). `LimitedHttpTools` counts them
   as they are parsed and answers 431 past MAX_HEADER_BYTES, closing the connection;

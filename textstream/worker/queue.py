@@ -47,7 +47,8 @@ def new_server_id() -> str:
 
 
 def tune_for_takeover(mq: ModelQ, settings: Settings) -> None:
-    """ModelQ's liveness windows default to 30-300 s; a stream cannot wait that long.
+    """ModelQ's liveness windows default to 30-300 s (modelq 1.0.19); a stream cannot
+    wait that long.
 
     A running task's in-flight heartbeat is refreshed every second; any worker's
     sweep (every second) gives a task back to the queue once its heartbeat is
@@ -180,7 +181,7 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
     """ModelQ as a worker runs it: ModelQ's queue, custody lists, heartbeats and
     sweepers, with its worker loop replaced by ours (`_serve`).
 
-    ModelQ's loop makes about seventeen Redis round trips per task (a thread's
+    ModelQ's loop (modelq 1.0.19) makes about seventeen Redis round trips per task (a thread's
     idle/busy status read and rewritten twice, each bookkeeping command on its own,
     the in-flight records cleared twice over); on a Redis carrying many short
     answers that is most of what a request costs it. Ours keeps ModelQ's records
@@ -256,7 +257,7 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
 
     @contextlib.contextmanager
     def _guarded_iteration(self, loop_name: str) -> Iterator[None]:
-        """ModelQ's, logging the error's type only: redis-py puts a failed pipeline's
+        """ModelQ's, logging the error's type only: redis-py (4.6) puts a failed pipeline's
         commands in its message, and a sweeper's give-back pipeline holds the task,
         prompt included."""
         try:

@@ -107,7 +107,7 @@ def mark_shutting_down() -> None:
 def shutting_down() -> bool:
     """The server got SIGTERM/SIGINT. uvicorn then waits for open connections to
     close: open streams must end themselves, or it waits for every job to finish.
-    (sse-starlette means to do this, but its hook on uvicorn's handler is only
+    (sse-starlette 3.0 means to do this, but its hook on uvicorn's handler is only
     installed when it is imported before uvicorn captures the signals, which is
     not the case when the app is loaded by uvicorn; so the app hooks them itself.)"""
     return STOPPING.is_set() or bool(AppStatus.should_exit)
