@@ -156,8 +156,7 @@ async def rejoin(request: Request, job_id: str, after: str) -> Response | None:
         )
     if point is ResumePoint.ENDED:
         return Response(status_code=204, headers=headers)
-    slot = await services.guard.open_stream(caller)
-    async with Hold(request, slots=[slot]) as hold:
+    async with await Hold.with_slot(request) as hold:
         await services.jobs.track(job_id, reader=True)
         policy, grace = CancelPolicy.ON_DISCONNECT, services.settings.reconnect_grace_seconds
         relay = relay_for(request, job_id, access.model, deadline, policy, grace=grace)
@@ -228,10 +227,10 @@ async def job_events(
     if point is ResumePoint.ENDED:
         # Nothing will come: 204 tells a browser EventSource to stop reconnecting.
         return Response(status_code=204, headers={"X-Job-Id": job_id})
-    slot = await services.guard.open_stream(request.state.caller)
+    hold = await Hold.with_slot(request)
     relay = relay_for(request, job_id, access.model, deadline, CancelPolicy.EXPLICIT)
     events = stream_job_events(relay, after, splits(request))
-    return Hold(request, slots=[slot]).stream(events, {"X-Job-Id": job_id})
+    return hold.stream(events, {"X-Job-Id": job_id})
 
 
 @router.get("/jobs/{job_id}")

@@ -101,8 +101,8 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
     policy = CancelPolicy.EXPLICIT if body.background else CancelPolicy.ON_DISCONNECT
     # A background stream holds a slot as /jobs/{id}/events does; taken first, so
     # that a refusal leaves no job running that nobody knows the id of.
-    slot = await services.guard.open_stream(caller) if body.background and body.stream else None
-    async with Hold(request, slots=[slot]) as hold:
+    hold = await Hold.with_slot(request) if body.background and body.stream else Hold(request)
+    async with hold:
         job = await submit(services, caller, prompt, generation, policy)
         relay = relay_for(request, job.job_id, job.model, job.deadline, policy, job.first)
         hold.add(relay, job.slot)  # from here a failure stops the job: nobody has its id
@@ -206,7 +206,7 @@ async def retrieve_response(
     starting_after: Annotated[int | None, Query()] = None,
     include: Annotated[list[str] | None, Query(alias="include[]")] = None,
 ) -> Response:
-    services, caller = services_of(request), request.state.caller
+    services = services_of(request)
     if starting_after is not None and starting_after < 0:
         raise InvalidInputError("starting_after", "starting_after must be 0 or more")
     if include:
@@ -220,12 +220,12 @@ async def retrieve_response(
     if not stored.background:
         raise InvalidInputError("stream", "only background responses can be streamed again")
     deadline = await job_deadline(services, job_id)
-    slot = await services.guard.open_stream(caller)
+    hold = await Hold.with_slot(request)
     relay = relay_for(request, job_id, access.model, deadline, CancelPolicy.EXPLICIT)
     after = -1 if starting_after is None else starting_after
     converter = ResponseStream(ResponseEvents(job_id, stored, splits(request)), after)
     chunks = relay_events(relay, converter)
-    return Hold(request, slots=[slot]).stream(chunks, {"X-Job-Id": job_id}, sep="\n")
+    return hold.stream(chunks, {"X-Job-Id": job_id}, sep="\n")
 
 
 @router.post("/responses/{response_id}/cancel")

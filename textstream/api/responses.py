@@ -76,6 +76,14 @@ class Hold:
         self.slots = list(slots)
         self._handed = False
 
+    @classmethod
+    async def with_slot(cls, request: Request) -> Hold:
+        """A Hold on a new stream slot of the caller's, for a route that follows a job
+        it did not start (an events route, a resumed stream); 429 past
+        MAX_STREAMS_PER_KEY."""
+        slot = await services_of(request).guard.open_stream(request.state.caller)
+        return cls(request, slots=[slot])
+
     async def __aenter__(self) -> Hold:
         return self
 
