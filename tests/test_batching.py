@@ -182,12 +182,12 @@ def test_a_prompt_over_the_window_fails_alone(batched):
 def test_one_worker_serves_concurrent_streams_as_one_batch(make_service, slow_model_dir):
     reference = load(slow_model_dir, batching=False)
     prompts = ["Once upon a time", "The weather today", "In 1492 Columbus"]
-    expected = [reference.decode(ids(reference, p, greedy(120))) for p in prompts]
+    expected = [reference.decode(ids(reference, p, greedy(60))) for p in prompts]
 
     svc = make_service(model=slow_model_dir, concurrency=4)
     victim = create(svc.base, prompt="Hello", max_new_tokens=1000, ignore_eos=True)
     jobs = [
-        create(svc.base, prompt=p, max_new_tokens=120, ignore_eos=True, temperature=0)
+        create(svc.base, prompt=p, max_new_tokens=60, ignore_eos=True, temperature=0)
         for p in prompts
     ]
     read_some(svc.base, victim, tokens=3)
