@@ -315,3 +315,13 @@ def test_the_fake_engine_refuses_a_schema_with_an_error_event(make_service) -> N
     assert events[-1].event == "error"
     assert events[-1].data["error"]["type"] == "invalid_response_format"
     assert not any(e.event == "token" for e in events)
+    # Not streamed, the schema the engine cannot keep is the caller's bad input: a
+    # 400 the openai SDK raises as BadRequestError, not a 502.
+    client = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="fake-200tps",
+            messages=[{"role": "user", "content": PROMPT}],
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+        )
+    assert refused.value.code == "invalid_response_format"

@@ -353,7 +353,9 @@ class CompletionRunner:
         decoder = generation.decoder
         publisher = TokenPublisher(
             writer,
-            IncrementalDetokenizer(decoder, initial_ids=published.ids) if decoder else None,
+            IncrementalDetokenizer(decoder, initial_ids=published.ids)
+            if decoder is not None
+            else None,
             StopMatcher(job.params.stop),
             generation.skip_chars,
             on_token=timings.token,
