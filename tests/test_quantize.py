@@ -7,8 +7,11 @@ bfloat16 matrix for prefill), and that a shape the kernel cannot take stays int8
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from tiny_models import build_tiny_decoder
 
 from textstream.engines.transformers.quantize import (
     Int4Linear,
@@ -60,3 +63,79 @@ def test_shapes_the_int4_kernel_refuses_stay_int8(shape):
     layer = _int4(weights(*shape), None, torch.bfloat16)
     assert isinstance(layer, Int8Linear)
     assert isinstance(_int4(weights(48, 64), None, torch.bfloat16), Int4Linear)
+
+
+def write_gguf(path: Path, model: torch.nn.Module, types: dict[str, str]) -> None:
+    """A GGUF file holding `model`'s weights under llama.cpp's names, each tensor in
+    the type `types` gives it (by GGUF name; float32 otherwise), with a metadata
+    array of strings before the tensors, as a real file's vocabulary is."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list([f"token{i}" for i in range(300)])
+    for name, parameter in model.state_dict().items():
+        tensor = names.get_name(name, try_suffixes=(".weight",))
+        if tensor is None or tensor == "output.weight":  # the test's head is tied
+            continue
+        values = parameter.float().numpy()
+        kind = gguf.GGMLQuantizationType[types.get(tensor, "F32")]
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tensor, values)
+        else:
+            writer.add_tensor(tensor, gguf.quants.quantize(values, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_auto_gives_each_layer_the_kernel_of_its_gguf_type(tmp_path):
+    """QUANTIZE=auto reads each weight's type from the file's header: Q4_1 and Q4_0
+    layers int4, Q8_0 int8, float32 kept float; a tied head is the embedding's."""
+    from transformers import AutoModelForCausalLM
+
+    from textstream.engines.transformers import gguf_types
+    from textstream.engines.transformers.quantize import quantize_linears
+
+    model = AutoModelForCausalLM.from_pretrained(
+        build_tiny_decoder(tmp_path / "tiny", tie_word_embeddings=True)
+    )
+    types = {
+        "token_embd.weight": "Q8_0",
+        "blk.0.attn_q.weight": "Q4_1",
+        "blk.0.attn_k.weight": "Q4_0",
+        "blk.0.ffn_down.weight": "Q8_0",
+        "blk.1.attn_v.weight": "F16",
+    }
+    gguf_file = tmp_path / "tiny.gguf"
+    write_gguf(gguf_file, model, {k: v for k, v in types.items() if v != "F16"})
+    arch, read = gguf_types.read_types(gguf_file)
+    assert arch == "llama"
+    assert {k: read[k] for k in types} == {**types, "blk.1.attn_v.weight": "F32"}
+
+    layers = gguf_types.plan(model, gguf_file)
+    assert layers["model.layers.0.self_attn.q_proj"] == "int4"
+    assert layers["model.layers.0.self_attn.k_proj"] == "int4"
+    assert layers["model.layers.0.mlp.down_proj"] == "int8"
+    assert layers["model.layers.1.self_attn.v_proj"] is None
+    assert layers["lm_head"] == "int8"  # token_embd's type: the head is tied to it
+    assert len(layers) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+    assert quantize_linears(model, torch.device("cpu"), "auto", plan=layers)
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()}
+    assert kinds["model.layers.0.self_attn.q_proj"] == "Int4Linear"
+    assert kinds["model.layers.0.mlp.down_proj"] == "Int8Linear"
+    assert kinds["model.layers.1.self_attn.v_proj"] == "Linear"  # a float layer stays
+    assert kinds["model.layers.0.mlp.gate_proj"] == "Linear"  # float32 in the file
+    assert kinds["lm_head"] == "Int8Linear"
+
+
+def test_read_types_refuses_what_is_not_a_gguf_file(tmp_path):
+    from textstream.engines.transformers import gguf_types
+
+    for content in (b"not a gguf file", b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\xff" * 16):
+        path = tmp_path / "bad.gguf"
+        path.write_bytes(content)
+        with pytest.raises(ValueError):
+            gguf_types.read_types(path)

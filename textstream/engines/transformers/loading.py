@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textstream.config import Settings
-from textstream.engines.transformers import model_cache
+from textstream.engines.transformers import gguf_types, model_cache
 from textstream.engines.transformers.engine import TransformersEngine
 from textstream.engines.transformers.quantize import quantize_linears
 from textstream.sources import ModelLoadError, ModelSource, hub_reachable
@@ -150,6 +150,29 @@ def _convert_gguf(
     return tokenizer, model.to(dtype)
 
 
+def _quantize(model: Any, source: ModelSource, settings: Settings, device: torch.device) -> None:
+    """QUANTIZE: int8/int4 for every linear layer; auto: a GGUF file's own types on
+    a CPU (gguf_types.py), float for everything else; none: float."""
+    if settings.quantize in ("int8", "int4"):
+        with stage(source.name, f"weights quantized to {settings.quantize}"):
+            quantize_linears(model, device, settings.quantize)
+        return
+    if settings.quantize == "none" or not source.gguf_file or device.type != "cpu":
+        return
+    gguf = Path(source.path) / source.gguf_file
+    if not gguf.is_file():  # a GGUF in a Hub repository: its types are not at hand
+        log.info("QUANTIZE=auto: %s is not a local file; keeping float", source.gguf_file)
+        return
+    try:
+        layers = gguf_types.plan(model, gguf)
+    except (OSError, ValueError) as exc:
+        log.warning("QUANTIZE=auto: cannot read %s's types (%s); keeping float", gguf.name, exc)
+        return
+    if any(layers.values()):
+        with stage(source.name, f"weights kept in {gguf_types.describe(layers, gguf)}"):
+            quantize_linears(model, device, "auto", plan=layers)
+
+
 def _load_from(source: ModelSource, settings: Settings, online: bool) -> TransformersEngine:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -171,9 +194,7 @@ def _load_from(source: ModelSource, settings: Settings, online: bool) -> Transfo
     with stage(source.name, f"moved to {device}"):
         model.to(device)
         model.eval()
-    if settings.quantize != "none":
-        with stage(source.name, f"weights quantized to {settings.quantize}"):
-            quantize_linears(model, device, settings.quantize)
+    _quantize(model, source, settings, device)
     engine = TransformersEngine(
         model,
         tokenizer,

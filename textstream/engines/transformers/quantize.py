@@ -25,8 +25,10 @@ kernel cannot take (an input size not a multiple of 32, an output size it cannot
 pack, e.g. GPT-2's 50,257-token head) stays int8.
 
 Greedy output is not float32's: int8 rounding moves logits by a little (int4 by
-more), and where two tokens are nearly tied the choice can change. Hence a
-setting, off by default (BENCHMARKS.md has the comparison).
+more), and where two tokens are nearly tied the choice can change. Hence the
+default, QUANTIZE=auto: a GGUF file's model keeps the file's own quantization
+(gguf_types.py: its Q4 layers int4, its Q8 ones int8), which is the model the file
+holds, and a float checkpoint stays float (BENCHMARKS.md has the comparison).
 """
 
 from __future__ import annotations
@@ -158,11 +160,16 @@ def _int4(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -
 KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}
 
 
-def quantize_linears(model: Any, device: torch.device, bits: str = "int8") -> bool:
+def quantize_linears(
+    model: Any, device: torch.device, bits: str = "int8", plan: dict[str, str | None] | None = None
+) -> bool:
     """Swap the model's linear layers (GPT-2's Conv1D too, and the output head) for
     Int8Linear, or with bits="int4" Int4Linear where the shape allows, in place.
+    With `plan` ({module name: 'int4' | 'int8' | None}, gguf_types.plan) each
+    layer gets its own, and one the plan leaves out or sets to None stays float.
     False, with the model untouched, off CPU or where the kernels are missing."""
-    kernels = ("_weight_int8pack_mm", KERNELS[bits])
+    wanted = {bits} if plan is None else {b for b in plan.values() if b}
+    kernels = {"_weight_int8pack_mm"} | {KERNELS[b] for b in wanted}
     if device.type != "cpu" or not all(hasattr(torch.ops.aten, k) for k in kernels):
         log.warning("QUANTIZE=%s is for CPU with torch's kernel; keeping %s", bits, model.dtype)
         return False
@@ -171,7 +178,7 @@ def quantize_linears(model: Any, device: torch.device, bits: str = "int8") -> bo
     dtype = torch.bfloat16
     model.to(dtype)
     swapped = 0
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 weight = child.weight  # (out, in)
@@ -179,7 +186,10 @@ def quantize_linears(model: Any, device: torch.device, bits: str = "int8") -> bo
                 weight = child.weight.t()  # Conv1D keeps (in, out)
             else:
                 continue
-            make = _int4 if bits == "int4" else Int8Linear
+            want = bits if plan is None else plan.get(f"{parent_name}.{name}".lstrip("."))
+            if want is None:
+                continue
+            make = _int4 if want == "int4" else Int8Linear
             setattr(parent, name, make(weight, child.bias, dtype))
             swapped += 1
     int4 = sum(isinstance(m, Int4Linear) for m in model.modules())
