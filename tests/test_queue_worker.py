@@ -381,3 +381,62 @@ def test_job_metrics_leave_out_figures_that_are_not_finite(isolated_redis_url):
     assert ttft[b"count"] == b"2"
     assert itl[b"count"] == str(5 * 2 + 1).encode()  # every job's own token gaps
     assert counters(client)[b"generation_tokens|m"] == b"17"
+
+
+#: A worker on a host whose clock is 100 s behind: it claims the one job and runs
+#: it for 8 s (printing "running" when it starts).
+SLOW_CLOCK_WORKER = """
+import sys, time
+real = time.time
+time.time = lambda: real() - 100
+from textstream.config import Settings
+from textstream.worker.queue import create_worker_modelq, new_server_id
+
+def run(job):
+    print("running", flush=True)
+    time.sleep(8)
+    return {"status": "done"}
+
+settings = Settings(redis_url=sys.argv[1], takeover_after_seconds=1.5)
+create_worker_modelq(settings, new_server_id(), sys.argv[2], run).start_workers(1)
+time.sleep(30)
+"""
+
+
+def test_hosts_whose_clocks_disagree_agree_on_a_live_worker_heartbeat(isolated_redis_url):
+    """Heartbeats are stamped and aged on Redis's clock: a sweeper on a host 100 s
+    ahead of the running worker's (on its own clocks, a heartbeat 100 s old) leaves
+    the running job alone, and still gives back one whose worker is gone."""
+    import subprocess
+    import sys
+
+    from bench.cluster import REPO
+
+    client = redis.Redis.from_url(isolated_redis_url)
+    job_id = submit(isolated_redis_url, "a long job")
+    worker = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLOCK_WORKER, isolated_redis_url, MODEL],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sweeper = None
+    try:
+        assert worker.stdout is not None and worker.stdout.readline() == "running\n"
+        settings = Settings(redis_url=isolated_redis_url, takeover_after_seconds=1.5)
+        sweeper = create_worker_modelq(settings, new_server_id(), MODEL, lambda job: {})
+        sweeper.start_workers(0)  # its heartbeat and sweep threads only: it claims nothing
+        seconds, micros = client.time()
+        beat = float(client.hget(scoped("task_heartbeats"), job_id))
+        assert abs(seconds + micros / 1e6 - beat) < 1  # Redis's clock, not the worker's
+        for _ in range(12):  # 3 s: two takeover windows, twelve sweeps
+            time.sleep(0.25)
+            assert client.llen(scoped("ml_tasks")) == 0, "a live worker's job was given back"
+            assert client.smembers(scoped("processing_tasks")) == {job_id.encode()}
+        worker.kill()  # now it is gone: its job goes back to the queue
+        worker.wait(10)
+        wait_for(lambda: client.llen(scoped("ml_tasks")) == 1, 5, "the dead worker's job back")
+    finally:
+        worker.kill()
+        if sweeper is not None:
+            sweeper.stop()

@@ -149,7 +149,11 @@ class Settings(BaseSettings):
     # --- workers -----------------------------------------------------------------
     worker_heartbeat_seconds: float = Field(2.0, gt=0)
     worker_shutdown_grace: float = Field(30.0, ge=0)
-    takeover_after_seconds: float = Field(5.0, gt=0, description="silent worker's jobs requeued")
+    #: A running job's heartbeat is written every 0.25 s (worker/queue.py); under
+    #: long prefills on a loaded host the oldest one read was 0.27 s old, and a
+    #: full GC holds a worker up to 0.36 s (bench/takeover.py): 1.5 s is about
+    #: twice their sum.
+    takeover_after_seconds: float = Field(1.5, gt=0, description="silent worker's jobs requeued")
 
     # --- security ----------------------------------------------------------------
     api_keys: str = Field("", description="comma-separated; empty = open")

@@ -154,12 +154,14 @@ class WorkerHeartbeat:
             log.warning("could not deregister worker: %s", exc)
 
 
-async def live_workers(client: aioredis.Redis, interval: float) -> list[WorkerInfo]:
+async def live_workers(client: aioredis.Redis) -> list[WorkerInfo]:
     """Workers whose last heartbeat is recent, read without writing (the living
-    workers prune the stale entries: Heartbeat.beat)."""
-    cutoff = time.time() - interval * MISSED_HEARTBEATS
-    members = await client.zrangebyscore(keys.WORKERS, cutoff, "+inf")
-    ids = [i.decode() for i in members]
+    workers prune the stale entries: Heartbeat.beat).
+
+    Recent means its info key has not expired: Redis ages that TTL on its own
+    clock, where a score written by the worker's host and compared with this
+    host's clock would count a worker on a host a few seconds behind as dead."""
+    ids = [i.decode() for i in await client.zrange(keys.WORKERS, 0, -1)]
     if not ids:
         return []
     bodies = await client.mget([keys.worker_info(i) for i in ids])
@@ -188,17 +190,17 @@ class LiveModels:
         self._read_at = float("-inf")
         self._reading: asyncio.Future[list[str]] | None = None
 
-    async def get(self, client: aioredis.Redis, interval: float) -> list[str]:
+    async def get(self, client: aioredis.Redis) -> list[str]:
         if self._models and time.monotonic() - self._read_at < self._max_age:
             return self._models
         if self._reading is None:
-            self._reading = asyncio.ensure_future(self._read(client, interval))
+            self._reading = asyncio.ensure_future(self._read(client))
         reading = self._reading
         return await asyncio.shield(reading)
 
-    async def _read(self, client: aioredis.Redis, interval: float) -> list[str]:
+    async def _read(self, client: aioredis.Redis) -> list[str]:
         try:
-            workers = await live_workers(client, interval)
+            workers = await live_workers(client)
             models = sorted({w.model for w in workers})
             self.aliases = {
                 w.fallback_for: w.model

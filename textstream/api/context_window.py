@@ -97,7 +97,7 @@ class PromptTokens:
         """Run for the app's lifetime: notice served models, load their tokenizers."""
         while True:
             try:
-                workers = await live_workers(client, interval)
+                workers = await live_workers(client)
                 self._workers = {w.model: w for w in reversed(workers)}
                 self._warn_of_mixed_sources(workers)
                 for worker in self._workers.values():

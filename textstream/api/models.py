@@ -42,9 +42,7 @@ class ModelNotFoundError(ServiceError, LookupError):
 
 
 async def live_models(services: Services) -> list[str]:
-    return await services.live_models.get(
-        services.redis, services.settings.worker_heartbeat_seconds
-    )
+    return await services.live_models.get(services.redis)
 
 
 def configured_model(settings: Settings) -> str:

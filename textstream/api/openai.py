@@ -430,7 +430,7 @@ async def model(request: Request, model: str) -> dict[str, Any]:
 
 async def _model_cards(request: Request) -> list[dict[str, Any]]:
     services = services_of(request)
-    workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
+    workers = await live_workers(services.redis)
     windows: dict[str, int | None] = {w.model: w.context_length for w in workers}
     if not windows:
         windows[await resolve_model(services, None)] = None  # loading

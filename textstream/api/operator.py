@@ -96,7 +96,7 @@ async def workers_or_none(services: Services) -> tuple[bool, list[WorkerInfo]]:
     try:
         async with asyncio.timeout(timeout):
             await services.redis.ping()
-            workers = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
+            workers = await live_workers(services.redis)
     except UNREACHABLE:
         return False, []
     streams = services.jobs.client
@@ -151,7 +151,7 @@ async def ready(request: Request) -> JSONResponse:
 async def workers(request: Request) -> dict[str, Any]:
     """Live workers: id, host, model, device, busy/free slots, last heartbeat."""
     services = services_of(request)
-    live = await live_workers(services.redis, services.settings.worker_heartbeat_seconds)
+    live = await live_workers(services.redis)
     now = time.time()
     return {
         "workers": [

@@ -61,7 +61,7 @@ class QueueWatch:
     _workers: _Shared[Counter[str]] = field(default_factory=_Shared)
 
     async def report(
-        self, client: aioredis.Redis, model: str, job_id: str, *, period: float, heartbeat: float
+        self, client: aioredis.Redis, model: str, job_id: str, *, period: float
     ) -> dict[str, int | None]:
         """{"position": 1-based place in the queue (None once claimed), "workers": ...}."""
         max_age = period / 2
@@ -70,7 +70,7 @@ class QueueWatch:
             return {job: n for n, job in enumerate(await queue_order(client, model), 1)}
 
         async def read_workers() -> Counter[str]:
-            return Counter(w.model for w in await live_workers(client, heartbeat))
+            return Counter(w.model for w in await live_workers(client))
 
         shared = self._orders.get(model)
         if shared is None:

@@ -446,7 +446,6 @@ def queue_hooks(services: Services, model: str) -> QueueHooks:
             model,
             job_id,
             period=settings.queue_status_seconds,
-            heartbeat=settings.worker_heartbeat_seconds,
         )
 
     async def withdraw(job_id: str) -> bool:

@@ -29,6 +29,7 @@ from textstream.config import Settings
 from textstream.connections import sync_client
 from textstream.job import CompletionJob
 from textstream.logs import quiet_modelq_logging
+from textstream.transport.scripts import as_text
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,29 @@ def new_server_id() -> str:
     return f"{host}-{uuid.uuid4().hex[:8]}"
 
 
+#: How often a worker writes its running tasks' heartbeats, and sweeps for tasks
+#: whose heartbeat went stale. A killed worker's stream waits TAKEOVER_AFTER_SECONDS
+#: less up to one interval, plus up to one sweep: 0.25 s keeps that within a quarter
+#: second of the setting, for one small HSET and one SMEMBERS + HGETALL a worker
+#: each time (bench/takeover.py measured how late a busy worker's beat runs).
+HEARTBEAT_SECONDS = 0.25
+#: The slower upkeep: the server registry's heartbeat, pruning dead servers and
+#: recovering their custody lists (a takeover does not wait on these).
+UPKEEP_SECONDS = 1.0
+
+
 def tune_for_takeover(mq: ModelQ, settings: Settings) -> None:
     """ModelQ's liveness windows default to 30-300 s (modelq 1.0.19); a stream cannot
     wait that long.
 
-    A running task's in-flight heartbeat is refreshed every second; any worker's
-    sweep (every second) gives a task back to the queue once its heartbeat is
+    A running task's in-flight heartbeat is refreshed every HEARTBEAT_SECONDS; any
+    worker's sweep (as often) gives a task back to the queue once its heartbeat is
     TAKEOVER_AFTER_SECONDS old (`requeue_stuck_processing_tasks`), moving it out of
     the dead worker's custody list atomically. The claim blocks 2 s at a time so a
     draining worker stops claiming promptly.
     """
-    mq.HEARTBEAT_INTERVAL = 1
-    mq.PRUNE_CHECK_INTERVAL = 1
+    mq.HEARTBEAT_INTERVAL = HEARTBEAT_SECONDS
+    mq.PRUNE_CHECK_INTERVAL = HEARTBEAT_SECONDS
     mq.INFLIGHT_STALE_AFTER = settings.takeover_after_seconds
     mq.PRUNE_TIMEOUT = max(10.0, 2 * settings.takeover_after_seconds)
     mq.BLPOP_TIMEOUT = 2
@@ -226,6 +238,8 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         self._fair_claim = self.redis_client.register_script(fairness.CLAIM_SCRIPT)
         self._settle = self.redis_client.register_script(fairness.SETTLE_SCRIPT)
         self._settle_tokens = self.redis_client.register_script(fairness.SETTLE_TOKENS_SCRIPT)
+        #: Seconds Redis's clock is ahead of this host's (_sync_clock).
+        self._clock_offset = 0.0
         #: The served model whose queue this is, and whether its claims follow the
         #: fair order (create_worker_modelq).
         self.model = ""
@@ -238,6 +252,7 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         never retry (a second poll of Redis every second, for nothing)."""
         if any(thread.is_alive() for thread in self.worker_threads):
             return
+        self._sync_clock()
         self.recover_abandoned_inflight_tasks(include_self=True)
         targets: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
             (self._heartbeat_loop, ()),
@@ -266,21 +281,78 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
             log.error("queue %s loop: %s; continuing", loop_name, type(exc).__name__)
             self._stopped.wait(self.BACKGROUND_LOOP_BACKOFF)
 
-    def _heartbeat_loop(self) -> None:  # ModelQ's, stoppable
+    def _heartbeat_loop(self) -> None:  # ModelQ's, stoppable; the registry's less often
+        upkeep = 0.0
         while not self._stopped.is_set():
-            with self._guarded_iteration("heartbeat"):
-                self.heartbeat()
+            if time.monotonic() >= upkeep:
+                upkeep = time.monotonic() + UPKEEP_SECONDS
+                with self._guarded_iteration("heartbeat"):
+                    self.heartbeat()
             with self._guarded_iteration("inflight_heartbeat"):
                 self._publish_inflight_heartbeats()
             self._stopped.wait(self.HEARTBEAT_INTERVAL)
 
-    def _pruning_loop(self) -> None:  # ModelQ's, stoppable
+    def _pruning_loop(self) -> None:  # ModelQ's, stoppable; the stale-heartbeat sweep first
+        upkeep = 0.0
         while not self._stopped.is_set():
             with self._guarded_iteration("pruning"):
-                self.prune_inactive_servers(timeout_seconds=self.PRUNE_TIMEOUT)
-                self.recover_abandoned_inflight_tasks()
+                if time.monotonic() >= upkeep:
+                    upkeep = time.monotonic() + UPKEEP_SECONDS
+                    self._sync_clock()
+                    self.prune_inactive_servers(timeout_seconds=self.PRUNE_TIMEOUT)
+                    self.recover_abandoned_inflight_tasks()
                 self.requeue_stuck_processing_tasks(threshold=self.INFLIGHT_STALE_AFTER)
             self._stopped.wait(self.PRUNE_CHECK_INTERVAL)
+
+    def _sync_clock(self) -> None:
+        """Measure how far Redis's clock is ahead of this host's (`_clock_offset`).
+
+        A heartbeat is stamped by one host and aged by another's sweeper: on their
+        own clocks, hosts that disagree by more than TAKEOVER_AFTER_SECONDS less a
+        beat would give a live worker's jobs away at every sweep (or keep a dead
+        one's). Stamped and aged on Redis's clock, they agree to a round trip."""
+        before = time.time()
+        seconds, micros = self.redis_client.time()
+        after = time.time()
+        self._clock_offset = seconds + micros / 1e6 - (before + after) / 2
+
+    def redis_now(self) -> float:
+        """Now on Redis's clock (as last measured): what heartbeats are stamped with."""
+        return time.time() + self._clock_offset
+
+    def prune_inactive_servers(self, timeout_seconds: float | None = None) -> None:
+        """ModelQ's, aging the registry's beats on Redis's clock: a server pruned is
+        one whose custody lists `recover_abandoned_inflight_tasks` gives back."""
+        timeout = self.PRUNE_TIMEOUT if timeout_seconds is None else timeout_seconds
+        now = self.redis_now()
+        for server, raw in (self.redis_client.hgetall("servers") or {}).items():
+            try:
+                beat = float(json.loads(raw).get("last_heartbeat") or 0)
+            except (ValueError, TypeError, AttributeError):
+                continue  # not ModelQ's record: kept, as ModelQ keeps it
+            if now - beat > timeout:
+                self.redis_client.hdel("servers", server)
+                log.info("pruned queue server %s (silent %.0f s)", as_text(server), now - beat)
+
+    def _publish_inflight_heartbeats(self) -> None:
+        """ModelQ's, stamped on Redis's clock (_sync_clock)."""
+        with self._inflight_lock:
+            running = list(self._inflight_tasks)
+        if running:
+            now = repr(self.redis_now())
+            self.redis_client.hset(self.INFLIGHT_HEARTBEAT_KEY, mapping=dict.fromkeys(running, now))
+
+    def _inflight_heartbeats(self) -> dict[str, float]:
+        """ModelQ's, moved onto this host's clock: its sweeper ages them with
+        time.time()."""
+        raw = self.redis_client.hgetall(self.INFLIGHT_HEARTBEAT_KEY) or {}
+        beats: dict[str, float] = {}
+        for key, value in raw.items():
+            try:
+                beats[as_text(key)] = float(value) - self._clock_offset
+            except ValueError:
+                continue
+        return beats
 
     def _serve(self, n: int) -> None:
         """One queue thread: claim a task, run it, release it; until stopped.
@@ -413,7 +485,7 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
                     task.task_id,
                     json.dumps(task_dict),
                     self.task_ttl,
-                    repr(started_at),
+                    repr(self.redis_now()),  # its first heartbeat, and the age's now
                     self.INFLIGHT_STALE_AFTER,
                 ],
             ),
@@ -477,7 +549,15 @@ class WorkerModelQ(ModelQ):  # type: ignore[misc]
         return json.dumps(stub), max(1, remaining)
 
     def heartbeat(self) -> None:
-        super().heartbeat()
+        """ModelQ's server registry beat, stamped on Redis's clock (_sync_clock), and
+        our custody lists registered again."""
+        raw = self.redis_client.hget("servers", self.server_id)
+        if not raw:
+            self.register_server()  # ModelQ's record (host, system info); stamped below
+            raw = self.redis_client.hget("servers", self.server_id) or b"{}"
+        data = json.loads(raw)
+        data["last_heartbeat"] = self.redis_now()
+        self.redis_client.hset("servers", self.server_id, json.dumps(data))
         if self._custody_keys:
             self.redis_client.sadd(self.INFLIGHT_REGISTRY, *self._custody_keys)
 
