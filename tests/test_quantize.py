@@ -82,6 +82,8 @@ def write_gguf(path: Path, model: torch.nn.Module, types: dict[str, str]) -> Non
         kind = gguf.GGMLQuantizationType[types.get(tensor, "F32")]
         if kind == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tensor, values)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(tensor, values.astype("float16"))
         else:
             writer.add_tensor(tensor, gguf.quants.quantize(values, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -109,10 +111,10 @@ def test_auto_gives_each_layer_the_kernel_of_its_gguf_type(tmp_path):
         "blk.1.attn_v.weight": "F16",
     }
     gguf_file = tmp_path / "tiny.gguf"
-    write_gguf(gguf_file, model, {k: v for k, v in types.items() if v != "F16"})
+    write_gguf(gguf_file, model, types)
     arch, read = gguf_types.read_types(gguf_file)
     assert arch == "llama"
-    assert {k: read[k] for k in types} == {**types, "blk.1.attn_v.weight": "F32"}
+    assert {k: read[k] for k in types} == types
 
     layers = gguf_types.plan(model, gguf_file)
     assert layers["model.layers.0.self_attn.q_proj"] == "int4"
@@ -139,3 +141,45 @@ def test_read_types_refuses_what_is_not_a_gguf_file(tmp_path):
         path.write_bytes(content)
         with pytest.raises(ValueError):
             gguf_types.read_types(path)
+
+
+def test_types_a_kernel_does_not_hold_stay_float():
+    from textstream.engines.transformers.gguf_types import kernel_for
+
+    assert [kernel_for(t) for t in ("Q4_0", "Q4_K", "IQ4_XS", "Q6_K", "Q8_0")] == [
+        "int4", "int4", "int4", "int8", "int8",
+    ]  # fmt: skip
+    assert [kernel_for(t) for t in ("F16", "BF16", "I8", "I32", "type99")] == [None] * 5
+
+
+def test_a_hostile_header_is_refused_or_read_without_sizing_anything_by_it(tmp_path):
+    """Arrays nested deep enough to exhaust the stack are refused (ValueError, which
+    the loader turns into float weights); a tensor named blk.99999999999 does not
+    size the name table (the model's own block count does)."""
+    import struct
+
+    from transformers import AutoModelForCausalLM
+
+    from textstream.engines.transformers import gguf_types
+
+    def text(value: str) -> bytes:
+        return struct.pack("<Q", len(value)) + value.encode()
+
+    nested = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + text("deep") + struct.pack("<I", 9)
+    nested += struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0)
+    path = tmp_path / "nested.gguf"
+    path.write_bytes(nested)
+    with pytest.raises(ValueError, match="nested"):
+        gguf_types.read_types(path)
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_decoder(tmp_path / "tiny"))
+    gguf_file = tmp_path / "far.gguf"
+    write_gguf(gguf_file, model, {"blk.0.attn_q.weight": "Q4_1"})
+    with gguf_file.open("r+b") as stream:  # rename blk.1.attn_q.weight in place
+        data = stream.read()
+        at = data.index(b"blk.1.attn_q.weight")
+        stream.seek(at)
+        stream.write(b"blk.999999999999.xx")
+    layers = gguf_types.plan(model, gguf_file)  # at once, not a table of 10^12 blocks
+    assert layers["model.layers.0.self_attn.q_proj"] == "int4"
+    assert "model.layers.1.self_attn.q_proj" not in layers  # the file does not name it

@@ -440,3 +440,45 @@ def test_hosts_whose_clocks_disagree_agree_on_a_live_worker_heartbeat(isolated_r
         worker.kill()
         if sweeper is not None:
             sweeper.stop()
+
+
+def test_a_failed_heartbeat_is_written_again_at_the_next_tick(isolated_redis_url):
+    """A Redis error on one in-flight heartbeat must not pause the beats (a pause of
+    TAKEOVER_AFTER_SECONDS gives the running job away): the next tick writes it."""
+    client = redis.Redis.from_url(isolated_redis_url)
+    release = threading.Event()
+    started = threading.Event()
+
+    def run(job: CompletionJob) -> dict[str, Any]:
+        started.set()
+        release.wait(10)
+        return {"status": "done"}
+
+    job_id = submit(isolated_redis_url, "beat through a blip")
+    settings = Settings(redis_url=isolated_redis_url, takeover_after_seconds=1.5)
+    mq = create_worker_modelq(settings, new_server_id(), MODEL, run)
+    publish, failures = mq._publish_inflight_heartbeats, []
+
+    def flaky() -> None:
+        if len(failures) < 3:  # three beats in a row fail: 0.75 s
+            failures.append(time.monotonic())
+            raise redis.ConnectionError("a blip")
+        publish()
+
+    mq._publish_inflight_heartbeats = flaky
+    mq.start_workers(1)
+    try:
+        assert started.wait(10)
+        wait_for(lambda: len(failures) == 3, 5, "the failing beats")
+        wait_for(
+            lambda: (
+                float(client.hget(scoped("task_heartbeats"), job_id) or 0)
+                > float(client.time()[0]) - 0.5
+            ),
+            1.0,
+            "a beat right after the blip",
+        )
+        assert client.llen(scoped("ml_tasks")) == 0  # never given back
+    finally:
+        release.set()
+        mq.stop()

@@ -8,11 +8,13 @@ linear layer gets the kernel (quantize.py) that holds at least as much:
     Q4_0, Q4_1, Q4_K, and the 2/3-bit and IQ types  -> int4 (groups of 32, scale
         and offset each: Q4_1's and Q4_K's layout; Q4_0's symmetric values too)
     Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K        -> int8 (one scale per row)
-    F32, F16, BF16                                   -> float (not quantized)
+    F32, F16, BF16, and any type not named here      -> float (not quantized)
 
 The int4 layer requantizes the dequantized values with their group's min and max,
-so a Q4_0/Q4_1/Q4_K block comes back to the same 16 levels (its scale and offset
-rounded to bfloat16): the file's model, not a second rounding of it. A tied head
+so a Q4_1 block comes back to the same 16 levels (its scale and offset rounded to
+bfloat16): the file's model, not a second rounding of it. A Q4_0 block whose top
+level (+7 steps) is unused, about half of them, is spread over a slightly wider
+step and comes back within half of it. A tied head
 (no `output.weight`, as SmolLM2's) is the file's `token_embd.weight` (Q8_0 there).
 
 Only the header is read (`read_types`): the metadata is skipped, not decoded, so
@@ -37,9 +39,13 @@ _TYPE_NAMES = {
     17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
     23: "IQ4_XS", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }  # fmt: skip
-FLOAT = {"F32", "F16", "BF16", "F64"}
 INT8 = {"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K"}
-#: Everything else quantized has 4 bits or fewer a weight: int4.
+#: 4 bits or fewer a weight. Any other type (floats, integers, one this table
+#: does not know) is left float.
+INT4 = {
+    "Q4_0", "Q4_1", "Q4_K", "Q2_K", "Q3_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S",
+    "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4",
+}  # fmt: skip
 
 # GGUF metadata value types: fixed sizes, and the two that are not (string, array).
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -48,9 +54,9 @@ _STRING, _ARRAY = 8, 9
 
 def kernel_for(type_name: str) -> str | None:
     """The QUANTIZE kernel for a GGUF tensor type: 'int4', 'int8', or None (float)."""
-    if type_name in FLOAT:
-        return None
-    return "int8" if type_name in INT8 else "int4"
+    if type_name in INT4:
+        return "int4"
+    return "int8" if type_name in INT8 else None
 
 
 class _Header:
@@ -73,17 +79,21 @@ class _Header:
             raise ValueError("the GGUF header ends early")
         return data.decode("utf-8", "replace")
 
-    def skip_value(self, kind: int) -> Any:
-        """The value if a scalar or string (metadata we may read), else skipped."""
+    def skip_value(self, kind: int, depth: int = 0) -> Any:
+        """The value if a scalar or string (metadata we may read), else skipped.
+        Arrays nest one level at most here (no real file nests deeper; a hostile
+        one nesting thousands deep would exhaust the stack)."""
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
+            if depth > 1:
+                raise ValueError("GGUF metadata arrays nested too deep")
             item, count = self.take("<I"), self.take("<Q")
             if item in _SIZES:
                 self.stream.seek(_SIZES[item] * count, 1)
             else:  # strings (a vocabulary) or nested arrays: each has its own length
                 for _ in range(count):
-                    self.skip_value(item)
+                    self.skip_value(item, depth + 1)
             return None
         if kind not in _SIZES:
             raise ValueError(f"unknown GGUF metadata type {kind}")
@@ -129,10 +139,10 @@ def plan(model: Any, gguf_path: Path) -> dict[str, str | None]:
     arch_ids = {name: arch_id for arch_id, name in gguf.MODEL_ARCH_NAMES.items()}
     if arch not in arch_ids:
         raise ValueError(f"the gguf package does not know architecture {arch!r}")
-    blocks = 1 + max(
-        (int(name.split(".")[1]) for name in types if name.startswith("blk.")), default=0
-    )
-    names = gguf.get_tensor_name_map(arch_ids[arch], blocks)
+    # The model transformers built from the file says how many blocks to map (a
+    # tensor named blk.99999999 in a hostile header must not size the table).
+    config = model.config.get_text_config(decoder=True)
+    names = gguf.get_tensor_name_map(arch_ids[arch], int(config.num_hidden_layers))
     layers: dict[str, str | None] = {}
     for module, child in model.named_modules():
         if not isinstance(child, (nn.Linear, Conv1D)):

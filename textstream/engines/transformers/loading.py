@@ -165,8 +165,9 @@ def _quantize(model: Any, source: ModelSource, settings: Settings, device: torch
         return
     try:
         layers = gguf_types.plan(model, gguf)
-    except (OSError, ValueError) as exc:
-        log.warning("QUANTIZE=auto: cannot read %s's types (%s); keeping float", gguf.name, exc)
+    except Exception as exc:  # whatever a damaged or hostile header raises: serve float
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        log.warning("QUANTIZE=auto: cannot read %s's types (%s); keeping float", gguf.name, reason)
         return
     if any(layers.values()):
         with stage(source.name, f"weights kept in {gguf_types.describe(layers, gguf)}"):
