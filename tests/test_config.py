@@ -42,6 +42,8 @@ def test_env_example_is_valid_settings():
         ("job_ttl", -1),
         # The flush window: whole milliseconds, 0 (off) to a second.
         *[("stream_flush_ms", v) for v in ("nan", "inf", "1e-300", "-1", "1001", "1e9", "2.5")],
+        # A takeover window shorter than four 0.25 s heartbeats gives live jobs away.
+        *[("takeover_after_seconds", v) for v in ("nan", "inf", "1e-300", "0", "-1", "0.5")],
     ],
 )
 def test_invalid_settings_are_refused_at_start(field, value):

@@ -152,8 +152,11 @@ class Settings(BaseSettings):
     #: A running job's heartbeat is written every 0.25 s (worker/queue.py); under
     #: long prefills on a loaded host the oldest one read was 0.27 s old, and a
     #: full GC holds a worker up to 0.36 s (bench/takeover.py): 1.5 s is about
-    #: twice their sum.
-    takeover_after_seconds: float = Field(1.5, gt=0, description="silent worker's jobs requeued")
+    #: twice their sum. Under 1 s (four beats) a live worker's jobs would be given
+    #: away at a scheduling hiccup; NaN and infinity are refused.
+    takeover_after_seconds: float = Field(
+        1.5, ge=1.0, allow_inf_nan=False, description="silent worker's jobs requeued"
+    )
 
     # --- security ----------------------------------------------------------------
     api_keys: str = Field("", description="comma-separated; empty = open")
