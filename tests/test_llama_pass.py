@@ -210,6 +210,53 @@ def test_batch_invariant_requests_get_their_greedy_tokens_alone(gqa_dir, quantiz
     assert staggered(batched, jobs) == expected
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_a_replay_leaves_exactly_what_decode_steps_left(decoder_dir, quantize):
+    # A job taken over resumes from the tokens another worker published. Its prompt
+    # is prefilled as it was; the published tokens are replayed (Passes.replay) and
+    # must leave bit for bit the logits and cache that worker's decode steps left,
+    # or a greedy stream taken over can pick another token at a near-tie. (A
+    # prefill of them would not: int8/int4 prefill with a bfloat16 copy of the
+    # weights, and a chunk's queries attend in one call.) The int8/int4 kernels
+    # give each row the same numbers whatever the row count; float32's matrix
+    # product does not (one row and several are summed in different orders), so
+    # there it is float32 rounding, as a prefill's.
+    same = torch.equal if quantize != "none" else functools.partial(torch.allclose, atol=1e-4)
+    passes = passes_of(loaded(decoder_dir, quantize, compact_pass=True))
+    prompt, steps = list(range(40, 66)), 12
+    with torch.inference_mode():
+        cache = passes.new_cache()
+        logits = passes.prefill(cache, [prompt], [0])
+        tokens: list[int] = []
+        for step in range(steps):
+            tokens.append(int(logits[0].argmax()))
+            logits = passes.decode(cache, tokens[-1:], [len(prompt) + step])
+        after = passes.decode(cache, [int(logits[0].argmax())], [len(prompt) + steps])
+        for chunk in (5, 256):  # chunks bound the activations only
+            replayed = passes.new_cache()
+            passes.prefill(replayed, [prompt], [0])
+            assert same(passes.replay(replayed, tokens, len(prompt), chunk), logits)
+            step = passes.decode(replayed, [int(logits[0].argmax())], [len(prompt) + steps])
+            assert same(step, after)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_job_taken_over_continues_its_greedy_text_exactly(gqa_dir, quantize):
+    # The engine's side of a takeover: generate() from the prompt and the tokens
+    # published so far (`generated`) goes on with the tokens the uninterrupted run
+    # chose, alone and in a running batch.
+    alone = loaded(gqa_dir, quantize, compact_pass=True)
+    batched = load(gqa_dir, batching=True, quantize=quantize)
+    prompt = alone.encode_prompt(PROMPTS[0])
+    full = [s.token_id for s in alone.generate(prompt, greedy(40))]
+    for engine in (alone, batched):
+        for published in (1, 9, 30):
+            resumed = engine.generate(
+                prompt + full[:published], greedy(40 - published), generated=published
+            )
+            assert [s.token_id for s in resumed] == full[published:], (engine.batcher, published)
+
+
 def test_models_the_compact_pass_does_not_know_keep_transformers_forward(tiny_model_dir):
     gpt2 = load(tiny_model_dir, batching=False)
     assert not isinstance(passes_of(gpt2)._forward, LlamaPass)

@@ -195,8 +195,8 @@ class Batcher:
             if request.left:
                 self._waiting.popleft()
                 continue
-            grown = max(width, min(len(request.sequence.prompt_ids), budget))
-            if group and (request.solo or group[0].solo or (len(group) + 1) * grown > budget):
+            grown = max(width, min(request.sequence.prompt_length, budget))
+            if group and (_alone(request) or _alone(group[0]) or (len(group) + 1) * grown > budget):
                 break
             group.append(self._waiting.popleft())
             width = grown
@@ -213,25 +213,42 @@ class Batcher:
         """One pass for the group: each row's next chunk (they all advance together).
         Rows whose prompt is done sample their first token and join the batch."""
         group, offset = self._group, self._group[0].length
-        remaining = max(len(r.sequence.prompt_ids) for r in group) - offset
+        remaining = max(r.sequence.prompt_length for r in group) - offset
         size = min(remaining, max(1, self._prefill_tokens // len(group)))
-        chunks = [r.sequence.prompt_ids[offset : offset + size] for r in group]
+        chunks = [
+            r.sequence.prompt_ids[offset : min(offset + size, r.sequence.prompt_length)]
+            for r in group
+        ]
         try:
             logits = self._passes.prefill(self._group_cache, chunks, [offset] * len(group))
+            if _alone(group[0]) and offset + len(chunks[0]) == group[0].sequence.prompt_length:
+                logits = self._replay(group[0])
         except Exception as exc:
             self._prefill_failed(exc)
             return
         done: set[int] = set()
         for row, (request, chunk) in enumerate(zip(group, chunks, strict=True)):
             request.length = offset + len(chunk)
-            if request.left or request.length < len(request.sequence.prompt_ids):
+            if request.left or request.length < request.sequence.prompt_length:
                 continue
+            request.length = len(request.sequence.prompt_ids)  # with a replay's tokens
             done.add(row)
             self._emit(request, logits[row])
             if not request.finished:
                 self._cache.take(self._group_cache, row, len(self._running), request.length)
                 self._running.append(request)
         self._group = _compact(self._group_cache, group, lambda row, r: row in done or r.gone)
+
+    def _replay(self, request: _Request) -> torch.Tensor:
+        """A job taken over, alone in its group (row 0), its prompt prefilled: the
+        tokens another worker published, with a decode step's numbers
+        (Passes.replay), so that its next token is the one that worker would have
+        chosen. Returns (1, V)."""
+        sequence = request.sequence
+        published = sequence.prompt_ids[sequence.prompt_length :]
+        return self._passes.replay(
+            self._group_cache, published, sequence.prompt_length, self._prefill_tokens
+        )
 
     def _prefill_failed(self, exc: Exception) -> None:
         """A group's pass raised: a lone request ends with the error; a group goes
@@ -268,6 +285,12 @@ class Batcher:
                 self._hand_over(request, greedy[i])
             else:
                 self._emit(request, logits[i])
+
+
+def _alone(request: _Request) -> bool:
+    """Prefilled in a group of its own: its group's prefill failed once, or it is a
+    job taken over (its replay runs on row 0 of a one-row group)."""
+    return request.solo or request.sequence.generated > 0
 
 
 def _compact(

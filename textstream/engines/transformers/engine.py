@@ -147,8 +147,8 @@ class TransformersEngine:
         """One request's decode state, checked against the context window; with its
         own grammar matcher when its output must match a schema (GrammarError if
         the schema cannot be compiled for this tokenizer)."""
-        if not prompt_ids:
-            prompt_ids = [self.tokenizer.eos_token_id or 0]
+        if len(prompt_ids) <= generated:  # an empty prompt: end-of-text stands in
+            prompt_ids = [self.tokenizer.eos_token_id or 0, *prompt_ids]
         matcher = self.grammars.matcher(params.json_schema) if params.json_schema else None
         return start_sequence(
             prompt_ids,
@@ -181,11 +181,16 @@ class TransformersEngine:
     ) -> Generator[Step]:
         """The one-request decode loop: a batch of one, without the batcher thread."""
         assert self.passes is not None
-        prompt, chunk = sequence.prompt_ids, max(1, self.prefill_chunk_tokens)
-        cache = self.passes.new_cache(1, len(prompt) + 1)
-        for start in range(0, len(prompt), chunk):
-            logits = self.passes.prefill(cache, [prompt[start : start + chunk]], [start])
-        length = len(prompt)
+        ids, chunk = sequence.prompt_ids, max(1, self.prefill_chunk_tokens)
+        cache = self.passes.new_cache(1, len(ids) + 1)
+        # A job taken over: the prompt as it was prefilled, then the tokens another
+        # worker published as its decode steps computed them (Passes.replay).
+        prompt = sequence.prompt_length
+        for start in range(0, prompt, chunk):
+            logits = self.passes.prefill(cache, [ids[start : min(start + chunk, prompt)]], [start])
+        if prompt < len(ids):
+            logits = self.passes.replay(cache, ids[prompt:], prompt, chunk)
+        length = len(ids)
         for produced in range(1, sequence.budget + 1):
             step = sequence.step(sequence.choose(logits[0]), produced)  # logits: (1, V)
             yield step

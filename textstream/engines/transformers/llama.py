@@ -219,9 +219,15 @@ class LlamaPass:
         columns: torch.Tensor,
         mask: torch.Tensor,
         keep: int | torch.Tensor,
+        stepwise: bool = False,
     ) -> torch.Tensor:
         """tokens, positions, columns: (R, n); mask (R, 1, n, width) boolean or
-        additive; keep: 1 (the last token) or (R, 1) per-row indices. Returns (R, V)."""
+        additive; keep: 1 (the last token) or (R, 1) per-row indices. Returns (R, V).
+
+        `stepwise` (one row, `Passes.replay`): the n tokens get the numbers n decode
+        steps would give them: each query attends alone, over the columns up to its
+        own, as a one-token step does (the matrix products are the same row by row
+        whatever the row count: tests/test_llama_pass.py)."""
         cache.set_plan(columns, mask)
         rows_count, n = tokens.shape
         width = mask.shape[-1]
@@ -233,8 +239,9 @@ class LlamaPass:
             if self.batch_invariant and rows_count > 1
             else None
         )
+        first = int(columns[0, 0]) if stepwise else 0
         attn_mask: torch.Tensor | None = mask
-        if n == 1 and (spans is not None or _unmasked(mask)):
+        if stepwise or (n == 1 and (spans is not None or _unmasked(mask))):
             # Every row sees every column it is given (one request, or all at one
             # length, or row by row): the unmasked kernel, nothing added to the scores.
             attn_mask = None
@@ -271,7 +278,22 @@ class LlamaPass:
             # (R, n, kv_heads, d) into each row's columns, one cell per (row, token, head)
             slot.keys.view(-1, dim).index_copy_(0, cells, k.reshape(-1, dim))
             slot.values.view(-1, dim).index_copy_(0, cells, v.reshape(-1, dim))
-            if not row_masks:
+            if stepwise:  # query t alone over columns ..first + t, as its decode step
+                out = torch.cat(
+                    [
+                        self._attend(
+                            q[:, t : t + 1],
+                            slot.keys[:1],
+                            slot.values[:1],
+                            None,
+                            first + t + 1,
+                            layer.scaling,
+                        )
+                        for t in range(n)
+                    ],
+                    dim=1,
+                )
+            elif not row_masks:
                 out = self._attend(
                     q,
                     slot.keys[:rows_count],

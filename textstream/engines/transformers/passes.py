@@ -106,6 +106,8 @@ class Passes:
         #: Whether the compact pass attends row by row in bfloat16 (BATCH_INVARIANT).
         self.batch_invariant = fast is not None and batch_invariant
         self._forward: Forward = fast or functools.partial(_forward, model)
+        #: The compact pass, which can replay tokens with a decode step's numbers.
+        self._compact = fast
         self._decode: Forward = self._forward
         #: "eager", "compiling", "compiled" or "failed" (reported in the log).
         self.decode_mode = "eager"
@@ -147,6 +149,32 @@ class Passes:
                 self._mask(columns, width),
                 last.unsqueeze(1),  # (R, 1): per-row position of the logits to keep
             )
+
+    def replay(self, cache: SlotCache, tokens: list[int], offset: int, chunk: int) -> torch.Tensor:
+        """Row 0 of a one-row `cache` takes `tokens` after its first `offset`, with the
+        numbers decode steps gave them (where the compact pass runs): a job taken
+        over resumes from the tokens another worker published, and its next token
+        must be the one that worker would have chosen. A prefill computes them
+        otherwise: a bfloat16 copy of quantized weights instead of the int8/int4
+        kernel, and every query of a chunk in one attention call; in bfloat16 that
+        moves logits enough to flip a near-tie, so a greedy stream taken over would
+        diverge from the text it was reading. Elsewhere (transformers' forward) this
+        is a prefill, which in float32 differs from decode steps only by float32
+        rounding. Returns (1, V): the logits after the last token."""
+        if self._compact is None:
+            logits = self.prefill(cache, [tokens[:chunk]], [offset])
+            for start in range(chunk, len(tokens), chunk):
+                logits = self.prefill(cache, [tokens[start : start + chunk]], [offset + start])
+            return logits
+        for start in range(0, len(tokens), chunk):  # chunks bound the activations only
+            ids = torch.tensor([tokens[start : start + chunk]], device=self.device)  # (1, n)
+            columns = offset + start + torch.arange(ids.shape[1], device=self.device)[None, :]
+            width = int(columns[0, -1]) + 1
+            cache.reserve(1, width)
+            logits = self._compact(
+                cache, ids, columns, columns, self._mask(columns, width), 1, stepwise=True
+            )
+        return logits
 
     def decode(self, cache: SlotCache, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """Rows 0..R-1 of `cache` take one token each: row r's `tokens[r]` at position

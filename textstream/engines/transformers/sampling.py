@@ -59,6 +59,11 @@ class Sequence:
     #: The last chosen token's logprobs (Step.logprobs), when params.logprobs asks.
     logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
+    @property
+    def prompt_length(self) -> int:
+        """The request's own prompt: `prompt_ids` less the tokens generated earlier."""
+        return len(self.prompt_ids) - self.generated
+
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this sequence's logits (V,): penalties (when a penalty
         is set), then greedy or sampled; the penalty history then counts the token.
