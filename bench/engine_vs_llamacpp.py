@@ -2,7 +2,7 @@
 
     python -m bench.engine_vs_llamacpp [--llama-server PATH] [--model package:...gguf]
         [--threads 2] [--streams 1,8] [--tokens 128] [--rounds 3]
-        [--variants "QUANTIZE=none;QUANTIZE=int8"] [--slots 1,8] [--device cpu|cuda]
+        [--variants ";QUANTIZE=none"] [--slots 4] [--device cpu|cuda]
 
 Both serve the same GGUF file (by default the bundled SmolLM2-135M-Instruct
 Q4_1) with the same number of CPU threads, and both are read the same way: N
@@ -18,10 +18,12 @@ timing every streamed chunk. Per level it reports:
 
 textstream runs as the service does (Redis, one worker, the API: bench/cluster.py),
 once per variant x slot count: `--slots 1` is a worker without batching, `--slots
-8` one with 8 batch slots (`make run` has 4). A variant is a list of settings
-(`QUANTIZE=int8,COMPILE=start`). Everything is started first, then measured in
-rounds, each system in turn, so a busy machine slows all of them alike; the table
-gives each figure's range over the rounds.
+8` one with 8 batch slots; by default 4, `make run`'s. A variant is a list of
+settings (`QUANTIZE=int8,COMPILE=start`); the empty one is the defaults (`make
+run`'s: QUANTIZE=auto), the default list the defaults and `QUANTIZE=none`.
+Everything is started first, then measured in rounds, each system in turn, so a
+busy machine slows all of them alike; the table gives each figure's range over
+the rounds.
 
 llama-server is started with `-t THREADS -np MAX_STREAMS` and one context per
 slot. Without `--llama-server` (or with a missing binary) its rows are skipped
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default="1,8", help="concurrent clients per level")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", default="QUANTIZE=none;QUANTIZE=int8")
-    parser.add_argument("--slots", default="1,8", help="worker slots (1: no batching)")
+    parser.add_argument("--variants", default=";QUANTIZE=none")
+    parser.add_argument("--slots", default="4", help="worker slots (1: no batching; 4: make run's)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     MODEL["name"] = served_name(args.model)

@@ -2,8 +2,9 @@
 
 Int4Linear holds 4-bit values in groups of 32 with a scale and an offset each (GGUF
 Q4_1's layout) for torch's CPU int4 kernel. These tests check its arithmetic
-against a plain matrix product, on both of its paths (the kernel for decode, a
-bfloat16 matrix for prefill), and that a shape the kernel cannot take stays int8."""
+against a plain matrix product, on both of its paths (the kernel, and the bfloat16
+copy prefill takes on CPUs with native bfloat16 products), and that a shape the
+kernel cannot take stays int8."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from tiny_models import build_tiny_decoder
 
+from textstream.engines.transformers import quantize
 from textstream.engines.transformers.quantize import (
     Int4Linear,
     Int8Linear,
@@ -28,16 +30,22 @@ def weights(out_features: int, in_features: int) -> torch.Tensor:
     return weight
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["kernel-prefill", "bf16-prefill"])
 @pytest.mark.parametrize("shape", [(48, 64), (96, 576)])
-def test_int4_layer_is_its_weights_within_half_a_step(shape):
+def test_int4_layer_is_its_weights_within_half_a_step(shape, bf16, monkeypatch):
+    # Prefill goes through the kernel, or where the CPU multiplies bfloat16
+    # natively (bf16_prefill) through a bfloat16 copy of the weights: both here.
+    monkeypatch.setattr(quantize, "bf16_prefill", lambda: bf16)
     weight = weights(*shape)
     bias = torch.linspace(-1, 1, shape[0])
     layer = Int4Linear(weight, bias, torch.bfloat16)
+    assert (layer.wide is not None) == bf16
     # Each group's values are within half a quantization step of the original
     # (plus bfloat16's rounding of the result).
     groups = weight.reshape(shape[0], -1, 32)
     step = ((groups.amax(-1) - groups.amin(-1)) / 15)[..., None]
-    error = (layer.wide.float().reshape(groups.shape) - groups).abs()
+    wide = layer.dequantized()
+    error = (wide.float().reshape(groups.shape) - groups).abs()
     assert (error <= step / 2 + groups.abs() / 128 + 1e-6).all()
     # A generator of its own: drawn from torch's global one, the input depended on
     # which tests ran before in the process, and 3 (48×64) and 23 (96×576) of 300
@@ -47,8 +55,8 @@ def test_int4_layer_is_its_weights_within_half_a_step(shape):
     with torch.inference_mode():
         decoded = layer(x).float()  # the int4 kernel
         with prefilling():
-            prefilled = layer(x).float()  # the bfloat16 matrix
-    expected = x.float() @ layer.wide.float().T + bias
+            prefilled = layer(x).float()  # the kernel, or the bfloat16 copy
+    expected = x.float() @ wide.float().T + bias
     scale = expected.abs().max()
     torch.testing.assert_close(decoded, expected, rtol=0, atol=float(scale) * 0.02)
     torch.testing.assert_close(prefilled, expected, rtol=0, atol=float(scale) * 0.02)

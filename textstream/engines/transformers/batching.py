@@ -221,7 +221,8 @@ class Batcher:
         ]
         try:
             logits = self._passes.prefill(self._group_cache, chunks, [offset] * len(group))
-            if _alone(group[0]) and offset + len(chunks[0]) == group[0].sequence.prompt_length:
+            first = group[0].sequence  # a job taken over is alone in its group
+            if first.generated and offset + len(chunks[0]) == first.prompt_length:
                 logits = self._replay(group[0])
         except Exception as exc:
             self._prefill_failed(exc)

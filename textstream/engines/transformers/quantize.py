@@ -9,11 +9,15 @@ bfloat16 activations) reads a quarter of the bytes and runs ~2x faster per
 layer here (BENCHMARKS.md), so the model runs in bfloat16 with these layers.
 
 Decode passes go through that kernel, however many rows they have, so a request
-computes the same alone or in a batch. Prefill passes (passes.py runs them
-inside `prefilling()`) go through a bfloat16 matrix product on the same int8
-values (exact in bfloat16, kept as a bfloat16 copy made at the first prefill),
-scaled after: the kernel's cost grows with every row (token), a matrix
-product's barely does.
+computes the same alone or in a batch: the kernel gives a row the same numbers
+whatever the row count. Prefill passes (passes.py runs them inside
+`prefilling()`) go through the kernel as well, except on CPUs that multiply
+bfloat16 matrices natively (AVX-512 BF16, AMX: `bf16_prefill`): there a
+bfloat16 matrix product on the same int8 values (exact in bfloat16, a bfloat16
+copy made at the first prefill), scaled after, is faster for many rows. Without
+those instructions (AVX2 hosts) torch emulates bfloat16 products, and the
+kernels prefill 2-3.5x faster than that copy at 8 to 256 rows (BENCHMARKS.md),
+and hold no copy.
 
 QUANTIZE=int4 halves the bytes again with torch's int4 kernel
 (`_weight_int4pack_mm_for_cpu`): 4-bit values in groups of 32 along the input,
@@ -33,10 +37,13 @@ holds, and a float checkpoint stays float (BENCHMARKS.md has the comparison).
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +66,23 @@ def prefilling() -> Iterator[None]:
 
 def _in_prefill() -> bool:
     # Only the decode pass is compiled: traced code never prefills.
-    return not torch.compiler.is_compiling() and getattr(_local, "prefill", False)
+    return (
+        not torch.compiler.is_compiling() and getattr(_local, "prefill", False) and bf16_prefill()
+    )
+
+
+@functools.cache
+def bf16_prefill() -> bool:
+    """Whether prefill multiplies by a bfloat16 copy of the weights rather than
+    through the int8/int4 kernels: on CPUs with native bfloat16 matrix products
+    (AVX-512 BF16 or AMX), where that is the faster way for many rows. Decided
+    by the CPU's flags, not by timing, so that every worker of a host prefills
+    alike (a job taken over must find the numbers its first worker had)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: the kernels, which are right everywhere
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 class Int8Linear(nn.Module):
@@ -123,20 +146,28 @@ class Int4Linear(nn.Module):
         )
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.out_features, self.in_features = out_features, in_features
-        # The weights as a bfloat16 matrix, for prefill (see the module's docstring):
-        # the kernel's values rounded to bfloat16 (q * scale + zero is not exact in
-        # it, unlike int8's integers), so a prompt's tokens see weights a rounding
-        # away from a decode step's: the same for a request alone or in a batch.
-        # Made here, while q is at hand (the packed form is torch's own); it holds
-        # 2 bytes a weight, as int8's copy does after its first prefill.
-        wide = (q - 8) * scale[..., None] + zero[..., None]
-        self.register_buffer(
-            "wide", wide.reshape(out_features, in_features).to(dtype), persistent=False
-        )
+        # Where prefill takes a bfloat16 copy (bf16_prefill, see the module's
+        # docstring): the kernel's values rounded to bfloat16 (q * scale + zero is
+        # not exact in it, unlike int8's integers), so a prompt's tokens see
+        # weights a rounding away from a decode step's: the same for a request
+        # alone or in a batch. Made here, while q is at hand (the packed form is
+        # torch's own); it holds 2 bytes a weight, as int8's copy does.
+        wide = None
+        if bf16_prefill():
+            wide = ((q - 8) * scale[..., None] + zero[..., None]).reshape(out_features, -1)
+        self.register_buffer("wide", None if wide is None else wide.to(dtype), persistent=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weights (out, in) as the kernel multiplies by them, rounded to
+        bfloat16: the kernel's product with the identity."""
+        eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.packed, self.GROUP, self.scale_zero
+        ).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, in)
-        if _in_prefill():
+        if self.wide is not None and _in_prefill():
             out = nn.functional.linear(rows, self.wide)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
