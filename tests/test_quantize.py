@@ -191,3 +191,21 @@ def test_a_hostile_header_is_refused_or_read_without_sizing_anything_by_it(tmp_p
     layers = gguf_types.plan(model, gguf_file)  # at once, not a table of 10^12 blocks
     assert layers["model.layers.0.self_attn.q_proj"] == "int4"
     assert "model.layers.1.self_attn.q_proj" not in layers  # the file does not name it
+
+
+def test_an_int8_head_gives_its_highest_logits_in_float32():
+    # bfloat16 logits near 25 are 0.125 apart: a float32 lead of 0.08 came out as a
+    # tie (SmolLM2, "What is the capital of France?"). The head's highest logits
+    # per row are computed again in float32 from its int8 weights.
+    weight = weights(500, 64)
+    head = Int8Linear(weight, None, torch.bfloat16)
+    head.refine = 16
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.inference_mode():
+        logits = head(x)
+    assert logits.dtype == torch.float32
+    exact = x.float() @ (head.qweight.float() * head.scale.float()[:, None]).T
+    top = logits.topk(16).indices
+    torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-6, atol=1e-5)
+    assert (logits - exact).abs().max() > 1e-3  # the rest stay bfloat16's
+    assert (logits.argmax(1) == exact.argmax(1)).all()

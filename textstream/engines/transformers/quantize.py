@@ -99,6 +99,10 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self._wide: torch.Tensor | None = None  # qweight in bfloat16, for prefill
 
+    #: The output head sets this: how many of a row's highest outputs (logits) are
+    #: computed again in float32 (`_refined`).
+    refine = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, in)
         if _in_prefill():
@@ -109,7 +113,29 @@ class Int8Linear(nn.Module):
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
         if self.bias is not None:
             out = out + self.bias
+        if self.refine:
+            out = self._refined(rows, out)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _refined(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Logits (M, V) in float32, each row's `refine` highest computed again in
+        float32 from their int8 weights. The kernel returns bfloat16, whose steps
+        near a logit of 25 are 0.125 apart: SmolLM2's first answer token to "What
+        is the capital of France?" is 0.08 ahead of the next in float32 and came
+        out tied with it (argmax then takes the lower id, and the answer went
+        elsewhere). A float32 head would cost 5x the bfloat16 kernel's time here;
+        recomputing a handful of rows costs nothing, and greedy choices and the
+        top of the distribution are then a float32 head's. Per row, so a row gets
+        the same numbers alone, in a batch, or replayed."""
+        out = out.float()
+        top = out.topk(min(self.refine, out.shape[-1]), dim=-1).indices  # (M, k)
+        weights = self.qweight[top].float()  # (M, k, in)
+        # A product and a sum over each (row, token) alone (a batched matrix
+        # product's sums may be ordered by the row count).
+        exact = (weights * rows.float()[:, None, :]).sum(-1) * self.scale[top].float()
+        if self.bias is not None:
+            exact = exact + self.bias[top].float()
+        return out.scatter(-1, top, exact)
 
 
 class Int4Linear(nn.Module):
@@ -190,6 +216,9 @@ def _int4(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -
 
 KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}
 
+#: An int8 output head's highest logits per row recomputed in float32 (Int8Linear._refined).
+REFINED_LOGITS = 16
+
 
 def quantize_linears(
     model: Any, device: torch.device, bits: str = "int8", plan: dict[str, str | None] | None = None
@@ -223,6 +252,9 @@ def quantize_linears(
             make = _int4 if want == "int4" else Int8Linear
             setattr(parent, name, make(weight, child.bias, dtype))
             swapped += 1
+    head = model.get_output_embeddings()
+    if isinstance(head, Int8Linear):
+        head.refine = REFINED_LOGITS
     int4 = sum(isinstance(m, Int4Linear) for m in model.modules())
     log.info(
         "QUANTIZE=%s: %d linear layers quantized (%d int4, %d int8; bfloat16 activations)",
