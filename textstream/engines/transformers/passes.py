@@ -161,19 +161,17 @@ class Passes:
         diverge from the text it was reading. Elsewhere (transformers' forward) this
         is a prefill, which in float32 differs from decode steps only by float32
         rounding. Returns (1, V): the logits after the last token."""
-        if self._compact is None:
-            logits = self.prefill(cache, [tokens[:chunk]], [offset])
-            for start in range(chunk, len(tokens), chunk):
-                logits = self.prefill(cache, [tokens[start : start + chunk]], [offset + start])
-            return logits
         for start in range(0, len(tokens), chunk):  # chunks bound the activations only
-            ids = torch.tensor([tokens[start : start + chunk]], device=self.device)  # (1, n)
-            columns = offset + start + torch.arange(ids.shape[1], device=self.device)[None, :]
-            width = int(columns[0, -1]) + 1
+            piece = tokens[start : start + chunk]
+            if self._compact is None:
+                logits = self.prefill(cache, [piece], [offset + start])
+                continue
+            columns = offset + start + torch.arange(len(piece), device=self.device)[None, :]
+            width = offset + start + len(piece)
             cache.reserve(1, width)
-            logits = self._compact(
-                cache, ids, columns, columns, self._mask(columns, width), 1, stepwise=True
-            )
+            ids = torch.tensor([piece], device=self.device)  # (1, n)
+            mask = self._mask(columns, width)
+            logits = self._compact(cache, ids, columns, columns, mask, 1, stepwise=True)
         return logits
 
     def decode(self, cache: SlotCache, tokens: list[int], lengths: list[int]) -> torch.Tensor:
