@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     #: int8 / int4: weight-only int8 / int4 (groups of 32, like GGUF Q4_1) linear
     #: layers on CPU (faster decode; greedy output can differ from float32's);
     #: none: weights in DTYPE (a GGUF's dequantized to float).
-    quantize: Literal["auto", "none", "int8", "int4"] = "none"
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
     #: torch.compile the decode step: off, background (serve eagerly until it is
     #: compiled), start (compile before serving).
     compile: Literal["off", "background", "start"] = "off"
@@ -96,9 +96,10 @@ class Settings(BaseSettings):
     #: transformers' numbers and a fraction of its per-layer overhead
     #: (engines/transformers/llama.py); false: transformers' own forward.
     compact_pass: bool = True
-    #: Batched requests get bit for bit their logits alone in bfloat16 on CPU (the
-    #: compact pass attends row by row: 10-25 % slower a step at 8 rows); float32 is
-    #: unaffected (its batch attends in one call and keeps the same greedy tokens).
+    #: Batched requests get bit for bit their logits alone with quantized layers or
+    #: in bfloat16, on CPU (the compact pass attends row by row: 10-25 % slower a
+    #: step at 8 rows); a float32 model is unaffected (its batch attends in one call
+    #: and keeps the same greedy tokens).
     batch_invariant: bool = False
     #: Where converted copies of GGUF models are kept (loaded instead of converting
     #: again); empty: convert at every start.

@@ -51,6 +51,8 @@ class _Joined(nn.Module):
         super().__init__()
         self.sizes = [_out_features(layer) for layer in layers]
         kind = _kind(layers)
+        #: Whether these are int8/int4 kernels (row-invariant products).
+        self.quantized = kind in (Int8Linear, Int4Linear)
         if kind is Int4Linear and all(size % INT4_BLOCK == 0 for size in self.sizes):
             self.inner: nn.Module = _join_int4(layers)  # type: ignore[arg-type]
         elif kind is Int4Linear:  # packed blocks would straddle two layers: side by side
@@ -208,8 +210,12 @@ class LlamaPass:
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.layers = [_Layer(layer) for layer in model.model.layers]
-        #: BATCH_INVARIANT: in bfloat16 on CPU, rows attend one by one (_row_spans).
+        #: BATCH_INVARIANT: in bfloat16, or with quantized layers, on CPU, rows
+        #: attend one by one (_row_spans).
         self.batch_invariant = False
+        #: Whether the layers are int8/int4 kernels: their rows come out the same
+        #: whatever the row count, so a batch can be made exact (_row_spans).
+        self.quantized = any(layer.qkv.quantized for layer in self.layers)
 
     def __call__(
         self,
@@ -232,10 +238,10 @@ class LlamaPass:
         rows_count, n = tokens.shape
         width = mask.shape[-1]
         x = self.embed(tokens)  # (R, n, H)
-        # BATCH_INVARIANT, in bfloat16 on CPU: rows attend one by one over their
-        # own columns.
+        # BATCH_INVARIANT, in bfloat16 or quantized on CPU: rows attend one by one
+        # over their own columns.
         spans = (
-            _row_spans(columns, keep, mask, x.dtype)
+            _row_spans(columns, keep, mask, x.dtype, self.quantized)
             if self.batch_invariant and rows_count > 1
             else None
         )
@@ -375,9 +381,14 @@ def _unmasked(mask: torch.Tensor) -> bool:
 
 
 def _row_spans(
-    columns: torch.Tensor, keep: int | torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+    columns: torch.Tensor,
+    keep: int | torch.Tensor,
+    mask: torch.Tensor,
+    dtype: torch.dtype,
+    quantized: bool,
 ) -> list[tuple[int, int]] | None:
-    """With BATCH_INVARIANT, for a pass of bfloat16/float16 rows on CPU: each row's
+    """With BATCH_INVARIANT, for a pass of bfloat16/float16 rows, or of a model with
+    quantized layers, on CPU: each row's
     (query count, columns it attends to), its own chunk's as if it ran alone, so
     that each row's attention runs as it does alone (else None: one attention call
     for the batch).
@@ -390,11 +401,13 @@ def _row_spans(
     own columns gives its numbers alone exactly (the matrix products are already
     row-independent), at a price: one attention call per row and layer, 10-25 %
     of an 8-row SmolLM2 int4 step on 2 cores (BENCHMARKS.md), hence opt-in, as vLLM's
-    batch-invariant mode is. In float32 the difference stays at float32 rounding;
-    on a GPU the per-row sizes would wait for the device; a compiled pass must not
-    branch on data."""
+    batch-invariant mode is. In float32 the difference stays at float32 rounding,
+    unless the layers are int8/int4 kernels: they take bfloat16 rows, and a float32
+    difference that moves one rounding to bfloat16 grows layer by layer (0.25 on
+    SmolLM2's logits). On a GPU the per-row sizes would wait for the device; a
+    compiled pass must not branch on data."""
     if (
-        dtype == torch.float32
+        (dtype == torch.float32 and not quantized)
         or mask.device.type != "cpu"
         or mask.dtype != torch.bool
         or torch.compiler.is_compiling()

@@ -6,7 +6,9 @@ on CPUs where the OS gives torch no AMX tiles (this VM), its one-row matrix
 products run no faster than float32 ones. torch's int8 weight-only kernel
 (`_weight_int8pack_mm`: int8 weights, one float scale per output channel,
 bfloat16 activations) reads a quarter of the bytes and runs ~2x faster per
-layer here (BENCHMARKS.md), so the model runs in bfloat16 with these layers.
+layer here (BENCHMARKS.md). Only these layers compute in bfloat16: each casts its
+rows on the way in and its output back (_kernel_rows), and the model around them
+keeps its dtype (float32 on CPU).
 
 Decode passes go through that kernel, however many rows they have, so a request
 computes the same alone or in a batch: the kernel gives a row the same numbers
@@ -85,6 +87,19 @@ def bf16_prefill() -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
+def _kernel_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows as the kernels take them: bfloat16. The model around the layers
+    stays in its own dtype (float32 on CPU): the residual stream, norms, rotary
+    embeddings, attention and the KV cache, as llama.cpp keeps them. With them in
+    bfloat16 as well (the model cast whole), a residual of 10 is held to steps of
+    0.06 and a prompt's attention in one call rounds otherwise than a decode
+    step's: SmolLM2's logits moved by 0.2 between the two, and the first answer
+    token to the README's question flipped. With float32 activations the two
+    agree to float32 rounding, and the kernels are as fast: they take float32
+    rows too, but 9x slower than bfloat16 ones (BENCHMARKS.md), hence the cast."""
+    return rows if rows.dtype == dtype else rows.to(dtype)
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + bias, with q (out, in) int8 and scale (out,)."""
 
@@ -95,7 +110,7 @@ class Int8Linear(nn.Module):
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
         self.register_buffer("qweight", (weight / scale[:, None]).round().to(torch.int8))
         self.register_buffer("scale", scale.to(dtype))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.out_features, self.in_features = weight.shape
         self._wide: torch.Tensor | None = None  # qweight in bfloat16, for prefill
 
@@ -104,17 +119,19 @@ class Int8Linear(nn.Module):
     refine = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (M, in)
+        given = x.reshape(-1, self.in_features)  # (M, in), float32 (see _kernel_rows)
+        rows = _kernel_rows(given, self.scale.dtype)
         if _in_prefill():
-            if self._wide is None or self._wide.dtype != rows.dtype:
+            if self._wide is None:
                 self._wide = self.qweight.to(rows.dtype)
             out = nn.functional.linear(rows, self._wide) * self.scale
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale)
+        out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         if self.refine:
-            out = self._refined(rows, out)
+            out = self._refined(given, out)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _refined(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -170,7 +187,7 @@ class Int4Linear(nn.Module):
         self.register_buffer(
             "scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).to(dtype).contiguous()
         )
-        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.out_features, self.in_features = out_features, in_features
         # Where prefill takes a bfloat16 copy (bf16_prefill, see the module's
         # docstring): the kernel's values rounded to bfloat16 (q * scale + zero is
@@ -192,13 +209,14 @@ class Int4Linear(nn.Module):
         ).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (M, in)
+        rows = _kernel_rows(x.reshape(-1, self.in_features), self.scale_zero.dtype)  # (M, in)
         if self.wide is not None and _in_prefill():
             out = nn.functional.linear(rows, self.wide)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows, self.packed, self.GROUP, self.scale_zero
             )
+        out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
@@ -235,8 +253,7 @@ def quantize_linears(
         return False
     from transformers.pytorch_utils import Conv1D
 
-    dtype = torch.bfloat16
-    model.to(dtype)
+    dtype = torch.bfloat16  # the kernels' scales, and the rows they take (_kernel_rows)
     swapped = 0
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -257,10 +274,11 @@ def quantize_linears(
         head.refine = REFINED_LOGITS
     int4 = sum(isinstance(m, Int4Linear) for m in model.modules())
     log.info(
-        "QUANTIZE=%s: %d linear layers quantized (%d int4, %d int8; bfloat16 activations)",
+        "QUANTIZE=%s: %d linear layers quantized (%d int4, %d int8; %s activations)",
         bits,
         swapped,
         int4,
         swapped - int4,
+        str(model.dtype).removeprefix("torch."),
     )
     return True
