@@ -244,12 +244,14 @@ def test_a_replay_leaves_exactly_what_decode_steps_left(decoder_dir, quantize):
 def test_a_job_taken_over_continues_its_greedy_text_exactly(gqa_dir, quantize):
     # The engine's side of a takeover: generate() from the prompt and the tokens
     # published so far (`generated`) goes on with the tokens the uninterrupted run
-    # chose, alone and in a running batch.
+    # chose, alone and in a running batch; with 16-token chunks the batcher replays
+    # 30 published tokens over two of its loops.
     alone = loaded(gqa_dir, quantize, compact_pass=True)
     batched = load(gqa_dir, batching=True, quantize=quantize)
+    chunked = load(gqa_dir, batching=True, quantize=quantize, prefill_chunk_tokens=16)
     prompt = alone.encode_prompt(PROMPTS[0])
     full = [s.token_id for s in alone.generate(prompt, greedy(40))]
-    for engine in (alone, batched):
+    for engine in (alone, batched, chunked):
         for published in (1, 9, 30):
             resumed = engine.generate(
                 prompt + full[:published], greedy(40 - published), generated=published

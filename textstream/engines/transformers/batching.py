@@ -211,45 +211,47 @@ class Batcher:
 
     def _prefill_chunk(self) -> None:
         """One pass for the group: each row's next chunk (they all advance together).
-        Rows whose prompt is done sample their first token and join the batch."""
+        Rows whose prompt is done sample their first token and join the batch.
+
+        A job taken over (alone in its group) has its prompt prefilled, then the
+        tokens another worker published replayed with a decode step's numbers
+        (Passes.replay), so that its next token is the one that worker would have
+        chosen: a chunk a loop as well, so that a job taken over after thousands
+        of tokens holds the running streams no longer than a prompt's chunk does."""
         group, offset = self._group, self._group[0].length
-        remaining = max(r.sequence.prompt_length for r in group) - offset
-        size = min(remaining, max(1, self._prefill_tokens // len(group)))
-        chunks = [
-            r.sequence.prompt_ids[offset : min(offset + size, r.sequence.prompt_length)]
-            for r in group
-        ]
+        first = group[0].sequence
+        replaying = first.generated > 0 and offset >= first.prompt_length
+        if replaying:
+            chunks = [first.prompt_ids[offset : offset + self._prefill_tokens]]
+        else:
+            remaining = max(r.sequence.prompt_length for r in group) - offset
+            size = min(remaining, max(1, self._prefill_tokens // len(group)))
+            chunks = [
+                r.sequence.prompt_ids[offset : min(offset + size, r.sequence.prompt_length)]
+                for r in group
+            ]
         try:
-            logits = self._passes.prefill(self._group_cache, chunks, [offset] * len(group))
-            first = group[0].sequence  # a job taken over is alone in its group
-            if first.generated and offset + len(chunks[0]) == first.prompt_length:
-                logits = self._replay(group[0])
+            if replaying:
+                logits = self._passes.replay(
+                    self._group_cache, chunks[0], offset, self._prefill_tokens
+                )
+            else:
+                logits = self._passes.prefill(self._group_cache, chunks, [offset] * len(group))
         except Exception as exc:
             self._prefill_failed(exc)
             return
         done: set[int] = set()
         for row, (request, chunk) in enumerate(zip(group, chunks, strict=True)):
             request.length = offset + len(chunk)
-            if request.left or request.length < request.sequence.prompt_length:
+            # Its whole prompt: a job taken over's, with the published tokens.
+            if request.left or request.length < len(request.sequence.prompt_ids):
                 continue
-            request.length = len(request.sequence.prompt_ids)  # with a replay's tokens
             done.add(row)
             self._emit(request, logits[row])
             if not request.finished:
                 self._cache.take(self._group_cache, row, len(self._running), request.length)
                 self._running.append(request)
         self._group = _compact(self._group_cache, group, lambda row, r: row in done or r.gone)
-
-    def _replay(self, request: _Request) -> torch.Tensor:
-        """A job taken over, alone in its group (row 0), its prompt prefilled: the
-        tokens another worker published, with a decode step's numbers
-        (Passes.replay), so that its next token is the one that worker would have
-        chosen. Returns (1, V)."""
-        sequence = request.sequence
-        published = sequence.prompt_ids[sequence.prompt_length :]
-        return self._passes.replay(
-            self._group_cache, published, sequence.prompt_length, self._prefill_tokens
-        )
 
     def _prefill_failed(self, exc: Exception) -> None:
         """A group's pass raised: a lone request ends with the error; a group goes
