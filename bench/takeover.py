@@ -24,7 +24,8 @@ may only give back a task whose heartbeat is older than TAKEOVER_AFTER_SECONDS,
 so that must exceed the interval plus the worst lateness seen, with a margin.
 A stop-the-world garbage collection holds every thread of a worker, the
 heartbeat's too: --gc times a full `gc.collect()` in this process with the
-model loaded as a worker loads it.
+model loaded as a worker loads it, before and after the `gc.freeze()` a worker
+calls once loaded.
 
 Results go to bench/results/takeover[-<window>s].json.
 """
@@ -215,28 +216,34 @@ def main() -> None:
             result["lateness"] = lateness(base, url, name, args.lateness_seconds, interval)
             print(json.dumps(result["lateness"]))
     if args.gc:
-        result["gc_pause_s"] = gc_pause(args.model)
-        print(json.dumps({"gc_pause_s": result["gc_pause_s"]}))
+        pauses = gc_pause(args.model)
+        result.update(pauses)
+        print(json.dumps(pauses))
     RESULTS.mkdir(exist_ok=True)
     window = f"-{args.takeover_after}s" if args.takeover_after else ""
     (RESULTS / f"takeover{window}.json").write_text(json.dumps(result, indent=2))
 
 
-def gc_pause(model: str) -> float:
-    """The longest of five full collections with the model loaded (seconds)."""
+def gc_pause(model: str) -> dict[str, float]:
+    """The longest of five full collections with the model loaded (seconds), before
+    and after `gc.freeze()`, which a worker calls once its model is loaded."""
     import gc
 
     from textstream.config import Settings
     from textstream.engines.transformers.loading import load_transformers
 
     engine = load_transformers(Settings(model_id=model, model_fallback="", _env_file=None))  # type: ignore[call-arg]
-    pauses = []
-    for _ in range(5):
-        started = time.perf_counter()
-        gc.collect()
-        pauses.append(time.perf_counter() - started)
+    result = {}
+    for name in ("gc_pause_unfrozen_s", "gc_pause_s"):
+        pauses = []
+        for _ in range(5):
+            started = time.perf_counter()
+            gc.collect()
+            pauses.append(time.perf_counter() - started)
+        result[name] = round(max(pauses), 4)
+        gc.freeze()  # as worker/main.py does after loading
     del engine
-    return round(max(pauses), 3)
+    return result
 
 
 def _interval() -> float:

@@ -151,12 +151,14 @@ class Settings(BaseSettings):
     worker_heartbeat_seconds: float = Field(2.0, gt=0)
     worker_shutdown_grace: float = Field(30.0, ge=0)
     #: A running job's heartbeat is written every 0.25 s (worker/queue.py); under
-    #: long prefills on a loaded host the oldest one read was 0.27 s old, and a
-    #: full GC holds a worker up to 0.36 s (bench/takeover.py): 1.5 s is about
-    #: twice their sum. Under 1 s (four beats) a live worker's jobs would be given
-    #: away at a scheduling hiccup; NaN and infinity are refused.
+    #: long prefills on a loaded host the oldest one read was 0.27 s old
+    #: (bench/takeover.py). A full GC held a worker 0.46 s until workers froze
+    #: what they load (gc.freeze: now under a millisecond). 1.25 s is five beats,
+    #: over 4x that oldest. Under 1 s (four beats) a live worker's jobs would be
+    #: given away at a scheduling hiccup; NaN and infinity are refused. A live
+    #: worker taken over all the same loses its job stream's ownership and stops.
     takeover_after_seconds: float = Field(
-        1.5, ge=1.0, allow_inf_nan=False, description="silent worker's jobs requeued"
+        1.25, ge=1.0, allow_inf_nan=False, description="silent worker's jobs requeued"
     )
 
     # --- security ----------------------------------------------------------------
