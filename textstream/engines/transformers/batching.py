@@ -34,6 +34,7 @@ group is then prefilled again one request at a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -220,9 +221,11 @@ class Batcher:
         of tokens holds the running streams no longer than a prompt's chunk does."""
         group, offset = self._group, self._group[0].length
         first = group[0].sequence
-        replaying = first.generated > 0 and offset >= first.prompt_length
-        if replaying:
+        if first.generated and offset >= first.prompt_length:  # replaying, alone
             chunks = [first.prompt_ids[offset : offset + self._prefill_tokens]]
+            run = functools.partial(
+                self._passes.replay, self._group_cache, chunks[0], offset, self._prefill_tokens
+            )
         else:
             remaining = max(r.sequence.prompt_length for r in group) - offset
             size = min(remaining, max(1, self._prefill_tokens // len(group)))
@@ -230,13 +233,11 @@ class Batcher:
                 r.sequence.prompt_ids[offset : min(offset + size, r.sequence.prompt_length)]
                 for r in group
             ]
+            run = functools.partial(
+                self._passes.prefill, self._group_cache, chunks, [offset] * len(group)
+            )
         try:
-            if replaying:
-                logits = self._passes.replay(
-                    self._group_cache, chunks[0], offset, self._prefill_tokens
-                )
-            else:
-                logits = self._passes.prefill(self._group_cache, chunks, [offset] * len(group))
+            logits = run()
         except Exception as exc:
             self._prefill_failed(exc)
             return

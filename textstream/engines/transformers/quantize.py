@@ -93,10 +93,13 @@ def _kernel_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     embeddings, attention and the KV cache, as llama.cpp keeps them. With them in
     bfloat16 as well (the model cast whole), a residual of 10 is held to steps of
     0.06 and a prompt's attention in one call rounds otherwise than a decode
-    step's: SmolLM2's logits moved by 0.2 between the two, and the first answer
-    token to the README's question flipped. With float32 activations the two
-    agree to float32 rounding, and the kernels are as fast: they take float32
-    rows too, but 9x slower than bfloat16 ones (BENCHMARKS.md), hence the cast."""
+    step's: SmolLM2's logits moved by up to 0.94 between the two, and the first
+    answer token to the README's question flipped. With float32 activations they
+    move by up to 0.25 (a float32 difference that changes one rounding to
+    bfloat16 at a kernel's input grows layer by layer: takeovers still replay,
+    Passes.replay) and pick the float32 model's token, at no measurable cost
+    (bench/activations.py). The kernels take float32 rows too, but run 9x slower
+    on them than on bfloat16 ones, hence the cast."""
     return rows if rows.dtype == dtype else rows.to(dtype)
 
 
